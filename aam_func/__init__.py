@@ -1,0 +1,6 @@
+"""aam_func: a functional, JAX-style transformer and LLM toolkit on torch.func."""
+
+from . import tree
+from .tree import Params
+
+__version__ = "0.1.0"
