@@ -1,0 +1,207 @@
+"""ModelConfig: every field of the guide's Model Configuration, plus GPT-2 and LLaMA shapes.
+
+A config is validated when it is built; a bad value or combination is a ``ValueError`` naming
+the field and the value. Configs are frozen: use :meth:`ModelConfig.replace` for variants.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+ATTENTION_TYPES = ("standard", "relative", "local", "sparse")
+ATTENTION_BACKENDS = ("auto", "sdpa", "math", "blockwise", "xformers")
+POSITION_ENCODINGS = ("sinusoidal", "learnable", "rope", "none")
+NORMS = ("layernorm", "rmsnorm")
+ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu", "swiglu")
+ROPE_LAYOUTS = ("half", "interleaved")
+SPARSE_PATTERNS = ("strided", "fixed")
+WEIGHT_INITS = ("normal", "xavier_uniform", "xavier_normal", "kaiming_uniform", "kaiming_normal")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    # --- architecture (the guide's names) ---
+    vocab_size: int = 50257
+    d_model: int = 512
+    n_layers: int = 6
+    n_heads: int = 8
+    d_ff: Optional[int] = None  # None: 4 * d_model (swiglu: 8/3 * d_model rounded up to 8)
+    max_seq_len: int = 512
+    dropout: float = 0.1
+    activation: str = "gelu"
+    # --- attention and positions (the guide's flags) ---
+    use_relative_pos: bool = False
+    use_rope: bool = False
+    use_flash_attention: bool = False
+    use_xformers: bool = False
+    # --- training options (the guide's) ---
+    gradient_checkpointing: bool = False
+    mixed_precision: bool = False
+    weight_decay: float = 0.01
+    learning_rate: float = 1e-4
+    warmup_steps: int = 1000
+    max_grad_norm: float = 1.0
+    label_smoothing: float = 0.0
+    focal_loss_alpha: float = 1.0
+    focal_loss_gamma: float = 0.0  # 0: plain cross-entropy in the LM loss
+    # --- the explicit forms the guide's flags map onto ---
+    attention_type: Optional[str] = None  # None: "relative" if use_relative_pos else "standard"
+    attention_backend: Optional[str] = None  # None: from use_flash_attention / use_xformers, else "auto"
+    max_relative_position: int = 32  # relative: clip distance; local: window; sparse: stride
+    sparse_pattern: str = "strided"
+    position_encoding: Optional[str] = None  # None: "rope" if use_rope else "sinusoidal"
+    rope_base: float = 10000.0
+    rope_layout: str = "half"
+    norm: str = "layernorm"
+    norm_eps: float = 1e-5
+    bias: bool = True
+    tie_embeddings: bool = True
+    n_kv_heads: Optional[int] = None  # None: n_heads (no grouped-query attention)
+    attention_dropout: Optional[float] = None  # None: dropout
+    init_std: float = 0.02
+    weight_init: str = "normal"  # normal (GPT-2: N(0, init_std), residual outputs / sqrt(2 n_layers)) or the guide's xavier_uniform / kaiming_*
+    fused_cross_entropy: bool = True
+    extra: dict = field(default_factory=dict, compare=False, hash=False, repr=False)
+
+    def __post_init__(self):
+        set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass)
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len"):
+            _positive_int(name, getattr(self, name))
+        if self.d_ff is None:
+            d_ff = 4 * self.d_model
+            if self.activation == "swiglu":
+                d_ff = -(-int(8 * self.d_model / 3) // 8) * 8
+            set_("d_ff", d_ff)
+        _positive_int("d_ff", self.d_ff)
+        if self.n_kv_heads is None:
+            set_("n_kv_heads", self.n_heads)
+        _positive_int("n_kv_heads", self.n_kv_heads)
+        _positive_int("max_relative_position", self.max_relative_position)
+        _nonneg_int("warmup_steps", self.warmup_steps)
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_heads={self.n_heads} must be divisible by n_kv_heads={self.n_kv_heads}")
+        for name in ("dropout", "label_smoothing"):
+            _probability(name, getattr(self, name))
+        if self.attention_dropout is None:
+            set_("attention_dropout", self.dropout)
+        _probability("attention_dropout", self.attention_dropout)
+        for name in ("weight_decay", "learning_rate", "max_grad_norm", "focal_loss_gamma", "init_std"):
+            _nonneg_float(name, getattr(self, name))
+        _positive_float("focal_loss_alpha", self.focal_loss_alpha)
+        _positive_float("norm_eps", self.norm_eps)
+        _positive_float("rope_base", self.rope_base)
+        _choice("activation", self.activation, ACTIVATIONS)
+        _choice("norm", self.norm, NORMS)
+        _choice("weight_init", self.weight_init, WEIGHT_INITS)
+        _choice("rope_layout", self.rope_layout, ROPE_LAYOUTS)
+        _choice("sparse_pattern", self.sparse_pattern, SPARSE_PATTERNS)
+
+        # attention_type <-> use_relative_pos
+        if self.attention_type is None:
+            set_("attention_type", "relative" if self.use_relative_pos else "standard")
+        _choice("attention_type", self.attention_type, ATTENTION_TYPES)
+        if self.use_relative_pos and self.attention_type != "relative":
+            raise ValueError(
+                f"use_relative_pos=True conflicts with attention_type={self.attention_type!r}; "
+                "set attention_type='relative' or use_relative_pos=False"
+            )
+        # position_encoding <-> use_rope
+        if self.position_encoding is None:
+            set_("position_encoding", "rope" if self.use_rope else "sinusoidal")
+        _choice("position_encoding", self.position_encoding, POSITION_ENCODINGS)
+        if self.use_rope and self.position_encoding != "rope":
+            raise ValueError(
+                f"use_rope=True conflicts with position_encoding={self.position_encoding!r}; "
+                "set position_encoding='rope' or use_rope=False"
+            )
+        if self.position_encoding == "rope" and self.head_dim % 2:
+            raise ValueError(f"position_encoding='rope' needs an even head dim, got d_model/n_heads={self.head_dim}")
+        # attention_backend <-> use_flash_attention / use_xformers
+        if self.use_flash_attention and self.use_xformers:
+            raise ValueError("use_flash_attention and use_xformers are both True; choose one")
+        if self.attention_backend is None:
+            backend = "auto"
+            if self.use_flash_attention:
+                backend = "blockwise"
+            elif self.use_xformers:
+                backend = "xformers"
+            set_("attention_backend", backend)
+        _choice("attention_backend", self.attention_backend, ATTENTION_BACKENDS)
+        if self.use_xformers and self.attention_backend != "xformers":
+            raise ValueError(
+                f"use_xformers=True conflicts with attention_backend={self.attention_backend!r}"
+            )
+        if self.use_flash_attention and self.attention_backend not in ("blockwise", "sdpa"):
+            raise ValueError(
+                f"use_flash_attention=True conflicts with attention_backend={self.attention_backend!r}; "
+                "flash-style attention is 'blockwise' (or 'sdpa')"
+            )
+
+    # ------------------------------------------------------------------ derived
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def mlp_kind(self) -> str:
+        return self.activation
+
+    def replace(self, **changes: Any) -> "ModelConfig":
+        """A new validated config with ``changes`` applied."""
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown ModelConfig fields: {', '.join(unknown)}")
+        return cls(**d)
+
+    def save(self, path: str | os.PathLike) -> None:
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(self.to_dict(), f, indent=2, sort_keys=True)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "ModelConfig":
+        with open(path, encoding="utf-8") as f:
+            return cls.from_dict(json.load(f))
+
+
+def _positive_int(name, value):
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _nonneg_int(name, value):
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+
+
+def _probability(name, value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0.0 <= value < 1.0):
+        raise ValueError(f"{name} must be a probability in [0, 1), got {value!r}")
+
+
+def _nonneg_float(name, value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (value >= 0.0) or value == float("inf"):
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+
+
+def _positive_float(name, value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (value > 0.0) or value == float("inf"):
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+
+
+def _choice(name, value, choices):
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")

@@ -1,0 +1,137 @@
+"""Initializers as pure functions of ``(shape, generator, dtype)``.
+
+Each returns a fresh tensor and equals the matching ``torch.nn.init`` function applied to an
+empty tensor with the same generator state (they share torch's sampling code, so the random
+stream is consumed identically). Fan-in/fan-out follow torch: for a weight of shape
+``(out, in, *kernel)``, ``fan_in = in * prod(kernel)`` and ``fan_out = out * prod(kernel)``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "zeros",
+    "ones",
+    "normal",
+    "trunc_normal",
+    "uniform",
+    "xavier_uniform",
+    "xavier_normal",
+    "kaiming_uniform",
+    "kaiming_normal",
+    "generator",
+]
+
+Shape = Sequence[int]
+
+
+def generator(seed: int | torch.Generator | None = None) -> torch.Generator:
+    """A CPU ``torch.Generator`` from a seed (an int), or the generator itself."""
+    if isinstance(seed, torch.Generator):
+        return seed
+    if seed is None:
+        raise ValueError("seed must be an int or a torch.Generator, got None (randomness is explicit)")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed must be an int or a torch.Generator, got {type(seed).__name__}")
+    g = torch.Generator()
+    g.manual_seed(seed)
+    return g
+
+
+def _empty(shape: Shape, dtype: torch.dtype | None) -> Tensor:
+    shape = tuple(int(s) for s in shape)
+    if any(s < 0 for s in shape):
+        raise ValueError(f"shape must have non-negative sizes, got {shape}")
+    return torch.empty(shape, dtype=dtype or torch.get_default_dtype())
+
+
+def _fans(shape: Shape, what: str) -> None:
+    if len(shape) < 2:
+        raise ValueError(f"{what} needs a shape with at least 2 dimensions (out, in, ...), got {tuple(shape)}")
+
+
+def zeros(shape: Shape, generator: torch.Generator | None = None, dtype: torch.dtype | None = None) -> Tensor:
+    return torch.zeros(tuple(shape), dtype=dtype or torch.get_default_dtype())
+
+
+def ones(shape: Shape, generator: torch.Generator | None = None, dtype: torch.dtype | None = None) -> Tensor:
+    return torch.ones(tuple(shape), dtype=dtype or torch.get_default_dtype())
+
+
+def normal(shape: Shape, generator: torch.Generator, dtype=None, *, mean: float = 0.0, std: float = 1.0) -> Tensor:
+    if std < 0:
+        raise ValueError(f"std must be >= 0, got {std}")
+    with torch.no_grad():
+        return nn.init.normal_(_empty(shape, dtype), mean=mean, std=std, generator=generator)
+
+
+def trunc_normal(
+    shape: Shape, generator: torch.Generator, dtype=None, *, mean=0.0, std=1.0, a=-2.0, b=2.0
+) -> Tensor:
+    """Normal(mean, std) truncated to [a, b] (absolute bounds, as ``torch.nn.init.trunc_normal_``)."""
+    if not a < b:
+        raise ValueError(f"trunc_normal needs a < b, got a={a}, b={b}")
+    with torch.no_grad():
+        return nn.init.trunc_normal_(_empty(shape, dtype), mean=mean, std=std, a=a, b=b, generator=generator)
+
+
+def uniform(shape: Shape, generator: torch.Generator, dtype=None, *, a: float = 0.0, b: float = 1.0) -> Tensor:
+    with torch.no_grad():
+        return nn.init.uniform_(_empty(shape, dtype), a=a, b=b, generator=generator)
+
+
+def xavier_uniform(shape: Shape, generator: torch.Generator, dtype=None, *, gain: float = 1.0) -> Tensor:
+    """U(-a, a), a = gain * sqrt(6 / (fan_in + fan_out)) (Glorot & Bengio 2010)."""
+    _fans(shape, "xavier_uniform")
+    with torch.no_grad():
+        return nn.init.xavier_uniform_(_empty(shape, dtype), gain=gain, generator=generator)
+
+
+def xavier_normal(shape: Shape, generator: torch.Generator, dtype=None, *, gain: float = 1.0) -> Tensor:
+    """N(0, std²), std = gain * sqrt(2 / (fan_in + fan_out))."""
+    _fans(shape, "xavier_normal")
+    with torch.no_grad():
+        return nn.init.xavier_normal_(_empty(shape, dtype), gain=gain, generator=generator)
+
+
+def _check_kaiming(mode, nonlinearity):
+    if mode not in ("fan_in", "fan_out"):
+        raise ValueError(f"mode must be 'fan_in' or 'fan_out', got {mode!r}")
+    known = ("linear", "conv1d", "conv2d", "conv3d", "sigmoid", "tanh", "relu", "leaky_relu", "selu")
+    if nonlinearity not in known:
+        raise ValueError(f"nonlinearity must be one of {known}, got {nonlinearity!r}")
+
+
+def kaiming_uniform(
+    shape: Shape, generator: torch.Generator, dtype=None, *, a: float = 0.0, mode="fan_in", nonlinearity="leaky_relu"
+) -> Tensor:
+    """U(-b, b), b = gain * sqrt(3 / fan_mode) (He et al. 2015). ``a=sqrt(5)`` is nn.Linear's default."""
+    _fans(shape, "kaiming_uniform")
+    _check_kaiming(mode, nonlinearity)
+    with torch.no_grad():
+        return nn.init.kaiming_uniform_(
+            _empty(shape, dtype), a=a, mode=mode, nonlinearity=nonlinearity, generator=generator
+        )
+
+
+def kaiming_normal(
+    shape: Shape, generator: torch.Generator, dtype=None, *, a: float = 0.0, mode="fan_in", nonlinearity="leaky_relu"
+) -> Tensor:
+    """N(0, std²), std = gain / sqrt(fan_mode)."""
+    _fans(shape, "kaiming_normal")
+    _check_kaiming(mode, nonlinearity)
+    with torch.no_grad():
+        return nn.init.kaiming_normal_(
+            _empty(shape, dtype), a=a, mode=mode, nonlinearity=nonlinearity, generator=generator
+        )
+
+
+def linear_bias(shape: Shape, fan_in: int, generator: torch.Generator, dtype=None) -> Tensor:
+    """nn.Linear's default bias: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+    bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0
+    return uniform(shape, generator, dtype, a=-bound, b=bound)

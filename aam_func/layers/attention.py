@@ -1,0 +1,131 @@
+"""Multi-head self-attention with grouped-query heads, RoPE, and the guide's attention types.
+
+attention_type (``max_relative_position`` = K):
+- ``standard``: full (causal) attention.
+- ``relative``: Shaw et al. 2018 learned relative key embeddings clipped at distance K.
+- ``local``: each query reads the K most recent keys including itself (a sliding window).
+- ``sparse``: Child et al. 2019 fixed patterns with stride K (``sparse_pattern`` strided/fixed).
+The score computation itself is :func:`aam_func.ops.attention.attention`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from einops import rearrange
+from torch import Tensor
+
+from .. import init as initializers
+from ..ops.attention import RelativeBias, Sparsity, attention
+from ..tree import Params
+from .basic import Linear, dropout
+from .positional import rope
+
+__all__ = ["SelfAttention"]
+
+
+@dataclass(frozen=True)
+class SelfAttention:
+    d_model: int
+    n_heads: int
+    n_kv_heads: Optional[int] = None
+    bias: bool = True
+    causal: bool = True
+    attention_type: str = "standard"
+    backend: str = "auto"
+    max_relative_position: int = 32
+    sparse_pattern: str = "strided"
+    rope: bool = False
+    rope_base: float = 10000.0
+    rope_layout: str = "half"
+    dropout: float = 0.0
+    weight_init: str = "normal"
+    std: float = 0.02
+    out_std: float = 0.02
+
+    def __post_init__(self):
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
+        if self.kv_heads <= 0 or self.n_heads % self.kv_heads:
+            raise ValueError(f"n_heads={self.n_heads} must be divisible by n_kv_heads={self.kv_heads}")
+        if self.attention_type not in ("standard", "relative", "local", "sparse"):
+            raise ValueError(
+                f"attention_type must be 'standard', 'relative', 'local' or 'sparse', got {self.attention_type!r}"
+            )
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    def _qkv(self) -> Linear:
+        out = (self.n_heads + 2 * self.kv_heads) * self.head_dim
+        return Linear(self.d_model, out, bias=self.bias, weight_init=self.weight_init, std=self.std)
+
+    def _out(self) -> Linear:
+        return Linear(self.d_model, self.d_model, bias=self.bias, weight_init=self.weight_init, std=self.out_std)
+
+    def init(self, generator: torch.Generator) -> Params:
+        p = {"qkv": self._qkv().init(generator), "out": self._out().init(generator)}
+        if self.attention_type == "relative":
+            K = self.max_relative_position
+            p["rel"] = {"weight": initializers.normal((2 * K + 1, self.head_dim), generator, std=self.std)}
+        return p
+
+    def variant(self, params: Params) -> dict:
+        """The op's keyword arguments for this attention type."""
+        t, K = self.attention_type, self.max_relative_position
+        if t == "relative":
+            return {"relative_bias": RelativeBias("shaw", params["rel"]["weight"], max_distance=K)}
+        if t == "local":
+            return {"window": K}
+        if t == "sparse":
+            return {"sparsity": Sparsity(self.sparse_pattern, stride=K, summary=max(1, K // 8))}
+        return {}
+
+    def apply(
+        self,
+        params: Params,
+        x: Tensor,
+        *,
+        positions: Tensor,
+        key_padding_mask: Optional[Tensor] = None,
+        train: bool = False,
+        generator: Optional[torch.Generator] = None,
+        past_kv: Optional[tuple[Tensor, Tensor]] = None,
+    ):
+        """x (batch, seq, d_model) -> (batch, seq, d_model).
+
+        ``positions`` (seq,) or (batch, seq) are absolute positions (for RoPE). With ``past_kv``
+        (k, v) each (batch, kv_heads, past, head_dim), the new keys and values are appended and
+        ``(out, (k, v))`` is returned; ``key_padding_mask`` then covers past + seq.
+        """
+        H, Hkv, hd = self.n_heads, self.kv_heads, self.head_dim
+        qkv = self._qkv().apply(params["qkv"], x)  # (B, T, (H + 2 Hkv) hd)
+        q, k, v = qkv.split([H * hd, Hkv * hd, Hkv * hd], dim=-1)
+        q = rearrange(q, "b t (h d) -> b h t d", h=H)
+        k = rearrange(k, "b t (h d) -> b h t d", h=Hkv)
+        v = rearrange(v, "b t (h d) -> b h t d", h=Hkv)
+        if self.rope:
+            q = rope(q, positions, base=self.rope_base, layout=self.rope_layout)
+            k = rope(k, positions, base=self.rope_base, layout=self.rope_layout)
+        if past_kv is not None:
+            k = torch.cat([past_kv[0], k], dim=2)
+            v = torch.cat([past_kv[1], v], dim=2)
+        p_drop = self.dropout if train else 0.0
+        o = attention(
+            q, k, v,
+            causal=self.causal,
+            key_padding_mask=key_padding_mask,
+            dropout_p=p_drop,
+            generator=generator,
+            backend=self.backend,
+            **self.variant(params),
+        )  # (B, H, T, hd)
+        out = self._out().apply(params["out"], rearrange(o, "b h t d -> b t (h d)"))
+        return (out, (k, v)) if past_kv is not None else out

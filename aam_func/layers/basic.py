@@ -1,0 +1,125 @@
+"""Linear, embedding, norms and dropout: the small pure layers everything else is made of."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .. import init as initializers
+from ..tree import Params
+
+__all__ = ["Linear", "Embedding", "LayerNorm", "RMSNorm", "make_norm", "dropout", "make_weight"]
+
+WEIGHT_INITS = ("kaiming_uniform", "xavier_uniform", "xavier_normal", "kaiming_normal", "normal")
+
+
+def make_weight(shape, generator, kind: str, std: float = 0.02, dtype=None) -> Tensor:
+    """A weight of ``shape`` by the named scheme (``kaiming_uniform`` is torch's nn.Linear default)."""
+    if kind == "normal":
+        return initializers.normal(shape, generator, dtype, std=std)
+    if kind == "kaiming_uniform":
+        return initializers.kaiming_uniform(shape, generator, dtype, a=math.sqrt(5))
+    if kind == "kaiming_normal":
+        return initializers.kaiming_normal(shape, generator, dtype, mode="fan_out", nonlinearity="relu")
+    if kind == "xavier_uniform":
+        return initializers.xavier_uniform(shape, generator, dtype)
+    if kind == "xavier_normal":
+        return initializers.xavier_normal(shape, generator, dtype)
+    raise ValueError(f"init must be one of {WEIGHT_INITS}, got {kind!r}")
+
+
+@dataclass(frozen=True)
+class Linear:
+    """y = x Wᵀ + b, W (out_features, in_features) as in nn.Linear. (..., in) -> (..., out)."""
+
+    in_features: int
+    out_features: int
+    bias: bool = True
+    weight_init: str = "kaiming_uniform"
+    std: float = 0.02
+
+    def init(self, generator: torch.Generator) -> Params:
+        w = make_weight((self.out_features, self.in_features), generator, self.weight_init, self.std)
+        if not self.bias:
+            return {"weight": w}
+        if self.weight_init == "kaiming_uniform":  # nn.Linear's default bias
+            b = initializers.linear_bias((self.out_features,), self.in_features, generator)
+        else:
+            b = torch.zeros(self.out_features)
+        return {"weight": w, "bias": b}
+
+    def apply(self, params: Params, x: Tensor) -> Tensor:
+        return F.linear(x, params["weight"], params.get("bias"))
+
+
+@dataclass(frozen=True)
+class Embedding:
+    """Token table lookup, weight (num_embeddings, dim). ids (...) -> (..., dim)."""
+
+    num_embeddings: int
+    dim: int
+    std: float = 0.02
+
+    def init(self, generator: torch.Generator) -> Params:
+        return {"weight": initializers.normal((self.num_embeddings, self.dim), generator, std=self.std)}
+
+    def apply(self, params: Params, ids: Tensor) -> Tensor:
+        return F.embedding(ids, params["weight"])
+
+
+@dataclass(frozen=True)
+class LayerNorm:
+    """(x - mean) / sqrt(var + eps) * weight + bias over the last dim (Ba et al. 2016)."""
+
+    dim: int
+    eps: float = 1e-5
+    bias: bool = True
+
+    def init(self, generator: torch.Generator | None = None) -> Params:
+        p = {"weight": torch.ones(self.dim)}
+        if self.bias:
+            p["bias"] = torch.zeros(self.dim)
+        return p
+
+    def apply(self, params: Params, x: Tensor) -> Tensor:
+        return F.layer_norm(x, (self.dim,), params["weight"], params.get("bias"), self.eps)
+
+
+@dataclass(frozen=True)
+class RMSNorm:
+    """x / sqrt(mean(x²) + eps) * weight (Zhang & Sennrich 2019), computed in float32 as LLaMA does."""
+
+    dim: int
+    eps: float = 1e-6
+
+    def init(self, generator: torch.Generator | None = None) -> Params:
+        return {"weight": torch.ones(self.dim)}
+
+    def apply(self, params: Params, x: Tensor) -> Tensor:
+        dtype = x.dtype
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return params["weight"] * h.to(dtype)
+
+
+def make_norm(kind: str, dim: int, eps: float, bias: bool = True):
+    if kind == "layernorm":
+        return LayerNorm(dim, eps, bias)
+    if kind == "rmsnorm":
+        return RMSNorm(dim, eps)
+    raise ValueError(f"norm must be 'layernorm' or 'rmsnorm', got {kind!r}")
+
+
+def dropout(x: Tensor, p: float, *, train: bool, generator: torch.Generator | None = None) -> Tensor:
+    """Inverted dropout. Pure given ``generator``; without one it draws from the global RNG, which
+    ``vmap(..., randomness="different"|"same")`` controls. Identity when not training or p == 0."""
+    if not (0.0 <= p < 1.0):
+        raise ValueError(f"dropout probability must be in [0, 1), got {p!r}")
+    if not train or p == 0.0:
+        return x
+    keep = torch.rand(x.shape, generator=generator, device=x.device) >= p
+    return x * keep.to(x.dtype) / (1.0 - p)

@@ -1,0 +1,287 @@
+"""The Transformer spec: a decoder-only language model (GPT-2 and LLaMA shaped configs).
+
+    model = Transformer(cfg)
+    params = model.init(seed=0)
+    out = model.apply(params, input_ids, labels=input_ids)   # {"logits", "loss"}
+
+Params layout (flattened names equal a state_dict):
+    embed.weight (V, d) · pos.weight (max_seq_len, d) when learnable ·
+    blocks.{i}.ln1.* · blocks.{i}.attn.qkv.{weight,bias} · blocks.{i}.attn.out.* ·
+    blocks.{i}.attn.rel.weight (relative) · blocks.{i}.ln2.* · blocks.{i}.mlp.{fc,proj | gate,up,down}.* ·
+    ln_f.* · lm_head.weight (untied only)
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .config import ModelConfig
+from .init import generator as make_generator
+from .layers import (
+    MLP,
+    Block,
+    Embedding,
+    LearnablePositions,
+    SelfAttention,
+    SinusoidalPositions,
+    dropout,
+    make_norm,
+)
+from .losses import lm_loss, shift_labels
+from .ops._util import vmap_active
+from .tree import Params, check_structure, flatten, unflatten
+
+__all__ = ["Transformer"]
+
+
+def _can_inspect_values() -> bool:
+    """Value checks need ``.item()``; skip them under vmap and while compiling (shape checks stay)."""
+    return not vmap_active() and not torch.compiler.is_compiling()
+
+
+@dataclass(frozen=True)
+class Transformer:
+    cfg: ModelConfig
+
+    def __post_init__(self):
+        if not isinstance(self.cfg, ModelConfig):
+            raise TypeError(f"Transformer needs a ModelConfig, got {type(self.cfg).__name__}")
+
+    # ----------------------------------------------------------------- specs
+    @property
+    def embedding(self) -> Embedding:
+        return Embedding(self.cfg.vocab_size, self.cfg.d_model, std=self.cfg.init_std)
+
+    @property
+    def positions(self):
+        c = self.cfg
+        if c.position_encoding == "learnable":
+            return LearnablePositions(c.d_model, c.max_seq_len, std=c.init_std)
+        if c.position_encoding == "sinusoidal":
+            return SinusoidalPositions(c.d_model, c.max_seq_len)
+        return None  # rope (inside attention) or none
+
+    @property
+    def block(self) -> Block:
+        c = self.cfg
+        out_std = c.init_std / math.sqrt(2 * c.n_layers)
+        attn = SelfAttention(
+            d_model=c.d_model,
+            n_heads=c.n_heads,
+            n_kv_heads=c.n_kv_heads,
+            bias=c.bias,
+            causal=True,
+            attention_type=c.attention_type,
+            backend=c.attention_backend,
+            max_relative_position=c.max_relative_position,
+            sparse_pattern=c.sparse_pattern,
+            rope=c.position_encoding == "rope",
+            rope_base=c.rope_base,
+            rope_layout=c.rope_layout,
+            dropout=c.attention_dropout,
+            weight_init=c.weight_init,
+            std=c.init_std,
+            out_std=out_std,
+        )
+        mlp = MLP(c.d_model, c.d_ff, kind=c.activation, bias=c.bias, weight_init=c.weight_init, std=c.init_std, out_std=out_std)
+        return Block(attn, mlp, norm=c.norm, norm_eps=c.norm_eps, norm_bias=c.bias, resid_dropout=c.dropout)
+
+    @property
+    def final_norm(self):
+        return make_norm(self.cfg.norm, self.cfg.d_model, self.cfg.norm_eps, self.cfg.bias)
+
+    # ------------------------------------------------------------------ init
+    def init(
+        self, seed: Optional[int] = None, *, generator: Optional[torch.Generator] = None, dtype: Optional[torch.dtype] = None
+    ) -> Params:
+        """Fresh Params; the same seed gives the same tensors on every run."""
+        if (seed is None) == (generator is None):
+            raise ValueError("Transformer.init takes exactly one of seed=... or generator=...")
+        g = make_generator(seed if generator is None else generator)
+        c = self.cfg
+        params: Params = {"embed": self.embedding.init(g)}
+        pos = self.positions
+        if isinstance(pos, LearnablePositions):
+            params["pos"] = pos.init(g)
+        block = self.block
+        params["blocks"] = {str(i): block.init(g) for i in range(c.n_layers)}
+        params["ln_f"] = self.final_norm.init(g)
+        if not c.tie_embeddings:
+            params["lm_head"] = {"weight": self.embedding.init(g)["weight"]}
+        if dtype is not None:
+            params = {k: v for k, v in _cast(params, dtype).items()}
+        return params
+
+    def param_shapes(self) -> Params:
+        """The expected structure: a tree of shapes (torch.Size), computed without sampling."""
+        return unflatten(dict(_flat_shapes(self.cfg)))
+
+    def check_params(self, params: Params) -> None:
+        """Raise one ValueError listing missing, unexpected and mis-shaped params."""
+        if not isinstance(params, dict):
+            raise TypeError(f"params must be a nested dict of tensors, got {type(params).__name__}")
+        expected = _flat_shapes(self.cfg)
+        flat = flatten(params)
+        if len(flat) == len(expected) and all(
+            k in flat and isinstance(flat[k], Tensor) and tuple(flat[k].shape) == s for k, s in expected
+        ):
+            return
+        check_structure(self.param_shapes(), params, what="params")
+        raise TypeError("params leaves must all be tensors")
+
+    # ------------------------------------------------------------------ apply
+    def embed(self, params: Params, input_ids: Tensor) -> Tensor:
+        """Token embeddings (batch, seq, d_model), before positions are added."""
+        self._check_ids(input_ids)
+        return self.embedding.apply(params["embed"], input_ids)
+
+    def apply(
+        self,
+        params: Params,
+        input_ids: Optional[Tensor] = None,
+        *,
+        attention_mask: Optional[Tensor] = None,
+        labels: Optional[Tensor] = None,
+        position_ids: Optional[Tensor] = None,
+        train: bool = False,
+        generator: Optional[torch.Generator] = None,
+        inputs_embeds: Optional[Tensor] = None,
+        past_kv: Optional[list] = None,
+    ) -> dict:
+        """input_ids (batch, seq) -> {"logits": (batch, seq, vocab), "loss": scalar or None}.
+
+        ``attention_mask`` (batch, seq): 1/True for real tokens, 0 for padding; padded positions
+        neither influence other positions nor count in the loss. ``labels`` (batch, seq) are
+        shifted inside (position t predicts labels[t+1]); -100 is ignored. ``inputs_embeds``
+        replaces ``input_ids`` (P-tuning). ``past_kv`` (a list of per-layer (k, v)) enables
+        incremental decoding; the output then also holds ``"past_kv"``.
+        """
+        c = self.cfg
+        if not torch.compiler.is_compiling():
+            self.check_params(params)
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        if inputs_embeds is not None:
+            if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != c.d_model:
+                raise ValueError(
+                    f"inputs_embeds must be (batch, seq, d_model={c.d_model}), got {tuple(inputs_embeds.shape)}"
+                )
+            x = inputs_embeds
+        else:
+            x = self.embed(params, input_ids)
+        B, T = x.shape[0], x.shape[1]
+        past = 0 if past_kv is None else past_kv[0][0].shape[2]
+        if past_kv is not None and len(past_kv) != c.n_layers:
+            raise ValueError(f"past_kv must have one (k, v) per layer ({c.n_layers}), got {len(past_kv)}")
+        if past + T > c.max_seq_len:
+            raise ValueError(f"input has {past + T} positions but max_seq_len is {c.max_seq_len}")
+        key_mask = self._key_mask(attention_mask, B, past + T)
+        if position_ids is None:
+            positions = torch.arange(past, past + T, device=x.device)
+        else:
+            positions = self._check_positions(position_ids, B, T)
+
+        pos = self.positions
+        if pos is not None:
+            x = pos.apply(params.get("pos", {}), x, positions)
+        x = dropout(x, c.dropout, train=train, generator=generator)
+        block = self.block
+        new_kv = []
+        for i in range(c.n_layers):
+            layer_params = params["blocks"][str(i)]
+            kw = dict(positions=positions, key_padding_mask=key_mask, train=train, generator=generator)
+            if past_kv is not None:
+                x, kv = block.apply(layer_params, x, past_kv=past_kv[i], **kw)
+                new_kv.append(kv)
+            else:
+                x = block.apply(layer_params, x, **kw)
+        x = self.final_norm.apply(params["ln_f"], x)
+        head = params["embed"]["weight"] if c.tie_embeddings else params["lm_head"]["weight"]
+        logits = F.linear(x, head)  # (B, T, V)
+        out = {"logits": logits, "loss": None}
+        if labels is not None:
+            self._check_labels(labels, B, T)
+            query_mask = None if key_mask is None else key_mask[:, past:]
+            targets = shift_labels(labels, query_mask)
+            out["loss"] = lm_loss(logits, targets, label_smoothing=c.label_smoothing)
+        if past_kv is not None:
+            out["past_kv"] = new_kv
+        return out
+
+    __call__ = apply
+
+    # ------------------------------------------------------------- validation
+    def _check_ids(self, input_ids: Tensor) -> None:
+        if not isinstance(input_ids, Tensor):
+            raise TypeError(f"input_ids must be a Tensor, got {type(input_ids).__name__}")
+        if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
+            raise TypeError(f"input_ids must be an integer tensor, got dtype {input_ids.dtype}")
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
+        if _can_inspect_values() and input_ids.numel():
+            lo, hi = int(input_ids.min()), int(input_ids.max())
+            if lo < 0 or hi >= self.cfg.vocab_size:
+                bad = lo if lo < 0 else hi
+                raise ValueError(f"input_ids contains token id {bad}, outside [0, vocab_size={self.cfg.vocab_size})")
+
+    def _key_mask(self, attention_mask: Optional[Tensor], B: int, total: int) -> Optional[Tensor]:
+        if attention_mask is None:
+            return None
+        if not isinstance(attention_mask, Tensor):
+            raise TypeError(f"attention_mask must be a Tensor, got {type(attention_mask).__name__}")
+        if tuple(attention_mask.shape) != (B, total):
+            raise ValueError(
+                f"attention_mask must have shape (batch, seq) = {(B, total)}, got {tuple(attention_mask.shape)}"
+            )
+        if attention_mask.dtype == torch.bool:
+            return attention_mask
+        if _can_inspect_values() and attention_mask.numel():
+            if not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
+                raise ValueError("attention_mask must hold only 0 and 1 (or be bool)")
+        return attention_mask != 0
+
+    def _check_positions(self, position_ids: Tensor, B: int, T: int) -> Tensor:
+        if position_ids.is_floating_point():
+            raise TypeError(f"position_ids must be an integer tensor, got dtype {position_ids.dtype}")
+        if tuple(position_ids.shape) not in ((T,), (B, T)):
+            raise ValueError(f"position_ids must be (seq,) or (batch, seq) = {(B, T)}, got {tuple(position_ids.shape)}")
+        if _can_inspect_values() and position_ids.numel():
+            lo, hi = int(position_ids.min()), int(position_ids.max())
+            if lo < 0 or hi >= self.cfg.max_seq_len:
+                raise ValueError(f"position_ids must lie in [0, max_seq_len={self.cfg.max_seq_len}), got {lo}..{hi}")
+        return position_ids
+
+    def _check_labels(self, labels: Tensor, B: int, T: int) -> None:
+        if not isinstance(labels, Tensor):
+            raise TypeError(f"labels must be a Tensor, got {type(labels).__name__}")
+        if labels.is_floating_point() or labels.dtype == torch.bool:
+            raise TypeError(f"labels must be an integer tensor, got dtype {labels.dtype}")
+        if tuple(labels.shape) != (B, T):
+            raise ValueError(f"labels must have shape (batch, seq) = {(B, T)}, got {tuple(labels.shape)}")
+        if _can_inspect_values() and labels.numel():
+            bad = labels[(labels != -100) & ((labels < 0) | (labels >= self.cfg.vocab_size))]
+            if bad.numel():
+                raise ValueError(
+                    f"labels contains {int(bad[0])}, outside [0, vocab_size={self.cfg.vocab_size}) and not -100"
+                )
+
+
+@functools.lru_cache(maxsize=64)
+def _flat_shapes(cfg: ModelConfig) -> tuple:
+    """((name, shape), ...) of a config's params, from an init on the meta device (no sampling)."""
+    with torch.device("meta"):
+        p = Transformer(cfg).init(generator=torch.Generator())
+    return tuple((k, tuple(v.shape)) for k, v in flatten(p).items())
+
+
+def _cast(params: Params, dtype: torch.dtype) -> Params:
+    from .tree import cast
+
+    return cast(params, dtype)

@@ -1,0 +1,178 @@
+"""List-of-tensor arithmetic: ``torch._foreach_*`` on the hot path, a per-leaf loop under vmap.
+
+functorch has no batching rules for the ``_foreach_*`` ops (``vmap`` fails with "Batching rule
+not implemented for aten::_foreach_lerp"), so while a functorch transform is active (``vmap``,
+``grad``, ``jvp``) every helper falls back to plain per-tensor ops with the same math.
+
+A *scalar* argument may be a Python number or a 0-d tensor (a step-dependent value such as a
+bias correction or a scheduled learning rate); 0-d tensors keep ``torch.compile`` from
+specialising on their value. 0-d scalars are float64 and do not change the leaves' dtype.
+"""
+
+from __future__ import annotations
+
+from numbers import Number
+
+import torch
+from torch import Tensor
+
+SCALAR_DTYPE = torch.float64  # dtype of step-dependent scalars (bias corrections, schedules)
+
+
+def use_foreach() -> bool:
+    return not torch._C._are_functorch_transforms_active()
+
+
+def is_number(x) -> bool:
+    return isinstance(x, Number) and not isinstance(x, bool)
+
+
+def as_scalar(x) -> Tensor:
+    """A Python number or tensor as a float64 0-d tensor (for step-dependent scalar math)."""
+    if isinstance(x, Tensor):
+        return x.to(SCALAR_DTYPE)
+    return torch.tensor(float(x), dtype=SCALAR_DTYPE)
+
+
+def mul(xs, s):
+    """``x * s`` for each x; s a scalar or a list of tensors."""
+    if use_foreach():
+        return torch._foreach_mul(xs, s)
+    if isinstance(s, list):
+        return [x * y for x, y in zip(xs, s)]
+    return [x * s for x in xs]
+
+
+def mul_(xs, s):
+    """In place, only on buffers the caller has just allocated."""
+    if use_foreach():
+        torch._foreach_mul_(xs, s)
+        return xs
+    return mul(xs, s)
+
+
+def add(xs, ys, alpha=1.0):
+    """``x + alpha * y``."""
+    if use_foreach():
+        if is_number(alpha):
+            return torch._foreach_add(xs, ys, alpha=alpha)
+        return torch._foreach_add(xs, torch._foreach_mul(ys, alpha))
+    return [x + alpha * y for x, y in zip(xs, ys)]
+
+
+def add_(xs, ys, alpha=1.0):
+    if use_foreach():
+        if is_number(alpha):
+            torch._foreach_add_(xs, ys, alpha=alpha)
+        else:
+            torch._foreach_add_(xs, torch._foreach_mul(ys, alpha))
+        return xs
+    return add(xs, ys, alpha)
+
+
+def add_scalar_(xs, s):
+    if use_foreach():
+        torch._foreach_add_(xs, s)
+        return xs
+    return [x + s for x in xs]
+
+
+def div(xs, ys):
+    if use_foreach():
+        return torch._foreach_div(xs, ys)
+    if isinstance(ys, list):
+        return [x / y for x, y in zip(xs, ys)]
+    return [x / ys for x in xs]
+
+
+def div_(xs, s):
+    if use_foreach():
+        torch._foreach_div_(xs, s)
+        return xs
+    return div(xs, s)
+
+
+def lerp(xs, ys, w):
+    """``x + w * (y - x)``."""
+    if use_foreach():
+        return torch._foreach_lerp(xs, ys, w)
+    return [torch.lerp(x, y, w if is_number(w) else w.to(x.dtype)) for x, y in zip(xs, ys)]
+
+
+def addcmul_(xs, ys, zs, value):
+    """``x + value * y * z`` in place (on fresh buffers only)."""
+    if use_foreach():
+        if is_number(value):
+            torch._foreach_addcmul_(xs, ys, zs, value)
+        else:
+            torch._foreach_addcmul_(xs, torch._foreach_mul(ys, value), zs)
+        return xs
+    return [x + value * y * z for x, y, z in zip(xs, ys, zs)]
+
+
+def addcdiv_(xs, ys, zs, value):
+    """``x + value * y / z`` in place (on fresh buffers only)."""
+    if use_foreach():
+        if is_number(value):
+            torch._foreach_addcdiv_(xs, ys, zs, value)
+        else:
+            # the Tensor overload wants one packed value per leaf (a 1-d tensor)
+            torch._foreach_addcdiv_(xs, ys, zs, value.reshape(1).expand(len(xs)).contiguous())
+        return xs
+    return [x + value * (y / z) for x, y, z in zip(xs, ys, zs)]
+
+
+def sqrt(xs):
+    if use_foreach():
+        return torch._foreach_sqrt(xs)
+    return [torch.sqrt(x) for x in xs]
+
+
+def sqrt_(xs):
+    if use_foreach():
+        torch._foreach_sqrt_(xs)
+        return xs
+    return sqrt(xs)
+
+
+def sign(xs):
+    if use_foreach():
+        return torch._foreach_sign(xs)
+    return [torch.sign(x) for x in xs]
+
+
+def clamp(xs, lo, hi):
+    if use_foreach():
+        out = torch._foreach_clamp_min(xs, lo)
+        torch._foreach_clamp_max_(out, hi)
+        return out
+    return [torch.clamp(x, lo, hi) for x in xs]
+
+
+def zeros_like(xs):
+    return [torch.zeros_like(x) for x in xs]
+
+
+def norms(xs, ord=2.0):
+    """Per-leaf vector norms, as a list of 0-d tensors."""
+    if use_foreach() and xs:
+        return list(torch._foreach_norm(xs, ord))
+    return [torch.linalg.vector_norm(x, ord) for x in xs]
+
+
+def global_norm(xs) -> Tensor:
+    """``sqrt(sum_i ||x_i||^2)`` over all leaves (float32 at least), as torch's clip_grad_norm_."""
+    if not xs:
+        return torch.zeros((), dtype=torch.float32)
+    ns = norms(xs)
+    dtype = torch.float32
+    for n in ns:
+        dtype = torch.promote_types(dtype, n.dtype)
+    return torch.linalg.vector_norm(torch.stack([n.to(dtype) for n in ns]), 2.0)
+
+
+def all_finite(xs) -> Tensor:
+    """A 0-d bool tensor: every element of every leaf is finite (inf-norm per leaf, one reduction)."""
+    if not xs:
+        return torch.ones((), dtype=torch.bool)
+    return torch.isfinite(torch.stack([n.float() for n in norms(xs, float("inf"))])).all()

@@ -1,0 +1,195 @@
+"""The core protocol: a gradient transformation is a pair of pure functions.
+
+``init(params) -> state`` and ``update(grads, state, params=None) -> (updates, state)``.
+``updates`` is a tree shaped like ``grads``; :func:`apply_updates` adds it to ``params`` out of
+place. ``state`` is a Params tree too (nested dicts whose leaves are tensors; step counters are
+0-d int64 tensors), so it saves and loads with :func:`aam_func.tree.save` / ``load``.
+
+Transformations never write into their inputs: new state buffers are freshly allocated, and the
+in-place ``_foreach_*_`` calls inside only touch buffers the same call has just created.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from numbers import Number
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+
+from .. import tree
+from . import _ops
+
+__all__ = [
+    "GradientTransformation",
+    "apply_updates",
+    "chain",
+    "identity",
+    "set_to_zero",
+    "global_norm",
+]
+
+
+class GradientTransformation(NamedTuple):
+    """``init(params) -> state``; ``update(grads, state, params=None) -> (updates, state)``."""
+
+    init: Callable[[Mapping], dict]
+    update: Callable[..., tuple[dict, dict]]
+
+
+# ----------------------------------------------------------------------------- tree plumbing
+
+
+def leaves_of(t: Mapping) -> tuple[list[str], list[Any]]:
+    """Dotted names and leaves of a tree, in flatten order."""
+    flat = tree.flatten(t)
+    return list(flat.keys()), list(flat.values())
+
+
+def aligned(names: list[str], t: Mapping | None, what: str, ref: str = "grads") -> list[Any]:
+    """The leaves of ``t`` in the order of ``names``; a ``ValueError`` lists any key difference."""
+    if t is None:
+        raise ValueError(f"{what} is required by this transformation but was None")
+    flat = tree.flatten(t)
+    if list(flat.keys()) == names:
+        return list(flat.values())
+    missing = [n for n in names if n not in flat]
+    unexpected = [n for n in flat if n not in set(names)]
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append("missing: " + ", ".join(missing))
+        if unexpected:
+            parts.append("unexpected: " + ", ".join(unexpected))
+        raise ValueError(f"{what} do not have the same keys as {ref}; " + "; ".join(parts))
+    return [flat[n] for n in names]
+
+
+def build(names: list[str], values: list[Any]) -> dict:
+    return tree.unflatten(dict(zip(names, values)))
+
+
+def substate(state: Mapping, key: str) -> dict:
+    """``state[key]``, or ``{}`` when it is missing: an empty sub-state does not survive a
+    safetensors round trip (a file stores leaves only), so combinators tolerate its absence."""
+    return state.get(key, {}) if isinstance(state, Mapping) else {}
+
+
+def step_counter() -> Tensor:
+    return torch.zeros((), dtype=torch.int64)
+
+
+def eager() -> bool:
+    """Plain eager execution: Python may branch on a tensor's value (no compile, no vmap)."""
+    return _ops.use_foreach() and not torch.compiler.is_compiling()
+
+
+def tree_where(pred: Tensor, a: Mapping, b: Mapping) -> dict:
+    """Leafwise ``torch.where(pred, a, b)`` over two trees of the same structure."""
+    names, la = leaves_of(a)
+    lb = aligned(names, b, "tree_where's second tree", "its first tree")
+    return build(names, [torch.where(pred, x, y) for x, y in zip(la, lb)])
+
+
+def cond(pred: Tensor, true_fn: Callable[[], Any], false_fn: Callable[[], Any]):
+    """``true_fn()`` if ``pred`` else ``false_fn()``; both return ``(updates, state)``.
+
+    Eager: a Python branch (only one side runs). Under ``torch.compile`` or ``vmap`` both sides
+    run and the result is selected leafwise with ``torch.where`` (no graph break, per-member
+    choice under vmap).
+    """
+    if eager() and pred.dim() == 0:
+        return true_fn() if bool(pred) else false_fn()
+    (ua, sa), (ub, sb) = true_fn(), false_fn()
+    return tree_where(pred, ua, ub), tree_where(pred, sa, sb)
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def check_nonneg(name: str, value, allow_schedule: bool = False) -> None:
+    if callable(value) and not isinstance(value, Tensor):
+        if allow_schedule:
+            return
+        raise TypeError(f"{name} must be a number, got a callable {value!r}")
+    if isinstance(value, Tensor):
+        return  # injected/scheduled values are tensors; checking them would sync or break graphs
+    if not isinstance(value, Number) or isinstance(value, bool):
+        raise TypeError(f"{name} must be a float{' or a schedule' if allow_schedule else ''}, got {value!r}")
+    if not (value >= 0) or math.isinf(value):
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+
+
+def check_beta(name: str, value) -> None:
+    if isinstance(value, Tensor):
+        return
+    if not isinstance(value, Number) or isinstance(value, bool):
+        raise TypeError(f"{name} must be a float in [0, 1), got {value!r}")
+    if not (0.0 <= value < 1.0):
+        raise ValueError(f"{name} must be in [0, 1), got {value!r}")
+
+
+def check_transform(name: str, t) -> None:
+    if not isinstance(t, GradientTransformation):
+        raise TypeError(f"{name} must be a GradientTransformation, got {type(t).__name__}: {t!r}")
+
+
+# ----------------------------------------------------------------------------- core API
+
+
+def apply_updates(params: Mapping, updates: Mapping) -> dict:
+    """``params + updates`` leafwise, out of place, each result in its parameter's dtype.
+
+    A ``None`` update leaves its parameter as it is.
+    """
+    names, ps = leaves_of(params)
+    us = aligned(names, updates, "updates", "params")
+    idx = [i for i, u in enumerate(us) if u is not None]
+    same = [i for i in idx if us[i].dtype == ps[i].dtype]
+    out = list(ps)
+    if same:
+        for i, v in zip(same, _ops.add([ps[i] for i in same], [us[i] for i in same])):
+            out[i] = v
+    for i in idx:
+        if us[i].dtype != ps[i].dtype:
+            out[i] = (ps[i] + us[i].to(ps[i].dtype)).to(ps[i].dtype)
+    return build(names, out)
+
+
+def identity() -> GradientTransformation:
+    """``u = g``; no state."""
+    return GradientTransformation(lambda params: {}, lambda grads, state, params=None: (grads, state))
+
+
+def set_to_zero() -> GradientTransformation:
+    """``u = 0``; no state (used by :func:`freeze`)."""
+
+    def update(grads, state, params=None):
+        names, gs = leaves_of(grads)
+        return build(names, _ops.zeros_like(gs)), state
+
+    return GradientTransformation(lambda params: {}, update)
+
+
+def chain(*transforms: GradientTransformation) -> GradientTransformation:
+    """Compose left to right: ``u = t_n(...t_2(t_1(g)))``; state ``{"0": s_1, "1": s_2, ...}``."""
+    for i, t in enumerate(transforms):
+        check_transform(f"chain argument {i}", t)
+
+    def init(params):
+        return {str(i): t.init(params) for i, t in enumerate(transforms)}
+
+    def update(grads, state, params=None):
+        new_state = {}
+        for i, t in enumerate(transforms):
+            grads, new_state[str(i)] = t.update(grads, substate(state, str(i)), params)
+        return grads, new_state
+
+    return GradientTransformation(init, update)
+
+
+def global_norm(grads: Mapping) -> Tensor:
+    """``sqrt(sum over leaves of ||g||_2^2)`` as a 0-d tensor (what clip_by_global_norm clips)."""
+    return _ops.global_norm(leaves_of(grads)[1])
