@@ -30,7 +30,9 @@ def lm_loss(
     logits (..., V), targets (...) already shifted. With every target ignored the loss is 0
     (a defined value, with zero gradient), not NaN.
     """
-    flat_logits = logits.reshape(-1, logits.shape[-1]).float()
+    flat_logits = logits.reshape(-1, logits.shape[-1])
+    if flat_logits.element_size() < 4:  # accumulate half precisions in float32; keep float64
+        flat_logits = flat_logits.float()
     flat_targets = targets.reshape(-1)
     total = F.cross_entropy(
         flat_logits, flat_targets, ignore_index=ignore_index, label_smoothing=label_smoothing, reduction="sum"

@@ -273,8 +273,7 @@ def load(
     tree = unflatten(flat)
     if like is not None:
         check_structure(like, tree, what=f"params in {path!r}")
-        fl = flatten(like)
-        tree = unflatten(
-            {k: (v.to(fl[k].dtype) if isinstance(fl[k], Tensor) else v) for k, v in flatten(tree).items()}
-        )
+        fl, ft = flatten(like), flatten(tree)
+        # like's order (safetensors stores keys sorted) and like's dtypes
+        tree = unflatten({k: (ft[k].to(fl[k].dtype) if isinstance(fl[k], Tensor) else ft[k]) for k in fl})
     return (tree, metadata) if with_metadata else tree

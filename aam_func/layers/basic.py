@@ -101,7 +101,7 @@ class RMSNorm:
 
     def apply(self, params: Params, x: Tensor) -> Tensor:
         dtype = x.dtype
-        h = x.float()
+        h = x.float() if x.element_size() < 4 else x  # upcast half precisions, never downcast
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return params["weight"] * h.to(dtype)
 

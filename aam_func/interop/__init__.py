@@ -1,0 +1,1 @@
+"""Interoperability with other formats: transformers weights, PEFT adapter files."""

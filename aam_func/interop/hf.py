@@ -1,0 +1,271 @@
+"""Weights in and out of transformers: ``GPT2LMHeadModel`` and ``LlamaForCausalLM``.
+
+    cfg, params = from_transformers(hf_model)     # any loaded model, e.g. from_pretrained(dir)
+    hf_model = to_transformers(cfg, params)       # a fresh transformers model holding params
+
+Name maps (ours <- theirs):
+- GPT-2: embed <- transformer.wte, pos <- transformer.wpe, blocks.i.ln1/ln2 <- h.i.ln_1/ln_2,
+  attn.qkv <- attn.c_attn, attn.out <- attn.c_proj, mlp.fc/proj <- mlp.c_fc/c_proj, ln_f <- ln_f.
+  GPT-2's Conv1D stores weights as (in, out): they are transposed to our (out, in).
+- LLaMA: embed <- model.embed_tokens, blocks.i.ln1/ln2 <- input_layernorm/post_attention_layernorm,
+  attn.qkv <- cat(q_proj, k_proj, v_proj) (rows), attn.out <- o_proj, mlp.gate/up/down <-
+  gate_proj/up_proj/down_proj, ln_f <- model.norm, lm_head <- lm_head (when untied).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..config import ModelConfig
+from ..model import Transformer
+from ..tree import Params, flatten, unflatten
+
+__all__ = ["from_transformers", "to_transformers", "config_from_transformers", "config_to_transformers"]
+
+
+def _arch(model_or_config: Any) -> str:
+    cfg = getattr(model_or_config, "config", model_or_config)
+    mt = getattr(cfg, "model_type", None)
+    if mt in ("gpt2", "llama"):
+        return mt
+    raise ValueError(f"only GPT-2 and LLaMA models are supported, got model_type={mt!r}")
+
+
+def config_from_transformers(hf_config: Any, **overrides) -> ModelConfig:
+    """Our ModelConfig equivalent of a transformers GPT2Config or LlamaConfig."""
+    arch = _arch(hf_config)
+    c = hf_config
+    if arch == "gpt2":
+        act = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu", "relu": "relu", "silu": "silu"}
+        if c.activation_function not in act:
+            raise ValueError(f"GPT-2 activation_function {c.activation_function!r} is not supported")
+        if getattr(c, "scale_attn_by_inverse_layer_idx", False) or getattr(c, "add_cross_attention", False):
+            raise ValueError("GPT-2 configs with scale_attn_by_inverse_layer_idx or cross-attention are not supported")
+        if not getattr(c, "scale_attn_weights", True):
+            raise ValueError("GPT-2 configs with scale_attn_weights=False are not supported")
+        kw = dict(
+            vocab_size=c.vocab_size,
+            d_model=c.n_embd,
+            n_layers=c.n_layer,
+            n_heads=c.n_head,
+            d_ff=c.n_inner or 4 * c.n_embd,
+            max_seq_len=c.n_positions,
+            dropout=0.0,
+            activation=act[c.activation_function],
+            position_encoding="learnable",
+            norm="layernorm",
+            norm_eps=c.layer_norm_epsilon,
+            bias=True,
+            tie_embeddings=bool(getattr(c, "tie_word_embeddings", True)),
+            init_std=getattr(c, "initializer_range", 0.02),
+        )
+    else:
+        head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+        if head_dim * c.num_attention_heads != c.hidden_size:
+            raise ValueError(
+                f"LLaMA configs with head_dim * num_attention_heads != hidden_size are not supported "
+                f"(head_dim={head_dim}, heads={c.num_attention_heads}, hidden_size={c.hidden_size})"
+            )
+        if bool(getattr(c, "attention_bias", False)) != bool(getattr(c, "mlp_bias", False)):
+            raise ValueError("LLaMA configs with attention_bias != mlp_bias are not supported")
+        if c.hidden_act != "silu":
+            raise ValueError(f"LLaMA hidden_act {c.hidden_act!r} is not supported (silu only)")
+        rope = getattr(c, "rope_parameters", None) or {}
+        rope_type = rope.get("rope_type", "default")
+        scaling = getattr(c, "rope_scaling", None)
+        if rope_type != "default" or (scaling and scaling.get("rope_type", scaling.get("type")) not in (None, "default")):
+            raise ValueError(f"LLaMA rope_type {rope_type!r} is not supported (default only)")
+        theta = rope.get("rope_theta", getattr(c, "rope_theta", 10000.0))
+        kw = dict(
+            vocab_size=c.vocab_size,
+            d_model=c.hidden_size,
+            n_layers=c.num_hidden_layers,
+            n_heads=c.num_attention_heads,
+            n_kv_heads=getattr(c, "num_key_value_heads", None) or c.num_attention_heads,
+            d_ff=c.intermediate_size,
+            max_seq_len=c.max_position_embeddings,
+            dropout=0.0,
+            activation="swiglu",
+            position_encoding="rope",
+            rope_base=float(theta),
+            rope_layout="half",
+            norm="rmsnorm",
+            norm_eps=c.rms_norm_eps,
+            bias=bool(getattr(c, "attention_bias", False)),
+            tie_embeddings=bool(getattr(c, "tie_word_embeddings", False)),
+            init_std=getattr(c, "initializer_range", 0.02),
+        )
+    kw.update(overrides)
+    return ModelConfig(**kw)
+
+
+def config_to_transformers(cfg: ModelConfig):
+    """A transformers config for ``cfg``: LLaMA-shaped (rope + rmsnorm + swiglu) or GPT-2-shaped
+    (learnable positions + layernorm + gelu_tanh/gelu/relu + biases)."""
+    from transformers import GPT2Config, LlamaConfig
+
+    if cfg.attention_type != "standard":
+        raise ValueError(f"transformers export needs attention_type='standard', got {cfg.attention_type!r}")
+    if cfg.position_encoding == "learnable" and cfg.norm == "layernorm" and cfg.bias and cfg.activation != "swiglu":
+        if cfg.n_kv_heads != cfg.n_heads:
+            raise ValueError("GPT-2 export does not support grouped-query attention (n_kv_heads != n_heads)")
+        act = {"gelu_tanh": "gelu_new", "gelu": "gelu", "relu": "relu", "silu": "silu"}[cfg.activation]
+        return GPT2Config(
+            vocab_size=cfg.vocab_size, n_embd=cfg.d_model, n_layer=cfg.n_layers, n_head=cfg.n_heads,
+            n_inner=cfg.d_ff, n_positions=cfg.max_seq_len, activation_function=act,
+            layer_norm_epsilon=cfg.norm_eps, tie_word_embeddings=cfg.tie_embeddings,
+            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, initializer_range=cfg.init_std,
+            bos_token_id=None, eos_token_id=None,
+        )
+    if cfg.position_encoding == "rope" and cfg.norm == "rmsnorm" and cfg.activation == "swiglu" and cfg.rope_layout == "half":
+        return LlamaConfig(
+            vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.d_ff,
+            num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads,
+            max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps,
+            rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_base},
+            tie_word_embeddings=cfg.tie_embeddings, attention_bias=cfg.bias, mlp_bias=cfg.bias,
+            initializer_range=cfg.init_std, head_dim=cfg.head_dim,
+            bos_token_id=None, eos_token_id=None, pad_token_id=None,
+        )
+    raise ValueError(
+        "this config has no transformers equivalent: GPT-2 needs position_encoding='learnable', norm='layernorm', "
+        "bias=True and a non-gated MLP; LLaMA needs position_encoding='rope', norm='rmsnorm', activation='swiglu', "
+        f"rope_layout='half' (got position_encoding={cfg.position_encoding!r}, norm={cfg.norm!r}, "
+        f"activation={cfg.activation!r}, bias={cfg.bias})"
+    )
+
+
+def _gpt2_map(cfg: ModelConfig) -> list[tuple[str, str, bool]]:
+    """(our name, their name, transpose) for GPT-2."""
+    m = [("embed.weight", "transformer.wte.weight", False), ("pos.weight", "transformer.wpe.weight", False)]
+    for i in range(cfg.n_layers):
+        o, t = f"blocks.{i}.", f"transformer.h.{i}."
+        m += [
+            (o + "ln1.weight", t + "ln_1.weight", False), (o + "ln1.bias", t + "ln_1.bias", False),
+            (o + "attn.qkv.weight", t + "attn.c_attn.weight", True), (o + "attn.qkv.bias", t + "attn.c_attn.bias", False),
+            (o + "attn.out.weight", t + "attn.c_proj.weight", True), (o + "attn.out.bias", t + "attn.c_proj.bias", False),
+            (o + "ln2.weight", t + "ln_2.weight", False), (o + "ln2.bias", t + "ln_2.bias", False),
+            (o + "mlp.fc.weight", t + "mlp.c_fc.weight", True), (o + "mlp.fc.bias", t + "mlp.c_fc.bias", False),
+            (o + "mlp.proj.weight", t + "mlp.c_proj.weight", True), (o + "mlp.proj.bias", t + "mlp.c_proj.bias", False),
+        ]
+    m += [("ln_f.weight", "transformer.ln_f.weight", False), ("ln_f.bias", "transformer.ln_f.bias", False)]
+    if not cfg.tie_embeddings:
+        m.append(("lm_head.weight", "lm_head.weight", False))
+    return m
+
+
+def _llama_map(cfg: ModelConfig) -> list[tuple[str, str]]:
+    """(our name, their name) for LLaMA, except the fused qkv handled separately."""
+    m = [("embed.weight", "model.embed_tokens.weight")]
+    for i in range(cfg.n_layers):
+        o, t = f"blocks.{i}.", f"model.layers.{i}."
+        m += [
+            (o + "ln1.weight", t + "input_layernorm.weight"),
+            (o + "ln2.weight", t + "post_attention_layernorm.weight"),
+            (o + "attn.out.weight", t + "self_attn.o_proj.weight"),
+            (o + "mlp.gate.weight", t + "mlp.gate_proj.weight"),
+            (o + "mlp.up.weight", t + "mlp.up_proj.weight"),
+            (o + "mlp.down.weight", t + "mlp.down_proj.weight"),
+        ]
+        if cfg.bias:
+            m += [
+                (o + "attn.out.bias", t + "self_attn.o_proj.bias"),
+                (o + "mlp.gate.bias", t + "mlp.gate_proj.bias"),
+                (o + "mlp.up.bias", t + "mlp.up_proj.bias"),
+                (o + "mlp.down.bias", t + "mlp.down_proj.bias"),
+            ]
+    m.append(("ln_f.weight", "model.norm.weight"))
+    if not cfg.tie_embeddings:
+        m.append(("lm_head.weight", "lm_head.weight"))
+    return m
+
+
+def _hf_state(model: Any) -> dict[str, Tensor]:
+    sd = dict(model.state_dict())
+    return {k: v.detach() for k, v in sd.items()}
+
+
+def from_transformers(model: Any, *, dtype: torch.dtype | None = None, **config_overrides) -> tuple[ModelConfig, Params]:
+    """(ModelConfig, Params) holding a transformers GPT-2 or LLaMA model's weights (copies)."""
+    arch = _arch(model)
+    cfg = config_from_transformers(model.config, **config_overrides)
+    sd = _hf_state(model)
+    flat: dict[str, Tensor] = {}
+
+    def take(name: str) -> Tensor:
+        if name not in sd:
+            raise ValueError(f"transformers state_dict has no {name!r}; is this a {arch} model?")
+        return sd[name]
+
+    if arch == "gpt2":
+        for ours, theirs, transpose in _gpt2_map(cfg):
+            t = take(theirs)
+            flat[ours] = (t.t() if transpose else t).clone().contiguous()
+    else:
+        for ours, theirs in _llama_map(cfg):
+            flat[ours] = take(theirs).clone()
+        for i in range(cfg.n_layers):
+            t = f"model.layers.{i}.self_attn."
+            flat[f"blocks.{i}.attn.qkv.weight"] = torch.cat(
+                [take(t + "q_proj.weight"), take(t + "k_proj.weight"), take(t + "v_proj.weight")], 0
+            )
+            if cfg.bias:
+                flat[f"blocks.{i}.attn.qkv.bias"] = torch.cat(
+                    [take(t + "q_proj.bias"), take(t + "k_proj.bias"), take(t + "v_proj.bias")], 0
+                )
+    params = unflatten(flat)
+    Transformer(cfg).check_params(params)
+    if dtype is not None:
+        from ..tree import cast
+
+        params = cast(params, dtype)
+    return cfg, params
+
+
+def to_transformers(cfg: ModelConfig, params: Params, *, model: Any = None):
+    """A transformers model (GPT2LMHeadModel or LlamaForCausalLM) holding ``params``.
+
+    With ``model`` given, its weights are overwritten in place (shapes must match); otherwise a
+    new model is built from :func:`config_to_transformers`.
+    """
+    from transformers import GPT2LMHeadModel, LlamaForCausalLM
+
+    Transformer(cfg).check_params(params)
+    hf_cfg = config_to_transformers(cfg)
+    if model is None:
+        cls = GPT2LMHeadModel if hf_cfg.model_type == "gpt2" else LlamaForCausalLM
+        model = cls(hf_cfg)
+    flat = flatten(params)
+    sd: dict[str, Tensor] = {}
+    if hf_cfg.model_type == "gpt2":
+        for ours, theirs, transpose in _gpt2_map(cfg):
+            t = flat[ours].detach()
+            sd[theirs] = (t.t() if transpose else t).contiguous()
+        if cfg.tie_embeddings:
+            sd["lm_head.weight"] = flat["embed.weight"].detach()
+    else:
+        for ours, theirs in _llama_map(cfg):
+            sd[theirs] = flat[ours].detach()
+        hd, H, Hkv = cfg.head_dim, cfg.n_heads, cfg.n_kv_heads
+        for i in range(cfg.n_layers):
+            t = f"model.layers.{i}.self_attn."
+            q, k, v = flat[f"blocks.{i}.attn.qkv.weight"].detach().split([H * hd, Hkv * hd, Hkv * hd], 0)
+            sd[t + "q_proj.weight"], sd[t + "k_proj.weight"], sd[t + "v_proj.weight"] = q, k, v
+            if cfg.bias:
+                qb, kb, vb = flat[f"blocks.{i}.attn.qkv.bias"].detach().split([H * hd, Hkv * hd, Hkv * hd], 0)
+                sd[t + "q_proj.bias"], sd[t + "k_proj.bias"], sd[t + "v_proj.bias"] = qb, kb, vb
+        if cfg.tie_embeddings:
+            sd["lm_head.weight"] = flat["embed.weight"].detach()
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in sd]
+    if missing:
+        raise ValueError(f"cannot fill transformers weights: {', '.join(missing)}")
+    with torch.no_grad():
+        for k, v in expected.items():
+            if v.shape != sd[k].shape:
+                raise ValueError(f"{k}: expected shape {tuple(v.shape)}, got {tuple(sd[k].shape)}")
+            v.copy_(sd[k].to(v.dtype))
+    return model
