@@ -1,0 +1,383 @@
+"""Fused LM-head cross-entropy: ``linear_cross_entropy(hidden, weight, targets)``.
+
+Equals ``F.cross_entropy(F.linear(hidden, weight, bias), targets, ...)`` but walks the tokens in
+chunks, so the (N, V) logits never exist whole (Wijmans et al. 2024, "Cut Your Losses"). For a
+token with logits z (V,), target t, smoothing ε and z-loss weight λ:
+
+    lse  = log Σ_j exp z_j
+    loss = lse − (1−ε) z_t − (ε/V) Σ_j z_j + λ lse²
+    ∂loss/∂z = (1 + 2λ lse) softmax(z) − (1−ε) onehot(t) − ε/V
+
+Forward keeps only the row log-sum-exp (N,). Backward recomputes a chunk's logits, forms
+``dz`` and accumulates ``grad_hidden = dz W`` and ``grad_W += dzᵀ h`` (proofs/cross_entropy.md).
+
+When a gradient will be needed and the reduction is "mean" or "sum" (a scalar loss), the forward
+already computes the gradient for a unit upstream gradient while each chunk's logits are at hand
+(one logits matmul instead of two) and backward only scales it. That holds O(N·d + V·d) extra
+memory (the size of the inputs) and is used only when exactly that is safe: eager autograd or a
+single ``torch.func.grad`` level, no vmap, no forward-mode AD. Higher-order cases (create_graph,
+``grad(grad(...))``, ``jvp(grad(...))``) take a differentiable chunked recomputation instead, so
+double backward is correct rather than silently zero.
+
+``ignore_index`` targets contribute nothing. ``reduction="mean"`` divides by the number of
+non-ignored targets; with every target ignored (or an empty batch) the mean is 0 with zero
+gradient, as ``aam_func.losses.lm_loss`` defines it (``F.cross_entropy`` gives NaN there).
+``reduction="none"`` returns per-token losses shaped like ``targets`` (0 where ignored).
+bf16/fp16 inputs: matmuls run in the input dtype; log-sum-exp, losses and the weight gradient
+accumulate in float32.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.autograd.forward_ad as fwAD
+import torch.nn.functional as F
+from torch import Tensor
+
+from ._util import vmap_active
+from .registry import OpSpec, register
+
+__all__ = ["linear_cross_entropy", "reference", "REDUCTIONS"]
+
+REDUCTIONS = ("mean", "sum", "none")
+_CHUNK_ELEMENTS = 2**25  # default: a chunk's fp32 logits take ~128 MiB
+
+
+def _default_chunk(n: int, v: int) -> int:
+    return max(1, min(n, _CHUNK_ELEMENTS // max(v, 1)))
+
+
+def _check(hidden, weight, targets, bias, ignore_index, label_smoothing, z_loss, reduction, chunk_size):
+    for name, t in (("hidden", hidden), ("weight", weight), ("targets", targets)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"linear_cross_entropy: {name} must be a Tensor, got {type(t).__name__}")
+    if not hidden.is_floating_point() or not weight.is_floating_point():
+        raise TypeError(f"hidden and weight must be floating, got {hidden.dtype} and {weight.dtype}")
+    if hidden.dtype != weight.dtype:
+        raise TypeError(f"hidden and weight dtypes differ: {hidden.dtype} vs {weight.dtype}")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be (vocab, d), got shape {tuple(weight.shape)}")
+    if hidden.dim() < 1 or hidden.shape[-1] != weight.shape[1]:
+        raise ValueError(
+            f"hidden (..., d) and weight (vocab, d) disagree on d: hidden {tuple(hidden.shape)}, weight {tuple(weight.shape)}"
+        )
+    if targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool:
+        raise TypeError(f"targets must be an integer tensor of class indices, got dtype {targets.dtype}")
+    if tuple(targets.shape) != tuple(hidden.shape[:-1]):
+        raise ValueError(f"targets must have shape hidden.shape[:-1] = {tuple(hidden.shape[:-1])}, got {tuple(targets.shape)}")
+    if bias is not None:
+        if not isinstance(bias, Tensor) or tuple(bias.shape) != (weight.shape[0],):
+            raise ValueError(f"bias must be a Tensor of shape (vocab,) = ({weight.shape[0]},), got {getattr(bias, 'shape', bias)}")
+        if bias.dtype != weight.dtype:
+            raise TypeError(f"bias dtype {bias.dtype} differs from weight dtype {weight.dtype}")
+    if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float)) or not 0.0 <= label_smoothing < 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing!r}")
+    if isinstance(z_loss, bool) or not isinstance(z_loss, (int, float)) or not 0.0 <= z_loss < float("inf"):
+        raise ValueError(f"z_loss must be a finite number >= 0, got {z_loss!r}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0):
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
+        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
+    V = weight.shape[0]
+    if not vmap_active() and not torch.compiler.is_compiling() and targets.numel():
+        bad = targets[(targets != ignore_index) & ((targets < 0) | (targets >= V))]
+        if bad.numel():
+            raise ValueError(
+                f"targets contains {int(bad[0])}, outside [0, vocab={V}) and not ignore_index={ignore_index}"
+            )
+
+
+# ----------------------------------------------------------------------------- chunk math
+def _logits(h: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """(n, d) @ (V, d)ᵀ (+ b) in the input dtype, returned as float32 (float64 stays float64)."""
+    z = F.linear(h, weight, bias)
+    return z if z.dtype == torch.float64 else z.float()
+
+
+def _onehot(t: Tensor, v: int, dtype) -> Tensor:
+    return (torch.arange(v, device=t.device) == t[:, None]).to(dtype)  # broadcast: fine under vmap
+
+
+def _token_grad(z: Tensor, lse: Tensor, t: Tensor, eps: float, zl: float) -> Tensor:
+    """∂loss_i/∂z_i for a chunk, out of place: (1 + 2λ lse) p − (1−ε) onehot − ε/V."""
+    V = z.shape[-1]
+    p = torch.exp(z - lse[:, None])
+    if zl:
+        p = p * (1.0 + 2.0 * zl * lse)[:, None]
+    G = p - (1.0 - eps) * _onehot(t, V, z.dtype)
+    return G - eps / V if eps else G
+
+
+def _token_loss(z: Tensor, t: Tensor, eps: float, zl: float) -> tuple[Tensor, Tensor]:
+    """(loss, lse) per row of a chunk's logits z (n, V); t already made safe (ignored -> 0)."""
+    lse = torch.logsumexp(z, dim=-1)
+    loss = lse - (1.0 - eps) * z.gather(1, t[:, None]).squeeze(1)
+    if eps:
+        loss = loss - (eps / z.shape[-1]) * z.sum(-1)
+    if zl:
+        loss = loss + zl * lse * lse
+    return loss, lse
+
+
+def _weights(valid: Tensor, reduction: str, dtype) -> Tensor:
+    """Per-token weight of the reduced loss: 1/count (mean; count clamped at 1), 1 (sum, none), 0 if ignored."""
+    w = valid.to(dtype)
+    if reduction == "mean":
+        w = w / valid.sum().clamp(min=1).to(dtype)
+    return w
+
+
+def _reduce(per_token: Tensor, valid: Tensor, reduction: str) -> Tensor:
+    per_token = torch.where(valid, per_token, torch.zeros_like(per_token))
+    if reduction == "none":
+        return per_token
+    total = per_token.sum()
+    return total / valid.sum().clamp(min=1).to(total.dtype) if reduction == "mean" else total
+
+
+def _chunked_composite(h, weight, bias, t, valid, eps, zl, reduction, chunk):
+    """The loss by chunks with plain differentiable ops (used for higher-order derivatives)."""
+    losses = []
+    for s in range(0, h.shape[0], chunk):
+        z = _logits(h[s : s + chunk], weight, bias)
+        losses.append(_token_loss(z, t[s : s + chunk], eps, zl)[0])
+    per_token = torch.cat(losses) if losses else h.new_zeros(0, dtype=torch.float32)
+    return _reduce(per_token, valid, reduction)
+
+
+def _acc_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# ----------------------------------------------------------------------------- the Function
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Outputs (loss, lse, grad_hidden, grad_weight, grad_bias); only loss is differentiable.
+
+    The three gradient outputs are empty unless ``precompute`` (see the module docstring).
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(h, weight, bias, t, valid, eps, zl, reduction, chunk, flags):
+        precompute = flags[0]
+        N, V = h.shape[0], weight.shape[0]
+        acc = _acc_dtype(h.dtype)
+        lse = h.new_empty(N, dtype=acc)
+        per_token = h.new_empty(N, dtype=acc)
+        if precompute:  # not under vmap: in-place buffers are ours
+            w = _weights(valid, reduction, acc)
+            gh = torch.empty_like(h)
+            gw = torch.zeros(weight.shape, dtype=acc, device=weight.device)
+            gb = torch.zeros(V, dtype=acc, device=weight.device) if bias is not None else h.new_empty(0)
+        else:
+            gh = gw = gb = h.new_empty(0)
+        if not precompute and vmap_active():  # out of place, batched
+            pieces = [_token_loss(_logits(h[s : s + chunk], weight, bias), t[s : s + chunk], eps, zl) for s in range(0, N, chunk)]
+            if pieces:
+                per_token = torch.cat([p[0] for p in pieces])
+                lse = torch.cat([p[1] for p in pieces])
+            return _reduce(per_token, valid, reduction), lse, gh, gw, gb
+        for s in range(0, N, chunk):
+            hc, tc = h[s : s + chunk], t[s : s + chunk]
+            z = _logits(hc, weight, bias)  # (n, V) fp32
+            loss_c, lse_c = _token_loss(z, tc, eps, zl)
+            per_token[s : s + chunk] = loss_c
+            lse[s : s + chunk] = lse_c
+            if precompute:
+                G = z.sub_(lse_c[:, None]).exp_()  # softmax, in place in the chunk buffer
+                if zl:
+                    G.mul_((1.0 + 2.0 * zl * lse_c)[:, None])
+                G[torch.arange(G.shape[0], device=G.device), tc] -= 1.0 - eps
+                if eps:
+                    G.sub_(eps / V)
+                G.mul_(w[s : s + chunk, None])
+                Gd = G.to(h.dtype)
+                torch.mm(Gd, weight, out=gh[s : s + chunk])
+                if Gd.dtype == acc:
+                    gw.addmm_(G.t(), hc)
+                else:
+                    gw.add_(Gd.t() @ hc)
+                if bias is not None:
+                    gb.add_(G.sum(0))
+        return _reduce(per_token, valid, reduction), lse, gh, gw, gb
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        h, weight, bias, t, valid, eps, zl, reduction, chunk, flags = inputs
+        _, lse, gh, gw, gb = output
+        ctx.mark_non_differentiable(lse, gh, gw, gb)
+        ctx.save_for_backward(h, weight, bias, t, valid, lse, gh, gw, gb)
+        ctx.save_for_forward(h, weight, bias, t, valid, lse)
+        ctx.meta = (eps, zl, reduction, chunk, flags[0])
+        ctx.eager, ctx.higher_order = flags[1], flags[2]
+
+    @staticmethod
+    def backward(ctx, g, _g_lse, _gh, _gw, _gb):
+        h, weight, bias, t, valid, lse, gh, gw, gb = ctx.saved_tensors
+        eps, zl, reduction, chunk, precompute = ctx.meta
+        needs = ctx.needs_input_grad
+        if ctx.higher_order or (ctx.eager and torch.is_grad_enabled()):
+            # create_graph / nested transforms: a differentiable recomputation, chunk by chunk.
+            fn = lambda h_, w_, b_: _chunked_composite(h_, w_, b_, t, valid, eps, zl, reduction, chunk)  # noqa: E731
+            _, vjp_fn = torch.func.vjp(fn, h, weight, bias) if bias is not None else torch.func.vjp(
+                lambda h_, w_: fn(h_, w_, None), h, weight
+            )
+            grads = vjp_fn(g)
+            d_h, d_w = grads[0], grads[1]
+            d_b = grads[2] if bias is not None else None
+            return d_h, d_w, d_b, None, None, None, None, None, None, None
+        if precompute:
+            d_h = (gh * g.to(gh.dtype)) if needs[0] else None
+            d_w = (gw * g.to(gw.dtype)).to(weight.dtype) if needs[1] else None
+            d_b = (gb * g.to(gb.dtype)).to(bias.dtype) if bias is not None and needs[2] else None
+            return d_h, d_w, d_b, None, None, None, None, None, None, None
+        # Recompute chunk logits; out of place so the rule also runs under vmap.
+        acc = lse.dtype
+        w = _weights(valid, reduction, acc)
+        scale = w * g.to(acc)  # (N,): g is a scalar, or per token for "none"
+        d_hs, d_w, d_b = [], None, None
+        for s in range(0, h.shape[0], chunk):
+            hc = h[s : s + chunk]
+            G = _token_grad(_logits(hc, weight, bias), lse[s : s + chunk], t[s : s + chunk], eps, zl)
+            G = G * scale[s : s + chunk, None]
+            Gd = G.to(h.dtype)
+            d_hs.append(Gd @ weight)
+            gw_c = (Gd.t() @ hc).to(acc)
+            d_w = gw_c if d_w is None else d_w + gw_c
+            if bias is not None:
+                gb_c = G.sum(0)
+                d_b = gb_c if d_b is None else d_b + gb_c
+        d_h = torch.cat(d_hs) if d_hs else torch.zeros_like(h)
+        if d_w is None:
+            d_w = torch.zeros_like(weight)
+            d_b = torch.zeros_like(bias) if bias is not None else None
+        return (
+            d_h if needs[0] else None,
+            d_w.to(weight.dtype) if needs[1] else None,
+            d_b.to(bias.dtype) if bias is not None and needs[2] else None,
+            None, None, None, None, None, None, None,
+        )
+
+    @staticmethod
+    def jvp(ctx, dh, dw, db, _dt, _dvalid, *_):
+        """d loss_i = Σ_j (∂loss_i/∂z_ij) dz_ij with dz = dh Wᵀ + h dWᵀ + db, chunk by chunk."""
+        h, weight, bias, t, valid, lse = ctx.saved_tensors
+        eps, zl, reduction, chunk, _ = ctx.meta
+        pieces = []
+        for s in range(0, h.shape[0], chunk):
+            hc = h[s : s + chunk]
+            G = _token_grad(_logits(hc, weight, bias), lse[s : s + chunk], t[s : s + chunk], eps, zl)
+            dz = 0
+            if dh is not None:
+                dz = dz + F.linear(dh[s : s + chunk], weight)
+            if dw is not None:
+                dz = dz + F.linear(hc, dw)
+            if db is not None:
+                dz = dz + db
+            pieces.append((G * dz).sum(-1) if isinstance(dz, Tensor) else torch.zeros_like(lse[s : s + chunk]))
+        per_token = torch.cat(pieces) if pieces else torch.zeros_like(lse)
+        return _reduce(per_token.to(lse.dtype), valid, reduction), None, None, None, None
+
+
+def _higher_order_active() -> bool:
+    """True when a derivative of the gradient may be taken: nested grad levels or forward AD."""
+    if fwAD._current_level >= 0:
+        return True
+    stack = torch._C._functorch.get_interpreter_stack() or []
+    T = torch._C._functorch.TransformType
+    n_grad = sum(1 for i in stack if i.key() == T.Grad)
+    return n_grad >= 2 or any(i.key() == T.Jvp for i in stack)
+
+
+def _wants_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def linear_cross_entropy(
+    hidden: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    *,
+    bias: Optional[Tensor] = None,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    reduction: str = "mean",
+    chunk_size: Optional[int] = None,
+) -> Tensor:
+    """Cross-entropy of ``hidden @ weight.T (+ bias)`` against ``targets`` without materialising the logits.
+
+    hidden (..., d), weight (V, d), targets (...) integer class ids. ``z_loss`` adds λ·lse² per
+    token (PaLM's auxiliary loss). ``chunk_size`` tokens per chunk (default: ~2^25 logits).
+    """
+    _check(hidden, weight, targets, bias, ignore_index, label_smoothing, z_loss, reduction, chunk_size)
+    V, d = weight.shape
+    h = hidden.reshape(-1, d)
+    t = targets.reshape(-1)
+    valid = t != ignore_index
+    t_safe = torch.where(valid, t, torch.zeros_like(t))
+    chunk = chunk_size or _default_chunk(h.shape[0], V)
+    # Decided here, where the transform stack is the caller's: (precompute, eager, higher_order).
+    eager = not torch._C._functorch.get_interpreter_stack()
+    higher = _higher_order_active()
+    precompute = reduction != "none" and _wants_grad(hidden, weight, bias) and not vmap_active() and not higher
+    out = _LinearCrossEntropy.apply(
+        h, weight, bias, t_safe, valid, float(label_smoothing), float(z_loss), reduction, chunk, (precompute, eager, higher)
+    )
+    loss = out[0]
+    return loss.reshape(targets.shape) if reduction == "none" else loss
+
+
+def reference(
+    hidden: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    *,
+    bias: Optional[Tensor] = None,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    reduction: str = "mean",
+    chunk_size: Optional[int] = None,
+) -> Tensor:
+    """The composite twin: ``F.cross_entropy(F.linear(...))`` (+ z-loss), whole logits, same conventions."""
+    _check(hidden, weight, targets, bias, ignore_index, label_smoothing, z_loss, reduction, chunk_size)
+    V, d = weight.shape
+    z = _logits(hidden.reshape(-1, d), weight, bias)
+    t = targets.reshape(-1)
+    valid = t != ignore_index
+    per_token = F.cross_entropy(z, t, ignore_index=ignore_index, label_smoothing=label_smoothing, reduction="none")
+    if z_loss:
+        per_token = per_token + z_loss * torch.logsumexp(z, -1).pow(2)
+    out = _reduce(per_token, valid, reduction)
+    return out.reshape(targets.shape) if reduction == "none" else out
+
+
+def _samples() -> list:
+    g = torch.Generator().manual_seed(0)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64).requires_grad_()  # noqa: E731
+    return [
+        ((r(5, 3), r(7, 3), torch.tensor([0, 6, -100, 2, 3])), {"chunk_size": 2}),
+        ((r(2, 3, 4), r(6, 4), torch.tensor([[1, 5, 0], [2, -100, 4]])), {"bias": r(6), "label_smoothing": 0.1, "z_loss": 0.01, "chunk_size": 4}),
+        ((r(4, 3), r(5, 3), torch.tensor([0, 1, 4, -100])), {"reduction": "sum", "chunk_size": 3}),
+        ((r(4, 3), r(5, 3), torch.tensor([0, 1, 4, -100])), {"reduction": "none", "label_smoothing": 0.2}),
+    ]
+
+
+register(
+    OpSpec(
+        name="linear_cross_entropy",
+        function=_LinearCrossEntropy,
+        op=linear_cross_entropy,
+        reference=reference,
+        proof="proofs/cross_entropy.md",
+        samples=_samples,
+        supports_forward_ad=True,
+        supports_double_backward=True,
+    )
+)
