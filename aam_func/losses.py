@@ -108,7 +108,7 @@ def lm_loss(
             logits, targets, alpha=focal_alpha, gamma=focal_gamma, ignore_index=ignore_index,
             label_smoothing=label_smoothing, reduction="mean",
         )
-    flat_logits = logits.reshape(-1, logits.shape[-1]).float()
+    flat_logits = _acc(logits.reshape(-1, logits.shape[-1]))
     flat_targets = targets.reshape(-1)
     total = F.cross_entropy(
         flat_logits, flat_targets, ignore_index=ignore_index, label_smoothing=label_smoothing, reduction="sum"
