@@ -1,0 +1,282 @@
+"""The Transformer spec: shapes, causality, padding, gradients, transforms, init, bad input."""
+
+import pytest
+import torch
+from hypothesis import given, strategies as st
+from torch.func import grad, jvp, vmap
+
+import aam_func as af
+from aam_func import tree
+
+
+def tiny(**kw):
+    base = dict(vocab_size=37, d_model=16, n_layers=2, n_heads=2, max_seq_len=24, dropout=0.0)
+    base.update(kw)
+    return af.ModelConfig(**base)
+
+
+VARIANTS = {
+    "gpt2": dict(position_encoding="learnable", activation="gelu_tanh"),
+    "llama": dict(use_rope=True, norm="rmsnorm", activation="swiglu", bias=False, tie_embeddings=False, n_kv_heads=1),
+    "sinusoidal": dict(),
+    "relative": dict(use_relative_pos=True, max_relative_position=3),
+    "local": dict(attention_type="local", max_relative_position=3),
+    "sparse": dict(attention_type="sparse", max_relative_position=3),
+    "sparse_fixed": dict(attention_type="sparse", max_relative_position=4, sparse_pattern="fixed"),
+    "none": dict(position_encoding="none", norm="rmsnorm", activation="relu"),
+}
+
+configs = st.builds(
+    lambda variant, heads, layers, seed: (tiny(n_heads=heads, n_layers=layers, **VARIANTS[variant]), seed),
+    st.sampled_from(sorted(VARIANTS)),
+    st.sampled_from([1, 2, 4]),
+    st.integers(1, 2),
+    st.integers(0, 2**16),
+)
+
+
+@given(configs, st.integers(1, 3), st.integers(1, 12))
+def test_logits_shape_and_finite(cfg_seed, batch, seq):
+    cfg, seed = cfg_seed
+    m = af.Transformer(cfg)
+    p = m.init(seed=seed)
+    ids = torch.randint(0, cfg.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(seed))
+    out = m.apply(p, ids, labels=ids)
+    assert out["logits"].shape == (batch, seq, cfg.vocab_size)
+    assert torch.isfinite(out["logits"]).all() and torch.isfinite(out["loss"])
+
+
+@given(configs, st.integers(2, 12), st.data())
+def test_causality(cfg_seed, seq, data):
+    cfg, seed = cfg_seed
+    m = af.Transformer(cfg)
+    p = m.init(seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, cfg.vocab_size, (1, seq), generator=g)
+    t = data.draw(st.integers(0, seq - 2))
+    changed = ids.clone()
+    changed[0, t + 1 :] = torch.randint(0, cfg.vocab_size, (seq - t - 1,), generator=g)
+    a, b = m.apply(p, ids)["logits"], m.apply(p, changed)["logits"]
+    assert torch.allclose(a[:, : t + 1], b[:, : t + 1], atol=1e-5)
+
+
+@given(configs, st.integers(1, 6), st.integers(2, 10), st.booleans())
+def test_padding_does_not_change_others(cfg_seed, n_pad, seq, left):
+    cfg, seed = cfg_seed
+    if cfg.attention_type == "sparse" and cfg.sparse_pattern == "fixed":
+        left = False  # block-aligned patterns count sequence indices: documented, pad on the right
+    m = af.Transformer(cfg)
+    p = m.init(seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, cfg.vocab_size, (1, seq), generator=g)
+    pads = torch.randint(0, cfg.vocab_size, (1, n_pad), generator=g)
+    padded = torch.cat([pads, ids], 1) if left else torch.cat([ids, pads], 1)
+    mask = torch.ones_like(padded)
+    if left:
+        mask[:, :n_pad] = 0
+        # real tokens keep their positions 0..seq-1 (as a generation loop would pass them)
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        out = m.apply(p, padded, attention_mask=mask, position_ids=pos)["logits"][:, n_pad:]
+    else:
+        mask[:, seq:] = 0
+        out = m.apply(p, padded, attention_mask=mask)["logits"][:, :seq]
+    ref = m.apply(p, ids)["logits"]
+    assert torch.allclose(out, ref, atol=1e-5)
+    assert torch.isfinite(m.apply(p, padded, attention_mask=mask)["logits"]).all()
+
+
+def test_padding_is_excluded_from_loss():
+    cfg = tiny()
+    m = af.Transformer(cfg)
+    p = m.init(seed=0)
+    ids = torch.randint(0, cfg.vocab_size, (1, 8))
+    padded = torch.cat([ids, torch.zeros(1, 3, dtype=torch.long)], 1)
+    mask = torch.cat([torch.ones(1, 8), torch.zeros(1, 3)], 1)
+    a = m.apply(p, ids, labels=ids)["loss"]
+    b = m.apply(p, padded, labels=padded, attention_mask=mask)["loss"]
+    assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_loss_matches_manual_shift_and_ignore_index():
+    cfg = tiny(label_smoothing=0.1)
+    m = af.Transformer(cfg)
+    p = m.init(seed=0)
+    ids = torch.randint(0, cfg.vocab_size, (2, 9))
+    labels = ids.clone()
+    labels[0, 3] = -100
+    out = m.apply(p, ids, labels=labels)
+    ref = torch.nn.functional.cross_entropy(
+        out["logits"][:, :-1].reshape(-1, cfg.vocab_size), labels[:, 1:].reshape(-1), label_smoothing=0.1
+    )
+    assert torch.allclose(out["loss"], ref, atol=1e-6)
+    all_ignored = torch.full_like(ids, -100)
+    z = m.apply(p, ids, labels=all_ignored)["loss"]
+    assert z.item() == 0.0  # documented: no targets -> 0, not NaN
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_every_leaf_gets_gradient(variant):
+    cfg = tiny(**VARIANTS[variant])
+    m = af.Transformer(cfg)
+    p = m.init(seed=1)
+    ids = torch.randint(0, cfg.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    g = grad(lambda p: m.apply(p, ids, labels=ids)["loss"])(p)
+    zero = [n for n, t in tree.flatten(g).items() if not t.abs().sum() > 0]
+    assert zero == []
+    assert tree.flatten(g).keys() == tree.flatten(p).keys()
+
+
+@pytest.mark.parametrize("variant", ["gpt2", "llama", "relative"])
+def test_per_sample_grads_equal_loop(variant):
+    cfg = tiny(**VARIANTS[variant])
+    m = af.Transformer(cfg)
+    p = m.init(seed=0)
+    ids = torch.randint(0, cfg.vocab_size, (3, 10), generator=torch.Generator().manual_seed(1))
+    loss = lambda p, x: m.apply(p, x[None], labels=x[None])["loss"]  # noqa: E731
+    batched = vmap(grad(loss), in_dims=(None, 0))(p, ids)
+    for i in range(3):
+        single = grad(loss)(p, ids[i])
+        for n, t in tree.flatten(single).items():
+            assert torch.allclose(tree.flatten(batched)[n][i], t, atol=1e-5), n
+
+
+@pytest.mark.parametrize("variant", ["gpt2", "llama", "local"])
+def test_jvp_matches_finite_differences(variant):
+    cfg = tiny(**VARIANTS[variant])
+    m = af.Transformer(cfg)
+    p = tree.cast(m.init(seed=0), torch.float64)
+    ids = torch.randint(0, cfg.vocab_size, (2, 7), generator=torch.Generator().manual_seed(2))
+    g = torch.Generator().manual_seed(3)
+    v = tree.map(lambda t: torch.randn(t.shape, generator=g, dtype=t.dtype), p)
+    f = lambda p: m.apply(p, ids, labels=ids)["loss"]  # noqa: E731
+    _, tangent = jvp(f, (p,), (v,))
+    eps = 1e-6
+    plus = f(tree.map(lambda a, b: a + eps * b, p, v))
+    minus = f(tree.map(lambda a, b: a - eps * b, p, v))
+    assert torch.allclose(tangent, (plus - minus) / (2 * eps), rtol=1e-5, atol=1e-8)
+
+
+def test_init_deterministic_by_seed():
+    m = af.Transformer(tiny())
+    a, b, c = m.init(seed=5), m.init(seed=5), m.init(seed=6)
+    assert all(torch.equal(x, y) for x, y in zip(tree.leaves(a), tree.leaves(b)))
+    assert any(not torch.equal(x, y) for x, y in zip(tree.leaves(a), tree.leaves(c)) if x.dim() >= 2)
+    g = torch.Generator().manual_seed(5)
+    assert all(torch.equal(x, y) for x, y in zip(tree.leaves(a), tree.leaves(m.init(generator=g))))
+    with pytest.raises(ValueError, match="exactly one"):
+        m.init()
+
+
+def test_dropout_train_is_seeded_and_eval_is_deterministic():
+    cfg = tiny(dropout=0.2)
+    m = af.Transformer(cfg)
+    p = m.init(seed=0)
+    ids = torch.randint(0, cfg.vocab_size, (2, 8))
+    a = m.apply(p, ids, train=True, generator=torch.Generator().manual_seed(1))["logits"]
+    b = m.apply(p, ids, train=True, generator=torch.Generator().manual_seed(1))["logits"]
+    c = m.apply(p, ids, train=True, generator=torch.Generator().manual_seed(2))["logits"]
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert torch.equal(m.apply(p, ids)["logits"], m.apply(p, ids)["logits"])
+
+
+def test_kv_cache_equals_full_forward():
+    for variant in ("gpt2", "llama", "local"):
+        cfg = tiny(**VARIANTS[variant])
+        m = af.Transformer(cfg)
+        p = m.init(seed=0)
+        ids = torch.randint(0, cfg.vocab_size, (2, 10))
+        full = m.apply(p, ids)["logits"]
+        empty = [(torch.zeros(2, cfg.n_kv_heads, 0, cfg.head_dim),) * 2 for _ in range(cfg.n_layers)]
+        out = m.apply(p, ids[:, :6], past_kv=empty)
+        steps = [out["logits"]]
+        kv = out["past_kv"]
+        for t in range(6, 10):
+            o = m.apply(p, ids[:, t : t + 1], past_kv=kv)
+            steps.append(o["logits"])
+            kv = o["past_kv"]
+        assert torch.allclose(torch.cat(steps, 1), full, atol=1e-5), variant
+
+
+def test_inputs_embeds_equals_ids():
+    cfg = tiny(position_encoding="learnable")
+    m = af.Transformer(cfg)
+    p = m.init(seed=0)
+    ids = torch.randint(0, cfg.vocab_size, (2, 6))
+    a = m.apply(p, ids, labels=ids)
+    b = m.apply(p, inputs_embeds=m.embed(p, ids), labels=ids)
+    assert torch.equal(a["logits"], b["logits"]) and torch.equal(a["loss"], b["loss"])
+
+
+def test_torch_compile_composes():
+    cfg = tiny()
+    m = af.Transformer(cfg)
+    p = m.init(seed=0)
+    ids = torch.randint(0, cfg.vocab_size, (2, 8))
+    f = lambda p, ids: grad(lambda p: m.apply(p, ids, labels=ids)["loss"])(p)  # noqa: E731
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=False)
+    a, b = f(p, ids), compiled(p, ids)
+    for x, y in zip(tree.leaves(a), tree.leaves(b)):
+        assert torch.allclose(x, y, atol=1e-6)
+
+
+class TestBadInput:
+    m = af.Transformer(tiny())
+    p = m.init(seed=0)
+    ids = torch.randint(0, 37, (2, 5))
+
+    def test_token_out_of_vocab(self):
+        with pytest.raises(ValueError, match="token id 37, outside"):
+            self.m.apply(self.p, torch.tensor([[1, 37]]))
+
+    def test_negative_token(self):
+        with pytest.raises(ValueError, match="token id -1"):
+            self.m.apply(self.p, torch.tensor([[-1, 2]]))
+
+    def test_too_many_positions(self):
+        with pytest.raises(ValueError, match="25 positions but max_seq_len is 24"):
+            self.m.apply(self.p, torch.zeros(1, 25, dtype=torch.long))
+
+    def test_float_ids(self):
+        with pytest.raises(TypeError, match="integer tensor"):
+            self.m.apply(self.p, self.ids.float())
+
+    def test_ids_rank(self):
+        with pytest.raises(ValueError, match=r"\(batch, seq\)"):
+            self.m.apply(self.p, self.ids[0])
+
+    def test_mask_shape_and_values(self):
+        with pytest.raises(ValueError, match="attention_mask must have shape"):
+            self.m.apply(self.p, self.ids, attention_mask=torch.ones(2, 4))
+        with pytest.raises(ValueError, match="only 0 and 1"):
+            self.m.apply(self.p, self.ids, attention_mask=torch.full((2, 5), 2))
+
+    def test_labels(self):
+        with pytest.raises(ValueError, match="labels must have shape"):
+            self.m.apply(self.p, self.ids, labels=self.ids[:, :3])
+        with pytest.raises(TypeError, match="labels must be an integer"):
+            self.m.apply(self.p, self.ids, labels=self.ids.float())
+        with pytest.raises(ValueError, match="labels contains 99"):
+            self.m.apply(self.p, self.ids, labels=torch.full((2, 5), 99))
+
+    def test_params_missing_extra_misshaped_all_listed(self):
+        flat = tree.flatten(self.p)
+        del flat["ln_f.bias"]
+        flat["extra.weight"] = torch.zeros(1)
+        flat["embed.weight"] = torch.zeros(3, 16)
+        with pytest.raises(ValueError) as e:
+            self.m.apply(tree.unflatten(flat), self.ids)
+        msg = str(e.value)
+        assert "missing: ln_f.bias" in msg and "unexpected: extra.weight" in msg
+        assert "embed.weight (expected (37, 16), got (3, 16))" in msg
+
+    def test_position_ids(self):
+        with pytest.raises(ValueError, match="position_ids must lie in"):
+            self.m.apply(self.p, self.ids, position_ids=torch.arange(5) + 30)
+
+    def test_both_or_neither_inputs(self):
+        with pytest.raises(ValueError, match="exactly one of input_ids or inputs_embeds"):
+            self.m.apply(self.p)
+
+    def test_not_a_config(self):
+        with pytest.raises(TypeError, match="ModelConfig"):
+            af.Transformer({"vocab_size": 3})
