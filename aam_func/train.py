@@ -1,0 +1,241 @@
+"""Pure train and eval steps: gradients by ``torch.func``, updates by ``aam_func.optim``.
+
+    loss_fn = lm_loss(model)                                   # (params, batch, generator=None) -> scalar
+    opt = optim.inject_hyperparams(optim.adamw)(learning_rate=optim.warmup_cosine(1e-3, 50, 1000))
+    step = make_train_step(loss_fn, opt, precision="bf16")
+    opt_state = step.init(params)
+    params, opt_state, metrics = step(params, opt_state, batch)   # metrics: loss, learning_rate, grad_norm, tokens
+
+``step`` writes into nothing: it returns new params and a new optimizer state. Precision:
+
+- ``fp32``: everything in float32.
+- ``bf16``: the forward runs under ``torch.autocast(device, bfloat16)`` inside the differentiated
+  function (matmuls in bf16, norms, softmax and the loss in fp32); params, grads and optimizer
+  state stay float32 (master weights). On CPUs with AMX this is where the speed is.
+- ``fp16``: autocast to float16 plus the functional loss scaler: the optimizer is wrapped in
+  :func:`aam_func.optim.dynamic_loss_scale` (so build the state with ``step.init``), the loss is
+  multiplied by the state's scale before differentiation, and steps with inf/NaN gradients are
+  skipped while the scale backs off.
+
+``accumulate=k`` splits each batch into ``k`` equal micro-batches along dim 0 and averages
+their gradients before one optimizer update (equal to the full batch for a mean loss over
+equal-sized micro-batches). ``compile=True`` wraps the whole step (grads, clipping, optimizer)
+in ``torch.compile``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, Optional
+
+import torch
+from torch import Tensor
+
+from . import optim, tree
+
+__all__ = ["lm_loss", "make_train_step", "make_eval_step", "evaluate", "PRECISIONS", "autocast"]
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+COMPILE_OPTIMIZER = False
+
+
+def lm_loss(model, *, train: bool = True) -> Callable:
+    """``loss_fn(params, batch, generator=None)`` for a :class:`aam_func.Transformer`:
+    the mean next-token cross-entropy of ``batch["labels"]`` (default: ``batch["input_ids"]``),
+    with dropout when ``train`` and the model's config asks for it."""
+
+    def loss_fn(params, batch: Mapping[str, Tensor], generator: Optional[torch.Generator] = None) -> Tensor:
+        ids = batch["input_ids"]
+        out = model.apply(
+            params,
+            ids,
+            attention_mask=batch.get("attention_mask"),
+            labels=batch.get("labels", ids),
+            train=train,
+            generator=generator,
+        )
+        return out["loss"]
+
+    return loss_fn
+
+
+def autocast(precision: str, device_type: str):
+    """The autocast context for a precision (``nullcontext`` for fp32)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}; got {precision!r}")
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type, dtype=_DTYPES[precision])
+
+
+def _count_tokens(batch: Mapping[str, Tensor]) -> Tensor:
+    mask = batch.get("attention_mask")
+    if mask is not None:
+        return mask.sum().to(torch.int64)
+    return torch.tensor(batch["input_ids"].numel(), dtype=torch.int64)
+
+
+def _split(batch: Mapping[str, Any], k: int) -> list[dict]:
+    """``k`` equal micro-batches along dim 0 of every tensor in ``batch``."""
+    sizes = {v.shape[0] for v in batch.values() if isinstance(v, Tensor)}
+    if len(sizes) != 1:
+        raise ValueError(f"batch tensors must share their first dim, got sizes {sorted(sizes)}")
+    (n,) = sizes
+    if n % k:
+        raise ValueError(f"batch of {n} rows cannot be split into accumulate={k} equal micro-batches")
+    parts = [{} for _ in range(k)]
+    for key, v in batch.items():
+        chunks = v.chunk(k, dim=0) if isinstance(v, Tensor) else [v] * k
+        for p, c in zip(parts, chunks):
+            p[key] = c
+    return parts
+
+
+def _state_has(state: Mapping, suffix: str) -> bool:
+    return any(n == suffix or n.endswith("." + suffix) for n in tree.flatten(state))
+
+
+def make_train_step(
+    loss_fn: Callable,
+    optimizer: optim.GradientTransformation,
+    *,
+    accumulate: int = 1,
+    precision: str = "fp32",
+    compile: bool = False,
+    learning_rate: Optional[float] = None,
+    loss_scale: Optional[dict] = None,
+):
+    """A pure ``step(params, opt_state, batch, generator=None) -> (params, opt_state, metrics)``.
+
+    ``loss_fn(params, batch[, generator])`` returns a scalar mean loss. ``metrics`` holds 0-d
+    tensors (no host sync): ``loss`` (mean over micro-batches, unscaled), ``learning_rate`` (from
+    an :func:`optim.inject_hyperparams` state, else the constant ``learning_rate`` given here, else
+    NaN), ``grad_norm`` (global L2 norm of the averaged, unscaled gradients before clipping),
+    ``tokens`` (non-padding input tokens in the batch); with fp16 also ``loss_scale``.
+    ``step.init(params)`` builds the matching optimizer state. ``loss_scale`` passes keyword
+    arguments to :func:`optim.dynamic_loss_scale` (fp16 only).
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}; got {precision!r}")
+    if isinstance(accumulate, bool) or not isinstance(accumulate, int) or accumulate < 1:
+        raise ValueError(f"accumulate must be an integer >= 1, got {accumulate!r}")
+    if not isinstance(optimizer, optim.GradientTransformation):
+        raise TypeError(f"optimizer must be an optim.GradientTransformation, got {type(optimizer).__name__}")
+    if precision == "fp16":
+        optimizer = optim.dynamic_loss_scale(optimizer, **(loss_scale or {}))
+    elif loss_scale:
+        raise ValueError("loss_scale options only apply to precision='fp16'")
+    takes_generator = _accepts_generator(loss_fn)
+    info: dict[str, bool] = {}
+
+    def differentiated(params, batch, scale, generator):
+        device_type = batch["input_ids"].device.type
+        with autocast(precision, device_type):
+            loss = loss_fn(params, batch, generator) if takes_generator and generator is not None else loss_fn(params, batch)
+        loss = loss.float()
+        scaled = loss * scale if scale is not None else loss
+        return scaled, loss.detach()
+
+    grad_fn = torch.func.grad(differentiated, has_aux=True)
+    # Under compile the optimizer runs eagerly (a graph break around it): torch 2.13's fake
+    # tensors reject optim's foreach ops with 0-d tensor scalars. Forward and backward, where
+    # the FLOPs are, are compiled. (Set COMPILE_OPTIMIZER = True once optim traces.)
+    apply_fn = optim.apply_updates if (not compile or COMPILE_OPTIMIZER) else torch.compiler.disable(optim.apply_updates)
+    update_fn = optimizer.update if (not compile or COMPILE_OPTIMIZER) else torch.compiler.disable(optimizer.update)
+
+    def step(params, opt_state, batch, generator: Optional[torch.Generator] = None):
+        scale = opt_state["loss_scale"] if precision == "fp16" else None
+        micro = [batch] if accumulate == 1 else _split(batch, accumulate)
+        grads, losses = None, []
+        for mb in micro:
+            g, loss = grad_fn(params, mb, scale, generator)
+            grads = g if grads is None else tree.map(torch.add, grads, g)
+            losses.append(loss)
+        if accumulate > 1:
+            grads = tree.map(lambda x: x / accumulate, grads)
+        updates, new_state = update_fn(grads, opt_state, params)
+        new_params = apply_fn(params, updates)
+        metrics = {"loss": torch.stack(losses).mean() if accumulate > 1 else losses[0]}
+        if info["lr"]:
+            metrics["learning_rate"] = optim.current_learning_rate(new_state).float()
+        else:
+            lr = float("nan") if learning_rate is None else float(learning_rate)
+            metrics["learning_rate"] = torch.tensor(lr)
+        if info["norm"]:
+            metrics["grad_norm"] = optim.last_global_norm(new_state).float()
+        else:
+            norm = optim.global_norm(grads)
+            metrics["grad_norm"] = (norm / scale if scale is not None else norm).float()
+        metrics["tokens"] = _count_tokens(batch)
+        if precision == "fp16":
+            metrics["loss_scale"] = opt_state["loss_scale"]
+        return new_params, new_state, metrics
+
+    run = torch.compile(step) if compile else step
+
+    def train_step(params, opt_state, batch, generator: Optional[torch.Generator] = None):
+        if not info:  # once, eagerly (before any tracing): which logged values the state holds
+            info["lr"] = _state_has(opt_state, "hyperparams.learning_rate")
+            info["norm"] = _state_has(opt_state, "global_norm")
+        if precision == "fp16" and "loss_scale" not in opt_state:
+            raise ValueError("precision='fp16' needs the optimizer state from step.init(params) "
+                             "(it holds the dynamic loss scale)")
+        return run(params, opt_state, batch, generator) if generator is not None else run(params, opt_state, batch)
+
+    train_step.init = optimizer.init
+    train_step.optimizer = optimizer
+    train_step.precision = precision
+    return train_step
+
+
+def make_eval_step(loss_fn: Callable, *, precision: str = "fp32", compile: bool = False):
+    """A pure ``eval_step(params, batch) -> {"loss", "perplexity", "tokens"}`` without gradients.
+
+    ``loss_fn`` should be built with ``train=False`` (no dropout). ``tokens`` counts the predicted
+    positions (input tokens minus one per row), the weight :func:`evaluate` averages with.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}; got {precision!r}")
+
+    def step(params, batch):
+        with torch.no_grad(), autocast(precision, batch["input_ids"].device.type):
+            loss = loss_fn(params, batch).float()
+        mask = batch.get("attention_mask")
+        if mask is not None:
+            predicted = (mask.sum(dim=1) - 1).clamp(min=0).sum()
+        else:
+            ids = batch["input_ids"]
+            predicted = torch.tensor(ids.shape[0] * max(ids.shape[1] - 1, 0))
+        return {"loss": loss, "perplexity": torch.exp(loss), "tokens": predicted.to(torch.int64)}
+
+    return torch.compile(step) if compile else step
+
+
+def evaluate(eval_step: Callable, params, batches: Iterable[Mapping[str, Tensor]]) -> dict[str, float]:
+    """Token-weighted mean loss over ``batches`` and its perplexity ``exp(loss)``."""
+    total, count = 0.0, 0
+    for batch in batches:
+        m = eval_step(params, batch)
+        n = int(m["tokens"])
+        total += float(m["loss"]) * n
+        count += n
+    if count == 0:
+        raise ValueError("evaluate: no tokens to evaluate on")
+    loss = total / count
+    return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": count}
+
+
+def _accepts_generator(fn: Callable) -> bool:
+    import inspect
+
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return False
+    params = list(sig.parameters.values())
+    if any(p.kind == p.VAR_POSITIONAL for p in params) or "generator" in sig.parameters:
+        return True
+    return len([p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]) >= 3
