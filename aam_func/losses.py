@@ -181,7 +181,9 @@ def label_smoothing_loss(
     logp = F.log_softmax(_acc(logits), dim=-1)
     valid = targets != ignore_index
     t = torch.where(valid, targets, torch.zeros_like(targets))
-    per = -(1.0 - smoothing) * logp.gather(-1, t[..., None]).squeeze(-1) - smoothing * logp.mean(-1)
+    per = -(1.0 - smoothing) * logp.gather(-1, t[..., None]).squeeze(-1)
+    if smoothing:  # skipped at 0 like torch: 0 · (−inf) would be NaN for a −inf logit
+        per = per - smoothing * logp.mean(-1)
     return _reduce(per, valid, reduction)
 
 
@@ -253,7 +255,7 @@ def triplet_loss(
     """max(0, d(a, p) − d(a, n) + margin), d(x, y) = ‖x − y + eps‖_p (Schroff et al. 2015).
 
     ``swap`` uses min(d(a, n), d(p, n)) as the negative distance (Balntas et al. 2016). Equals
-    ``F.triplet_margin_loss`` (same eps convention). Inputs (..., d) of equal shape; an empty
+    ``F.triplet_margin_loss`` (same eps convention; margin = 0 is allowed here, torch refuses it). Inputs (..., d) of equal shape; an empty
     batch gives 0.
     """
     for name, x in (("anchor", anchor), ("positive", positive), ("negative", negative)):
