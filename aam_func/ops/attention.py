@@ -804,13 +804,13 @@ def _ref(q, k, v, table=None, *, kind=None, **kw):
 def _samples() -> list:
     g = torch.Generator().manual_seed(0)
     r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64).requires_grad_()
-    B, H, Hkv, T, d = 1, 2, 1, 7, 3
-    kpm = torch.tensor([[False, True, True, True, False, True, True]])
+    B, H, Hkv, T, d = 1, 2, 1, 6, 2
+    kpm = torch.tensor([[False, True, True, False, True, True]])
     return [
         ((r(B, H, T, d), r(B, Hkv, T, d), r(B, Hkv, T, d)), dict(causal=True, key_padding_mask=kpm)),
-        ((r(B, H, 5, d), r(B, H, T, d), r(B, H, T, d)), dict(causal=False, window=3)),
+        ((r(B, H, 4, d), r(B, H, T, d), r(B, H, T, d)), dict(causal=False, window=3)),
         ((r(B, H, T, d), r(B, H, T, d), r(B, H, T, d)), dict(causal=True, sparsity=Sparsity("strided", stride=2))),
-        ((r(B, H, T, d), r(B, H, T, d), r(B, H, T, d), r(7, d)), dict(causal=True, kind="shaw")),
+        ((r(B, H, T, d), r(B, H, T, d), r(B, H, T, d), r(5, d)), dict(causal=True, kind="shaw", max_distance=2)),
         ((r(B, H, T, d), r(B, H, T, d), r(B, H, T, d), r(H, 4)), dict(causal=False, kind="t5")),
         ((r(B, H, T, d), r(B, Hkv, T, d), r(B, Hkv, T, d), r(H).abs().detach().requires_grad_()), dict(causal=True, kind="alibi")),
     ]

@@ -23,7 +23,7 @@ elements): every sample is gradchecked in float64 with ``check_forward_ad`` and
 ``check_batched_grad``. ``op`` and ``reference`` may return a tensor or a tuple of tensors.
 
 What the registry test checks for each spec (and fails if missing):
-- the module registers at least one op; ``proof`` exists and mentions the op's name;
+- the module registers at least one op; ``proof`` exists and names the tests (``test_...``) that check it;
 - ``function`` is a Function in functorch form (``setup_context``; ``generate_vmap_rule`` or
   ``vmap``; ``jvp`` when ``supports_forward_ad``);
 - ``op == reference`` on every sample (outputs and gradients, float64);
