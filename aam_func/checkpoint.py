@@ -1,0 +1,258 @@
+"""Checkpoints: one directory, written atomically, that resumes a run bit-exactly on CPU.
+
+    save_checkpoint("run/checkpoint", cfg=cfg, params=params, opt_state=opt_state, step=100,
+                    rng={"torch": torch.get_rng_state()}, tokenizer=tok, train_state={...})
+    ckpt = load_checkpoint("run/checkpoint", opt_template=opt.init(params))
+    ckpt.cfg, ckpt.params, ckpt.opt_state, ckpt.step, ckpt.rng, ckpt.tokenizer_dir, ckpt.train_state
+
+Layout::
+
+    config.json                the ModelConfig
+    params.safetensors         the model's parameters (state_dict names)
+    optimizer.safetensors      the optimizer state tree (flattened with dots)
+    rng.safetensors            RNG states (uint8 tensors from ``Generator.get_state()``)
+    trainer_state.json         step, seed, training arguments, last metrics, format version
+    tokenizer/                 an ordinary transformers tokenizer directory
+
+Atomicity: everything is written into ``<dir>.tmp-<pid>`` and fsynced; then the old directory
+(if any) is renamed to ``<dir>.old-<pid>``, the new one renamed into place, and the old one
+removed. A process killed at any moment leaves either the previous or the new checkpoint
+complete; if it dies between the two renames, :func:`load_checkpoint` finds the previous one
+under its ``.old-*`` name, and the next save cleans up.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import shutil
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+from torch import Tensor
+
+from . import tree
+from .config import ModelConfig
+
+__all__ = ["CheckpointError", "Checkpoint", "save_checkpoint", "load_checkpoint", "resolve_checkpoint",
+           "restore_like", "FORMAT_VERSION"]
+
+FORMAT_VERSION = 1
+PARAMS_FILE = "params.safetensors"
+OPTIMIZER_FILE = "optimizer.safetensors"
+RNG_FILE = "rng.safetensors"
+CONFIG_FILE = "config.json"
+STATE_FILE = "trainer_state.json"
+TOKENIZER_DIR = "tokenizer"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, incomplete or corrupted (the CLI prints it without a traceback)."""
+
+
+@dataclass
+class Checkpoint:
+    path: str
+    cfg: ModelConfig
+    params: dict
+    step: int
+    opt_state: Optional[dict] = None
+    rng: dict = field(default_factory=dict)
+    train_state: dict = field(default_factory=dict)
+    tokenizer_dir: Optional[str] = None
+
+
+def _fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _save_tensors(flat: Mapping[str, Tensor], path: str, metadata: Optional[dict] = None) -> None:
+    from safetensors.torch import save_file
+
+    save_file({k: v.detach().contiguous().cpu() for k, v in flat.items()}, path, metadata=metadata)
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _write_json(obj: Any, path: str) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def save_checkpoint(
+    directory: str | os.PathLike,
+    *,
+    cfg: ModelConfig,
+    params: Mapping,
+    step: int,
+    opt_state: Optional[Mapping] = None,
+    rng: Optional[Mapping[str, Tensor]] = None,
+    tokenizer=None,
+    train_state: Optional[Mapping[str, Any]] = None,
+) -> str:
+    """Write a checkpoint directory atomically (see the module docstring); returns its path."""
+    directory = os.path.abspath(os.fspath(directory))
+    parent = os.path.dirname(directory)
+    os.makedirs(parent, exist_ok=True)
+    _cleanup_stale(directory)
+    tmp = f"{directory}.tmp-{os.getpid()}"
+    if os.path.exists(tmp):
+        shutil.rmtree(tmp)
+    os.makedirs(tmp)
+    try:
+        _write_json(cfg.to_dict(), os.path.join(tmp, CONFIG_FILE))
+        _save_tensors(tree.flatten(params), os.path.join(tmp, PARAMS_FILE), {"format": "aam_func.params"})
+        if opt_state is not None:
+            _save_tensors(tree.flatten(opt_state), os.path.join(tmp, OPTIMIZER_FILE), {"format": "aam_func.optimizer"})
+        if rng:
+            _save_tensors({k: v for k, v in rng.items()}, os.path.join(tmp, RNG_FILE))
+        if tokenizer is not None:
+            tokenizer.save(os.path.join(tmp, TOKENIZER_DIR))
+        state = {"format_version": FORMAT_VERSION, "step": int(step), **dict(train_state or {})}
+        _write_json(state, os.path.join(tmp, STATE_FILE))  # written last: its presence marks completeness
+        _fsync_dir(tmp)
+        old = None
+        if os.path.exists(directory):
+            old = f"{directory}.old-{os.getpid()}"
+            os.rename(directory, old)
+        os.rename(tmp, directory)
+        _fsync_dir(parent)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return directory
+
+
+def _cleanup_stale(directory: str) -> None:
+    """Remove leftovers of interrupted saves: temp dirs always; ``.old-*`` dirs once the
+    checkpoint itself is in place (otherwise the newest ``.old`` is restored first)."""
+    for t in glob.glob(glob.escape(directory) + ".tmp-*"):
+        shutil.rmtree(t, ignore_errors=True)
+    olds = sorted(glob.glob(glob.escape(directory) + ".old-*"), key=os.path.getmtime)
+    if olds and not os.path.exists(directory):
+        os.rename(olds.pop(), directory)
+    for o in olds:
+        shutil.rmtree(o, ignore_errors=True)
+
+
+def resolve_checkpoint(path: str | os.PathLike) -> str:
+    """The checkpoint directory for ``path``: the directory itself, ``<path>/checkpoint`` (a run
+    directory), or the previous checkpoint left as ``<path>.old-*`` by a save that was killed."""
+    path = os.path.abspath(os.fspath(path))
+    if os.path.isdir(path) and not os.path.exists(os.path.join(path, CONFIG_FILE)):
+        inner = os.path.join(path, "checkpoint")
+        if os.path.isdir(inner) or glob.glob(glob.escape(inner) + ".old-*"):
+            path = inner
+    if not os.path.isdir(path):
+        olds = sorted(glob.glob(glob.escape(path) + ".old-*"), key=os.path.getmtime)
+        if olds:
+            return olds[-1]
+        raise CheckpointError(f"no checkpoint at {path!r} (expected a directory with {CONFIG_FILE} and {PARAMS_FILE})")
+    return path
+
+
+def _read_json(path: str, what: str) -> dict:
+    if not os.path.exists(path):
+        raise CheckpointError(f"checkpoint is incomplete: {what} {path!r} is missing")
+    try:
+        with open(path, encoding="utf-8") as f:
+            obj = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"checkpoint {what} {path!r} is corrupted: {e}") from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"checkpoint {what} {path!r} is corrupted: expected a JSON object")
+    return obj
+
+
+def _load_tensors(path: str, what: str) -> dict[str, Tensor]:
+    from safetensors import safe_open
+
+    if not os.path.exists(path):
+        raise CheckpointError(f"checkpoint is incomplete: {what} {path!r} is missing")
+    try:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own types for truncated/corrupted files
+        raise CheckpointError(f"checkpoint {what} {path!r} is truncated or corrupted: {e}") from None
+
+
+def restore_like(template: Mapping, flat: Mapping[str, Tensor], *, what: str = "optimizer state") -> dict:
+    """Rebuild ``template``'s nested structure (empty sub-dicts included) from flat saved leaves,
+    checking names and shapes; dtypes follow the saved tensors."""
+    expected = tree.flatten(template)
+    missing = [k for k in expected if k not in flat]
+    unexpected = [k for k in flat if k not in expected]
+    bad = [f"{k} (expected {tuple(expected[k].shape)}, got {tuple(flat[k].shape)})"
+           for k in expected if k in flat and isinstance(expected[k], Tensor) and expected[k].shape != flat[k].shape]
+    if missing or unexpected or bad:
+        parts = []
+        if missing:
+            parts.append("missing: " + ", ".join(missing[:8]) + (" ..." if len(missing) > 8 else ""))
+        if unexpected:
+            parts.append("unexpected: " + ", ".join(unexpected[:8]) + (" ..." if len(unexpected) > 8 else ""))
+        if bad:
+            parts.append("mis-shaped: " + ", ".join(bad[:8]))
+        raise CheckpointError(f"the checkpoint's {what} does not match this optimizer; " + "; ".join(parts))
+
+    def build(node: Mapping, prefix: str):
+        out = {}
+        for k, v in node.items():
+            name = f"{prefix}.{k}" if prefix else k
+            out[k] = build(v, name) if isinstance(v, Mapping) else flat[name]
+        return out
+
+    return build(template, "")
+
+
+def load_checkpoint(path: str | os.PathLike, *, opt_template: Optional[Mapping] = None,
+                    load_optimizer: bool = True) -> Checkpoint:
+    """Read and validate a checkpoint. Every problem (missing file, truncated tensors, invalid
+    config, params that do not fit the config) is a :class:`CheckpointError` naming the file."""
+    from .model import Transformer
+
+    path = resolve_checkpoint(path)
+    state = _read_json(os.path.join(path, STATE_FILE), "trainer state")
+    if state.get("format_version") != FORMAT_VERSION or not isinstance(state.get("step"), int):
+        raise CheckpointError(f"checkpoint {path!r}: unsupported trainer_state.json "
+                              f"(format_version {state.get('format_version')!r}, expected {FORMAT_VERSION})")
+    try:
+        cfg = ModelConfig.from_dict(_read_json(os.path.join(path, CONFIG_FILE), "config"))
+    except (TypeError, ValueError) as e:
+        if isinstance(e, CheckpointError):
+            raise
+        raise CheckpointError(f"checkpoint config {os.path.join(path, CONFIG_FILE)!r} is invalid: {e}") from None
+    params = tree.unflatten(_load_tensors(os.path.join(path, PARAMS_FILE), "params file"))
+    try:
+        Transformer(cfg).check_params(params)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"checkpoint params {os.path.join(path, PARAMS_FILE)!r} do not fit its config: {e}") from None
+    opt_state = None
+    opt_file = os.path.join(path, OPTIMIZER_FILE)
+    if load_optimizer and os.path.exists(opt_file):
+        flat = _load_tensors(opt_file, "optimizer state")
+        opt_state = restore_like(opt_template, flat) if opt_template is not None else tree.unflatten(flat)
+    elif load_optimizer and opt_template is not None:
+        raise CheckpointError(f"checkpoint is incomplete: optimizer state {opt_file!r} is missing")
+    rng_file = os.path.join(path, RNG_FILE)
+    rng = _load_tensors(rng_file, "RNG state") if os.path.exists(rng_file) else {}
+    tok_dir = os.path.join(path, TOKENIZER_DIR)
+    return Checkpoint(
+        path=path, cfg=cfg, params=params, step=state["step"], opt_state=opt_state, rng=rng,
+        train_state=state, tokenizer_dir=tok_dir if os.path.isdir(tok_dir) else None,
+    )

@@ -1,0 +1,510 @@
+"""``aam-func train | generate | eval`` (also ``python -m aam_func``).
+
+    aam-func train                                   # a small GPT on Python's reference text, ~3 min on 2 cores
+    aam-func generate --checkpoint runs/default --prompt "The with statement" --max-new-tokens 64 --seed 0
+    aam-func eval --checkpoint runs/default [--data notes/]
+
+Bad input (a missing or empty corpus, a non-UTF-8 file, a sequence length above the model's
+maximum, a tokenizer that is not available offline, a corrupted checkpoint) is one line
+``error: ...`` on stderr and exit status 2, never a traceback. Ctrl-C during training saves a
+checkpoint and exits with status 130.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from typing import Optional
+
+__all__ = ["main", "build_parser", "CLIError"]
+
+DEFAULT_OUTPUT = os.path.join("runs", "default")
+DEFAULT_PROMPT = "The "
+
+
+class CLIError(ValueError):
+    """A bad combination of command-line arguments."""
+
+
+def _user_errors():
+    from .checkpoint import CheckpointError
+    from .data import DataError
+    from .tokenizer import TokenizerError
+
+    return (CLIError, DataError, TokenizerError, CheckpointError)
+
+
+# ----------------------------------------------------------------------------- argument parsing
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return v
+
+
+def _nonneg_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return v
+
+
+def _float(lo: float, hi: float = math.inf, lo_open: bool = False):
+    def parse(text: str) -> float:
+        try:
+            v = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not (v > lo if lo_open else v >= lo) or not (v <= hi) or math.isnan(v):
+            raise argparse.ArgumentTypeError(f"expected a number in {'(' if lo_open else '['}{lo}, {hi}], got {text!r}")
+        return v
+
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .config import ATTENTION_BACKENDS, ATTENTION_TYPES, POSITION_ENCODINGS
+
+    p = argparse.ArgumentParser(prog="aam-func", description="Train, sample from and evaluate small GPTs with aam_func.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{train,generate,eval}")
+
+    t = sub.add_parser("train", help="train a language model (default: a small GPT on Python's reference text)",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    d = t.add_argument_group("data")
+    d.add_argument("--data", default=None, help="a .txt/.md/.jsonl file or a folder; default: the embedded corpus (pydoc_data.topics)")
+    d.add_argument("--text-field", default="text", help="the text field of .jsonl records")
+    d.add_argument("--val-fraction", type=_float(0.0, 0.9, lo_open=True), default=0.1, help="held-out share of the corpus")
+    d.add_argument("--tokenizer", default=None, help="a local tokenizer directory or a cached model name; default: train a byte-level BPE on the corpus")
+    d.add_argument("--vocab-size", type=_positive_int, default=4096, help="BPE vocabulary size when training a tokenizer")
+    m = t.add_argument_group("model")
+    m.add_argument("--d-model", type=_positive_int, default=256)
+    m.add_argument("--n-layers", type=_positive_int, default=4)
+    m.add_argument("--n-heads", type=_positive_int, default=8)
+    m.add_argument("--d-ff", type=_positive_int, default=None, help="default: 4 * d_model")
+    m.add_argument("--max-seq-len", type=_positive_int, default=None, help="the model's maximum length; default: --seq-len")
+    m.add_argument("--dropout", type=_float(0.0, 0.99), default=0.0)
+    m.add_argument("--attention-type", choices=ATTENTION_TYPES, default="standard")
+    m.add_argument("--attention-backend", choices=ATTENTION_BACKENDS, default="auto")
+    m.add_argument("--position-encoding", choices=POSITION_ENCODINGS, default="learnable")
+    m.add_argument("--gradient-checkpointing", action="store_true", help="recompute blocks in the backward (less memory)")
+    o = t.add_argument_group("optimisation")
+    o.add_argument("--steps", type=_positive_int, default=600, help="total optimizer steps")
+    o.add_argument("--batch-size", type=_positive_int, default=16)
+    o.add_argument("--seq-len", type=_positive_int, default=128)
+    o.add_argument("--accumulate", type=_positive_int, default=1, help="micro-batches per step (gradient accumulation)")
+    o.add_argument("--lr", type=_float(0.0, lo_open=True), default=2e-3, help="peak learning rate (warmup, then cosine to lr/10)")
+    o.add_argument("--warmup-steps", type=_nonneg_int, default=None, help="default: 5%% of --steps")
+    o.add_argument("--weight-decay", type=_float(0.0), default=0.1)
+    o.add_argument("--max-grad-norm", type=_float(0.0, lo_open=True), default=1.0)
+    o.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
+                   help="auto: bf16 where the hardware runs it fast (CPU with AMX/AVX512-BF16, recent GPUs), else fp32")
+    o.add_argument("--compile", action="store_true", help="torch.compile the train step")
+    o.add_argument("--seed", type=int, default=0)
+    r = t.add_argument_group("run")
+    r.add_argument("--eval-every", type=_nonneg_int, default=200, help="evaluate every N steps (0: only at the end)")
+    r.add_argument("--eval-batches", type=_positive_int, default=None, help="cap on validation batches per evaluation; default: all")
+    r.add_argument("--save-every", type=_nonneg_int, default=0, help="checkpoint every N steps (0: at the end and on Ctrl-C)")
+    r.add_argument("--output-dir", default=DEFAULT_OUTPUT, help="run directory: checkpoint/, tokenizer/, cache/, metrics.jsonl")
+    r.add_argument("--resume", nargs="?", const="", default=None, metavar="CHECKPOINT",
+                   help="continue from a checkpoint (default: the one in --output-dir); --steps is the total")
+    r.add_argument("--stop-after", type=_positive_int, default=None, metavar="N",
+                   help="save and stop after N steps of this invocation (split a run into pieces)")
+    r.add_argument("--sample-tokens", type=_nonneg_int, default=64, help="length of the sample printed at the end (0: none)")
+    r.add_argument("--log-every", type=_positive_int, default=None, help="progress line interval when not on a terminal")
+    r.add_argument("--device", default="cpu", help="cpu or cuda")
+
+    g = sub.add_parser("generate", help="continue a prompt with a trained checkpoint",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    _checkpoint_arg(g)
+    g.add_argument("--prompt", action="append", required=True, help="prompt text (repeat for a batch)")
+    g.add_argument("--max-new-tokens", type=_nonneg_int, default=64)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--greedy", action="store_true", help="argmax decoding (ignores the sampling flags)")
+    g.add_argument("--temperature", type=_float(0.0, lo_open=True), default=0.8)
+    g.add_argument("--top-k", type=_nonneg_int, default=50, help="0: off")
+    g.add_argument("--top-p", type=_float(0.0, 1.0, lo_open=True), default=0.95, help="1: off")
+    g.add_argument("--repetition-penalty", type=_float(0.0, lo_open=True), default=1.0)
+    g.add_argument("--device", default="cpu")
+
+    e = sub.add_parser("eval", help="loss and perplexity of a checkpoint",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    _checkpoint_arg(e)
+    e.add_argument("--data", default=None, help="evaluate on all of this file or folder; default: the held-out split of the training corpus")
+    e.add_argument("--text-field", default="text")
+    e.add_argument("--seq-len", type=_positive_int, default=None, help="default: the training --seq-len")
+    e.add_argument("--batch-size", type=_positive_int, default=16)
+    e.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="fp32")
+    e.add_argument("--device", default="cpu")
+    return p
+
+
+def _checkpoint_arg(p):
+    p.add_argument("--checkpoint", required=True, help="a checkpoint directory or a run directory (--output-dir of train)")
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def fast_bf16(device: str) -> bool:
+    """Whether bf16 matmuls are native here: CUDA with bf16 support, or a CPU with AMX or
+    AVX512-BF16 (read from /proc/cpuinfo on Linux)."""
+    import torch
+
+    if device.startswith("cuda"):
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def _precision(choice: str, device: str) -> str:
+    if choice == "auto":
+        return "bf16" if fast_bf16(device) else "fp32"
+    if choice == "fp16" and device == "cpu":
+        pass  # allowed (autocast supports it on CPU), but slow; the user asked for it
+    return choice
+
+
+def _device(name: str):
+    import torch
+
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise CLIError(f"--device {name!r} is not a device (use cpu or cuda)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise CLIError("--device cuda was asked for but no CUDA device is available")
+    return dev
+
+
+def _corpus_and_split(data, text_field, val_fraction):
+    from .data import load_corpus, split_documents
+
+    docs = load_corpus(data, text_field=text_field)
+    train_docs, val_docs = split_documents(docs, val_fraction)
+    if not train_docs or not val_docs:
+        from .data import DataError
+
+        raise DataError("the corpus is too small to hold out a validation part; add text")
+    return train_docs, val_docs
+
+
+def _write_metrics(path: str, record: dict) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+# ----------------------------------------------------------------------------- train
+
+
+def cmd_train(args) -> int:
+    import torch
+
+    from . import optim
+    from .checkpoint import load_checkpoint, save_checkpoint
+    from .config import ModelConfig
+    from .data import BlockLoader, eval_batches, pack, tokenize_documents, unigram_perplexity
+    from .generate import generate
+    from .model import Transformer
+    from .tokenizer import Tokenizer
+    from .train import evaluate, lm_loss, make_eval_step, make_train_step
+
+    device = _device(args.device)
+    out_dir = os.path.abspath(args.output_dir)
+    ckpt_dir = os.path.join(out_dir, "checkpoint")
+    t_start = time.perf_counter()
+
+    resumed = None
+    if args.resume is not None:
+        resumed = load_checkpoint(args.resume or out_dir, load_optimizer=False)
+        saved = resumed.train_state.get("args", {})
+        # the run's identity comes from the checkpoint; --steps/--eval-every/--stop-after may change
+        for k in ("data", "text_field", "val_fraction", "seq_len", "batch_size", "accumulate", "lr", "warmup_steps",
+                  "weight_decay", "max_grad_norm", "seed", "precision"):
+            if k in saved:
+                setattr(args, k, saved[k])
+        if args.steps <= resumed.step:
+            raise CLIError(f"the checkpoint is already at step {resumed.step}; ask for more --steps than that")
+
+    precision = _precision(args.precision, device.type)
+    train_docs, val_docs = _corpus_and_split(args.data, args.text_field, args.val_fraction)
+
+    # tokenizer: from the checkpoint, a user directory/name, or trained on the training documents
+    tok_dir = os.path.join(out_dir, "tokenizer")
+    t0 = time.perf_counter()
+    if resumed is not None:
+        if resumed.tokenizer_dir is None:
+            raise CLIError(f"checkpoint {resumed.path} holds no tokenizer/ directory")
+        tok = Tokenizer.load(resumed.tokenizer_dir)
+    elif args.tokenizer is not None:
+        tok = Tokenizer.load(args.tokenizer)
+    else:
+        tok = Tokenizer.train_bpe(train_docs, args.vocab_size)
+        print(f"trained a byte-level BPE tokenizer ({tok.vocab_size} tokens) in {time.perf_counter() - t0:.1f}s "
+              f"-> {tok_dir}", flush=True)
+    tok.save(tok_dir)
+
+    # model
+    if resumed is not None:
+        cfg = resumed.cfg
+    else:
+        max_len = args.max_seq_len or args.seq_len
+        try:
+            cfg = ModelConfig(
+                vocab_size=tok.vocab_size, d_model=args.d_model, n_layers=args.n_layers, n_heads=args.n_heads,
+                d_ff=args.d_ff, max_seq_len=max_len, dropout=args.dropout, attention_dropout=0.0 if args.dropout == 0 else None,
+                attention_type=args.attention_type, attention_backend=args.attention_backend,
+                position_encoding=args.position_encoding, gradient_checkpointing=args.gradient_checkpointing,
+                learning_rate=args.lr, weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm,
+                mixed_precision=precision != "fp32",
+            )
+        except ValueError as e:
+            raise CLIError(f"invalid model configuration: {e}") from None
+    if tok.vocab_size > cfg.vocab_size:
+        raise CLIError(f"the tokenizer has {tok.vocab_size} tokens but the model embeds only {cfg.vocab_size}")
+    if args.seq_len > cfg.max_seq_len:
+        raise CLIError(f"--seq-len {args.seq_len} is above the model's maximum sequence length {cfg.max_seq_len} "
+                       "(raise --max-seq-len or lower --seq-len)")
+    model = Transformer(cfg)
+
+    # data: tokenize once (cached), pack, load
+    cache = os.path.join(out_dir, "cache")
+    train_ids = tokenize_documents(train_docs, tok, cache_dir=cache)
+    val_ids = tokenize_documents(val_docs, tok, cache_dir=cache)
+    train_blocks = pack(train_ids, args.seq_len, what="training split").to(device)
+    val_blocks = pack(val_ids, args.seq_len, what="validation split").to(device)
+    rows = args.batch_size * args.accumulate
+    loader = BlockLoader(train_blocks, rows, seed=args.seed)
+    baseline = unigram_perplexity(train_ids, val_ids, cfg.vocab_size)
+    print(f"corpus: {train_ids.numel():,} training tokens, {val_ids.numel():,} held out; {len(loader)} batches "
+          f"of {rows}x{args.seq_len} per epoch; unigram baseline perplexity {baseline:.1f}", flush=True)
+
+    # optimizer: AdamW (decay on matrices only), warmup + cosine to lr/10, global-norm clipping
+    params = model.init(seed=args.seed)
+    warmup = args.warmup_steps if args.warmup_steps is not None else max(1, args.steps // 20)
+    warmup = min(warmup, args.steps)
+    schedule = optim.warmup_cosine(args.lr, warmup, args.steps, end_value=args.lr / 10)
+    opt = optim.chain(
+        optim.clip_by_global_norm(args.max_grad_norm),
+        optim.inject_hyperparams(optim.adamw)(learning_rate=schedule, weight_decay=args.weight_decay,
+                                              mask=optim.decay_mask(params)),
+    )
+    step_fn = make_train_step(lm_loss(model), opt, accumulate=args.accumulate, precision=precision, compile=args.compile)
+    eval_fn = make_eval_step(lm_loss(model, train=False), precision=precision)
+    opt_state = step_fn.init(params)
+    start = 0
+    if resumed is not None:
+        full = load_checkpoint(resumed.path, opt_template=opt_state)
+        params, opt_state, start = full.params, full.opt_state, full.step
+        if "torch" in full.rng:
+            torch.set_rng_state(full.rng["torch"])
+        print(f"resumed from {full.path} at step {start}", flush=True)
+    else:
+        torch.manual_seed(args.seed)
+    params = {k: v for k, v in _to_device(params, device).items()}
+    opt_state = _to_device(opt_state, device)
+    n_params = sum(v.numel() for v in _leaves(params))
+    print(f"model: {n_params / 1e6:.2f}M parameters ({cfg.n_layers} layers, d_model {cfg.d_model}, {cfg.n_heads} heads, "
+          f"vocab {cfg.vocab_size}, {cfg.position_encoding} positions); precision {precision}"
+          f"{', compiled' if args.compile else ''}; {args.steps} steps", flush=True)
+
+    os.makedirs(out_dir, exist_ok=True)
+    metrics_path = os.path.join(out_dir, "metrics.jsonl")
+    saved_args = {k: v for k, v in vars(args).items() if k not in ("command", "resume")}
+    saved_args["precision"] = precision
+    last: dict = {"baseline_perplexity": baseline}
+
+    def save(step: int) -> None:
+        save_checkpoint(
+            ckpt_dir, cfg=cfg, params=params, opt_state=opt_state, step=step,
+            rng={"torch": torch.get_rng_state()}, tokenizer=tok,
+            train_state={"args": saved_args, "metrics": last, "seed": args.seed},
+        )
+
+    def run_eval():
+        return evaluate(eval_fn, params, eval_batches(val_blocks, args.batch_size, args.eval_batches))
+
+    end = args.steps if args.stop_after is None else min(args.steps, start + args.stop_after)
+    use_bar = sys.stderr.isatty()
+    log_every = args.log_every or max(1, (end - start) // 10)
+    from tqdm import tqdm
+
+    bar = tqdm(total=end - start, initial=0, desc="train", unit="step", dynamic_ncols=True, disable=not use_bar)
+    step = start
+    window_tokens, window_start = 0, time.perf_counter()
+    tok_per_s = 0.0
+    try:
+        while step < end:
+            batch = loader.batch(step)
+            gen = None
+            if cfg.dropout > 0 or cfg.attention_dropout > 0:
+                gen = torch.Generator(device=device).manual_seed(args.seed * 1_000_003 + step)
+            params, opt_state, m = step_fn(params, opt_state, batch, gen) if gen is not None else step_fn(params, opt_state, batch)
+            step += 1
+            window_tokens += int(m["tokens"])
+            log_now = not use_bar and (step % log_every == 0 or step == end)
+            if step % 10 == 0 or step == end or step - start <= 1 or log_now:
+                loss = float(m["loss"])
+                if not math.isfinite(loss):
+                    raise CLIError(f"the loss became {loss} at step {step}; lower --lr or use --precision fp32")
+                now = time.perf_counter()
+                tok_per_s = window_tokens / max(now - window_start, 1e-9)
+                window_tokens, window_start = 0, now
+                last.update(step=step, loss=loss, learning_rate=float(m["learning_rate"]), grad_norm=float(m["grad_norm"]))
+                bar.set_postfix(loss=f"{loss:.3f}", lr=f"{last['learning_rate']:.2e}", tok_s=f"{tok_per_s:,.0f}")
+                _write_metrics(metrics_path, {"step": step, "loss": loss, "learning_rate": last["learning_rate"],
+                                              "grad_norm": last["grad_norm"], "tokens_per_s": tok_per_s})
+            bar.update(1)
+            if log_now:
+                print(f"step {step}/{args.steps}  loss {last.get('loss', float('nan')):.4f}  "
+                      f"lr {last.get('learning_rate', 0):.2e}  {tok_per_s:,.0f} tok/s", flush=True)
+            if args.eval_every and step % args.eval_every == 0 and step < args.steps:
+                ev = run_eval()
+                last.update(val_loss=ev["loss"], val_perplexity=ev["perplexity"])
+                bar.write(f"step {step}: val loss {ev['loss']:.4f}, perplexity {ev['perplexity']:.2f} "
+                          f"(unigram baseline {baseline:.1f})")
+                sys.stdout.flush()
+                _write_metrics(metrics_path, {"step": step, "val_loss": ev["loss"], "val_perplexity": ev["perplexity"]})
+            if args.save_every and step % args.save_every == 0 and step < end:
+                save(step)
+    except KeyboardInterrupt:
+        bar.close()
+        save(step)
+        print(f"\ninterrupted at step {step}: checkpoint saved to {ckpt_dir} "
+              f"(continue with: aam-func train --output-dir {args.output_dir} --resume --steps {args.steps})",
+              file=sys.stderr, flush=True)
+        return 130
+    bar.close()
+
+    ev = run_eval()
+    last.update(step=step, val_loss=ev["loss"], val_perplexity=ev["perplexity"])
+    _write_metrics(metrics_path, {"step": step, "val_loss": ev["loss"], "val_perplexity": ev["perplexity"]})
+    save(step)
+    elapsed = time.perf_counter() - t_start
+    print(f"step {step}: held-out loss {ev['loss']:.4f}, perplexity {ev['perplexity']:.2f} "
+          f"(unigram baseline {baseline:.1f}); {elapsed:.0f}s in all", flush=True)
+    print(f"checkpoint: {ckpt_dir}", flush=True)
+    if args.sample_tokens and step >= args.steps:
+        n = min(args.sample_tokens, cfg.max_seq_len - 2)
+        prompt = tok(DEFAULT_PROMPT)
+        ids = generate(model, params, prompt["input_ids"].to(device), max_new_tokens=n, do_sample=True,
+                       temperature=0.8, top_k=50, top_p=0.95, seed=args.seed, eos_token_id=tok.eos_token_id)
+        print("sample:\n" + tok.decode(ids[0]), flush=True)
+    return 0
+
+
+def _to_device(tree_, device):
+    from . import tree
+
+    return tree.map(lambda x: x.to(device), tree_) if tree_ else tree_
+
+
+def _leaves(tree_):
+    from . import tree
+
+    return tree.leaves(tree_)
+
+
+# ----------------------------------------------------------------------------- generate / eval
+
+
+def _load_for_inference(path: str, device):
+    from .checkpoint import CheckpointError, load_checkpoint
+    from .model import Transformer
+    from .tokenizer import Tokenizer
+
+    ckpt = load_checkpoint(path, load_optimizer=False)
+    if ckpt.tokenizer_dir is None:
+        raise CheckpointError(f"checkpoint {ckpt.path} holds no tokenizer/ directory")
+    tok = Tokenizer.load(ckpt.tokenizer_dir)
+    params = _to_device(ckpt.params, device)
+    return ckpt, Transformer(ckpt.cfg), params, tok
+
+
+def cmd_generate(args) -> int:
+    from .generate import generate, left_pad
+
+    device = _device(args.device)
+    ckpt, model, params, tok = _load_for_inference(args.checkpoint, device)
+    prompts = [tok.encode(p) for p in args.prompt]
+    if any(len(p) == 0 for p in prompts):
+        raise CLIError("a --prompt is empty; give some text to continue")
+    longest = max(len(p) for p in prompts)
+    if longest + args.max_new_tokens > ckpt.cfg.max_seq_len:
+        raise CLIError(f"prompt ({longest} tokens) + --max-new-tokens {args.max_new_tokens} exceeds the model's "
+                       f"maximum sequence length {ckpt.cfg.max_seq_len}")
+    ids, mask = left_pad(prompts, tok.pad_token_id)
+    out = generate(
+        model, params, ids.to(device), attention_mask=mask.to(device), max_new_tokens=args.max_new_tokens,
+        do_sample=not args.greedy, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+        repetition_penalty=args.repetition_penalty, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+        seed=args.seed,
+    )
+    for i, row in enumerate(out):
+        text = tok.decode(row[ids.shape[1] - len(prompts[i]):])
+        if len(args.prompt) > 1:
+            print(f"--- {i}")
+        print(text, flush=True)
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from .data import eval_batches, load_corpus, pack, tokenize_documents
+    from .train import evaluate, lm_loss, make_eval_step
+
+    device = _device(args.device)
+    ckpt, model, params, tok = _load_for_inference(args.checkpoint, device)
+    saved = ckpt.train_state.get("args", {})
+    seq_len = args.seq_len or saved.get("seq_len") or ckpt.cfg.max_seq_len
+    if seq_len > ckpt.cfg.max_seq_len:
+        raise CLIError(f"--seq-len {seq_len} is above the model's maximum sequence length {ckpt.cfg.max_seq_len}")
+    if args.data is not None:
+        docs, what = load_corpus(args.data, text_field=args.text_field), args.data
+    else:
+        _, docs = _corpus_and_split(saved.get("data"), saved.get("text_field", "text"), saved.get("val_fraction", 0.1))
+        what = "the held-out split of " + (saved.get("data") or "the embedded corpus")
+    ids = tokenize_documents(docs, tok)
+    blocks = pack(ids, seq_len, what="evaluation data").to(device)
+    precision = _precision(args.precision, device.type)
+    ev = evaluate(make_eval_step(lm_loss(model, train=False), precision=precision), params,
+                  eval_batches(blocks, args.batch_size))
+    print(f"data: {what} ({ev['tokens']:,} predicted tokens, {blocks.shape[0]} blocks of {seq_len})")
+    print(f"loss {ev['loss']:.4f}")
+    print(f"perplexity {ev['perplexity']:.2f}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- entry point
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    handlers = {"train": cmd_train, "generate": cmd_generate, "eval": cmd_eval}
+    try:
+        return handlers[args.command](args)
+    except _user_errors() as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

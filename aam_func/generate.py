@@ -1,0 +1,236 @@
+"""Text generation: greedy and sampling over a pure KV cache.
+
+    out = generate(model, params, input_ids, attention_mask=mask, max_new_tokens=64,
+                   do_sample=True, temperature=0.8, top_k=50, top_p=0.9, seed=0, eos_token_id=tok.eos_token_id)
+
+The pieces are pure functions over tensors, usable in hand-written loops:
+
+- ``cache = init_cache(model, batch)``: ``{"kv": [(k, v) per layer], "mask": (batch, past) bool,
+  "next_pos": (batch,) int64}``: a tensor tree, passed in and returned, never written in place.
+- ``logits, cache = forward_cached(model, params, tokens, cache)``: logits of the new tokens
+  (batch, new, vocab) and the grown cache (prefill and decode are the same call).
+- ``process_logits(logits, seen, ...)``: repetition penalty, then (sampling) temperature, top-k,
+  top-p, in transformers' order, with transformers' tie and threshold rules.
+
+Batched prompts are left-padded (``attention_mask`` 0 on the left); positions count real tokens
+only, so a padded prompt generates what the unpadded one would. Rows that emit ``eos`` continue
+with ``pad_token_id`` and generation stops when every row has finished (as transformers).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    "generate",
+    "init_cache",
+    "forward_cached",
+    "process_logits",
+    "apply_repetition_penalty",
+    "top_k_filter",
+    "top_p_filter",
+    "left_pad",
+]
+
+
+def left_pad(sequences: list[list[int]], pad_token_id: int) -> tuple[Tensor, Tensor]:
+    """Token lists -> left-padded ``(input_ids, attention_mask)``, each (batch, longest)."""
+    if not sequences or any(len(s) == 0 for s in sequences):
+        raise ValueError("every prompt needs at least one token")
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for i, s in enumerate(sequences):
+        ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
+        mask[i, width - len(s):] = 1
+    return ids, mask
+
+
+# ----------------------------------------------------------------------------- logits processing
+
+
+def apply_repetition_penalty(logits: Tensor, seen: Tensor, penalty: float, seen_mask: Optional[Tensor] = None) -> Tensor:
+    """CTRL's penalty (Keskar et al. 2019), as transformers: for every token already in ``seen``
+    (batch, L), a positive logit is divided by ``penalty`` and a negative one multiplied.
+    Positions where ``seen_mask`` is 0 (padding) do not count."""
+    if penalty == 1.0:
+        return logits
+    if seen_mask is not None:  # point padded positions at a token that is seen anyway
+        seen = torch.where(seen_mask.bool(), seen, seen[:, -1:].expand_as(seen))
+    score = torch.gather(logits, 1, seen)
+    score = torch.where(score < 0, score * penalty, score / penalty)
+    return logits.scatter(1, seen, score)
+
+
+def top_k_filter(logits: Tensor, k: int) -> Tensor:
+    """Keep the ``k`` largest logits per row (ties with the k-th are kept); others -> -inf."""
+    if k <= 0 or k >= logits.shape[-1]:
+        return logits
+    kth = torch.topk(logits, k, dim=-1).values[..., -1:]
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def top_p_filter(logits: Tensor, p: float, min_tokens_to_keep: int = 1) -> Tensor:
+    """Nucleus filtering, transformers' rule: sort ascending, drop tokens whose cumulative
+    probability is <= 1 - p (so the token that crosses the threshold is kept), always keep the
+    most likely ``min_tokens_to_keep``."""
+    if p >= 1.0:
+        return logits
+    sorted_logits, sorted_idx = torch.sort(logits, descending=False, dim=-1)
+    cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+    remove_sorted = cum <= (1 - p)
+    remove_sorted[..., -min_tokens_to_keep:] = False
+    remove = remove_sorted.scatter(-1, sorted_idx, remove_sorted)
+    return logits.masked_fill(remove, float("-inf"))
+
+
+def process_logits(
+    logits: Tensor,
+    seen: Optional[Tensor] = None,
+    *,
+    seen_mask: Optional[Tensor] = None,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    repetition_penalty: float = 1.0,
+) -> Tensor:
+    """Next-token logits (batch, vocab) -> processed scores, in transformers' order:
+    repetition penalty; then, when sampling, temperature, top-k, top-p."""
+    scores = logits.float()
+    if repetition_penalty != 1.0 and seen is not None:
+        scores = apply_repetition_penalty(scores, seen, repetition_penalty, seen_mask)
+    if do_sample:
+        if temperature != 1.0:
+            scores = scores / temperature
+        scores = top_k_filter(scores, top_k)
+        scores = top_p_filter(scores, top_p)
+    return scores
+
+
+def _check_options(max_new_tokens, temperature, top_k, top_p, repetition_penalty):
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+    if not (temperature > 0):
+        raise ValueError(f"temperature must be > 0, got {temperature!r}")
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
+        raise ValueError(f"top_k must be an integer >= 0 (0: off), got {top_k!r}")
+    if not (0.0 < top_p <= 1.0):
+        raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+    if not (repetition_penalty > 0):
+        raise ValueError(f"repetition_penalty must be > 0, got {repetition_penalty!r}")
+
+
+# ----------------------------------------------------------------------------- the cache
+
+
+def init_cache(model, batch: int, *, dtype: torch.dtype = torch.float32, device=None) -> dict:
+    """An empty cache for ``batch`` rows: zero-length keys/values per layer."""
+    c = model.cfg
+    empty = torch.zeros((batch, c.n_kv_heads, 0, c.head_dim), dtype=dtype, device=device)
+    return {
+        "kv": [(empty, empty) for _ in range(c.n_layers)],
+        "mask": torch.zeros((batch, 0), dtype=torch.bool, device=device),
+        "next_pos": torch.zeros((batch,), dtype=torch.long, device=device),
+    }
+
+
+def forward_cached(model, params, tokens: Tensor, cache: dict, attention_mask: Optional[Tensor] = None):
+    """Run ``tokens`` (batch, new) after the cached prefix: ``(logits (batch, new, vocab), cache)``.
+
+    ``attention_mask`` (batch, new) marks real tokens among the new ones (left padding in a
+    prompt); positions continue from each row's count of real tokens.
+    """
+    B, T = tokens.shape
+    new_mask = torch.ones((B, T), dtype=torch.bool, device=tokens.device) if attention_mask is None else attention_mask.bool()
+    positions = cache["next_pos"][:, None] + new_mask.long().cumsum(dim=1) - 1
+    positions = positions.clamp(min=0)
+    mask = torch.cat([cache["mask"], new_mask], dim=1)
+    out = model.apply(params, tokens, attention_mask=mask, position_ids=positions, past_kv=cache["kv"])
+    new_cache = {"kv": out["past_kv"], "mask": mask, "next_pos": cache["next_pos"] + new_mask.long().sum(dim=1)}
+    return out["logits"], new_cache
+
+
+def _forward_full(model, params, ids: Tensor, mask: Tensor) -> Tensor:
+    positions = (mask.long().cumsum(dim=1) - 1).clamp(min=0)
+    return model.apply(params, ids, attention_mask=mask.bool(), position_ids=positions)["logits"]
+
+
+# ----------------------------------------------------------------------------- generate
+
+
+@torch.no_grad()
+def generate(
+    model,
+    params,
+    input_ids: Tensor,
+    *,
+    attention_mask: Optional[Tensor] = None,
+    max_new_tokens: int = 32,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    repetition_penalty: float = 1.0,
+    eos_token_id: Optional[int] = None,
+    pad_token_id: Optional[int] = None,
+    seed: Optional[int] = None,
+    generator: Optional[torch.Generator] = None,
+    use_cache: bool = True,
+) -> Tensor:
+    """Prompt ids (batch, prompt) -> (batch, prompt + generated) ids.
+
+    Greedy unless ``do_sample``; sampling draws from ``generator`` (or a fresh one seeded with
+    ``seed``; the same seed gives the same text). ``use_cache=False`` recomputes the whole
+    sequence each step (the reference the cache must equal).
+    """
+    _check_options(max_new_tokens, temperature, top_k, top_p, repetition_penalty)
+    if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+        raise ValueError(f"input_ids must be (batch, prompt) with prompt >= 1, got shape {tuple(input_ids.shape)}")
+    B, P = input_ids.shape
+    if P + max_new_tokens > model.cfg.max_seq_len:
+        raise ValueError(
+            f"prompt of {P} tokens + max_new_tokens={max_new_tokens} exceeds the model's max_seq_len="
+            f"{model.cfg.max_seq_len}; shorten the prompt or ask for fewer tokens"
+        )
+    mask = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+    if not bool(mask.any(dim=1).all()):
+        raise ValueError("every prompt needs at least one real token (attention_mask is all 0 in a row)")
+    if do_sample and generator is None:
+        generator = torch.Generator(device=input_ids.device)
+        generator.manual_seed(0 if seed is None else int(seed))
+    if pad_token_id is None:
+        pad_token_id = eos_token_id if eos_token_id is not None else 0
+
+    ids, full_mask = input_ids, mask
+    finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+    cache = None
+    if use_cache and max_new_tokens > 0:
+        cache = init_cache(model, B, dtype=params["embed"]["weight"].dtype, device=input_ids.device)
+        logits, cache = forward_cached(model, params, input_ids, cache, mask)
+    for i in range(max_new_tokens):
+        if not use_cache:
+            logits = _forward_full(model, params, ids, full_mask)
+        scores = process_logits(
+            logits[:, -1], ids, seen_mask=full_mask, do_sample=do_sample, temperature=temperature,
+            top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
+        )
+        if do_sample:
+            probs = F.softmax(scores, dim=-1)
+            nxt = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+        else:
+            nxt = scores.argmax(dim=-1)
+        if eos_token_id is not None:
+            nxt = torch.where(finished, torch.full_like(nxt, pad_token_id), nxt)
+            finished = finished | (nxt == eos_token_id)
+        ids = torch.cat([ids, nxt[:, None]], dim=1)
+        full_mask = torch.cat([full_mask, torch.ones((B, 1), dtype=torch.bool, device=ids.device)], dim=1)
+        if eos_token_id is not None and bool(finished.all()):
+            break
+        if use_cache and i + 1 < max_new_tokens:
+            logits, cache = forward_cached(model, params, nxt[:, None], cache)
+    return ids
