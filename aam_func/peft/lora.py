@@ -1,0 +1,579 @@
+"""LoRA (Hu et al. 2021) as a pure parameter transform, on aam_func Params and any ``nn.Module``.
+
+    spec, adapters = lora.init(params_or_module, targets=["*.attn.qkv"], rank=8, alpha=16)
+    eff = spec.merged(params, adapters)                 # W + s·B·A, same form as params
+    out = spec.apply(model.apply, params, adapters, ids) # x·Wᵀ + s·(drop(x)·Aᵀ)·Bᵀ, W never formed
+    out = spec.call(hf_model, adapters, input_ids)       # any nn.Module, without touching it
+    g = torch.func.grad(lambda a: spec.apply(model.apply, params, a, ids, labels=ids)["loss"])(adapters)
+
+Adapters are Params: ``{"blocks": {"0": {"attn": {"qkv": {"lora_A": (r, in), "lora_B": (out, r)}}}}}``,
+keyed by the target weight's dotted name minus ``.weight``. The scale ``s = alpha / r`` (or
+``alpha / sqrt(r)`` with rsLoRA, Kalajdzievski 2023), the dropout and each target's orientation
+are static facts, so they live in the frozen :class:`LoRA` spec, not in the tensor tree: a
+Params tree goes through ``grad`` and optimizer updates and could not carry them.
+
+GPT-2's ``Conv1D`` stores its weight as (in, out); A and B keep PEFT's (r, in), (out, r), and the
+merged delta is transposed, ``(s·B·A)ᵀ`` (``fan_in_fan_out``). The factored form needs no
+transpose: ``x·(B·A)ᵀ = (x·Aᵀ)·Bᵀ`` for both layouts.
+
+How the factored form reaches layers it does not own: inside :meth:`LoRA.active`, a
+``TorchFunctionMode`` recognises the target weights *by identity* as they reach
+``F.linear(x, W, b)`` (nn.Linear, aam_func's Linear) or ``torch.addmm(b, x, W)`` (Conv1D) and
+adds the low-rank branch; any other use of a target weight (an embedding lookup, a tied head,
+``W.t()``) receives the merged weight ``W + s·B·A``; shape/dtype reads pass through. Nothing is
+written into modules or params. Proofs: ``proofs/lora.md``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import math
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
+
+from .. import init as initializers
+from ..layers.basic import dropout as _dropout
+from ..tree import Params, check_structure, flatten, unflatten
+
+__all__ = [
+    "LoRA",
+    "Target",
+    "init",
+    "targets_of",
+    "merged",
+    "merge",
+    "unmerge",
+    "call",
+    "linear",
+    "from_cli_args",
+    "INITS",
+]
+
+INITS = ("kaiming", "gaussian")
+TargetSpec = Union[str, Iterable[str], Callable[[str], bool]]
+
+
+@dataclass(frozen=True)
+class Target:
+    """One adapted weight: ``name`` is its dotted name minus ``.weight``. ``fan_in_fan_out``:
+    the weight is stored (in, out) (transformers' Conv1D) instead of nn.Linear's (out, in)."""
+
+    name: str
+    in_features: int
+    out_features: int
+    fan_in_fan_out: bool = False
+
+    @property
+    def weight_shape(self) -> tuple[int, int]:
+        return (self.in_features, self.out_features) if self.fan_in_fan_out else (self.out_features, self.in_features)
+
+
+# --------------------------------------------------------------------------- target discovery
+
+
+def _conv1d_type():
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except Exception:  # transformers absent or changed: no Conv1D to recognise
+        return None
+    return Conv1D
+
+
+def _is_flat(params: Mapping) -> bool:
+    return not any(isinstance(v, Mapping) for v in params.values())
+
+
+def _params_candidates(params: Mapping, fan_in_fan_out) -> list[Target]:
+    """Every 2-D floating ``*.weight`` of a Params tree (nested or flat) as a candidate target."""
+    flat = flatten(params) if not _is_flat(params) else dict(params)
+    out = []
+    for key, w in flat.items():
+        if not (key.endswith(".weight") and isinstance(w, Tensor) and w.dim() == 2 and w.is_floating_point()):
+            continue
+        name = key[: -len(".weight")]
+        fif = _match_fan_in_fan_out(name, fan_in_fan_out)
+        a, b = w.shape
+        out.append(Target(name, a if fif else b, b if fif else a, fif))
+    return out
+
+
+def _match_fan_in_fan_out(name: str, fan_in_fan_out) -> bool:
+    if isinstance(fan_in_fan_out, bool):
+        return fan_in_fan_out
+    if fan_in_fan_out is None:
+        return False
+    pats = [fan_in_fan_out] if isinstance(fan_in_fan_out, str) else list(fan_in_fan_out)
+    return any(_name_matches(name, p) for p in pats)
+
+
+def _module_candidates(module: nn.Module) -> list[Target]:
+    """nn.Linear and transformers' Conv1D submodules (and aam_func ``bind`` trees) as candidates."""
+    from ..nn import Bound
+
+    if isinstance(module, Bound):
+        return _params_candidates(module.params(), False)
+    conv1d = _conv1d_type()
+    out = []
+    for name, mod in module.named_modules():
+        if not name:
+            continue
+        if isinstance(mod, nn.Linear):
+            out.append(Target(name, mod.in_features, mod.out_features, False))
+        elif conv1d is not None and isinstance(mod, conv1d):
+            i, o = mod.weight.shape
+            out.append(Target(name, int(i), int(o), True))
+    return out
+
+
+def _name_matches(name: str, pattern: str) -> bool:
+    """A glob against the module name or the weight name; a plain name (no glob characters)
+    also matches as a dotted suffix, as PEFT's ``target_modules=["c_attn"]`` does."""
+    if fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase(name + ".weight", pattern):
+        return True
+    plain = not any(c in pattern for c in "*?[")
+    if plain and pattern.endswith(".weight"):
+        pattern = pattern[: -len(".weight")]
+    return plain and (name == pattern or name.endswith("." + pattern))
+
+
+def targets_of(target: Any, targets: TargetSpec, *, fan_in_fan_out=False) -> tuple[Target, ...]:
+    """The :class:`Target` s of ``target`` (Params, a flat state_dict-style mapping, or an
+    ``nn.Module``) that ``targets`` selects: globs / plain names, or a predicate over weight
+    names (``"blocks.0.attn.qkv.weight"``). Selecting nothing is a ``ValueError`` that lists the
+    available names. ``fan_in_fan_out`` (Params only: True or globs) marks (in, out) weights."""
+    if isinstance(target, nn.Module):
+        cands = _module_candidates(target)
+        what = f"{type(target).__name__} (nn.Linear / Conv1D submodules)"
+    elif isinstance(target, Mapping):
+        cands = _params_candidates(target, fan_in_fan_out)
+        what = "params (2-D *.weight leaves)"
+    else:
+        raise TypeError(f"LoRA target must be Params or a torch.nn.Module, got {type(target).__name__}")
+    if callable(targets) and not isinstance(targets, (str, Mapping)):
+        chosen = [t for t in cands if targets(t.name + ".weight")]
+        desc = "the targets predicate"
+    else:
+        pats = [targets] if isinstance(targets, str) else list(targets)
+        if not pats or not all(isinstance(p, str) for p in pats):
+            raise TypeError(f"targets must be a glob, a list of globs or a predicate over weight names, got {targets!r}")
+        chosen = [t for t in cands if any(_name_matches(t.name, p) for p in pats)]
+        unmatched = [p for p in pats if not any(_name_matches(t.name, p) for t in cands)]
+        if unmatched and chosen:
+            raise ValueError(
+                f"LoRA target pattern(s) {unmatched} match no weight of the {what}; available: "
+                + ", ".join(t.name for t in cands)
+            )
+        desc = f"targets {pats}"
+    if not chosen:
+        raise ValueError(f"{desc} match no weight of the {what}; available: " + ", ".join(t.name for t in cands))
+    return tuple(chosen)
+
+
+# --------------------------------------------------------------------------- the spec
+
+
+@dataclass(frozen=True)
+class LoRA:
+    """Static LoRA facts: which weights, rank r, alpha, dropout on the low-rank input, rsLoRA.
+
+    ``scale`` = alpha / r (Hu et al. 2021) or alpha / sqrt(r) (rsLoRA). ``init_kind``:
+    ``"kaiming"`` draws A like PEFT (kaiming-uniform, a=√5, i.e. U(±1/√in)), ``"gaussian"`` draws
+    A ~ N(0, 1/r²) as PEFT's ``init_lora_weights="gaussian"``; B is zero unless ``b_std`` > 0.
+    """
+
+    targets: tuple[Target, ...]
+    rank: int
+    alpha: float
+    dropout: float = 0.0
+    use_rslora: bool = False
+    init_kind: str = "kaiming"
+    b_std: float = 0.0
+
+    def __post_init__(self):
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank <= 0:
+            raise ValueError(f"LoRA rank must be a positive integer, got {self.rank!r}")
+        if not self.targets:
+            raise ValueError("LoRA needs at least one target")
+        for t in self.targets:
+            if self.rank > min(t.in_features, t.out_features):
+                raise ValueError(
+                    f"LoRA rank {self.rank} exceeds min(in, out) = {min(t.in_features, t.out_features)} "
+                    f"of {t.name!r} ({t.in_features} -> {t.out_features})"
+                )
+        if not isinstance(self.alpha, (int, float)) or isinstance(self.alpha, bool) or not math.isfinite(self.alpha):
+            raise ValueError(f"LoRA alpha must be a finite number, got {self.alpha!r}")
+        if not (0.0 <= self.dropout < 1.0):
+            raise ValueError(f"LoRA dropout must be in [0, 1), got {self.dropout!r}")
+        if self.init_kind not in INITS:
+            raise ValueError(f"LoRA init must be one of {INITS}, got {self.init_kind!r}")
+        if self.b_std < 0:
+            raise ValueError(f"b_std must be >= 0, got {self.b_std!r}")
+        names = [t.name for t in self.targets]
+        if len(set(names)) != len(names):
+            raise ValueError(f"LoRA targets repeat a name: {names}")
+
+    @classmethod
+    def build(
+        cls,
+        target: Any,
+        *,
+        targets: TargetSpec,
+        rank: int,
+        alpha: float,
+        dropout: float = 0.0,
+        init: str = "kaiming",
+        use_rslora: bool = False,
+        b_std: float = 0.0,
+        fan_in_fan_out=False,
+    ) -> "LoRA":
+        """Resolve ``targets`` against ``target`` (Params or nn.Module) and validate."""
+        if init not in INITS:
+            raise ValueError(f"LoRA init must be one of {INITS}, got {init!r}")
+        return cls(targets_of(target, targets, fan_in_fan_out=fan_in_fan_out), rank, float(alpha), float(dropout),
+                   bool(use_rslora), init, float(b_std))
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / (math.sqrt(self.rank) if self.use_rslora else self.rank)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(t.name for t in self.targets)
+
+    # ------------------------------------------------------------------ init
+    def init(self, seed: Optional[int] = 0, *, generator: Optional[torch.Generator] = None,
+             dtype: torch.dtype = torch.float32) -> Params:
+        """Fresh adapters; the same seed gives the same tensors."""
+        g = initializers.generator(seed if generator is None else generator)
+        flat = {}
+        for t in self.targets:
+            if self.init_kind == "kaiming":
+                a = initializers.kaiming_uniform((self.rank, t.in_features), g, dtype, a=math.sqrt(5))
+            else:
+                a = initializers.normal((self.rank, t.in_features), g, dtype, std=1.0 / self.rank)
+            if self.b_std > 0:
+                b = initializers.normal((t.out_features, self.rank), g, dtype, std=self.b_std)
+            else:
+                b = torch.zeros(t.out_features, self.rank, dtype=dtype)
+            flat[t.name + ".lora_A"], flat[t.name + ".lora_B"] = a, b
+        return unflatten(flat)
+
+    def shapes(self) -> Params:
+        """The expected adapter structure (a tree of shapes)."""
+        flat = {}
+        for t in self.targets:
+            flat[t.name + ".lora_A"] = (self.rank, t.in_features)
+            flat[t.name + ".lora_B"] = (t.out_features, self.rank)
+        return unflatten(flat)
+
+    def check(self, adapters: Mapping) -> dict[str, tuple[Tensor, Tensor]]:
+        """Validate ``adapters`` against the spec; ``{name: (A, B)}``."""
+        if not isinstance(adapters, Mapping):
+            raise TypeError(f"adapters must be a Params tree, got {type(adapters).__name__}")
+        flat = flatten(adapters)
+        expected = flatten(self.shapes())
+        if len(flat) != len(expected) or any(
+            k not in flat or not isinstance(flat[k], Tensor) or tuple(flat[k].shape) != s for k, s in expected.items()
+        ):
+            check_structure(self.shapes(), adapters, what="LoRA adapters")
+            raise TypeError("LoRA adapter leaves must be tensors")
+        return {t.name: (flat[t.name + ".lora_A"], flat[t.name + ".lora_B"]) for t in self.targets}
+
+    # ------------------------------------------------------------------ merge
+    def delta(self, target: Target, a: Tensor, b: Tensor) -> Tensor:
+        """s·B·A in the weight's own layout ((in, out) for Conv1D)."""
+        d = (b @ a) * self.scale
+        return d.t() if target.fan_in_fan_out else d
+
+    def _apply_delta(self, params: Mapping, adapters: Mapping, sign: float) -> Mapping:
+        ab = self.check(adapters)
+        nested = not _is_flat(params)
+        flat = flatten(params) if nested else dict(params)
+        problems = []
+        for t in self.targets:
+            key = t.name + ".weight"
+            w = flat.get(key)
+            if not isinstance(w, Tensor):
+                problems.append(f"{key} missing")
+            elif tuple(w.shape) != t.weight_shape:
+                problems.append(f"{key} has shape {tuple(w.shape)}, expected {t.weight_shape}")
+        if problems:
+            raise ValueError("params do not fit the LoRA targets: " + "; ".join(problems))
+        for t in self.targets:
+            key = t.name + ".weight"
+            w = flat[key]
+            d = self.delta(t, *ab[t.name])
+            flat[key] = w + sign * d.to(w.dtype)
+        return unflatten(flat) if nested else flat
+
+    def merged(self, params: Mapping, adapters: Mapping) -> Mapping:
+        """Effective params: every target weight W becomes W + s·B·A (Conv1D: + (s·B·A)ᵀ).
+        Nested Params give nested Params, a flat ``state_dict``-style mapping a flat dict.
+        Pure and differentiable wrt both arguments. LoRA dropout does not apply here (a merged
+        weight cannot drop the low-rank branch's input); use :meth:`apply`/:meth:`call`."""
+        return self._apply_delta(params, adapters, 1.0)
+
+    merge = merged
+
+    def unmerge(self, params: Mapping, adapters: Mapping) -> Mapping:
+        """Inverse of :meth:`merge`: W' − s·B·A restores W up to float rounding."""
+        return self._apply_delta(params, adapters, -1.0)
+
+    # ------------------------------------------------------------------ factored form
+    @contextlib.contextmanager
+    def active(self, base: Any, adapters: Mapping, *, train: bool = False,
+               generator: Optional[torch.Generator] = None):
+        """Within this context, the target weights of ``base`` (Params or an nn.Module) act as
+        W + s·B·A: ``F.linear(x, W, b)`` and Conv1D's ``torch.addmm(b, x, W)`` become the factored
+        ``x·Wᵀ + b + s·(drop(x)·Aᵀ)·Bᵀ``; other uses of W see the merged weight. Dropout on the
+        branch input when ``train`` (``generator``, else the global RNG that ``vmap`` controls)."""
+        ab = self.check(adapters)
+        weights = _weights_of(base, self.targets)
+        table = {}
+        for t in self.targets:
+            w = weights[t.name]
+            if id(w) in table:
+                raise ValueError(f"LoRA target {t.name!r} shares its weight tensor with {table[id(w)][1].name!r}")
+            table[id(w)] = (w, t, *ab[t.name])
+        p = self.dropout if train else 0.0
+        with _LoraMode(self, table, p, generator):
+            yield
+
+    def apply(self, fn: Callable, params: Mapping, adapters: Mapping, *args, **kwargs):
+        """``fn(params, *args, **kwargs)`` with the adapters active (no dropout), e.g.
+        ``spec.apply(model.apply, params, adapters, ids, labels=ids)``. For dropout use
+        :meth:`wrap` with ``train=True``."""
+        with self.active(params, adapters):
+            return fn(params, *args, **kwargs)
+
+    def wrap(self, fn: Callable, *, train: bool = False, generator: Optional[torch.Generator] = None) -> Callable:
+        """``g(params, adapters, *args, **kwargs) = fn(params, *args, **kwargs)`` with the adapters
+        active; dropout on the low-rank input when ``train``."""
+
+        def wrapped(params, adapters, *args, **kwargs):
+            with self.active(params, adapters, train=train, generator=generator):
+                return fn(params, *args, **kwargs)
+
+        return wrapped
+
+    def call(self, module: nn.Module, adapters: Mapping, *args, **kwargs):
+        """Run any ``nn.Module`` with the adapters, factored form (dropout when
+        ``module.training``), without changing the module."""
+        with self.active(module, adapters, train=module.training):
+            return module(*args, **kwargs)
+
+    def call_merged(self, module: nn.Module, adapters: Mapping, *args, **kwargs):
+        """Run ``module`` through ``torch.func.functional_call`` with merged target weights."""
+        ab = self.check(adapters)
+        weights = _weights_of(module, self.targets)
+        eff = {t.name + ".weight": weights[t.name] + self.delta(t, *ab[t.name]).to(weights[t.name].dtype)
+               for t in self.targets}
+        return torch.func.functional_call(module, eff, args, kwargs)
+
+    def loss(self, loss_fn: Callable, params: Mapping, *, mode: str = "factored", train: bool = True) -> Callable:
+        """``loss(adapters, batch, generator=None) = loss_fn(params ⊕ adapters, batch[, generator])``
+        over frozen ``params``: differentiate it (or hand it to ``train.make_train_step``) wrt
+        the adapters only. ``mode``: ``"factored"`` (dropout when ``train``) or ``"merged"``."""
+        if mode not in ("factored", "merged"):
+            raise ValueError(f"mode must be 'factored' or 'merged', got {mode!r}")
+        if mode == "merged" and self.dropout > 0 and train:
+            raise ValueError("LoRA dropout needs the factored form; use mode='factored' or dropout=0")
+
+        def lora_loss(adapters, batch, generator: Optional[torch.Generator] = None):
+            extra = (generator,) if generator is not None else ()
+            if mode == "merged":
+                return loss_fn(self.merged(params, adapters), batch, *extra)
+            with self.active(params, adapters, train=train, generator=generator):
+                return loss_fn(params, batch, *extra)
+
+        return lora_loss
+
+
+def _weights_of(base: Any, targets: Iterable[Target]) -> dict[str, Tensor]:
+    """The target weight tensors of Params or an nn.Module (the very objects its forward uses)."""
+    from ..nn import Bound
+
+    out, missing = {}, []
+    if isinstance(base, Bound):
+        base = base.params()
+    if isinstance(base, nn.Module):
+        for t in targets:
+            try:
+                w = base.get_parameter(t.name + ".weight")
+            except AttributeError:
+                missing.append(t.name + ".weight")
+                continue
+            out[t.name] = w
+    elif isinstance(base, Mapping):
+        flat = flatten(base) if not _is_flat(base) else base
+        for t in targets:
+            w = flat.get(t.name + ".weight")
+            if w is None:
+                missing.append(t.name + ".weight")
+            else:
+                out[t.name] = w
+    else:
+        raise TypeError(f"LoRA base must be Params or an nn.Module, got {type(base).__name__}")
+    if missing:
+        raise ValueError("the base lacks LoRA target weights: " + ", ".join(missing))
+    bad = [f"{t.name}.weight has shape {tuple(out[t.name].shape)}, expected {t.weight_shape}"
+           for t in targets if tuple(out[t.name].shape) != t.weight_shape]
+    if bad:
+        raise ValueError("the base does not fit the LoRA targets: " + "; ".join(bad))
+    return out
+
+
+_METADATA = frozenset({"shape", "dtype", "device", "requires_grad", "is_leaf", "layout", "ndim", "names",
+                       "is_cuda", "is_sparse", "is_quantized", "is_meta", "grad_fn"})
+_SIZE_FNS = {Tensor.size, Tensor.dim, Tensor.numel, Tensor.is_floating_point, Tensor.is_complex,
+             Tensor.element_size, Tensor.stride, Tensor.is_contiguous, Tensor.data_ptr}
+
+
+def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], a: Tensor, b: Tensor, scale: float, *,
+           dropout: float = 0.0, generator: Optional[torch.Generator] = None, fan_in_fan_out: bool = False) -> Tensor:
+    """The factored LoRA linear: ``x·Wᵀ + b + s·(drop(x)·Aᵀ)·Bᵀ`` (Conv1D: ``x·W + b + …``).
+    (..., in) -> (..., out). Costs O(N·r·(in+out)) beyond the base matmul and never forms B·A."""
+    base = (x @ weight + bias if bias is not None else x @ weight) if fan_in_fan_out else F.linear(x, weight, bias)
+    h = _dropout(x, dropout, train=dropout > 0, generator=generator) if dropout > 0 else x
+    return base + F.linear(F.linear(h, a), b) * scale
+
+
+class _LoraMode(TorchFunctionMode):
+    """See :meth:`LoRA.active`. Keyed by ``id`` of the target weight objects in use."""
+
+    def __init__(self, spec: LoRA, table: dict, p: float, generator):
+        super().__init__()
+        self.spec, self.table, self.p, self.generator = spec, table, p, generator
+
+    def _hit(self, t) -> Optional[tuple]:
+        if isinstance(t, Tensor):
+            return self.table.get(id(t))
+        return None
+
+    def _merged_weight(self, entry) -> Tensor:
+        w, target, a, b = entry
+        return w + self.spec.delta(target, a, b).to(w.dtype)
+
+    def _branch(self, x: Tensor, entry) -> Tensor:
+        _, _, a, b = entry
+        h = _dropout(x, self.p, train=True, generator=self.generator) if self.p > 0 else x
+        return F.linear(F.linear(h, a.to(x.dtype)), b.to(x.dtype)) * self.spec.scale
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.linear:
+            x, w = (args + (None, None))[:2]
+            w = kwargs.get("weight", w)
+            entry = self._hit(w)
+            if entry is not None and not entry[1].fan_in_fan_out:
+                return func(*args, **kwargs) + self._branch(kwargs.get("input", x), entry)
+        elif func is torch.addmm and len(args) >= 3 and not kwargs:
+            entry = self._hit(args[2])
+            if entry is not None and entry[1].fan_in_fan_out:
+                return func(*args) + self._branch(args[1], entry)
+        elif getattr(func, "__name__", None) == "__get__":
+            if getattr(getattr(func, "__self__", None), "__name__", None) in _METADATA:
+                return func(*args, **kwargs)
+        elif func in _SIZE_FNS:
+            return func(*args, **kwargs)
+        # any other use of a target weight sees the merged weight
+        if any(self._hit(v) is not None for v in _tensors(args, kwargs)):
+            def sub(v):
+                e = self._hit(v)
+                return self._merged_weight(e) if e is not None else v
+
+            args = torch.utils._pytree.tree_map(sub, args)
+            kwargs = torch.utils._pytree.tree_map(sub, kwargs)
+        return func(*args, **kwargs)
+
+
+def _tensors(args, kwargs):
+    for v in args:
+        if isinstance(v, Tensor):
+            yield v
+        elif isinstance(v, (list, tuple)):
+            yield from (u for u in v if isinstance(u, Tensor))
+    for v in kwargs.values():
+        if isinstance(v, Tensor):
+            yield v
+
+
+# --------------------------------------------------------------------------- functional front
+
+
+def init(
+    target: Any,
+    *,
+    targets: TargetSpec,
+    rank: int,
+    alpha: float,
+    dropout: float = 0.0,
+    init: str = "kaiming",
+    use_rslora: bool = False,
+    seed: int = 0,
+    b_std: float = 0.0,
+    fan_in_fan_out=False,
+    dtype: torch.dtype = torch.float32,
+) -> tuple[LoRA, Params]:
+    """``(spec, adapters)`` for ``target`` (Params, a flat state_dict or an nn.Module).
+
+    ``adapters`` is a Params tree of ``lora_A`` (r, in) and ``lora_B`` (out, r) per target
+    (B zero unless ``b_std`` > 0); ``spec`` holds the static facts (see :class:`LoRA`)."""
+    spec = LoRA.build(target, targets=targets, rank=rank, alpha=alpha, dropout=dropout, init=init,
+                      use_rslora=use_rslora, b_std=b_std, fan_in_fan_out=fan_in_fan_out)
+    return spec, spec.init(seed, dtype=dtype)
+
+
+def merged(spec: LoRA, params: Mapping, adapters: Mapping) -> Mapping:
+    return spec.merged(params, adapters)
+
+
+merge = merged
+
+
+def unmerge(spec: LoRA, params: Mapping, adapters: Mapping) -> Mapping:
+    return spec.unmerge(params, adapters)
+
+
+def call(spec: LoRA, module: nn.Module, adapters: Mapping, *args, **kwargs):
+    return spec.call(module, adapters, *args, **kwargs)
+
+
+DEFAULT_CLI_TARGETS = ("*.attn.qkv", "*.attn.out")
+
+
+def from_cli_args(
+    params: Params,
+    rank: int,
+    alpha: Optional[float] = None,
+    targets: Optional[TargetSpec] = None,
+    seed: int = 0,
+    dropout: float = 0.0,
+    use_rslora: bool = False,
+) -> tuple[LoRA, Params, Callable[[Callable], Callable]]:
+    """For ``aam-func train --init-from DIR --lora-rank R [--lora-alpha A --lora-targets ...]``.
+
+    Returns ``(spec, adapters, wrap_loss)``: ``wrap_loss(loss_fn)`` turns
+    ``loss_fn(params, batch[, generator])`` into ``loss(adapters, batch[, generator])`` over the
+    frozen ``params``; give that and ``adapters`` to ``train.make_train_step`` in place of the
+    params, so gradients and the optimizer state cover the adapters only. ``alpha`` defaults to
+    ``2·rank``; ``targets`` to the attention projections (``*.attn.qkv``, ``*.attn.out``); a
+    comma-separated string is split."""
+    if isinstance(targets, str):
+        targets = [t.strip() for t in targets.split(",") if t.strip()]
+    spec, adapters = init(
+        params, targets=list(targets or DEFAULT_CLI_TARGETS), rank=int(rank),
+        alpha=float(2 * rank if alpha is None else alpha), dropout=dropout, use_rslora=use_rslora, seed=seed,
+    )
+
+    def wrap_loss(loss_fn: Callable, *, train: bool = True) -> Callable:
+        return spec.loss(loss_fn, params, mode="factored", train=train)
+
+    return spec, adapters, wrap_loss
