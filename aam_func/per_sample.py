@@ -55,6 +55,10 @@ __all__ = [
     "tracin",
     "global_norms",
     "clip_factors",
+    "dp_aggregate",
+    "dp_sgd",
+    "DPInfo",
+    "poisson_sample",
     "METHODS",
 ]
 
@@ -220,6 +224,18 @@ _METADATA_FUNCS = {
 }
 
 
+def _plain_embedding(args, kwargs) -> bool:
+    """An embedding lookup whose weight gradient is a plain row scatter (no padding_idx,
+    max_norm renormalisation, frequency scaling or sparse gradient)."""
+    extra = dict(zip(("padding_idx", "max_norm", "norm_type", "scale_grad_by_freq", "sparse"), args[2:]), **kwargs)
+    return (
+        extra.get("padding_idx") is None
+        and extra.get("max_norm") is None
+        and not extra.get("scale_grad_by_freq", False)
+        and not extra.get("sparse", False)
+    )
+
+
 class _Use(NamedTuple):
     name: str  # dotted parameter name of the weight
     kind: str  # "linear" or "embedding"
@@ -255,7 +271,7 @@ class _WatchLinear(TorchFunctionMode):
         if func is F.linear or func is F.embedding:
             w = args[1] if len(args) > 1 else kwargs.get("weight")
             name = self._name(w)
-            plain = func is F.linear or (len(args) <= 2 and all(v is None or v is False or (k == "scale_grad_by_freq" and not v) for k, v in kwargs.items()))
+            plain = func is F.linear or _plain_embedding(args, kwargs)
             if name is not None:
                 if self.phase == "discover":
                     out = func(*args, **kwargs)
@@ -515,3 +531,127 @@ def tracin(
         part = lr * grad_dots(loss_fn, params, train_batch, test_batch, chunk_size=chunk_size)
         total = part if total is None else total + part
     return total
+
+
+# ----------------------------------------------------------------------------- DP-SGD
+
+
+def _check_sigma(noise_multiplier) -> float:
+    if isinstance(noise_multiplier, bool) or not isinstance(noise_multiplier, (int, float)) or not (noise_multiplier >= 0) or math.isinf(noise_multiplier):
+        raise ValueError(f"noise_multiplier must be a finite number >= 0, got {noise_multiplier!r}")
+    return float(noise_multiplier)
+
+
+def _check_expected(expected_batch_size) -> Optional[float]:
+    if expected_batch_size is None:
+        return None
+    if isinstance(expected_batch_size, bool) or not isinstance(expected_batch_size, (int, float)) or not (expected_batch_size > 0):
+        raise ValueError(f"expected_batch_size must be a number > 0 or None, got {expected_batch_size!r}")
+    return float(expected_batch_size)
+
+
+def _noisy_mean(total: Params, B: int, max_norm: float, sigma: float, expected: Optional[float], generator) -> Params:
+    """(Σ_i clip(g_i) + N(0, σ²C²)) / n, n = expected batch size (Poisson) or the actual one."""
+    if expected is None and B == 0:
+        raise ValueError("an empty batch needs expected_batch_size (Poisson sampling divides by q·N)")
+    denom = expected if expected is not None else float(B)
+    std = sigma * max_norm
+
+    def one(x):
+        if std > 0:
+            x = x + std * torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+        return x / denom
+
+    return tree.map(one, total)
+
+
+def dp_aggregate(
+    max_norm: float, noise_multiplier: float, *, expected_batch_size: Optional[float] = None, seed: int = 0
+):
+    """DP-SGD's aggregation as a :class:`~aam_func.optim.GradientTransformation` (Optax's
+    ``differentially_private_aggregate``): its input ``grads`` are *per-example* gradients
+    (leaves (B, *shape), e.g. from :func:`grads`); its output is
+    (Σ_i clip_C(g_i) + N(0, σ²C²·I)) / n, n = ``expected_batch_size`` or B. Chain an optimizer
+    after it. The noise comes from a generator seeded by (``seed``, step count) held in the state,
+    so the same state gives the same noise: the transform is pure.
+    """
+    from .optim import GradientTransformation
+
+    max_norm = _check_max_norm(max_norm)
+    sigma = _check_sigma(noise_multiplier)
+    expected = _check_expected(expected_batch_size)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed must be an int, got {seed!r}")
+
+    def init(params):
+        return {"count": torch.zeros((), dtype=torch.int64), "seed": torch.tensor(seed, dtype=torch.int64)}
+
+    def update(grads, state, params=None):
+        B = {x.shape[0] for x in tree.leaves(grads)}
+        if len(B) != 1:
+            raise ValueError(f"dp_aggregate needs per-example grads with one leading batch size, got sizes {sorted(B)}")
+        B = B.pop()
+        count = int(state["count"])
+        g = torch.Generator().manual_seed(hash((int(state["seed"]), count)) & ((1 << 63) - 1))
+        total = _weighted_sum(clip_factors(global_norms(grads), max_norm), grads) if B else tree.map(lambda x: x.sum(0), grads)
+        out = _noisy_mean(total, B, max_norm, sigma, expected, g)
+        return out, {"count": state["count"] + 1, "seed": state["seed"]}
+
+    return GradientTransformation(init, update)
+
+
+class DPInfo(NamedTuple):
+    loss: Tensor  # mean per-example loss over the batch (nan for an empty batch)
+    norms: Tensor  # (B,) per-example gradient norms before clipping
+    batch_size: int
+
+
+def dp_sgd(
+    loss_fn: Callable,
+    optimizer,
+    *,
+    max_norm: float,
+    noise_multiplier: float,
+    expected_batch_size: Optional[float] = None,
+    method: str = "ghost",
+    chunk_size: Optional[int] = None,
+):
+    """A DP-SGD train step (Abadi et al. 2016) around any optimizer:
+
+        step(params, opt_state, batch, generator) -> (params, opt_state, DPInfo)
+
+    g̃ = (Σ_i clip_C(∇loss_i) + N(0, σ²C²)) / n, then ``optimizer.update(g̃, ...)``. With Poisson
+    sampling (:func:`poisson_sample`) pass ``expected_batch_size = q·N``: the batch size varies,
+    may be 0, and the divisor must not depend on it. The per-example gradients are never
+    materialised with ``method="ghost"``. Account the privacy with
+    :func:`aam_func.privacy.epsilon` (steps, q, σ, δ).
+    """
+    from .optim import apply_updates
+
+    max_norm = _check_max_norm(max_norm)
+    sigma = _check_sigma(noise_multiplier)
+    expected = _check_expected(expected_batch_size)
+    _check_method(method)
+
+    def step(params, opt_state, batch, generator: Optional[torch.Generator] = None):
+        if sigma > 0 and generator is None:
+            raise ValueError("dp_sgd's step needs an explicit torch.Generator for the noise (generator=...)")
+        B = batch_size(batch)
+        res = clipped_sum(loss_fn, params, batch, max_norm, chunk_size=chunk_size, method=method)
+        noisy = _noisy_mean(res.sum, B, max_norm, sigma, expected, generator)
+        updates, opt_state = optimizer.update(noisy, opt_state, params)
+        params = apply_updates(params, updates)
+        loss = res.losses.mean() if B else torch.tensor(float("nan"))
+        return params, opt_state, DPInfo(loss, res.norms, B)
+
+    return step
+
+
+def poisson_sample(n: int, sample_rate: float, generator: Optional[torch.Generator] = None) -> Tensor:
+    """Indices of a Poisson-sampled batch: each of ``n`` examples joins independently with
+    probability ``sample_rate`` (the sampling the RDP accountant assumes). May be empty."""
+    if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
+        raise ValueError(f"n must be a positive int, got {n!r}")
+    if isinstance(sample_rate, bool) or not isinstance(sample_rate, (int, float)) or not (0.0 < sample_rate <= 1.0):
+        raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate!r}")
+    return (torch.rand(n, generator=generator) < sample_rate).nonzero().flatten()
