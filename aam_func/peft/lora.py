@@ -30,7 +30,7 @@ import contextlib
 import fnmatch
 import math
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
 import torch
@@ -53,6 +53,8 @@ __all__ = [
     "call",
     "linear",
     "from_cli_args",
+    "save_pretrained",
+    "load_pretrained",
     "INITS",
 ]
 
@@ -193,8 +195,8 @@ class LoRA:
     alpha: float
     dropout: float = 0.0
     use_rslora: bool = False
-    init_kind: str = "kaiming"
-    b_std: float = 0.0
+    init_kind: str = field(default="kaiming", compare=False)  # init-only facts: specs that compute
+    b_std: float = field(default=0.0, compare=False)           # the same function compare equal
 
     def __post_init__(self):
         if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank <= 0:
@@ -544,6 +546,20 @@ def unmerge(spec: LoRA, params: Mapping, adapters: Mapping) -> Mapping:
 
 def call(spec: LoRA, module: nn.Module, adapters: Mapping, *args, **kwargs):
     return spec.call(module, adapters, *args, **kwargs)
+
+
+def save_pretrained(spec: LoRA, adapters: Mapping, directory, *, base_model: Any, **kwargs) -> str:
+    """PEFT's adapter files; see :func:`aam_func.peft.peft_files.save_pretrained`."""
+    from .peft_files import save_pretrained as _save
+
+    return _save(spec, adapters, directory, base_model=base_model, **kwargs)
+
+
+def load_pretrained(directory, *, base_model: Any = None) -> tuple[LoRA, Params]:
+    """``(spec, adapters)`` from PEFT's adapter files; see :func:`aam_func.peft.peft_files.load_pretrained`."""
+    from .peft_files import load_pretrained as _load
+
+    return _load(directory, base_model=base_model)
 
 
 DEFAULT_CLI_TARGETS = ("*.attn.qkv", "*.attn.out")
