@@ -185,17 +185,30 @@ class _LinearCrossEntropy(torch.autograd.Function):
         for s in range(0, N, chunk):
             hc, tc = h[s : s + chunk], t[s : s + chunk]
             z = _logits(hc, weight, bias)  # (n, V) fp32
-            loss_c, lse_c = _token_loss(z, tc, eps, zl)
-            per_token[s : s + chunk] = loss_c
-            lse[s : s + chunk] = lse_c
-            if precompute:
-                G = z.sub_(lse_c[:, None]).exp_()  # softmax, in place in the chunk buffer
-                if zl:
-                    G.mul_((1.0 + 2.0 * zl * lse_c)[:, None])
-                G[torch.arange(G.shape[0], device=G.device), tc] -= 1.0 - eps
+            if not precompute:
+                loss_c, lse_c = _token_loss(z, tc, eps, zl)
+                per_token[s : s + chunk] = loss_c
+                lse[s : s + chunk] = lse_c
+            else:
+                # One pass of exp, in place in the chunk buffer: z -> exp(z - max) -> softmax.
+                loss_c = -(1.0 - eps) * z.gather(1, tc[:, None]).squeeze(1)
                 if eps:
-                    G.sub_(eps / V)
-                G.mul_(w[s : s + chunk, None])
+                    loss_c = loss_c - (eps / V) * z.sum(-1)
+                m = z.amax(-1)
+                G = z.sub_(m[:, None]).exp_()
+                total = G.sum(-1)
+                lse_c = m + total.log()
+                per_token[s : s + chunk] = loss_c + lse_c + (zl * lse_c * lse_c if zl else 0.0)
+                lse[s : s + chunk] = lse_c
+                # G = w · [(1 + 2λ lse) softmax − (1−ε) onehot − ε/V], with as few passes as possible
+                w_c = w[s : s + chunk]
+                scale = w_c / total
+                if zl:
+                    scale = scale * (1.0 + 2.0 * zl * lse_c)
+                G.mul_(scale[:, None])
+                G[torch.arange(G.shape[0], device=G.device), tc] -= (1.0 - eps) * w_c
+                if eps:
+                    G.sub_(((eps / V) * w_c)[:, None])
                 Gd = G.to(h.dtype)
                 torch.mm(Gd, weight, out=gh[s : s + chunk])
                 if Gd.dtype == acc:
