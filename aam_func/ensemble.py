@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 
 import torch
+import torch.utils._pytree as pytree
 from torch.func import grad_and_value, vmap
 
 from . import tree
@@ -57,13 +58,24 @@ init_ensemble = init
 
 def init_state(optimizer, stacked_params: Mapping):
     """The optimizer state of every member (vmapped ``optimizer.init``)."""
-    return vmap(optimizer.init)(stacked_params)
+    return vmap(optimizer.init, randomness="different")(stacked_params)
 
 
 def apply(fn: Callable, stacked_params: Mapping, *args, in_dims=None):
     """``fn(params_m, *args)`` for every member m (args shared unless ``in_dims`` says otherwise)."""
     dims = (0,) + (tuple(in_dims) if in_dims is not None else (None,) * len(args))
-    return vmap(fn, in_dims=dims)(stacked_params, *args)
+    try:
+        return vmap(fn, in_dims=dims, randomness="different")(stacked_params, *args)
+    except RuntimeError as e:
+        if "randomness" not in str(e):  # see train_step: fill the model's shape cache, retry
+            raise
+        with torch.no_grad():
+            fn(_member(stacked_params, 0), *[pytree.tree_map(lambda x: x[0], a) if d == 0 else a for a, d in zip(args, dims[1:])])
+        return vmap(fn, in_dims=dims, randomness="different")(stacked_params, *args)
+
+
+def _member(stacked: Mapping, i: int) -> Params:
+    return tree.map(lambda x: x[i], stacked)
 
 
 def train_step(loss_fn: Callable, optimizer, *, batch_per_member: bool = False):
@@ -78,9 +90,19 @@ def train_step(loss_fn: Callable, optimizer, *, batch_per_member: bool = False):
         updates, state = optimizer.update(g, state, params)
         return apply_updates(params, updates), state, loss
 
-    batched = vmap(one, in_dims=(0, 0, 0 if batch_per_member else None))
+    batched = vmap(one, in_dims=(0, 0, 0 if batch_per_member else None), randomness="different")
 
     def step(params, state, batch):
-        return batched(params, state, batch)
+        try:
+            return batched(params, state, batch)
+        except RuntimeError as e:
+            # Transformer.check_params builds a shape template by a random init the first time
+            # it sees a config, which vmap refuses; fill that cache outside vmap and retry.
+            # A workaround until the model builds the template with functorch disabled.
+            if "randomness" not in str(e):
+                raise
+            with torch.no_grad():
+                loss_fn(_member(params, 0), pytree.tree_map(lambda x: x[0], batch) if batch_per_member else batch)
+            return batched(params, state, batch)
 
     return step

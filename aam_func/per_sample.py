@@ -63,6 +63,9 @@ __all__ = [
 ]
 
 METHODS = ("ghost", "vmap")
+# Each example draws its own random numbers (dropout) from the global RNG, as a loop would.
+# (It also lets a model build random-initialised shape templates under vmap.)
+RANDOMNESS = "different"
 CLIP_EPS = 1e-6  # w_i = min(1, C / (‖g_i‖ + eps)), as Opacus: keeps ‖w_i g_i‖ < C and no 0/0
 
 
@@ -136,6 +139,34 @@ def _per_example(loss_fn):
     return lambda params, example: loss_fn(params, _as_batch_of_one(example))
 
 
+def _warm_then(call, loss_fn, params, batch):
+    """``call()``; if it fails because the model draws random numbers under vmap the first time
+    it sees a config (``Transformer.check_params`` builds its shape template by a random init,
+    cached per config), run the loss once outside vmap to fill that cache and call again.
+    A workaround until the model builds the template with functorch disabled."""
+    try:
+        return call()
+    except RuntimeError as e:
+        if "randomness" not in str(e):
+            raise
+        with torch.no_grad():
+            loss_fn(params, _slice(batch, 0, 1))
+        return call()
+
+
+def _warm_first(per, loss_fn, params, batch):
+    """``per`` whose first call goes through :func:`_warm_then`."""
+    state = {"first": True}
+
+    def call(*args):
+        if state["first"]:
+            state["first"] = False
+            return _warm_then(lambda: per(*args), loss_fn, params, batch)
+        return per(*args)
+
+    return call
+
+
 def _chunks(B: int, chunk: int):
     for start in range(0, B, chunk):
         yield start, min(B, start + chunk)
@@ -172,11 +203,12 @@ def grads(loss_fn: Callable, params: Params, batch, *, chunk_size: Optional[int]
     """
     B = batch_size(batch)
     chunk = _check_chunk(chunk_size, B)
-    per = vmap(grad(_per_example(loss_fn), argnums=argnums), in_dims=(None, _in_dims(batch)))
+    per = vmap(grad(_per_example(loss_fn), argnums=argnums), in_dims=(None, _in_dims(batch)), randomness=RANDOMNESS)
     if B == 0:
         raise ValueError("batch is empty (batch size 0); there are no per-example gradients to compute")
     if chunk >= B:
-        return per(params, batch)
+        return _warm_then(lambda: per(params, batch), loss_fn, params, batch)
+    per = _warm_first(per, loss_fn, params, batch)
     out_leaves, out_spec = None, None
     for start, stop in _chunks(B, chunk):
         part, spec = pytree.tree_flatten(per(params, _slice(batch, start, stop)))
@@ -193,15 +225,17 @@ def losses(loss_fn: Callable, params: Params, batch, *, chunk_size: Optional[int
     """(B,) per-example losses ``loss_fn(params, batch[i:i+1])`` (a vmapped forward)."""
     B = batch_size(batch)
     chunk = _check_chunk(chunk_size, B)
-    per = vmap(_per_example(loss_fn), in_dims=(None, _in_dims(batch)))
+    per = vmap(_per_example(loss_fn), in_dims=(None, _in_dims(batch)), randomness=RANDOMNESS)
     if B == 0:
         return torch.zeros(0)
+    per = _warm_first(per, loss_fn, params, batch)
     return torch.cat([per(params, _slice(batch, a, b)) for a, b in _chunks(B, chunk)])
 
 
 def _vmap_norms_and_sum(loss_fn, params, batch, max_norm, chunk, want_sum):
     B = batch_size(batch)
-    per = vmap(grad_and_value(_per_example(loss_fn)), in_dims=(None, _in_dims(batch)))
+    per = vmap(grad_and_value(_per_example(loss_fn)), in_dims=(None, _in_dims(batch)), randomness=RANDOMNESS)
+    per = _warm_first(per, loss_fn, params, batch)
     all_norms, all_losses, total = [], [], None
     for start, stop in _chunks(B, chunk):
         g, loss = per(params, _slice(batch, start, stop))
@@ -396,7 +430,7 @@ def _ghost_pass(loss_fn, params: Params, batch, mode: _WatchLinear):
             )
         return loss, list(mode.inputs)
 
-    batched = vmap(one, in_dims=(0, 0, _in_dims(batch)))
+    batched = vmap(one, in_dims=(0, 0, _in_dims(batch)), randomness=RANDOMNESS)
 
     def f(small_p, probe_list):
         loss, inputs = batched(small_p, probe_list, batch)

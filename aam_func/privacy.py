@@ -215,6 +215,8 @@ def epsilon(
     """
     delta = _check_delta(delta)
     values = rdp(sample_rate, noise_multiplier, steps, orders)
+    if steps == 0:
+        return 0.0  # nothing released (the conversion's slack would otherwise report a small ε)
     return epsilon_from_rdp(values, tuple(orders), delta)[0]
 
 
