@@ -283,6 +283,8 @@ def load_pretrained(directory: str | os.PathLike, *, base_model: Any = None) -> 
     else:
         raise TypeError(f"base_model must be an nn.Module, an aam_func Transformer/ModelConfig or None, "
                         f"got {type(base_model).__name__}")
+    order = list(cands) if isinstance(base_model, nn.Module) else list(pairs)
+    targets.sort(key=lambda t: order.index(t.name))  # the model's order, not the file's (sorted) one
     spec = LoRA(tuple(targets), **common)
     adapters = tree.unflatten({f"{t.name}.lora_{x}": pairs[t.name][x] for t in targets for x in "AB"})
     return spec, adapters
@@ -343,4 +345,7 @@ def _load_aam(cfg, pairs: dict, config: dict, directory: str, common: dict) -> t
     problems += _uncovered(hf_cands, pairs, config.get("target_modules"))
     if problems:
         raise AdapterFileError(f"adapter files in {directory!r} do not match this aam_func model: " + "; ".join(problems))
+    order = list(shapes)
+    targets.sort(key=lambda t: order.index(t.name + ".weight"))  # the model's order, not the file's
+    flat = {f"{t.name}.lora_{x}": flat[f"{t.name}.lora_{x}"] for t in targets for x in "AB"}
     return LoRA(tuple(targets), **common), tree.unflatten(flat)
