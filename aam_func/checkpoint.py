@@ -237,11 +237,15 @@ def load_checkpoint(path: str | os.PathLike, *, opt_template: Optional[Mapping] 
         if isinstance(e, CheckpointError):
             raise
         raise CheckpointError(f"checkpoint config {os.path.join(path, CONFIG_FILE)!r} is invalid: {e}") from None
-    params = tree.unflatten(_load_tensors(os.path.join(path, PARAMS_FILE), "params file"))
+    flat_params = _load_tensors(os.path.join(path, PARAMS_FILE), "params file")
     try:
-        Transformer(cfg).check_params(params)
+        model = Transformer(cfg)
+        model.check_params(tree.unflatten(flat_params))
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"checkpoint params {os.path.join(path, PARAMS_FILE)!r} do not fit its config: {e}") from None
+    # the model's own leaf order (safetensors sorts names): reductions over leaves then sum in
+    # the same order as in the run that saved, which bitwise resume needs
+    params = restore_like(model.param_shapes(), flat_params, what="params")
     opt_state = None
     opt_file = os.path.join(path, OPTIMIZER_FILE)
     if load_optimizer and os.path.exists(opt_file):
