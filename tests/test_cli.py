@@ -1,0 +1,157 @@
+"""The aam-func command: train/generate/eval end to end, resume, Ctrl-C, and clear errors."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from aam_func import cli
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--d-model", "32", "--n-layers", "1", "--n-heads", "2", "--seq-len", "32", "--batch-size", "4",
+        "--vocab-size", "300", "--sample-tokens", "0", "--precision", "fp32"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models: one intra-op thread (two spinning OpenMP threads on a shared CPU are far slower)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """A few dozen documents of Python's reference text, as a folder of .txt files."""
+    from pydoc_data.topics import topics
+
+    d = tmp_path_factory.mktemp("corpus")
+    for i, key in enumerate(sorted(topics)[:30]):
+        (d / f"{i:02d}.txt").write_text(topics[key], encoding="utf-8")
+    return d
+
+
+def _env():
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
+    env.pop("HF_HUB_OFFLINE", None)
+    return env
+
+
+def _run(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "aam_func", *args], capture_output=True, text=True,
+                          timeout=timeout, env=_env(), cwd=ROOT)
+
+
+def test_train_generate_eval_end_to_end(tmp_path, corpus):
+    out = tmp_path / "run"
+    r = _run("train", "--data", str(corpus), "--steps", "3", "--eval-every", "2", "--output-dir", str(out),
+             "--sample-tokens", "8", *TINY[:-4])
+    assert r.returncode == 0, r.stderr
+    assert "held-out loss" in r.stdout and "unigram baseline" in r.stdout and "sample:" in r.stdout
+    assert "step 2: val loss" in r.stdout
+    ck = out / "checkpoint"
+    assert {"config.json", "params.safetensors", "optimizer.safetensors", "rng.safetensors",
+            "trainer_state.json", "tokenizer"} <= set(os.listdir(ck))
+    state = json.loads((ck / "trainer_state.json").read_text())
+    assert state["step"] == 3 and state["metrics"]["val_perplexity"] > 1
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert any("tokens_per_s" in rec for rec in records) and any("val_loss" in rec for rec in records)
+
+    r = _run("generate", "--checkpoint", str(out), "--prompt", "The with", "--prompt", "x", "--max-new-tokens", "5",
+             "--seed", "1")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("--- ") == 2 and "The with" in r.stdout
+    again = _run("generate", "--checkpoint", str(out), "--prompt", "The with", "--prompt", "x", "--max-new-tokens", "5",
+                 "--seed", "1")
+    assert again.stdout == r.stdout  # seeded
+
+    r = _run("eval", "--checkpoint", str(ck))
+    assert r.returncode == 0, r.stderr
+    lines = dict(line.split(" ", 1) for line in r.stdout.splitlines() if line.startswith(("loss", "perplexity")))
+    assert abs(float(lines["loss"]) - state["metrics"]["val_loss"]) < 1e-4
+
+
+def test_resume_via_cli_is_bitwise(tmp_path, corpus):
+    common = ["--data", str(corpus), "--eval-every", "0", *TINY, "--dropout", "0.1"]
+    assert cli.main(["train", "--steps", "4", "--output-dir", str(tmp_path / "a"), *common]) == 0
+    assert cli.main(["train", "--steps", "4", "--stop-after", "2", "--output-dir", str(tmp_path / "b"), *common]) == 0
+    assert json.loads((tmp_path / "b" / "checkpoint" / "trainer_state.json").read_text())["step"] == 2
+    assert cli.main(["train", "--steps", "4", "--resume", "--output-dir", str(tmp_path / "b"), *common]) == 0
+    for name in ("params.safetensors", "optimizer.safetensors"):
+        a, b = load_file(tmp_path / "a" / "checkpoint" / name), load_file(tmp_path / "b" / "checkpoint" / name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def test_ctrl_c_saves_a_checkpoint(tmp_path, corpus):
+    out = tmp_path / "run"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "aam_func", "train", "--data", str(corpus), "--steps", "100000", "--eval-every", "0",
+         "--output-dir", str(out), *TINY],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(), cwd=ROOT,
+    )
+    deadline = time.time() + 120
+    while not (out / "metrics.jsonl").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    assert "checkpoint saved" in stderr and "Traceback" not in stderr
+    state = json.loads((out / "checkpoint" / "trainer_state.json").read_text())
+    assert 0 < state["step"] < 100000
+
+
+def _error(capsys, argv, match):
+    code = cli.main(argv)
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.startswith("error: ") and match in err, err
+    assert "Traceback" not in err
+
+
+def test_bad_input_is_a_clear_error(tmp_path, capsys, corpus):
+    out = ["--output-dir", str(tmp_path / "run")]
+    _error(capsys, ["train", "--data", str(tmp_path / "missing"), *TINY, *out], "does not exist")
+    (tmp_path / "empty.txt").write_text("\n \n", encoding="utf-8")
+    _error(capsys, ["train", "--data", str(tmp_path / "empty.txt"), *TINY, *out], "is empty")
+    (tmp_path / "bad.txt").write_bytes(b"caf\xe9 au lait")
+    _error(capsys, ["train", "--data", str(tmp_path / "bad.txt"), *TINY, *out], "bad.txt is not UTF-8")
+    _error(capsys, ["train", "--data", str(corpus), *TINY, "--max-seq-len", "16", *out],
+           "--seq-len 32 is above the model's maximum sequence length 16")
+    _error(capsys, ["train", "--data", str(corpus), *TINY, "--tokenizer", "no-such-tokenizer-anywhere", *out],
+           "not available offline")
+    _error(capsys, ["train", "--data", str(corpus), *TINY, "--n-heads", "3", *out], "divisible by n_heads")
+    _error(capsys, ["eval", "--checkpoint", str(tmp_path / "nothing")], "no checkpoint at")
+
+
+def test_corrupted_or_truncated_checkpoint(tmp_path, capsys, corpus):
+    run = tmp_path / "run"
+    assert cli.main(["train", "--data", str(corpus), "--steps", "1", "--eval-every", "0", "--output-dir", str(run),
+                     *TINY]) == 0
+    capsys.readouterr()
+    _error(capsys, ["eval", "--checkpoint", str(run), "--seq-len", "64"], "above the model's maximum")
+    params = run / "checkpoint" / "params.safetensors"
+    size = params.stat().st_size
+    with open(params, "r+b") as f:
+        f.truncate(size - 100)
+    _error(capsys, ["generate", "--checkpoint", str(run), "--prompt", "x"], "truncated or corrupted")
+    with open(params, "wb") as f:
+        f.write(b"not a safetensors file at all")
+    _error(capsys, ["eval", "--checkpoint", str(run)], "truncated or corrupted")
+    _error(capsys, ["train", "--resume", str(run), "--steps", "5", "--data", str(corpus), *TINY,
+                    "--output-dir", str(run)], "truncated or corrupted")
+
+
+def test_errors_have_no_traceback_in_a_real_process(tmp_path):
+    (tmp_path / "bad.txt").write_bytes(b"\xff\xfe\x00bad")
+    r = _run("train", "--data", str(tmp_path / "bad.txt"), "--output-dir", str(tmp_path / "run"))
+    assert r.returncode == 2 and r.stderr.startswith("error: ") and "Traceback" not in r.stderr
+    r = _run("generate", "--checkpoint", str(tmp_path / "none"), "--prompt", "x")
+    assert r.returncode == 2 and "no checkpoint at" in r.stderr and "Traceback" not in r.stderr
