@@ -24,9 +24,18 @@ Which keys a query at position i may read (all conditions must hold):
   The diagonal j == i is always allowed, so no row is empty.
 - ``relative_bias`` adds a position-dependent term to the logits (see :class:`RelativeBias`).
 
-Backends: ``"math"`` (the dense composite reference, autograd-differentiated),
-``"sdpa"`` (``F.scaled_dot_product_attention``), ``"auto"`` (SDPA when the variant allows and
-no forward-mode AD is active, else the math path).
+Backends:
+- ``"blockwise"``: flash-style exact attention (:class:`BlockwiseAttention`), tiled over queries
+  and keys with an online softmax; saves only the output and the row log-sum-exp (O(T) extra
+  memory), recomputes scores tile by tile in the backward, has a ``jvp`` rule (forward-mode AD),
+  a generated vmap rule, and exact double backward. Every variant above, computed per tile from
+  positions; key tiles outside the causal/window band are skipped (local attention is O(T·w)).
+- ``"math"``: the dense composite reference (:func:`reference`), autograd-differentiated.
+- ``"sdpa"``: ``F.scaled_dot_product_attention`` (no relative bias; masks become dense bool masks).
+- ``"xformers"``: ``xformers.ops.memory_efficient_attention`` for standard attention, when installed.
+- ``"auto"``: SDPA when the call needs no mask or bias (full, or causal with q_len == k_len) and
+  no forward-mode AD is active, else blockwise; dropout always runs on the math path.
+Derivations: ``proofs/attention.md``.
 """
 
 from __future__ import annotations
@@ -41,7 +50,7 @@ from torch import Tensor
 
 import warnings
 
-from ._util import forward_ad_active, vmap_active
+from ._util import forward_ad_active
 from .registry import OpSpec, register
 
 __all__ = [
@@ -766,10 +775,10 @@ def attention(
         return reference(q, k, v, relative_bias=relative_bias, dropout_p=dropout_p, generator=generator, **kwargs)
     if backend == "auto":
         Tq, Tk = q.shape[2], k.shape[2]
+        # Under vmap SDPA's CPU kernel has no batching rule (a per-example loop, with a warning),
+        # yet measured it still beats the math path (docs/bench_attention.md), so it stays.
         if sdpa_ok and not forward_ad_active() and _mask_free(causal, key_padding_mask, window, sparsity, Tq, Tk):
-            if not vmap_active():
-                return _sdpa(q, k, v, **kwargs)
-            return reference(q, k, v, relative_bias=relative_bias, **kwargs)
+            return _sdpa(q, k, v, **kwargs)
     return blockwise(q, k, v, relative_bias=relative_bias, block_q=block_q, block_k=block_k, **kwargs)
 
 
