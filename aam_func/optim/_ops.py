@@ -115,9 +115,11 @@ def addcdiv_(xs, ys, zs, value):
     if use_foreach():
         if is_number(value):
             torch._foreach_addcdiv_(xs, ys, zs, value)
-        else:
-            # the Tensor overload wants one packed value per leaf (a 1-d tensor)
-            torch._foreach_addcdiv_(xs, ys, zs, value.reshape(1).expand(len(xs)).contiguous())
+        elif not torch.compiler.is_compiling():
+            # the Tensor overload wants one packed value per leaf (a 1-d CPU tensor)
+            torch._foreach_addcdiv_(xs, ys, zs, value.detach().cpu().reshape(1).expand(len(xs)).contiguous())
+        else:  # packed scalars do not trace; inductor fuses these anyway
+            torch._foreach_add_(xs, torch._foreach_mul(torch._foreach_div(ys, zs), value))
         return xs
     return [x + value * (y / z) for x, y, z in zip(xs, ys, zs)]
 

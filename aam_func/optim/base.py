@@ -55,15 +55,15 @@ def aligned(names: list[str], t: Mapping | None, what: str, ref: str = "grads") 
     flat = tree.flatten(t)
     if list(flat.keys()) == names:
         return list(flat.values())
-    missing = [n for n in names if n not in flat]
-    unexpected = [n for n in flat if n not in set(names)]
-    if missing or unexpected:
+    only_ref = [n for n in names if n not in flat]
+    only_t = [n for n in flat if n not in set(names)]
+    if only_ref or only_t:
         parts = []
-        if missing:
-            parts.append("missing: " + ", ".join(missing))
-        if unexpected:
-            parts.append("unexpected: " + ", ".join(unexpected))
-        raise ValueError(f"{what} do not have the same keys as {ref}; " + "; ".join(parts))
+        if only_ref:
+            parts.append(f"only in {ref}: " + ", ".join(only_ref))
+        if only_t:
+            parts.append(f"only in {what}: " + ", ".join(only_t))
+        raise ValueError(f"{what} and {ref} have different keys; " + "; ".join(parts))
     return [flat[n] for n in names]
 
 

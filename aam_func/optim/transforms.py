@@ -1,0 +1,238 @@
+"""Small gradient transformations, each a pure ``(init, update)`` pair (Optax style).
+
+Notation: ``g`` the incoming updates (gradients at the head of a chain), ``p`` the params,
+``u`` the outgoing updates, ``t`` the 1-based step count, ``lr`` a float, a 0-d tensor or a
+schedule evaluated at ``t - 1``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+
+import torch
+from torch import Tensor
+
+from .. import tree
+from . import _ops
+from .base import (
+    GradientTransformation,
+    aligned,
+    build,
+    check_beta,
+    check_nonneg,
+    leaves_of,
+    step_counter,
+)
+
+__all__ = [
+    "scale",
+    "scale_by_learning_rate",
+    "scale_by_schedule",
+    "scale_by_adam",
+    "scale_by_lion",
+    "trace",
+    "add_decayed_weights",
+    "clip_by_global_norm",
+    "clip",
+]
+
+
+def _lr_at(lr, count: Tensor):
+    """A learning rate (float, tensor or schedule) at the step counter ``count`` (0-based)."""
+    if callable(lr) and not isinstance(lr, Tensor):
+        return _ops.as_scalar(lr(count))
+    return lr
+
+
+def scale(step_size) -> GradientTransformation:
+    """``u = step_size * g``; no state. ``step_size`` is a number or a 0-d tensor."""
+    if callable(step_size) and not isinstance(step_size, Tensor):
+        raise TypeError(f"scale's step_size must be a number (use scale_by_schedule for schedules), got {step_size!r}")
+
+    def update(grads, state, params=None):
+        names, gs = leaves_of(grads)
+        return build(names, _ops.mul(gs, step_size)), state
+
+    return GradientTransformation(lambda params: {}, update)
+
+
+def scale_by_schedule(schedule: Callable) -> GradientTransformation:
+    """``u = schedule(t - 1) * g``; state ``{"count": int64}``."""
+    if not callable(schedule):
+        raise TypeError(f"schedule must be a callable step -> value, got {schedule!r}")
+
+    def init(params):
+        return {"count": step_counter()}
+
+    def update(grads, state, params=None):
+        count = state["count"]
+        names, gs = leaves_of(grads)
+        return build(names, _ops.mul(gs, _ops.as_scalar(schedule(count)))), {"count": count + 1}
+
+    return GradientTransformation(init, update)
+
+
+def scale_by_learning_rate(learning_rate, *, flip_sign: bool = True) -> GradientTransformation:
+    """``u = -lr * g`` (``+lr`` with ``flip_sign=False``); ``lr`` a float, 0-d tensor or schedule."""
+    check_nonneg("learning_rate", learning_rate, allow_schedule=True)
+    sign = -1.0 if flip_sign else 1.0
+    if callable(learning_rate) and not isinstance(learning_rate, Tensor):
+        return scale_by_schedule(lambda count: sign * _ops.as_scalar(learning_rate(count)))
+    return scale(sign * learning_rate)
+
+
+def _bias_corrections(count: Tensor, b1, b2) -> tuple[Tensor, Tensor]:
+    """``1 - b1^t, 1 - b2^t`` in float64 (as torch.optim computes them in Python floats)."""
+    t = count.to(_ops.SCALAR_DTYPE)
+    return 1 - torch.pow(_ops.as_scalar(b1), t), 1 - torch.pow(_ops.as_scalar(b2), t)
+
+
+def _adam_moments(gs, mus, nus, b1, b2):
+    """``m = b1 m + (1 - b1) g`` (as torch: lerp), ``v = b2 v + (1 - b2) g^2``; fresh buffers."""
+    mus = _ops.lerp(mus, gs, 1 - b1)
+    nus = _ops.mul(nus, b2)
+    nus = _ops.addcmul_(nus, gs, gs, 1 - b2)
+    return mus, nus
+
+
+def _adam_denominator(nus, bc2: Tensor, eps, eps_root):
+    """``sqrt(v / bc2 + eps_root) + eps``; with ``eps_root == 0`` in torch.optim's order:
+    ``sqrt(v) / sqrt(bc2) + eps``."""
+    if _ops.is_number(eps_root) and eps_root == 0:
+        denom = _ops.sqrt(nus)
+        denom = _ops.div_(denom, torch.sqrt(bc2))
+    else:
+        denom = _ops.div(nus, bc2)
+        denom = _ops.add_scalar_(denom, eps_root)
+        denom = _ops.sqrt_(denom)
+    return _ops.add_scalar_(denom, eps)
+
+
+def _adam_init(params):
+    names, ps = leaves_of(params)
+    return {
+        "count": step_counter(),
+        "mu": build(names, _ops.zeros_like(ps)),
+        "nu": build(names, _ops.zeros_like(ps)),
+    }
+
+
+def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, eps_root: float = 0.0) -> GradientTransformation:
+    """Adam's direction (Kingma & Ba 2015), bias corrected:
+
+    ``m = b1 m + (1-b1) g;  v = b2 v + (1-b2) g^2;  u = (m / (1-b1^t)) / (sqrt(v / (1-b2^t) + eps_root) + eps)``
+
+    ``eps_root`` (inside the root) keeps the derivative of ``u`` finite when ``v = 0`` (meta-learning).
+    State ``{"count": int64, "mu": tree, "nu": tree}``.
+    """
+    check_beta("b1", b1)
+    check_beta("b2", b2)
+    check_nonneg("eps", eps)
+    check_nonneg("eps_root", eps_root)
+
+    def update(grads, state, params=None):
+        names, gs = leaves_of(grads)
+        mus = aligned(names, state["mu"], "adam state 'mu'")
+        nus = aligned(names, state["nu"], "adam state 'nu'")
+        count = state["count"] + 1
+        bc1, bc2 = _bias_corrections(count, b1, b2)
+        mus, nus = _adam_moments(gs, mus, nus, b1, b2)
+        denom = _adam_denominator(nus, bc2, eps, eps_root)
+        us = _ops.div(mus, denom)
+        us = _ops.div_(us, bc1)
+        return build(names, us), {"count": count, "mu": build(names, mus), "nu": build(names, nus)}
+
+    return GradientTransformation(_adam_init, update)
+
+
+def scale_by_lion(b1: float = 0.9, b2: float = 0.99) -> GradientTransformation:
+    """Lion's direction (Chen et al. 2023): ``u = sign(b1 m + (1-b1) g);  m = b2 m + (1-b2) g``.
+
+    State ``{"mu": tree}``.
+    """
+    check_beta("b1", b1)
+    check_beta("b2", b2)
+
+    def init(params):
+        names, ps = leaves_of(params)
+        return {"mu": build(names, _ops.zeros_like(ps))}
+
+    def update(grads, state, params=None):
+        names, gs = leaves_of(grads)
+        mus = aligned(names, state["mu"], "lion state 'mu'")
+        us = _ops.sign(_ops.lerp(mus, gs, 1 - b1))
+        mus = _ops.lerp(mus, gs, 1 - b2)
+        return build(names, us), {"mu": build(names, mus)}
+
+    return GradientTransformation(init, update)
+
+
+def trace(decay: float = 0.9, nesterov: bool = False) -> GradientTransformation:
+    """Momentum, as torch.optim.SGD (dampening 0): ``b = decay b + g``;
+    ``u = b``, or ``u = g + decay b`` with ``nesterov``. State ``{"trace": tree}``."""
+    check_beta("decay", decay)
+    if not isinstance(nesterov, bool):
+        raise TypeError(f"nesterov must be a bool, got {nesterov!r}")
+
+    def init(params):
+        names, ps = leaves_of(params)
+        return {"trace": build(names, _ops.zeros_like(ps))}
+
+    def update(grads, state, params=None):
+        names, gs = leaves_of(grads)
+        bufs = aligned(names, state["trace"], "trace state")
+        bufs = _ops.add_(_ops.mul(bufs, decay), gs)
+        us = _ops.add(gs, bufs, alpha=decay) if nesterov else bufs
+        return build(names, us), {"trace": build(names, bufs)}
+
+    return GradientTransformation(init, update)
+
+
+def add_decayed_weights(weight_decay: float = 0.0, mask=None) -> GradientTransformation:
+    """``u = g + weight_decay * p`` (L2 as a gradient term; before ``scale_by_learning_rate`` it is
+    AdamW's decoupled decay). ``mask``: a bool tree, a predicate ``(name, leaf) -> bool`` or globs;
+    unselected leaves pass through unchanged. Needs ``params``; no state."""
+    check_nonneg("weight_decay", weight_decay)
+
+    def update(grads, state, params=None):
+        names, gs = leaves_of(grads)
+        ps = aligned(names, params, "params")
+        us = _ops.add(gs, ps, alpha=weight_decay)
+        return build(names, us), state
+
+    inner = GradientTransformation(lambda params: {}, update)
+    if mask is None:
+        return inner
+    from .wrappers import masked
+
+    return masked(inner, mask)
+
+
+def clip_by_global_norm(max_norm: float) -> GradientTransformation:
+    """As ``torch.nn.utils.clip_grad_norm_``: ``n = sqrt(sum ||g||^2)``,
+    ``u = g * min(1, max_norm / (n + 1e-6))``. State ``{"global_norm": n}`` holds the norm
+    before clipping, for logging (read it with :func:`aam_func.optim.last_global_norm`)."""
+    check_nonneg("max_norm", max_norm)
+
+    def init(params):
+        return {"global_norm": torch.zeros((), dtype=torch.float32)}
+
+    def update(grads, state, params=None):
+        names, gs = leaves_of(grads)
+        norm = _ops.global_norm(gs)
+        coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+        return build(names, _ops.mul(gs, coef)), {"global_norm": norm.to(torch.float32)}
+
+    return GradientTransformation(init, update)
+
+
+def clip(max_delta: float) -> GradientTransformation:
+    """``u = clamp(g, -max_delta, max_delta)`` elementwise (torch's clip_grad_value_); no state."""
+    check_nonneg("max_delta", max_delta)
+
+    def update(grads, state, params=None):
+        names, gs = leaves_of(grads)
+        return build(names, _ops.clamp(gs, -max_delta, max_delta)), state
+
+    return GradientTransformation(lambda params: {}, update)
