@@ -87,14 +87,36 @@ def best_time(fn, repeats):
     return best
 
 
+def vmap_section():
+    """vmap(grad) of causal attention per backend: what ``auto`` should pick under vmap."""
+    import warnings
+
+    from torch.func import grad, vmap
+
+    warnings.simplefilter("ignore")  # SDPA's "no batching rule" performance warning
+    torch.set_num_threads(1)
+    print("== vmap(grad) of causal attention, 16 examples x 4 heads x head_dim 32, CPU ms per call, 1 thread ==")
+    for T in (64, 256):
+        q, k, v = (torch.randn(16, 4, T, 32) for _ in range(3))
+        row = []
+        for backend in ("sdpa", "math", "blockwise"):
+            f = lambda q, k, v: attention(q[None], k[None], v[None], causal=True, backend=backend).sum()
+            fn = vmap(grad(f, argnums=(0, 1, 2)))
+            row.append(f"{backend} {best_time(lambda: fn(q, k, v), 3) * 1e3:.1f}")
+        print(f"T={T:4d}: " + ", ".join(row))
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--child", nargs=2)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--vmap-only", action="store_true", help="only the auto-under-vmap comparison")
     args = ap.parse_args()
     if args.child:
         return child(args.child[0], int(args.child[1]))
+    if args.vmap_only:
+        return vmap_section()
     torch.set_num_threads(2)
     Ts = [512, 1024, 2048] if args.quick else [1024, 2048, 4096, 8192]
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, batch 1, heads {H}, head_dim {D}, float32, causal\n")
