@@ -1,0 +1,89 @@
+"""Greedy decoding speed: aam_func.generate (KV cache) against transformers' generate.
+
+The same GPT-2 (random init, imported with ``from_transformers``), the same prompts, greedy,
+exactly ``--new-tokens`` tokens (no eos). Runs alternate (ours, theirs, ours, ...) in one
+process so that load from other processes hits both alike; the figures are medians. The
+outputs are checked to be equal token for token.
+
+    python benchmarks/generate.py                       # batch 1 and 8, 128 new tokens
+    python benchmarks/generate.py --batches 1,8 --new-tokens 128 --reps 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import aam_func as af  # noqa: E402
+from aam_func.generate import generate  # noqa: E402
+from aam_func.interop.hf import from_transformers  # noqa: E402
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--batches", default="1,8")
+    ap.add_argument("--prompt-len", type=int, default=16)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--d-model", type=int, default=256)
+    ap.add_argument("--n-layers", type=int, default=4)
+    ap.add_argument("--n-heads", type=int, default=8)
+    ap.add_argument("--vocab-size", type=int, default=8192)
+    ap.add_argument("--threads", type=int, default=None)
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    torch.manual_seed(0)
+    hc = transformers.GPT2Config(
+        vocab_size=args.vocab_size, n_positions=args.prompt_len + args.new_tokens, n_embd=args.d_model,
+        n_layer=args.n_layers, n_head=args.n_heads, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+        bos_token_id=0, eos_token_id=0,
+    )
+    hf = transformers.GPT2LMHeadModel(hc).eval()
+    hf.generation_config.eos_token_id = None
+    hf.generation_config.pad_token_id = 0
+    cfg, params = from_transformers(hf)
+    model = af.Transformer(cfg)
+    print(f"GPT-2 {cfg.n_layers} layers, d_model {cfg.d_model}, vocab {cfg.vocab_size}; prompt {args.prompt_len}, "
+          f"{args.new_tokens} new tokens, greedy; {torch.get_num_threads()} threads; torch {torch.__version__}, "
+          f"transformers {transformers.__version__}")
+    print("| batch | aam_func tokens/s | transformers tokens/s | ratio | equal outputs |")
+    print("|---|---|---|---|---|")
+    for b in [int(x) for x in args.batches.split(",")]:
+        x = torch.randint(1, args.vocab_size, (b, args.prompt_len), generator=torch.Generator().manual_seed(b))
+        mask = torch.ones_like(x)
+
+        def ours():
+            return generate(model, params, x, attention_mask=mask, max_new_tokens=args.new_tokens)
+
+        def theirs():
+            with torch.no_grad():
+                return hf.generate(x, attention_mask=mask, do_sample=False, max_new_tokens=args.new_tokens,
+                                   min_new_tokens=args.new_tokens)
+
+        equal = torch.equal(ours(), theirs())  # also a warmup
+        t_ours, t_theirs = [], []
+        for _ in range(args.reps):
+            t = time.perf_counter()
+            ours()
+            t_ours.append(time.perf_counter() - t)
+            t = time.perf_counter()
+            theirs()
+            t_theirs.append(time.perf_counter() - t)
+        n = b * args.new_tokens
+        a, h = n / statistics.median(t_ours), n / statistics.median(t_theirs)
+        print(f"| {b} | {a:,.0f} | {h:,.0f} | {a / h:.2f}x | {equal} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

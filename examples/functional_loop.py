@@ -1,0 +1,58 @@
+"""The training loop written out by hand: torch.func.grad for gradients, aam_func.optim for
+updates, nothing hidden. (``aam_func.train.make_train_step`` packages exactly this, plus mixed
+precision, accumulation and compile; ``aam-func train`` adds data, checkpoints and logging.)
+
+    python examples/functional_loop.py            # ~1 minute on 2 CPU cores
+"""
+
+import math
+import time
+
+import torch
+
+import aam_func as af
+from aam_func import optim, tree
+from aam_func.data import BlockLoader, load_corpus, pack, split_documents, tokenize_documents, unigram_perplexity
+from aam_func.tokenizer import Tokenizer
+
+STEPS, BATCH, SEQ = 150, 16, 64
+
+# data: Python's reference text, a byte-level BPE trained on it, packed into blocks
+train_docs, val_docs = split_documents(load_corpus(None), val_fraction=0.1)
+tok = Tokenizer.train_bpe(train_docs, vocab_size=2048)
+train_ids, val_ids = tokenize_documents(train_docs, tok), tokenize_documents(val_docs, tok)
+loader = BlockLoader(pack(train_ids, SEQ), BATCH, seed=0)
+val_blocks = pack(val_ids, SEQ)[:64]
+
+# model: a spec and a tree of tensors
+cfg = af.ModelConfig(vocab_size=tok.vocab_size, d_model=128, n_layers=2, n_heads=4, max_seq_len=SEQ, dropout=0.0,
+                     position_encoding="learnable")
+model = af.Transformer(cfg)
+params = model.init(seed=0)
+
+
+def loss_fn(params, input_ids):
+    return model.apply(params, input_ids, labels=input_ids)["loss"]
+
+
+# optimizer: a pair of pure functions (init, update); its state is a tree like params
+opt = optim.chain(
+    optim.clip_by_global_norm(1.0),
+    optim.adamw(optim.warmup_cosine(3e-3, 10, STEPS, end_value=3e-4), weight_decay=0.1, mask=optim.decay_mask(params)),
+)
+opt_state = opt.init(params)
+grad_and_loss = torch.func.grad_and_value(loss_fn)
+
+t0 = time.perf_counter()
+for step in range(STEPS):
+    ids = loader.batch(step)["input_ids"]
+    grads, loss = grad_and_loss(params, ids)                       # grads: same tree as params
+    updates, opt_state = opt.update(grads, opt_state, params)      # new state; nothing in place
+    params = optim.apply_updates(params, updates)                  # new params
+    if step % 25 == 0 or step == STEPS - 1:
+        print(f"step {step:4d}  loss {float(loss):.3f}  grad norm {float(optim.last_global_norm(opt_state)):.2f}")
+
+with torch.no_grad():
+    val = float(loss_fn(params, val_blocks))
+print(f"held-out perplexity {math.exp(val):.1f} (unigram baseline {unigram_perplexity(train_ids, val_ids, cfg.vocab_size):.1f}); "
+      f"{tree.count(params) / 1e6:.2f}M params, {time.perf_counter() - t0:.0f}s")
