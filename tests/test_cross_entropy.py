@@ -204,3 +204,14 @@ def test_transformer_loss_fused_equals_unfused(smoothing):
     g_fused, g_unfused = grad(fused)(params), grad(unfused)(params)
     for k in af.tree.flatten(g_unfused):
         torch.testing.assert_close(af.tree.flatten(g_fused)[k], af.tree.flatten(g_unfused)[k], rtol=1e-4, atol=1e-6)
+
+
+def test_retained_graph_second_backward_is_still_right():
+    """A second backward through a retained graph (new upstream gradient) is right too."""
+    h, w, t = _r(6, 3).requires_grad_(), _r(5, 3, seed=1).requires_grad_(), _targets(6, 5)
+    loss = lce(h, w, t, chunk_size=4)
+    g1 = torch.autograd.grad(3.0 * loss, (h, w), retain_graph=True)
+    g2 = torch.autograd.grad(0.5 * loss, (h, w))
+    want = torch.autograd.grad(reference(h, w, t), (h, w))
+    torch.testing.assert_close(g1, tuple(3.0 * x for x in want))
+    torch.testing.assert_close(g2, tuple(0.5 * x for x in want))

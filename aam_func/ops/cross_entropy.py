@@ -217,6 +217,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
                     gw.add_(Gd.t() @ hc)
                 if bias is not None:
                     gb.add_(G.sum(0))
+                del G, Gd
+            del z  # free this chunk's logits before the next chunk allocates its own
         return _reduce(per_token, valid, reduction), lse, gh, gw, gb
 
     @staticmethod
