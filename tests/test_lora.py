@@ -66,6 +66,8 @@ def test_linear_merged_factored_unmerge(fan_in, fan_out, rank_raw, batch, fif, r
     # B = 0: nothing changes, exactly
     assert torch.equal(spec.apply(apply, params, ad, x), apply(params, x))
     assert torch.equal(spec.merged(params, ad)["lin"]["weight"], w)
+    g0 = grad(lambda a: spec.apply(apply, params, a, x).square().sum())(ad)["lin"]
+    assert not g0["lora_A"].any() and g0["lora_B"].abs().sum() > 0  # A starts moving once B has
     ad = tree.map(lambda t: torch.randn(t.shape, generator=g), ad)
     A, B = ad["lin"]["lora_A"], ad["lin"]["lora_B"]
     s = 3.0 / (math.sqrt(rank) if rslora else rank)
