@@ -627,3 +627,21 @@ def test_bad_types_raise_typeerror():
         optim.adamw("0.1")
     with pytest.raises(TypeError, match="step"):
         optim.constant(1.0)("3")
+
+
+def test_skip_and_accumulate_choose_per_member_under_vmap():
+    # under vmap the branch becomes a leafwise torch.where: each member skips or steps alone
+    params = {"w": torch.zeros(3, 2)}
+    grads = {"w": torch.ones(3, 2)}
+    grads["w"][1, 0] = float("inf")
+    opt = optim.apply_if_finite(optim.sgd(0.5), 3)
+    u, s = vmap(lambda g, s, p: opt.update(g, s, p))(grads, vmap(opt.init)(params), params)
+    assert torch.equal(u["w"][0], torch.full((2,), -0.5)) and torch.equal(u["w"][1], torch.zeros(2))
+    assert s["notfinite_count"].tolist() == [0, 1, 0]
+    acc = optim.multi_steps(optim.sgd(1.0), 2)
+    s = vmap(acc.init)(params)
+    g = {"w": torch.arange(6.0).reshape(3, 2)}
+    u, s = vmap(acc.update)(g, s, params)
+    assert torch.equal(u["w"], torch.zeros(3, 2)) and s["mini_step"].tolist() == [1, 1, 1]
+    u, s = vmap(acc.update)(g, s, params)
+    assert torch.equal(u["w"], -g["w"]) and s["mini_step"].tolist() == [0, 0, 0]
