@@ -777,7 +777,8 @@ def attention(
         Tq, Tk = q.shape[2], k.shape[2]
         # Under vmap SDPA's CPU kernel has no batching rule (a per-example loop, with a warning),
         # yet measured it still beats the math path (docs/bench_attention.md), so it stays.
-        if sdpa_ok and not forward_ad_active() and _mask_free(causal, key_padding_mask, window, sparsity, Tq, Tk):
+        fwd_ad = not torch.compiler.is_compiling() and forward_ad_active()  # dynamo cannot trace the check
+        if sdpa_ok and not fwd_ad and _mask_free(causal, key_padding_mask, window, sparsity, Tq, Tk):
             return _sdpa(q, k, v, **kwargs)
     return blockwise(q, k, v, relative_bias=relative_bias, block_q=block_q, block_k=block_k, **kwargs)
 
