@@ -1,11 +1,17 @@
-"""aam_func: a functional, JAX-style transformer and LLM toolkit on torch.func."""
+"""aam_func: a functional, JAX-style transformer and LLM toolkit on torch.func.
 
-from . import tree
+    import aam_func as af
+    model = af.Transformer(af.ModelConfig(...))
+    params = model.init(seed=0)
+    out = model.apply(params, input_ids, labels=input_ids)
+"""
+
+from . import init, layers, losses, nn, ops, optim, tree
+from .config import ModelConfig
+from .model import Transformer
+from .nn import bind
 from .tree import Params
 
 __version__ = "0.1.0"
-from . import init, layers, losses, ops
-from .config import ModelConfig
-from .model import Transformer
-from . import nn
-from .nn import bind
+
+__all__ = ["ModelConfig", "Transformer", "Params", "bind", "tree", "init", "layers", "losses", "nn", "ops", "optim"]
