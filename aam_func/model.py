@@ -43,7 +43,7 @@ __all__ = ["Transformer"]
 
 def _can_inspect_values() -> bool:
     """Value checks need ``.item()``; skip them under vmap and while compiling (shape checks stay)."""
-    return not vmap_active() and not torch.compiler.is_compiling()
+    return not torch.compiler.is_compiling() and not vmap_active()
 
 
 @dataclass(frozen=True)
