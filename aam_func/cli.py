@@ -96,7 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--max-seq-len", type=_positive_int, default=None, help="the model's maximum length; default: --seq-len")
     m.add_argument("--dropout", type=_float(0.0, 0.99), default=0.0)
     m.add_argument("--attention-type", choices=ATTENTION_TYPES, default="standard")
-    m.add_argument("--attention-backend", choices=ATTENTION_BACKENDS, default="auto")
+    m.add_argument("--attention-backend", choices=ATTENTION_BACKENDS, default=None,
+                   help="default: auto, except math under bf16 on CPU (torch's CPU flash-attention backward is slow in bf16)")
     m.add_argument("--position-encoding", choices=POSITION_ENCODINGS, default="learnable")
     m.add_argument("--gradient-checkpointing", action="store_true", help="recompute blocks in the backward (less memory)")
     o = t.add_argument_group("optimisation")
@@ -178,6 +179,14 @@ def _precision(choice: str, device: str) -> str:
     if choice == "fp16" and device == "cpu":
         pass  # allowed (autocast supports it on CPU), but slow; the user asked for it
     return choice
+
+
+def _backend(choice: Optional[str], precision: str, device_type: str) -> str:
+    """The attention backend: the user's choice, else "auto" except under bf16 on CPU, where the
+    composite ("math") attention trains faster than SDPA's flash kernel (its backward is slow in bf16)."""
+    if choice is not None:
+        return choice
+    return "math" if (precision == "bf16" and device_type == "cpu") else "auto"
 
 
 def _device(name: str):
@@ -268,7 +277,7 @@ def cmd_train(args) -> int:
             cfg = ModelConfig(
                 vocab_size=tok.vocab_size, d_model=args.d_model, n_layers=args.n_layers, n_heads=args.n_heads,
                 d_ff=args.d_ff, max_seq_len=max_len, dropout=args.dropout, attention_dropout=0.0 if args.dropout == 0 else None,
-                attention_type=args.attention_type, attention_backend=args.attention_backend,
+                attention_type=args.attention_type, attention_backend=_backend(args.attention_backend, precision, device.type),
                 position_encoding=args.position_encoding, gradient_checkpointing=args.gradient_checkpointing,
                 learning_rate=args.lr, weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm,
                 mixed_precision=precision != "fp32",
@@ -320,7 +329,7 @@ def cmd_train(args) -> int:
     opt_state = _to_device(opt_state, device)
     n_params = sum(v.numel() for v in _leaves(params))
     print(f"model: {n_params / 1e6:.2f}M parameters ({cfg.n_layers} layers, d_model {cfg.d_model}, {cfg.n_heads} heads, "
-          f"vocab {cfg.vocab_size}, {cfg.position_encoding} positions); precision {precision}"
+          f"vocab {cfg.vocab_size}, {cfg.position_encoding} positions, {cfg.attention_backend} attention); precision {precision}"
           f"{', compiled' if args.compile else ''}; {args.steps} steps", flush=True)
 
     os.makedirs(out_dir, exist_ok=True)
