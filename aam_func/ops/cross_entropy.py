@@ -226,6 +226,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
         h, weight, bias, t, valid, eps, zl, reduction, chunk, flags = inputs
         _, lse, gh, gw, gb = output
         ctx.mark_non_differentiable(lse, gh, gw, gb)
+        # Otherwise autograd materialises zero cotangents shaped like gh and gw (N·d + V·d) at backward.
+        ctx.set_materialize_grads(False)
         ctx.save_for_backward(h, weight, bias, t, valid, lse, gh, gw, gb)
         ctx.save_for_forward(h, weight, bias, t, valid, lse)
         ctx.meta = (eps, zl, reduction, chunk, flags[0])
@@ -236,6 +238,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
         h, weight, bias, t, valid, lse, gh, gw, gb = ctx.saved_tensors
         eps, zl, reduction, chunk, precompute = ctx.meta
         needs = ctx.needs_input_grad
+        if g is None:  # only the loss is differentiable; no cotangent reached it
+            g = torch.zeros((), dtype=lse.dtype, device=lse.device) if reduction != "none" else torch.zeros_like(lse)
         if ctx.higher_order or (ctx.eager and torch.is_grad_enabled()):
             # create_graph / nested transforms: a differentiable recomputation, chunk by chunk.
             fn = lambda h_, w_, b_: _chunked_composite(h_, w_, b_, t, valid, eps, zl, reduction, chunk)  # noqa: E731
