@@ -69,6 +69,7 @@ def main():
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--precisions", default="fp32,bf16")
     ap.add_argument("--compile", action="store_true", help="also time aam_func with compile=True")
+    ap.add_argument("--backends", default="auto,math", help="aam_func attention backends to time (ModelConfig.attention_backend)")
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args()
     if args.threads:
@@ -107,7 +108,11 @@ def main():
     runs = {}  # name -> dict(step=callable, eval=callable, times=list)
     for prec in args.precisions.split(","):
         # ours
-        for compiled in ([False, True] if args.compile else [False]):
+        variants = [(be, False) for be in args.backends.split(",")]
+        if args.compile:
+            variants.append((args.backends.split(",")[-1], True))
+        for backend, compiled in variants:
+            model = af.Transformer(cfg.replace(attention_backend=backend))
             opt = optim.adamw(args.lr, weight_decay=0.1)
             step = make_train_step(lm_loss(model), opt, precision=prec, compile=compiled)
             state = {"p": {k: v for k, v in params0.items()}, "s": step.init(params0)}
@@ -117,7 +122,7 @@ def main():
                 return float(m["loss"])
 
             ev = make_eval_step(lm_loss(model, train=False), precision=prec)
-            runs[f"aam_func {prec}{' compiled' if compiled else ''}"] = dict(
+            runs[f"aam_func {prec} {backend}{' compiled' if compiled else ''}"] = dict(
                 step=ours_step, eval=lambda ev=ev, state=state: evaluate(ev, state["p"], eval_batches(val_blocks, 16))["loss"],
                 prec=prec, times=[], losses=[])
         # transformers
@@ -134,7 +139,7 @@ def main():
             loss.backward()
             hopt.step()
             hopt.zero_grad(set_to_none=True)
-            return float(loss)
+            return float(loss.detach())
 
         def hf_eval(hf=hf, ac=ac, prec=prec):
             hf.eval()
@@ -149,7 +154,14 @@ def main():
 
         runs[f"transformers {prec}"] = dict(step=hf_step, eval=hf_eval, prec=prec, times=[], losses=[])
 
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    mm = {p: (torch.randn(1024, 1024).to(dtypes[p]), torch.randn(1024, 1024).to(dtypes[p]), [])
+          for p in args.precisions.split(",")}
     for i in range(args.steps):
+        for p, (a, b, ts) in mm.items():  # the matmul rate, sampled in the same rounds as the steps
+            t = time.perf_counter()
+            a @ b
+            ts.append(time.perf_counter() - t)
         for name, r in runs.items():
             t = time.perf_counter()
             r["losses"].append(r["step"](i))
@@ -158,10 +170,10 @@ def main():
             print(f"step {i + 1}: " + ", ".join(f"{n} {statistics.median(r['times'][args.warmup:] or r['times']):.3f}s"
                                                for n, r in runs.items()), flush=True)
 
-    rates = {"fp32": matmul_rate(torch.float32), "bf16": matmul_rate(torch.bfloat16), "fp16": matmul_rate(torch.float16)}
+    rates = {p: 2 * 1024**3 / statistics.median(ts[args.warmup:] or ts) for p, (_, _, ts) in mm.items()}
     flops = model_flops(cfg, args.batch_size * args.seq_len, args.seq_len)
-    print(f"\nmeasured matmul rate (1024^3, median): fp32 {rates['fp32'] / 1e9:.0f} GFLOP/s, "
-          f"bf16 {rates['bf16'] / 1e9:.0f} GFLOP/s; model FLOPs per step {flops / 1e9:.2f} G")
+    print(f"\nmatmul rate measured between the steps (1024^3, median): "
+          f"{', '.join(f'{p} {r / 1e9:.0f}' for p, r in rates.items())} GFLOP/s; model FLOPs per step {flops / 1e9:.2f} G")
     print(f"| run | step time (median) | vs transformers, same precision | held-out loss | MFU |")
     print(f"|---|---|---|---|---|")
     med = {n: statistics.median(r["times"][args.warmup:]) for n, r in runs.items()}
@@ -170,9 +182,12 @@ def main():
         loss = r["eval"]()
         mfu = flops / med[name] / rates[r["prec"]]
         print(f"| {name} | {med[name] * 1000:.0f} ms | {med[name] / anchor:.2f}x | {loss:.4f} | {mfu:.0%} |", flush=True)
-    if "aam_func fp32" in med and "aam_func bf16" in med:
-        print(f"\naam_func bf16 speed-up over fp32: {med['aam_func fp32'] / med['aam_func bf16']:.2f}x")
-        lf, lb = runs["aam_func fp32"]["losses"], runs["aam_func bf16"]["losses"]
+    best = {p: min((n for n in med if n.startswith(f"aam_func {p} ") and "compiled" not in n), key=med.get, default=None)
+            for p in ("fp32", "bf16")}
+    if best["fp32"] and best["bf16"]:
+        print(f"\nbf16 speed-up over fp32 (fastest eager of each): {best['fp32']} / {best['bf16']} = "
+              f"{med[best['fp32']] / med[best['bf16']]:.2f}x")
+        lf, lb = runs[best["fp32"]]["losses"], runs[best["bf16"]]["losses"]
         k = max(1, len(lf) // 10)
         print("train loss, mean of each tenth (fp32 | bf16): " + "  ".join(
             f"{statistics.mean(lf[j:j + k]):.3f}|{statistics.mean(lb[j:j + k]):.3f}" for j in range(0, len(lf), k)))
