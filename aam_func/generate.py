@@ -139,23 +139,32 @@ def init_cache(model, batch: int, *, dtype: torch.dtype = torch.float32, device=
     }
 
 
-def forward_cached(model, params, tokens: Tensor, cache: dict, attention_mask: Optional[Tensor] = None):
+def forward_cached(model, params, tokens: Tensor, cache: dict, attention_mask: Optional[Tensor] = None,
+                   *, padded: Optional[bool] = None):
     """Run ``tokens`` (batch, new) after the cached prefix: ``(logits (batch, new, vocab), cache)``.
 
     ``attention_mask`` (batch, new) marks real tokens among the new ones (left padding in a
-    prompt); positions continue from each row's count of real tokens.
+    prompt); positions continue from each row's count of real tokens. ``padded=False`` promises
+    that no position so far is padding (then the model runs without a mask, on its fastest
+    attention path); ``None`` checks.
     """
     B, T = tokens.shape
     new_mask = torch.ones((B, T), dtype=torch.bool, device=tokens.device) if attention_mask is None else attention_mask.bool()
-    positions = cache["next_pos"][:, None] + new_mask.long().cumsum(dim=1) - 1
-    positions = positions.clamp(min=0)
     mask = torch.cat([cache["mask"], new_mask], dim=1)
-    out = model.apply(params, tokens, attention_mask=mask, position_ids=positions, past_kv=cache["kv"])
+    if padded is None:
+        padded = not bool(mask.all())
+    if padded:
+        positions = cache["next_pos"][:, None] + new_mask.long().cumsum(dim=1) - 1
+        out = model.apply(params, tokens, attention_mask=mask, position_ids=positions.clamp(min=0), past_kv=cache["kv"])
+    else:  # positions are past .. past + new - 1 for every row: the model's default
+        out = model.apply(params, tokens, past_kv=cache["kv"])
     new_cache = {"kv": out["past_kv"], "mask": mask, "next_pos": cache["next_pos"] + new_mask.long().sum(dim=1)}
     return out["logits"], new_cache
 
 
 def _forward_full(model, params, ids: Tensor, mask: Tensor) -> Tensor:
+    if bool(mask.all()):
+        return model.apply(params, ids)["logits"]
     positions = (mask.long().cumsum(dim=1) - 1).clamp(min=0)
     return model.apply(params, ids, attention_mask=mask.bool(), position_ids=positions)["logits"]
 
@@ -209,9 +218,10 @@ def generate(
     ids, full_mask = input_ids, mask
     finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
     cache = None
+    padded = not bool(mask.all())
     if use_cache and max_new_tokens > 0:
         cache = init_cache(model, B, dtype=params["embed"]["weight"].dtype, device=input_ids.device)
-        logits, cache = forward_cached(model, params, input_ids, cache, mask)
+        logits, cache = forward_cached(model, params, input_ids, cache, mask, padded=padded)
     for i in range(max_new_tokens):
         if not use_cache:
             logits = _forward_full(model, params, ids, full_mask)
@@ -232,5 +242,5 @@ def generate(
         if eos_token_id is not None and bool(finished.all()):
             break
         if use_cache and i + 1 < max_new_tokens:
-            logits, cache = forward_cached(model, params, nxt[:, None], cache)
+            logits, cache = forward_cached(model, params, nxt[:, None], cache, padded=padded)
     return ids
