@@ -6,7 +6,7 @@
     out = model.apply(params, input_ids, labels=input_ids)
 """
 
-from . import init, layers, losses, nn, ops, optim, peft, tree
+from . import ensemble, init, layers, losses, nn, ops, optim, per_sample, peft, privacy, tree
 from .config import ModelConfig
 from .model import Transformer
 from .nn import bind
@@ -14,4 +14,4 @@ from .tree import Params
 
 __version__ = "0.1.0"
 
-__all__ = ["ModelConfig", "Transformer", "Params", "bind", "tree", "init", "layers", "losses", "nn", "ops", "optim", "peft"]
+__all__ = ["ModelConfig", "Transformer", "Params", "bind", "tree", "init", "layers", "losses", "nn", "ops", "optim", "peft", "per_sample", "privacy", "ensemble"]

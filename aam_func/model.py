@@ -276,7 +276,9 @@ class Transformer:
 @functools.lru_cache(maxsize=64)
 def _flat_shapes(cfg: ModelConfig) -> tuple:
     """((name, shape), ...) of a config's params, from an init on the meta device (no sampling)."""
-    with torch.device("meta"):
+    # outside any functorch transform: under vmap the sampling inside init would be a "random
+    # operation" error even on the meta device
+    with torch._C._DisableFuncTorch(), torch.device("meta"):
         p = Transformer(cfg).init(generator=torch.Generator())
     return tuple((k, tuple(v.shape)) for k, v in flatten(p).items())
 
