@@ -28,6 +28,7 @@ import functools
 from typing import Any, Callable, Sequence
 
 import torch
+import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 from torch.utils import _pytree as pytree
 
@@ -79,10 +80,11 @@ class _Spec:
     """What the Function needs besides tensors. An opaque object on purpose: functorch rebuilds
     pytree containers among Function arguments, and ``out_box`` must be shared, not copied."""
 
-    __slots__ = ("fn", "in_tree", "fixed", "positions", "rng", "out_box")
+    __slots__ = ("fn", "in_tree", "fixed", "positions", "rng", "out_box", "keep_graph")
 
-    def __init__(self, fn, in_tree, fixed, positions, rng, out_box):
+    def __init__(self, fn, in_tree, fixed, positions, rng, out_box, keep_graph):
         self.fn, self.in_tree, self.fixed, self.positions, self.rng, self.out_box = fn, in_tree, fixed, positions, rng, out_box
+        self.keep_graph = keep_graph  # (eager, higher_order) seen by the caller
 
     def __iter__(self):
         return iter((self.fn, self.in_tree, self.fixed, self.positions, self.rng, self.out_box))
@@ -122,6 +124,12 @@ class _Remat(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grad_outs):
         tensors = ctx.saved_tensors
+        eager, higher_order = ctx.spec.keep_graph
+        if not (higher_order or (eager and torch.is_grad_enabled())):
+            # Nobody will differentiate this gradient. torch.func.grad still runs backward with
+            # create_graph=True; without detaching, every block's recomputed graph would stay
+            # alive until the end of the backward, and remat would save nothing.
+            tensors = tuple(t.detach() for t in tensors)
         f, diff = _diff_fn(ctx.spec, tensors)
         with ctx.spec[4].replay():
             outs, vjp_fn = torch.func.vjp(f, *[tensors[i] for i in diff])
@@ -145,6 +153,15 @@ class _Remat(torch.autograd.Function):
         out_t = iter(out_t)
         mask = ctx.spec[5]["diff_out"]
         return tuple(next(out_t) if m else None for m in mask)
+
+
+def _higher_order_active() -> bool:
+    """True when a derivative of the gradient may be taken: nested grad levels or forward AD."""
+    if fwAD._current_level >= 0:
+        return True
+    stack = torch._C._functorch.get_interpreter_stack() or []
+    T = torch._C._functorch.TransformType
+    return sum(1 for i in stack if i.key() == T.Grad) >= 2 or any(i.key() == T.Jvp for i in stack)
 
 
 def _call(fn, in_tree, fixed, positions, tensors):
@@ -193,7 +210,8 @@ def remat(fn: Callable, *, generators: Sequence[torch.Generator] = ()) -> Callab
         fixed = [None if isinstance(x, Tensor) else x for x in leaves]
         gens = list(generators) + [x for x in leaves if isinstance(x, torch.Generator)]
         out_box: dict = {}
-        spec = _Spec(fn, in_tree, fixed, positions, _RNGReplay(gens), out_box)
+        keep_graph = (not torch._C._functorch.get_interpreter_stack(), _higher_order_active())
+        spec = _Spec(fn, in_tree, fixed, positions, _RNGReplay(gens), out_box, keep_graph)
         tensor_outs = _Remat.apply(spec, *[leaves[i] for i in positions])
         it = iter(tensor_outs)
         flat = [next(it) if is_t else c for is_t, c in zip(out_box["tensor_mask"], out_box["consts"])]
