@@ -21,6 +21,7 @@ call; ``docs/compat.md`` lists each case.
 from __future__ import annotations
 
 import importlib.util
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Optional, Union
@@ -647,6 +648,10 @@ class AdvancedTransformerModel(_Thin):
 # ----------------------------------------------------------------------------- the pipeline
 
 
+def _tokenizer_size(tokenizer) -> int:
+    return len(tokenizer) if hasattr(tokenizer, "__len__") else int(tokenizer.vocab_size)
+
+
 def _check_ids_fit(ids: Tensor, vocab_size: int, tokenizer, what: str) -> None:
     if ids.numel() == 0:
         return
@@ -655,7 +660,7 @@ def _check_ids_fit(ids: Tensor, vocab_size: int, tokenizer, what: str) -> None:
         return
     msg = f"{what} contains token id {hi}, outside the model's vocab_size={vocab_size}"
     if tokenizer is not None:
-        n = len(tokenizer) if hasattr(tokenizer, "__len__") else tokenizer.vocab_size
+        n = _tokenizer_size(tokenizer)
         msg += (f"; the tokenizer has {n} tokens (len(tokenizer)). Build the model with "
                 f"ModelConfig(vocab_size=len(tokenizer)) (= {n}) or use a tokenizer of at most {vocab_size} tokens")
     raise ValueError(msg)
@@ -685,6 +690,14 @@ class AdvancedTrainingPipeline:
         if not isinstance(self.config, ModelConfig):
             raise TypeError(f"config must be a ModelConfig, got {type(self.config).__name__}")
         self.tokenizer = tokenizer
+        vocab = model.config.vocab_size
+        if tokenizer is not None and _tokenizer_size(tokenizer) > vocab:
+            # not an error: the guide's own integration test pairs gpt2 with a 100-token model and
+            # feeds it ids < 100; ids the model cannot embed are refused when they come
+            warnings.warn(
+                f"the tokenizer has {_tokenizer_size(tokenizer)} tokens (len(tokenizer)) but the model's "
+                f"vocab_size is {vocab}: batches and prompts with token ids >= {vocab} will be refused. "
+                "Build the model with ModelConfig(vocab_size=len(tokenizer))", UserWarning, stacklevel=2)
         self.num_training_steps = num_training_steps
         self.seed = int(seed)
         self.precision = precision or self._precision()

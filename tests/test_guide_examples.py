@@ -651,6 +651,11 @@ def test_attention_examples(name, d):
     ns = run("attn_standard", fresh())
     assert ns["output"].shape == (4, 20, 512)
     ns = run(name, ns)
+    if name == "attn_flash":  # train mode, dropout 0.1: the blockwise kernel has no dropout
+        with pytest.warns(UserWarning, match="no attention dropout"):
+            assert ns["attention"](torch.randn(2, 12, d)).shape == (2, 12, d)
+        assert ns["attention"].eval()(torch.randn(2, 12, d)).shape == (2, 12, d)
+        return
     assert ns["attention"](torch.randn(2, 12, d)).shape == (2, 12, d)
 
 
@@ -879,7 +884,8 @@ def test_weight_initialization(trained_ns):
     assert all(bool((m.bias == 0).all()) for m in model.modules() if isinstance(m, nn.Linear))
     assert 0.015 < float(model.get_parameter("embed.weight").detach().std()) < 0.025
     w = model.get_parameter("blocks.0.mlp.fc.weight")  # xavier: U(±sqrt(6 / (fan_in + fan_out)))
-    assert float(w.abs().max()) <= (6 / (64 + 128)) ** 0.5 and float(w.abs().max()) > 0.9 * (6 / 192) ** 0.5
+    top = float(w.detach().abs().max())
+    assert 0.9 * (6 / 192) ** 0.5 < top <= (6 / (64 + 128)) ** 0.5
     ns = run("init_kaiming", ns)
     model.apply(ns["init_weights"])
     assert float(w.detach().std()) == pytest.approx((2 / 128) ** 0.5, rel=0.1)  # kaiming fan_out (128 outputs), relu
@@ -894,14 +900,15 @@ def test_layer_specific_initialization_equivalent():
         nn.init.xavier_uniform_(w)
     nn.init.xavier_uniform_(attn.out.weight)
     bound = (6 / 64) ** 0.5
-    assert float(attn.get_parameter("qkv.weight").abs().max()) <= bound
-    assert float(attn.get_parameter("qkv.weight").abs().max()) > 0.9 * bound
+    assert float(attn.get_parameter("qkv.weight").detach().abs().max()) <= bound
+    assert float(attn.get_parameter("qkv.weight").detach().abs().max()) > 0.9 * bound
     with pytest.raises(AttributeError):
         run("init_layer_specific", fresh() | {"self": attn})
 
 
 def test_performance_examples(trained_ns):
-    with pytest.raises(TypeError, match=r"torch\.compile"):
+    with pytest.raises(TypeError, match=r"torch\.compile"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # torch 2.13 deprecates torch.jit.script
         run("jit", trained_ns)
     ns = run("memory_checkpoint", trained_ns)
     x = torch.randint(0, 100, (2, 8))
@@ -947,9 +954,11 @@ def test_guide_unit_tests():
 
 
 def test_guide_integration_test(gpt2_like_tokenizer):
+    """The guide pairs gpt2 with a 100-token model but feeds ids < 100: it runs, with a warning."""
     ns = run("integration_tests", fresh() | {name: getattr(compat, name) for name in compat.__all__},
              gpt2_sub(gpt2_like_tokenizer))
-    ns["test_training_pipeline"]()
+    with pytest.warns(UserWarning, match="vocab_size is 100"):
+        ns["test_training_pipeline"]()
 
 
 def test_guide_performance_test_runs():
@@ -967,7 +976,10 @@ def test_guide_performance_test_runs():
 
 
 def test_complete_example_verbatim_tokenizer_larger_than_model(gpt2_like_tokenizer):
-    with pytest.raises(ValueError, match=r"vocab_size=1000; the tokenizer has 1200 tokens.*vocab_size=len\(tokenizer\)"):
+    """Warned when the pipeline is built; refused when ids the model cannot embed arrive (with
+    gpt2 at the first batch; with this smaller tokenizer at the prompt of generate_text)."""
+    with pytest.warns(UserWarning, match=r"tokenizer has 1200 tokens.*vocab_size is 1000"), \
+            pytest.raises(ValueError, match=r"vocab_size=1000; the tokenizer has 1200 tokens.*vocab_size=len\(tokenizer\)"):
         run("complete_example", fresh(), gpt2_sub(gpt2_like_tokenizer))
 
 
