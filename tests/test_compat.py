@@ -8,7 +8,6 @@ path the guide's users will meet.
 import importlib.util
 import json
 import math
-import os
 import warnings
 
 import pytest

@@ -832,7 +832,7 @@ def test_model_and_pipeline_examples_full_size(gpt2_like_tokenizer):
 
 
 @pytest.fixture()
-def trained_ns(gpt2_like_tokenizer):
+def trained_ns():
     ns = run("config", fresh(), *SMALL)
     ns = run("model_forward", run("model_init", ns))
     return run("optimizer", ns)
