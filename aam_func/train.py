@@ -39,7 +39,7 @@ __all__ = ["lm_loss", "make_train_step", "make_eval_step", "evaluate", "PRECISIO
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-COMPILE_OPTIMIZER = False
+COMPILE_OPTIMIZER = True
 
 
 def lm_loss(model, *, train: bool = True) -> Callable:
@@ -140,9 +140,9 @@ def make_train_step(
         return scaled, loss.detach()
 
     grad_fn = torch.func.grad(differentiated, has_aux=True)
-    # Under compile the optimizer runs eagerly (a graph break around it): torch 2.13's fake
-    # tensors reject optim's foreach ops with 0-d tensor scalars. Forward and backward, where
-    # the FLOPs are, are compiled. (Set COMPILE_OPTIMIZER = True once optim traces.)
+    # compile=True traces the whole step, optimizer included. COMPILE_OPTIMIZER = False is the
+    # escape hatch if an optimizer does not trace: it then runs eagerly behind a graph break
+    # while forward and backward, where the FLOPs are, stay compiled.
     apply_fn = optim.apply_updates if (not compile or COMPILE_OPTIMIZER) else torch.compiler.disable(optim.apply_updates)
     update_fn = optimizer.update if (not compile or COMPILE_OPTIMIZER) else torch.compiler.disable(optimizer.update)
 
