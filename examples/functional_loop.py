@@ -2,7 +2,7 @@
 updates, nothing hidden. (``aam_func.train.make_train_step`` packages exactly this, plus mixed
 precision, accumulation and compile; ``aam-func train`` adds data, checkpoints and logging.)
 
-    python examples/functional_loop.py            # ~1 minute on 2 CPU cores
+    python examples/functional_loop.py    # 150 steps of a 0.7M-parameter GPT; prints held-out perplexity vs the unigram baseline
 """
 
 import math
