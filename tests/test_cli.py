@@ -155,3 +155,10 @@ def test_errors_have_no_traceback_in_a_real_process(tmp_path):
     assert r.returncode == 2 and r.stderr.startswith("error: ") and "Traceback" not in r.stderr
     r = _run("generate", "--checkpoint", str(tmp_path / "none"), "--prompt", "x")
     assert r.returncode == 2 and "no checkpoint at" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_attention_backend_default_follows_precision():
+    assert cli._backend(None, "bf16", "cpu") == "math"
+    assert cli._backend(None, "fp32", "cpu") == "auto"
+    assert cli._backend(None, "bf16", "cuda") == "auto"
+    assert cli._backend("sdpa", "bf16", "cpu") == "sdpa"
