@@ -8,6 +8,8 @@ stream is consumed identically). Fan-in/fan-out follow torch: for a weight of sh
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 from collections.abc import Sequence
 
@@ -25,6 +27,7 @@ __all__ = [
     "kaiming_uniform",
     "kaiming_normal",
     "generator",
+    "abstract",
 ]
 
 Shape = Sequence[int]
@@ -41,6 +44,23 @@ def generator(seed: int | torch.Generator | None = None) -> torch.Generator:
     g = torch.Generator()
     g.manual_seed(seed)
     return g
+
+
+_ABSTRACT = contextvars.ContextVar("aam_func_abstract_init", default=False)
+
+
+@contextlib.contextmanager
+def abstract():
+    """Inside, initializers sample nothing and return meta tensors: shapes and dtypes only.
+
+    ``Transformer.param_shapes`` uses it to know a model's structure without the cost of an init.
+    """
+    token = _ABSTRACT.set(True)
+    try:
+        with torch._C._DisableFuncTorch(), torch.device("meta"):
+            yield
+    finally:
+        _ABSTRACT.reset(token)
 
 
 def _empty(shape: Shape, dtype: torch.dtype | None) -> Tensor:
@@ -66,6 +86,8 @@ def ones(shape: Shape, generator: torch.Generator | None = None, dtype: torch.dt
 def normal(shape: Shape, generator: torch.Generator, dtype=None, *, mean: float = 0.0, std: float = 1.0) -> Tensor:
     if std < 0:
         raise ValueError(f"std must be >= 0, got {std}")
+    if _ABSTRACT.get():
+        return _empty(shape, dtype)
     with torch.no_grad():
         return nn.init.normal_(_empty(shape, dtype), mean=mean, std=std, generator=generator)
 
@@ -76,11 +98,15 @@ def trunc_normal(
     """Normal(mean, std) truncated to [a, b] (absolute bounds, as ``torch.nn.init.trunc_normal_``)."""
     if not a < b:
         raise ValueError(f"trunc_normal needs a < b, got a={a}, b={b}")
+    if _ABSTRACT.get():
+        return _empty(shape, dtype)
     with torch.no_grad():
         return nn.init.trunc_normal_(_empty(shape, dtype), mean=mean, std=std, a=a, b=b, generator=generator)
 
 
 def uniform(shape: Shape, generator: torch.Generator, dtype=None, *, a: float = 0.0, b: float = 1.0) -> Tensor:
+    if _ABSTRACT.get():
+        return _empty(shape, dtype)
     with torch.no_grad():
         return nn.init.uniform_(_empty(shape, dtype), a=a, b=b, generator=generator)
 
@@ -88,6 +114,8 @@ def uniform(shape: Shape, generator: torch.Generator, dtype=None, *, a: float = 
 def xavier_uniform(shape: Shape, generator: torch.Generator, dtype=None, *, gain: float = 1.0) -> Tensor:
     """U(-a, a), a = gain * sqrt(6 / (fan_in + fan_out)) (Glorot & Bengio 2010)."""
     _fans(shape, "xavier_uniform")
+    if _ABSTRACT.get():
+        return _empty(shape, dtype)
     with torch.no_grad():
         return nn.init.xavier_uniform_(_empty(shape, dtype), gain=gain, generator=generator)
 
@@ -95,6 +123,8 @@ def xavier_uniform(shape: Shape, generator: torch.Generator, dtype=None, *, gain
 def xavier_normal(shape: Shape, generator: torch.Generator, dtype=None, *, gain: float = 1.0) -> Tensor:
     """N(0, std²), std = gain * sqrt(2 / (fan_in + fan_out))."""
     _fans(shape, "xavier_normal")
+    if _ABSTRACT.get():
+        return _empty(shape, dtype)
     with torch.no_grad():
         return nn.init.xavier_normal_(_empty(shape, dtype), gain=gain, generator=generator)
 
@@ -113,6 +143,8 @@ def kaiming_uniform(
     """U(-b, b), b = gain * sqrt(3 / fan_mode) (He et al. 2015). ``a=sqrt(5)`` is nn.Linear's default."""
     _fans(shape, "kaiming_uniform")
     _check_kaiming(mode, nonlinearity)
+    if _ABSTRACT.get():
+        return _empty(shape, dtype)
     with torch.no_grad():
         return nn.init.kaiming_uniform_(
             _empty(shape, dtype), a=a, mode=mode, nonlinearity=nonlinearity, generator=generator
@@ -125,6 +157,8 @@ def kaiming_normal(
     """N(0, std²), std = gain / sqrt(fan_mode)."""
     _fans(shape, "kaiming_normal")
     _check_kaiming(mode, nonlinearity)
+    if _ABSTRACT.get():
+        return _empty(shape, dtype)
     with torch.no_grad():
         return nn.init.kaiming_normal_(
             _empty(shape, dtype), a=a, mode=mode, nonlinearity=nonlinearity, generator=generator

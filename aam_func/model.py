@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .config import ModelConfig
-from .init import generator as make_generator
+from .init import abstract, generator as make_generator
 from .layers import (
     MLP,
     Block,
@@ -275,10 +275,8 @@ class Transformer:
 
 @functools.lru_cache(maxsize=64)
 def _flat_shapes(cfg: ModelConfig) -> tuple:
-    """((name, shape), ...) of a config's params, from an init on the meta device (no sampling)."""
-    # outside any functorch transform: under vmap the sampling inside init would be a "random
-    # operation" error even on the meta device
-    with torch._C._DisableFuncTorch(), torch.device("meta"):
+    """((name, shape), ...) of a config's params, from an abstract init (no sampling)."""
+    with abstract():  # no sampling; also outside functorch, where vmap forbids random ops
         p = Transformer(cfg).init(generator=torch.Generator())
     return tuple((k, tuple(v.shape)) for k, v in flatten(p).items())
 

@@ -64,3 +64,15 @@ def test_errors():
         init.generator(None)
     with pytest.raises(TypeError, match="seed"):
         init.generator(1.5)
+
+
+def test_abstract_init_samples_nothing_and_keeps_shapes():
+    g = torch.Generator().manual_seed(0)
+    state = g.get_state()
+    with init.abstract():
+        w = init.xavier_uniform((3, 4), g, torch.float64)
+        with pytest.raises(ValueError, match="at least 2 dimensions"):
+            init.kaiming_normal((3,), g)
+    assert w.is_meta and w.shape == (3, 4) and w.dtype == torch.float64
+    assert torch.equal(g.get_state(), state)
+    assert not init.normal((2,), g).is_meta  # outside the context, real sampling again
