@@ -36,6 +36,8 @@ from .layers import (
 )
 from .losses import lm_loss, shift_labels
 from .ops._util import vmap_active
+from .ops.cross_entropy import linear_cross_entropy
+from .ops.remat import remat
 from .tree import Params, check_structure, flatten, unflatten
 
 __all__ = ["Transformer"]
@@ -154,6 +156,7 @@ class Transformer:
         generator: Optional[torch.Generator] = None,
         inputs_embeds: Optional[Tensor] = None,
         past_kv: Optional[list] = None,
+        return_logits: bool = True,
     ) -> dict:
         """input_ids (batch, seq) -> {"logits": (batch, seq, vocab), "loss": scalar or None}.
 
@@ -162,6 +165,12 @@ class Transformer:
         shifted inside (position t predicts labels[t+1]); -100 is ignored. ``inputs_embeds``
         replaces ``input_ids`` (P-tuning). ``past_kv`` (a list of per-layer (k, v)) enables
         incremental decoding; the output then also holds ``"past_kv"``.
+
+        ``return_logits=False`` (with labels) skips the (batch, seq, vocab) logits: the loss then
+        comes from the fused, chunked LM-head cross-entropy (``ops.cross_entropy``) unless
+        ``cfg.fused_cross_entropy`` is off or the focal loss is configured; ``"logits"`` is None.
+        With ``cfg.gradient_checkpointing`` each block is rematerialised in the backward
+        (``ops.remat``; works under ``torch.func.grad`` and ``vmap``).
         """
         c = self.cfg
         if not torch.compiler.is_compiling():
@@ -193,6 +202,7 @@ class Transformer:
             x = pos.apply(params.get("pos", {}), x, positions)
         x = dropout(x, c.dropout, train=train, generator=generator)
         block = self.block
+        block_fn = remat(block.apply) if c.gradient_checkpointing and past_kv is None else block.apply
         new_kv = []
         for i in range(c.n_layers):
             layer_params = params["blocks"][str(i)]
@@ -201,16 +211,24 @@ class Transformer:
                 x, kv = block.apply(layer_params, x, past_kv=past_kv[i], **kw)
                 new_kv.append(kv)
             else:
-                x = block.apply(layer_params, x, **kw)
-        x = self.final_norm.apply(params["ln_f"], x)
+                x = block_fn(layer_params, x, **kw)
+        x = self.final_norm.apply(params["ln_f"], x)  # (B, T, d)
         head = params["embed"]["weight"] if c.tie_embeddings else params["lm_head"]["weight"]
-        logits = F.linear(x, head)  # (B, T, V)
-        out = {"logits": logits, "loss": None}
+        focal = c.focal_loss_gamma != 0.0 or c.focal_loss_alpha != 1.0
+        fused = labels is not None and not return_logits and c.fused_cross_entropy and not focal
+        logits = None if fused or not (return_logits or labels is not None) else F.linear(x, head)  # (B, T, V)
+        out = {"logits": logits if return_logits else None, "loss": None}
         if labels is not None:
             self._check_labels(labels, B, T)
             query_mask = None if key_mask is None else key_mask[:, past:]
             targets = shift_labels(labels, query_mask)
-            out["loss"] = lm_loss(logits, targets, label_smoothing=c.label_smoothing)
+            if fused:
+                out["loss"] = linear_cross_entropy(x, head, targets, label_smoothing=c.label_smoothing)
+            else:
+                out["loss"] = lm_loss(
+                    logits, targets, label_smoothing=c.label_smoothing,
+                    focal_alpha=c.focal_loss_alpha, focal_gamma=c.focal_loss_gamma,
+                )
         if past_kv is not None:
             out["past_kv"] = new_kv
         return out

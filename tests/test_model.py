@@ -280,3 +280,52 @@ class TestBadInput:
     def test_not_a_config(self):
         with pytest.raises(TypeError, match="ModelConfig"):
             af.Transformer({"vocab_size": 3})
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(label_smoothing=0.1, use_rope=True, tie_embeddings=False)])
+def test_fused_loss_equals_unfused_and_gradients_match(kw):
+    cfg = tiny(**kw)
+    m, m_off = af.Transformer(cfg), af.Transformer(cfg.replace(fused_cross_entropy=False))
+    p = m.init(seed=0)
+    ids = torch.randint(0, cfg.vocab_size, (2, 11), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, 8:] = 0
+    fused = lambda p: m.apply(p, ids, labels=ids, attention_mask=mask, return_logits=False)["loss"]  # noqa: E731
+    plain = lambda p: m_off.apply(p, ids, labels=ids, attention_mask=mask, return_logits=False)["loss"]  # noqa: E731
+    assert m.apply(p, ids, labels=ids, return_logits=False)["logits"] is None
+    assert abs(fused(p).item() - plain(p).item()) <= 1e-6
+    gf, gp = grad(fused)(p), grad(plain)(p)
+    for n, t in tree.flatten(gp).items():
+        torch.testing.assert_close(tree.flatten(gf)[n], t, rtol=1e-4, atol=1e-6)
+
+
+def test_focal_config_reaches_the_loss():
+    cfg = tiny(focal_loss_gamma=2.0)
+    m = af.Transformer(cfg)
+    p = m.init(seed=0)
+    ids = torch.randint(0, cfg.vocab_size, (2, 9))
+    focal = m.apply(p, ids, labels=ids)["loss"]
+    plain = af.Transformer(tiny()).apply(p, ids, labels=ids)["loss"]
+    assert focal < plain  # (1 - p)^2 < 1 down-weights every token
+    assert torch.allclose(m.apply(p, ids, labels=ids, return_logits=False)["loss"], focal)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_gradient_checkpointing_same_values_and_grads(dropout):
+    cfg = tiny(dropout=dropout)
+    m, m_ck = af.Transformer(cfg), af.Transformer(cfg.replace(gradient_checkpointing=True))
+    p = m.init(seed=0)
+    ids = torch.randint(0, cfg.vocab_size, (2, 9))
+
+    def loss(model):
+        return lambda p: model.apply(
+            p, ids, labels=ids, train=True, generator=torch.Generator().manual_seed(3)
+        )["loss"]
+
+    g, g_ck = grad(loss(m))(p), grad(loss(m_ck))(p)
+    for n, t in tree.flatten(g).items():
+        torch.testing.assert_close(tree.flatten(g_ck)[n], t, rtol=1e-5, atol=1e-7)
+    per = vmap(grad(lambda p, x: m_ck.apply(p, x[None], labels=x[None])["loss"]), in_dims=(None, 0))(p, ids)
+    ref = vmap(grad(lambda p, x: m.apply(p, x[None], labels=x[None])["loss"]), in_dims=(None, 0))(p, ids)
+    for n, t in tree.flatten(ref).items():
+        torch.testing.assert_close(tree.flatten(per)[n], t, rtol=1e-5, atol=1e-7)

@@ -4,10 +4,11 @@ from .attention import SelfAttention
 from .basic import Embedding, LayerNorm, Linear, RMSNorm, dropout, make_norm
 from .block import Block
 from .mlp import MLP, activation
-from .positional import LearnablePositions, SinusoidalPositions, rope, rope_angles, sinusoidal_table
+from ..ops.rope import rope
+from .positional import LearnablePositions, SinusoidalPositions, sinusoidal_table
 
 __all__ = [
     "Linear", "Embedding", "LayerNorm", "RMSNorm", "make_norm", "dropout", "MLP", "activation",
-    "SinusoidalPositions", "LearnablePositions", "sinusoidal_table", "rope", "rope_angles",
+    "SinusoidalPositions", "LearnablePositions", "sinusoidal_table", "rope",
     "SelfAttention", "Block",
 ]

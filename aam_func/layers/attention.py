@@ -19,9 +19,9 @@ from torch import Tensor
 
 from .. import init as initializers
 from ..ops.attention import RelativeBias, Sparsity, attention
+from ..ops.rope import rope
 from ..tree import Params
 from .basic import Linear, dropout
-from .positional import rope
 
 __all__ = ["SelfAttention"]
 
