@@ -36,7 +36,6 @@ from .layers import LearnablePositions, SelfAttention, SinusoidalPositions, drop
 from .losses import contrastive_loss, focal_loss, label_smoothing_loss, triplet_loss
 from .model import Transformer
 from .nn import Bound, _Node
-from .ops.remat import remat
 from .ops.rope import rope as _rope
 from .peft import lora as _lora
 from .peft import ptuning as _ptuning
@@ -548,32 +547,9 @@ def _load_hf(name, cache_dir: Optional[str]):
 # ----------------------------------------------------------------------------- the model
 
 
-@dataclass(frozen=True)
-class _RematBlock:
-    """A block whose activations are recomputed in the backward (:func:`aam_func.ops.remat`)."""
-
-    block: Any
-
-    def init(self, generator):
-        return self.block.init(generator)
-
-    def apply(self, params, x, *, past_kv=None, **kw):
-        if past_kv is not None or not torch.is_grad_enabled():
-            return self.block.apply(params, x, past_kv=past_kv, **kw)
-        return remat(self.block.apply)(params, x, **kw)
-
-
-@dataclass(frozen=True)
-class _CheckpointedTransformer(Transformer):
-    """The Transformer spec with every block rematerialised (``gradient_checkpointing=True``)."""
-
-    @property
-    def block(self):
-        return _RematBlock(super().block)
-
-
 def _spec_for(cfg: ModelConfig) -> Transformer:
-    return _CheckpointedTransformer(cfg) if cfg.gradient_checkpointing else Transformer(cfg)
+    # cfg.gradient_checkpointing makes Transformer.apply rematerialise each block (ops.remat)
+    return Transformer(cfg)
 
 
 def _extend_front(t: Optional[Tensor], total: int, fill, what: str) -> Optional[Tensor]:
@@ -639,7 +615,7 @@ class AdvancedTransformerModel(_Thin):
 
     @property
     def is_gradient_checkpointing(self) -> bool:
-        return isinstance(self.spec, _CheckpointedTransformer)
+        return self.config.gradient_checkpointing
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

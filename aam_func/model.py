@@ -202,7 +202,8 @@ class Transformer:
             x = pos.apply(params.get("pos", {}), x, positions)
         x = dropout(x, c.dropout, train=train, generator=generator)
         block = self.block
-        block_fn = remat(block.apply) if c.gradient_checkpointing and past_kv is None else block.apply
+        remat_blocks = c.gradient_checkpointing and past_kv is None and torch.is_grad_enabled()
+        block_fn = remat(block.apply) if remat_blocks else block.apply
         new_kv = []
         for i in range(c.n_layers):
             layer_params = params["blocks"][str(i)]

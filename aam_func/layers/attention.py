@@ -21,7 +21,7 @@ from .. import init as initializers
 from ..ops.attention import RelativeBias, Sparsity, attention
 from ..ops.rope import rope
 from ..tree import Params
-from .basic import Linear, dropout
+from .basic import Linear
 
 __all__ = ["SelfAttention"]
 
