@@ -250,10 +250,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
             d_h, d_w = grads[0], grads[1]
             d_b = grads[2] if bias is not None else None
             return d_h, d_w, d_b, None, None, None, None, None, None, None
-        # Below, nobody differentiates the gradient: detach so that torch.func.grad (which runs
-        # backward with create_graph=True) records nothing.
-        h, weight = h.detach(), weight.detach()
-        bias = bias.detach() if bias is not None else None
+        # Below, nobody differentiates the gradient. Under torch.func.grad (which runs backward
+        # with create_graph=True) detach, so that nothing is recorded; in eager grad mode is off here
+        # (and the legacy vmap of gradcheck's batched-grad check has no rule for detach).
+        if not ctx.eager:
+            h, weight, g = h.detach(), weight.detach(), g.detach()
+            bias = bias.detach() if bias is not None else None
         if precompute:
             d_h = (gh * g.to(gh.dtype)) if needs[0] else None
             d_w = (gw * g.to(gw.dtype)).to(weight.dtype) if needs[1] else None

@@ -125,11 +125,14 @@ class _Remat(torch.autograd.Function):
     def backward(ctx, *grad_outs):
         tensors = ctx.saved_tensors
         eager, higher_order = ctx.spec.keep_graph
-        if not (higher_order or (eager and torch.is_grad_enabled())):
-            # Nobody will differentiate this gradient. torch.func.grad still runs backward with
-            # create_graph=True; without detaching, every block's recomputed graph would stay
-            # alive until the end of the backward, and remat would save nothing.
+        if not eager and not higher_order:
+            # A single torch.func.grad level: nobody will differentiate this gradient, but functorch
+            # runs backward with create_graph=True. Detach the inputs and the cotangents (tracked
+            # at that level; vjp_fn is linear in them), else every block's recomputed graph stays
+            # alive until the end of the backward and remat saves nothing. (Eager: grad mode is
+            # off in backward unless create_graph, so there is nothing to detach.)
             tensors = tuple(t.detach() for t in tensors)
+            grad_outs = tuple(g.detach() if g is not None else None for g in grad_outs)
         f, diff = _diff_fn(ctx.spec, tensors)
         with ctx.spec[4].replay():
             outs, vjp_fn = torch.func.vjp(f, *[tensors[i] for i in diff])
