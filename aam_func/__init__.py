@@ -10,8 +10,9 @@ from . import ensemble, init, layers, losses, nn, ops, optim, per_sample, peft, 
 from .config import ModelConfig
 from .model import Transformer
 from .nn import bind
+from .ops.remat import remat
 from .tree import Params
 
 __version__ = "0.1.0"
 
-__all__ = ["ModelConfig", "Transformer", "Params", "bind", "tree", "init", "layers", "losses", "nn", "ops", "optim", "peft", "per_sample", "privacy", "ensemble"]
+__all__ = ["ModelConfig", "Transformer", "Params", "bind", "remat", "tree", "init", "layers", "losses", "nn", "ops", "optim", "peft", "per_sample", "privacy", "ensemble"]
