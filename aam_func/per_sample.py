@@ -382,7 +382,7 @@ def _ghost_sq_norms(weight_uses: list, weight_shape) -> Tensor:
     for i, (L1, ids1, R1) in enumerate(weight_uses):
         for j in range(i, len(weight_uses)):
             L2, ids2, R2 = weight_uses[j]
-            n1, n2 = R1.shape[1], R2.shape[1]
+            n1 = R1.shape[1]
             out_dim, in_dim = weight_shape
             if i == j and not ids1 and n1 * n1 * (out_dim + in_dim) > n1 * out_dim * in_dim:
                 # cheaper to form this use's per-example gradient once: (B, out, in)

@@ -7,13 +7,11 @@ schedule evaluated at ``t - 1``.
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
-from .. import tree
 from . import _ops
 from .base import (
     GradientTransformation,

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import tree
-from .lora import LoRA, Target, _module_candidates, _name_matches
+from .lora import LoRA, Target, _module_candidates
 
 __all__ = ["save_pretrained", "load_pretrained", "AdapterFileError", "CONFIG_FILE", "WEIGHTS_FILE"]
 
