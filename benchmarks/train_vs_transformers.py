@@ -34,19 +34,6 @@ from aam_func.tokenizer import Tokenizer  # noqa: E402
 from aam_func.train import evaluate, lm_loss, make_eval_step, make_train_step  # noqa: E402
 
 
-def matmul_rate(dtype: torch.dtype, n: int = 1024, reps: int = 20) -> float:
-    """Measured FLOP/s of an n x n x n matmul (median of ``reps``)."""
-    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
-    for _ in range(3):
-        a @ b
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        a @ b
-        times.append(time.perf_counter() - t)
-    return 2 * n**3 / statistics.median(times)
-
-
 def model_flops(cfg, tokens: int, seq: int) -> float:
     """Training FLOPs of one step: 6 * tokens * (matmul params incl. the LM head) + attention
     scores and values (6 * 2 * layers * seq * d per token, the PaLM appendix count)."""
@@ -174,8 +161,8 @@ def main():
     flops = model_flops(cfg, args.batch_size * args.seq_len, args.seq_len)
     print(f"\nmatmul rate measured between the steps (1024^3, median): "
           f"{', '.join(f'{p} {r / 1e9:.0f}' for p, r in rates.items())} GFLOP/s; model FLOPs per step {flops / 1e9:.2f} G")
-    print(f"| run | step time (median) | vs transformers, same precision | held-out loss | MFU |")
-    print(f"|---|---|---|---|---|")
+    print("| run | step time (median) | vs transformers, same precision | held-out loss | MFU |")
+    print("|---|---|---|---|---|")
     med = {n: statistics.median(r["times"][args.warmup:]) for n, r in runs.items()}
     for name, r in runs.items():
         anchor = med[f"transformers {r['prec']}"]

@@ -208,3 +208,16 @@ def test_compiled_step_matches_eager():
         assert float(mc["loss"]) == pytest.approx(float(me["loss"]), rel=1e-4)
     for a, b in zip(tree.leaves(pe), tree.leaves(pc)):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_gradient_checkpointing_from_the_config_gives_the_same_step():
+    batch = _batch(7)
+    outs = []
+    for ckpt in (False, True):
+        model = af.Transformer(CFG.replace(gradient_checkpointing=ckpt))
+        params = model.init(seed=7)
+        step = make_train_step(lm_loss(model), optim.sgd(0.1))
+        outs.append(step(params, step.init(params), batch))
+    torch.testing.assert_close(outs[0][2]["loss"], outs[1][2]["loss"], rtol=0, atol=0)
+    for a, b in zip(tree.leaves(outs[0][0]), tree.leaves(outs[1][0])):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
