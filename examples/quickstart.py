@@ -1,4 +1,5 @@
-"""Quick start: build a small GPT, train it for a few steps with torch.func.grad, print the loss.
+"""Quick start: build a small GPT, train it for a few steps with torch.func.grad and
+aam_func.optim.adamw, print the loss.
 
     python examples/quickstart.py
 
@@ -27,15 +28,17 @@ def main(steps: int = 30, seed: int = 0) -> float:
     def loss_fn(params, ids):
         return model.apply(params, ids, labels=ids)["loss"]
 
-    grad_fn = grad(loss_fn, has_aux=False)
+    grad_fn = grad(loss_fn)
+    optimizer = af.optim.adamw(learning_rate=3e-3, weight_decay=0.1, mask=af.optim.decay_mask(params))
+    opt_state = optimizer.init(params)
     g = torch.Generator().manual_seed(seed)
-    lr = 3e-3
     start = time.perf_counter()
     for step in range(1, steps + 1):
         starts = torch.randint(0, len(data) - cfg.max_seq_len, (8,), generator=g)
         batch = torch.stack([data[s : s + cfg.max_seq_len] for s in starts])
         grads = grad_fn(params, batch)
-        params = af.tree.map(lambda p, dp: p - lr * dp, params, grads)  # plain SGD, out of place
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        params = af.optim.apply_updates(params, updates)  # out of place: a new params tree
         if step == 1 or step % 10 == 0:
             print(f"step {step:3d}  loss {loss_fn(params, batch).item():.4f}")
     final = loss_fn(params, batch).item()
