@@ -38,6 +38,12 @@ def _user_errors():
     return (CLIError, DataError, TokenizerError, CheckpointError)
 
 
+def _distributed_error():
+    from .distributed import DistributedError
+
+    return DistributedError
+
+
 # ----------------------------------------------------------------------------- argument parsing
 
 
@@ -124,7 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="save and stop after N steps of this invocation (split a run into pieces)")
     r.add_argument("--sample-tokens", type=_nonneg_int, default=64, help="length of the sample printed at the end (0: none)")
     r.add_argument("--log-every", type=_positive_int, default=None, help="progress line interval when not on a terminal")
-    r.add_argument("--device", default="cpu", help="cpu or cuda")
+    r.add_argument("--device", default="cpu", help="cpu or cuda (under torchrun: cuda:LOCAL_RANK)")
+    r.add_argument("--dist-timeout", type=_float(0.0, lo_open=True), default=300.0, metavar="SECONDS",
+                   help="under torchrun: how long a collective waits for the other processes before failing")
 
     g = sub.add_parser("generate", help="continue a prompt with a trained checkpoint",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -222,21 +230,47 @@ def _write_metrics(path: str, record: dict) -> None:
 
 
 def cmd_train(args) -> int:
-    import torch
-
-    from . import optim
-    from .checkpoint import load_checkpoint, save_checkpoint
-    from .config import ModelConfig
-    from .data import BlockLoader, eval_batches, pack, tokenize_documents, unigram_perplexity
-    from .generate import generate
-    from .model import Transformer
-    from .tokenizer import Tokenizer
-    from .train import evaluate, lm_loss, make_eval_step, make_train_step
+    from . import distributed
 
     device = _device(args.device)
-    out_dir = os.path.abspath(args.output_dir)
-    ckpt_dir = os.path.join(out_dir, "checkpoint")
-    t_start = time.perf_counter()
+    _, world, _ = distributed.env_world()
+    if world > 1 and args.resume is None and args.batch_size % world:
+        raise CLIError(f"--batch-size {args.batch_size} is the global batch and must be divisible by the number of "
+                       f"processes ({world}); use a multiple of {world}")
+    dctx = distributed.init_from_env(device, timeout=args.dist_timeout) if world > 1 else None
+    if dctx is None:
+        return _train(args, device, None)
+    import signal
+
+    def stop(signum, frame):  # torchrun forwards Ctrl-C to its workers as SIGTERM
+        dctx.stopping = True
+        raise KeyboardInterrupt
+
+    previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        code = _train(args, dctx.device, dctx)
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+    dctx.close()
+    return code
+
+
+class _PeerFailed(Exception):
+    """Rank 0 failed before training (it printed why); the other ranks exit quietly with this status."""
+
+    def __init__(self, code: int):
+        super().__init__(code)
+        self.code = code
+
+
+def _prepare(args, device, out_dir):
+    """Rank 0's part (the only part without data parallelism): resume arguments, corpus, tokenizer,
+    model config, token ids. Returns (resumed checkpoint or None, tokenizer, cfg, train_ids, val_ids)."""
+    from .checkpoint import load_checkpoint
+    from .config import ModelConfig
+    from .data import tokenize_documents
+    from .tokenizer import Tokenizer
 
     resumed = None
     if args.resume is not None:
@@ -249,8 +283,14 @@ def cmd_train(args) -> int:
                 setattr(args, k, saved[k])
         if args.steps <= resumed.step:
             raise CLIError(f"the checkpoint is already at step {resumed.step}; ask for more --steps than that")
+    from .distributed import env_world
 
-    precision = _precision(args.precision, device.type)
+    world = env_world()[1]
+    if args.batch_size % world:
+        raise CLIError(f"--batch-size {args.batch_size} (from the checkpoint) is the global batch and must be "
+                       f"divisible by the number of processes ({world})")
+
+    args.precision = _precision(args.precision, device.type)
     train_docs, val_docs = _corpus_and_split(args.data, args.text_field, args.val_fraction)
 
     # tokenizer: from the checkpoint, a user directory/name, or trained on the training documents
@@ -277,10 +317,10 @@ def cmd_train(args) -> int:
             cfg = ModelConfig(
                 vocab_size=tok.vocab_size, d_model=args.d_model, n_layers=args.n_layers, n_heads=args.n_heads,
                 d_ff=args.d_ff, max_seq_len=max_len, dropout=args.dropout, attention_dropout=0.0 if args.dropout == 0 else None,
-                attention_type=args.attention_type, attention_backend=_backend(args.attention_backend, precision, device.type),
+                attention_type=args.attention_type, attention_backend=_backend(args.attention_backend, args.precision, device.type),
                 position_encoding=args.position_encoding, gradient_checkpointing=args.gradient_checkpointing,
                 learning_rate=args.lr, weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm,
-                mixed_precision=precision != "fp32",
+                mixed_precision=args.precision != "fp32",
             )
         except ValueError as e:
             raise CLIError(f"invalid model configuration: {e}") from None
@@ -289,19 +329,69 @@ def cmd_train(args) -> int:
     if args.seq_len > cfg.max_seq_len:
         raise CLIError(f"--seq-len {args.seq_len} is above the model's maximum sequence length {cfg.max_seq_len} "
                        "(raise --max-seq-len or lower --seq-len)")
-    model = Transformer(cfg)
 
-    # data: tokenize once (cached), pack, load
+    # data: tokenize once (cached)
     cache = os.path.join(out_dir, "cache")
     train_ids = tokenize_documents(train_docs, tok, cache_dir=cache)
     val_ids = tokenize_documents(val_docs, tok, cache_dir=cache)
+    return resumed, tok, cfg, train_ids, val_ids
+
+
+def _share_preparation(args, out_dir, device, dctx):
+    """Run :func:`_prepare` on rank 0 and send its results (resolved arguments, config, token ids)
+    to the other ranks, or its error, so that every rank stops on bad input."""
+    from .config import ModelConfig
+
+    if dctx is None:
+        return _prepare(args, device, out_dir)
+    if dctx.is_main:
+        try:
+            resumed, tok, cfg, train_ids, val_ids = _prepare(args, device, out_dir)
+        except BaseException as e:
+            dctx.broadcast_object({"error": 130 if isinstance(e, KeyboardInterrupt) else 2})
+            raise
+        dctx.broadcast_object({"args": vars(args), "cfg": cfg.to_dict(), "train_ids": train_ids, "val_ids": val_ids})
+        return resumed, tok, cfg, train_ids, val_ids
+    payload = dctx.broadcast_object()
+    if "error" in payload:
+        raise _PeerFailed(payload["error"])
+    vars(args).update(payload["args"])
+    return None, None, ModelConfig.from_dict(payload["cfg"]), payload["train_ids"], payload["val_ids"]
+
+
+def _train(args, device, dctx) -> int:
+    import torch
+
+    from . import optim
+    from .checkpoint import load_checkpoint, save_checkpoint
+    from .data import BlockLoader, eval_batches, pack, unigram_perplexity
+    from .generate import generate
+    from .model import Transformer
+    from .train import evaluate, lm_loss, make_eval_step, make_train_step
+
+    main_rank = dctx is None or dctx.is_main
+    rank, world = (0, 1) if dctx is None else (dctx.rank, dctx.world_size)
+
+    def say(*a, **k):
+        if main_rank:
+            print(*a, **k, flush=True)
+
+    out_dir = os.path.abspath(args.output_dir)
+    ckpt_dir = os.path.join(out_dir, "checkpoint")
+    t_start = time.perf_counter()
+
+    resumed, tok, cfg, train_ids, val_ids = _share_preparation(args, out_dir, device, dctx)
+    precision = args.precision
+    model = Transformer(cfg)
+
+    # data: pack, load (each rank its shard of the global batch)
     train_blocks = pack(train_ids, args.seq_len, what="training split").to(device)
     val_blocks = pack(val_ids, args.seq_len, what="validation split").to(device)
     rows = args.batch_size * args.accumulate
-    loader = BlockLoader(train_blocks, rows, seed=args.seed)
-    baseline = unigram_perplexity(train_ids, val_ids, cfg.vocab_size)
-    print(f"corpus: {train_ids.numel():,} training tokens, {val_ids.numel():,} held out; {len(loader)} batches "
-          f"of {rows}x{args.seq_len} per epoch; unigram baseline perplexity {baseline:.1f}", flush=True)
+    loader = BlockLoader(train_blocks, rows, seed=args.seed, rank=rank, world_size=world)
+    baseline = unigram_perplexity(train_ids, val_ids, cfg.vocab_size) if main_rank else float("nan")
+    say(f"corpus: {train_ids.numel():,} training tokens, {val_ids.numel():,} held out; {len(loader)} batches "
+        f"of {rows}x{args.seq_len} per epoch; unigram baseline perplexity {baseline:.1f}")
 
     # optimizer: AdamW (decay on matrices only), warmup + cosine to lr/10, global-norm clipping
     params = model.init(seed=args.seed)
@@ -313,7 +403,8 @@ def cmd_train(args) -> int:
         optim.inject_hyperparams(optim.adamw)(learning_rate=schedule, weight_decay=args.weight_decay,
                                               mask=optim.decay_mask(params)),
     )
-    step_fn = make_train_step(lm_loss(model), opt, accumulate=args.accumulate, precision=precision, compile=args.compile)
+    step_fn = make_train_step(lm_loss(model), opt, accumulate=args.accumulate, precision=precision, compile=args.compile,
+                              grad_reduce=None if dctx is None else dctx.grad_reduce)
     eval_fn = make_eval_step(lm_loss(model, train=False), precision=precision)
     opt_state = step_fn.init(params)
     start = 0
@@ -322,15 +413,21 @@ def cmd_train(args) -> int:
         params, opt_state, start = full.params, full.opt_state, full.step
         if "torch" in full.rng:
             torch.set_rng_state(full.rng["torch"])
-        print(f"resumed from {full.path} at step {start}", flush=True)
+        say(f"resumed from {full.path} at step {start}")
     else:
         torch.manual_seed(args.seed)
     params = {k: v for k, v in _to_device(params, device).items()}
     opt_state = _to_device(opt_state, device)
+    if dctx is not None:  # every rank starts from rank 0's params, optimizer state and step
+        params = dctx.broadcast_tree(params)
+        opt_state = dctx.broadcast_tree(opt_state, what="broadcast of the optimizer state from rank 0")
+        start = dctx.broadcast_object(start)
     n_params = sum(v.numel() for v in _leaves(params))
-    print(f"model: {n_params / 1e6:.2f}M parameters ({cfg.n_layers} layers, d_model {cfg.d_model}, {cfg.n_heads} heads, "
-          f"vocab {cfg.vocab_size}, {cfg.position_encoding} positions, {cfg.attention_backend} attention); precision {precision}"
-          f"{', compiled' if args.compile else ''}; {args.steps} steps", flush=True)
+    say(f"model: {n_params / 1e6:.2f}M parameters ({cfg.n_layers} layers, d_model {cfg.d_model}, {cfg.n_heads} heads, "
+        f"vocab {cfg.vocab_size}, {cfg.position_encoding} positions, {cfg.attention_backend} attention); precision {precision}"
+        f"{', compiled' if args.compile else ''}; {args.steps} steps"
+        + ("" if dctx is None else f"; data parallel over {world} processes ({dctx.backend}), "
+           f"{rows // world} rows each"))
 
     os.makedirs(out_dir, exist_ok=True)
     metrics_path = os.path.join(out_dir, "metrics.jsonl")
@@ -338,18 +435,23 @@ def cmd_train(args) -> int:
     saved_args["precision"] = precision
     last: dict = {"baseline_perplexity": baseline}
 
-    def save(step: int) -> None:
-        save_checkpoint(
-            ckpt_dir, cfg=cfg, params=params, opt_state=opt_state, step=step,
-            rng={"torch": torch.get_rng_state()}, tokenizer=tok,
-            train_state={"args": saved_args, "metrics": last, "seed": args.seed},
-        )
+    def save(step: int, sync: bool = True) -> None:
+        """Rank 0 writes; with ``sync`` the others wait for it (a barrier)."""
+        if main_rank:
+            save_checkpoint(
+                ckpt_dir, cfg=cfg, params=params, opt_state=opt_state, step=step,
+                rng={"torch": torch.get_rng_state()}, tokenizer=tok,
+                train_state={"args": saved_args, "metrics": last, "seed": args.seed},
+            )
+        if dctx is not None and sync:
+            dctx.barrier("barrier after writing the checkpoint")
 
     def run_eval():
-        return evaluate(eval_fn, params, eval_batches(val_blocks, args.batch_size, args.eval_batches))
+        batches = eval_batches(val_blocks, args.batch_size, args.eval_batches)
+        return evaluate(eval_fn, params, batches) if dctx is None else dctx.evaluate(eval_fn, params, batches)
 
     end = args.steps if args.stop_after is None else min(args.steps, start + args.stop_after)
-    use_bar = sys.stderr.isatty()
+    use_bar = sys.stderr.isatty() and main_rank
     log_every = args.log_every or max(1, (end - start) // 10)
     from tqdm import tqdm
 
@@ -361,14 +463,14 @@ def cmd_train(args) -> int:
         while step < end:
             batch = loader.batch(step)
             gen = None
-            if cfg.dropout > 0 or cfg.attention_dropout > 0:
-                gen = torch.Generator(device=device).manual_seed(args.seed * 1_000_003 + step)
+            if cfg.dropout > 0 or cfg.attention_dropout > 0:  # per step (resumable) and per rank (independent masks)
+                gen = torch.Generator(device=device).manual_seed(args.seed * 1_000_003 + step + (rank << 40))
             params, opt_state, m = step_fn(params, opt_state, batch, gen) if gen is not None else step_fn(params, opt_state, batch)
             step += 1
             window_tokens += int(m["tokens"])
             log_now = not use_bar and (step % log_every == 0 or step == end)
             if step % 10 == 0 or step == end or step - start <= 1 or log_now:
-                loss = float(m["loss"])
+                loss = float(m["loss"])  # the global loss: the same on every rank
                 if not math.isfinite(loss):
                     raise CLIError(f"the loss became {loss} at step {step}; lower --lr or use --precision fp32")
                 now = time.perf_counter()
@@ -376,39 +478,48 @@ def cmd_train(args) -> int:
                 window_tokens, window_start = 0, now
                 last.update(step=step, loss=loss, learning_rate=float(m["learning_rate"]), grad_norm=float(m["grad_norm"]))
                 bar.set_postfix(loss=f"{loss:.3f}", lr=f"{last['learning_rate']:.2e}", tok_s=f"{tok_per_s:,.0f}")
-                _write_metrics(metrics_path, {"step": step, "loss": loss, "learning_rate": last["learning_rate"],
-                                              "grad_norm": last["grad_norm"], "tokens_per_s": tok_per_s})
+                if main_rank:
+                    _write_metrics(metrics_path, {"step": step, "loss": loss, "learning_rate": last["learning_rate"],
+                                                  "grad_norm": last["grad_norm"], "tokens_per_s": tok_per_s})
             bar.update(1)
             if log_now:
-                print(f"step {step}/{args.steps}  loss {last.get('loss', float('nan')):.4f}  "
-                      f"lr {last.get('learning_rate', 0):.2e}  {tok_per_s:,.0f} tok/s", flush=True)
+                say(f"step {step}/{args.steps}  loss {last.get('loss', float('nan')):.4f}  "
+                    f"lr {last.get('learning_rate', 0):.2e}  {tok_per_s:,.0f} tok/s")
             if args.eval_every and step % args.eval_every == 0 and step < args.steps:
                 ev = run_eval()
                 last.update(val_loss=ev["loss"], val_perplexity=ev["perplexity"])
-                bar.write(f"step {step}: val loss {ev['loss']:.4f}, perplexity {ev['perplexity']:.2f} "
-                          f"(unigram baseline {baseline:.1f})")
-                sys.stdout.flush()
-                _write_metrics(metrics_path, {"step": step, "val_loss": ev["loss"], "val_perplexity": ev["perplexity"]})
+                if main_rank:
+                    bar.write(f"step {step}: val loss {ev['loss']:.4f}, perplexity {ev['perplexity']:.2f} "
+                              f"(unigram baseline {baseline:.1f})")
+                    sys.stdout.flush()
+                    _write_metrics(metrics_path, {"step": step, "val_loss": ev["loss"], "val_perplexity": ev["perplexity"]})
             if args.save_every and step % args.save_every == 0 and step < end:
                 save(step)
     except KeyboardInterrupt:
         bar.close()
-        save(step)
-        print(f"\ninterrupted at step {step}: checkpoint saved to {ckpt_dir} "
-              f"(continue with: aam-func train --output-dir {args.output_dir} --resume --steps {args.steps})",
-              file=sys.stderr, flush=True)
+        if dctx is not None:
+            dctx.stopping = True
+        # rank 0 alone saves (its params are the replicated state after `step` steps); no
+        # collective here: the other ranks are stopping too, or are gone
+        save(step, sync=False)
+        if main_rank:
+            launch = "aam-func" if dctx is None else f"torchrun --nproc-per-node {world} -m aam_func"
+            print(f"\ninterrupted at step {step}: checkpoint saved to {ckpt_dir} "
+                  f"(continue with: {launch} train --output-dir {args.output_dir} --resume --steps {args.steps})",
+                  file=sys.stderr, flush=True)
         return 130
     bar.close()
 
     ev = run_eval()
     last.update(step=step, val_loss=ev["loss"], val_perplexity=ev["perplexity"])
-    _write_metrics(metrics_path, {"step": step, "val_loss": ev["loss"], "val_perplexity": ev["perplexity"]})
+    if main_rank:
+        _write_metrics(metrics_path, {"step": step, "val_loss": ev["loss"], "val_perplexity": ev["perplexity"]})
     save(step)
     elapsed = time.perf_counter() - t_start
-    print(f"step {step}: held-out loss {ev['loss']:.4f}, perplexity {ev['perplexity']:.2f} "
-          f"(unigram baseline {baseline:.1f}); {elapsed:.0f}s in all", flush=True)
-    print(f"checkpoint: {ckpt_dir}", flush=True)
-    if args.sample_tokens and step >= args.steps:
+    say(f"step {step}: held-out loss {ev['loss']:.4f}, perplexity {ev['perplexity']:.2f} "
+        f"(unigram baseline {baseline:.1f}); {elapsed:.0f}s in all")
+    say(f"checkpoint: {ckpt_dir}")
+    if main_rank and args.sample_tokens and step >= args.steps:
         n = min(args.sample_tokens, cfg.max_seq_len - 2)
         prompt = tok(DEFAULT_PROMPT)
         ids = generate(model, params, prompt["input_ids"].to(device), max_new_tokens=n, do_sample=True,
@@ -510,6 +621,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     except _user_errors() as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except _PeerFailed as e:
+        return e.code
+    except _distributed_error() as e:
+        # a broken process group can abort the interpreter at exit (gloo's destructor calls
+        # std::terminate on a dead peer's pair): report and leave now, with a plain status 1
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(1)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

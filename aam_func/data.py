@@ -224,9 +224,15 @@ class BlockLoader:
     dropping the last partial batch; ``batch(step)`` is the ``step``-th batch of that sequence.
     Batches are ``{"input_ids": (batch, seq), "labels": (batch, seq)}`` (labels are shifted
     inside the model).
+
+    Data parallelism: with ``world_size`` processes, ``batch_size`` is the global batch and
+    process ``rank`` gets rows ``[rank * b, (rank + 1) * b)`` of it (``b = batch_size //
+    world_size``): the shards are disjoint, their union is the single-process batch, and the
+    order does not depend on the world size (a run resumes at another one).
     """
 
-    def __init__(self, blocks: Tensor, batch_size: int, *, seed: int = 0, shuffle: bool = True):
+    def __init__(self, blocks: Tensor, batch_size: int, *, seed: int = 0, shuffle: bool = True,
+                 rank: int = 0, world_size: int = 1):
         if blocks.dim() != 2:
             raise DataError(f"blocks must be (n_blocks, seq_len), got shape {tuple(blocks.shape)}")
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -234,7 +240,15 @@ class BlockLoader:
         if blocks.shape[0] < batch_size:
             raise DataError(f"the corpus gives {blocks.shape[0]} blocks of {blocks.shape[1]} tokens, fewer than "
                             f"one batch of {batch_size}; use more text, a smaller --batch-size or --seq-len")
+        if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1 \
+                or not isinstance(rank, int) or not 0 <= rank < world_size:
+            raise DataError(f"rank must be in [0, world_size) with world_size >= 1, got rank={rank!r}, "
+                            f"world_size={world_size!r}")
+        if batch_size % world_size:
+            raise DataError(f"a global batch of {batch_size} rows cannot be split evenly over {world_size} processes")
         self.blocks, self.batch_size, self.seed, self.shuffle = blocks, batch_size, seed, shuffle
+        self.rank, self.world_size = rank, world_size
+        self.local_batch_size = batch_size // world_size
         self.batches_per_epoch = blocks.shape[0] // batch_size
         self._perm_epoch, self._perm = -1, None
 
@@ -250,7 +264,8 @@ class BlockLoader:
 
     def batch(self, step: int) -> dict[str, Tensor]:
         epoch, i = divmod(int(step), self.batches_per_epoch)
-        idx = self._order(epoch)[i * self.batch_size:(i + 1) * self.batch_size]
+        start = i * self.batch_size + self.rank * self.local_batch_size
+        idx = self._order(epoch)[start:start + self.local_batch_size]
         x = self.blocks[idx]
         return {"input_ids": x, "labels": x}
 

@@ -21,6 +21,11 @@
 their gradients before one optimizer update (equal to the full batch for a mean loss over
 equal-sized micro-batches). ``compile=True`` wraps the whole step (grads, clipping, optimizer)
 in ``torch.compile``.
+
+``grad_reduce`` (data parallelism, see :mod:`aam_func.distributed`) is called between the
+gradient and the optimizer update with ``{"grads", "loss", "weight", "tokens"}`` of this
+process's shard (``weight``: its predicted tokens, from ``loss_weight(batch)``) and returns the
+same keys for the global batch; the update, ``grad_norm`` and the logged loss use the result.
 """
 
 from __future__ import annotations
@@ -78,6 +83,20 @@ def _count_tokens(batch: Mapping[str, Tensor]) -> Tensor:
     return torch.tensor(batch["input_ids"].numel(), dtype=torch.int64)
 
 
+def _count_targets(batch: Mapping[str, Tensor]) -> Tensor:
+    """Predicted tokens of an LM batch: shifted labels other than -100 at unmasked positions
+    (what :func:`aam_func.losses.lm_loss` averages over); rows for a batch without ids or labels."""
+    labels = batch.get("labels", batch.get("input_ids"))
+    if not isinstance(labels, Tensor) or labels.dim() < 2:
+        first = next(v for v in batch.values() if isinstance(v, Tensor))
+        return torch.tensor(first.shape[0], dtype=torch.int64)
+    valid = labels[:, 1:] != -100
+    mask = batch.get("attention_mask")
+    if mask is not None:
+        valid = valid & mask[:, 1:].bool()
+    return valid.sum().to(torch.int64)
+
+
 def _split(batch: Mapping[str, Any], k: int) -> list[dict]:
     """``k`` equal micro-batches along dim 0 of every tensor in ``batch``."""
     sizes = {v.shape[0] for v in batch.values() if isinstance(v, Tensor)}
@@ -107,6 +126,8 @@ def make_train_step(
     compile: bool = False,
     learning_rate: Optional[float] = None,
     loss_scale: Optional[dict] = None,
+    grad_reduce: Optional[Callable] = None,
+    loss_weight: Optional[Callable] = None,
 ):
     """A pure ``step(params, opt_state, batch, generator=None) -> (params, opt_state, metrics)``.
 
@@ -116,7 +137,9 @@ def make_train_step(
     NaN), ``grad_norm`` (global L2 norm of the averaged, unscaled gradients before clipping),
     ``tokens`` (non-padding input tokens in the batch); with fp16 also ``loss_scale``.
     ``step.init(params)`` builds the matching optimizer state. ``loss_scale`` passes keyword
-    arguments to :func:`optim.dynamic_loss_scale` (fp16 only).
+    arguments to :func:`optim.dynamic_loss_scale` (fp16 only). ``grad_reduce`` combines the
+    gradients of data-parallel processes (module docstring); ``loss_weight(batch)`` is the weight
+    of this shard's mean loss in that combination (default: its predicted tokens).
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}; got {precision!r}")
@@ -145,6 +168,9 @@ def make_train_step(
     # while forward and backward, where the FLOPs are, stay compiled.
     apply_fn = optim.apply_updates if (not compile or COMPILE_OPTIMIZER) else torch.compiler.disable(optim.apply_updates)
     update_fn = optimizer.update if (not compile or COMPILE_OPTIMIZER) else torch.compiler.disable(optimizer.update)
+    # collectives run eagerly behind a graph break: forward, backward and optimizer stay compiled
+    reduce_fn = torch.compiler.disable(grad_reduce) if (compile and grad_reduce is not None) else grad_reduce
+    weight_fn = loss_weight or _count_targets
 
     def step(params, opt_state, batch, generator: Optional[torch.Generator] = None):
         scale = opt_state["loss_scale"] if precision == "fp16" else None
@@ -156,9 +182,14 @@ def make_train_step(
             losses.append(loss)
         if accumulate > 1:
             grads = tree.map(lambda x: x / accumulate, grads)
+        loss = torch.stack(losses).mean() if accumulate > 1 else losses[0]
+        tokens = _count_tokens(batch)
+        if reduce_fn is not None:
+            red = reduce_fn({"grads": grads, "loss": loss, "weight": weight_fn(batch), "tokens": tokens})
+            grads, loss, tokens = red["grads"], red["loss"], red["tokens"]
         updates, new_state = update_fn(grads, opt_state, params)
         new_params = apply_fn(params, updates)
-        metrics = {"loss": torch.stack(losses).mean() if accumulate > 1 else losses[0]}
+        metrics = {"loss": loss}
         if info["lr"]:
             metrics["learning_rate"] = optim.current_learning_rate(new_state).float()
         else:
@@ -169,7 +200,7 @@ def make_train_step(
         else:
             norm = optim.global_norm(grads)
             metrics["grad_norm"] = (norm / scale if scale is not None else norm).float()
-        metrics["tokens"] = _count_tokens(batch)
+        metrics["tokens"] = tokens
         if precision == "fp16":
             metrics["loss_scale"] = opt_state["loss_scale"]
         return new_params, new_state, metrics
