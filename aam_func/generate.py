@@ -9,6 +9,10 @@ The pieces are pure functions over tensors, usable in hand-written loops:
   "next_pos": (batch,) int64}``: a tensor tree, passed in and returned, never written in place.
 - ``logits, cache = forward_cached(model, params, tokens, cache)``: logits of the new tokens
   (batch, new, vocab) and the grown cache (prefill and decode are the same call).
+- ``cache = init_static_cache(model, batch, max_len)`` and ``forward_static(...)``: the same
+  with preallocated (batch, kv_heads, max_len, head_dim) buffers and a 0-d ``"length"``, so
+  every decode step has the same shapes; ``generate``'s default, and what ``compile=True``
+  compiles (once per model and shape, no recompiles per token).
 - ``process_logits(logits, seen, ...)``: repetition penalty, then (sampling) temperature, top-k,
   top-p, in transformers' order, with transformers' tie and threshold rules.
 
@@ -29,6 +33,8 @@ __all__ = [
     "generate",
     "init_cache",
     "forward_cached",
+    "init_static_cache",
+    "forward_static",
     "process_logits",
     "apply_repetition_penalty",
     "top_k_filter",
@@ -162,6 +168,72 @@ def forward_cached(model, params, tokens: Tensor, cache: dict, attention_mask: O
     return out["logits"], new_cache
 
 
+def init_static_cache(model, batch: int, max_len: int, *, dtype: torch.dtype = torch.float32, device=None) -> dict:
+    """An empty static cache: per layer (k, v) zero buffers (batch, kv_heads, max_len, head_dim),
+    ``"mask"`` (batch, max_len) bool (True: not padding; slots not yet written are never read),
+    ``"next_pos"`` (batch,) the next position per row, ``"length"`` 0-d: slots written so far."""
+    c = model.cfg
+    if not (0 < max_len <= c.max_seq_len):
+        raise ValueError(f"max_len must be in [1, max_seq_len={c.max_seq_len}], got {max_len}")
+    shape = (batch, c.n_kv_heads, max_len, c.head_dim)
+    return {
+        "kv": [(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+               for _ in range(c.n_layers)],
+        "mask": torch.ones((batch, max_len), dtype=torch.bool, device=device),
+        "next_pos": torch.zeros((batch,), dtype=torch.long, device=device),
+        "length": torch.zeros((), dtype=torch.long, device=device),
+    }
+
+
+def forward_static(model, params, tokens: Tensor, cache: dict, attention_mask: Optional[Tensor] = None, *,
+                   padded: Optional[bool] = None, validate: bool = True, write_in_place: bool = False):
+    """``forward_cached`` over a static cache: ``(logits (batch, new, vocab), cache)``.
+
+    The new tokens go to slots ``length + [0, new)``. The returned cache holds new buffers and
+    the input cache is left as it was, unless ``write_in_place``: then the kv buffers of the
+    input cache are written (and returned), for a loop that owns them and drops the old cache
+    (``generate`` does; it saves a copy of every buffer per token). ``validate=False`` skips the
+    model's per-call checks (see ``Transformer.apply``).
+    """
+    B, T = tokens.shape
+    length = cache["length"]
+    if attention_mask is None:
+        new_mask, mask = None, cache["mask"]
+    else:
+        new_mask = attention_mask.bool()
+        mask = cache["mask"].index_copy(1, length + torch.arange(T, device=tokens.device), new_mask)
+    if padded is None:
+        padded = not bool(mask.all())
+    kw = dict(past_kv=cache["kv"], cache_position=length, write_in_place=write_in_place, validate=validate)
+    if padded:
+        counts = torch.ones_like(tokens).cumsum(dim=1) if new_mask is None else new_mask.long().cumsum(dim=1)
+        positions = (cache["next_pos"][:, None] + counts - 1).clamp(min=0)
+        out = model.apply(params, tokens, attention_mask=mask, position_ids=positions, **kw)
+    else:  # positions are the slot numbers: the model's default
+        out = model.apply(params, tokens, **kw)
+    added = T if new_mask is None else new_mask.long().sum(dim=1)
+    new_cache = {"kv": out["past_kv"], "mask": mask, "next_pos": cache["next_pos"] + added, "length": length + T}
+    return out["logits"], new_cache
+
+
+_compiled_steps: dict = {}
+
+
+def _decode_step(model, padded: bool, compile: bool):
+    """One decode step over a static cache, validation off, buffers written in place (the
+    generate loop owns them); compiled once per (model, padded) when asked."""
+
+    def step(params, token, cache):
+        return forward_static(model, params, token, cache, padded=padded, validate=False, write_in_place=True)
+
+    if not compile:
+        return step
+    key = (model, padded)
+    if key not in _compiled_steps:
+        _compiled_steps[key] = torch.compile(step, dynamic=False)
+    return _compiled_steps[key]
+
+
 def _forward_full(model, params, ids: Tensor, mask: Tensor) -> Tensor:
     if bool(mask.all()):
         return model.apply(params, ids)["logits"]
@@ -190,13 +262,22 @@ def generate(
     seed: Optional[int] = None,
     generator: Optional[torch.Generator] = None,
     use_cache: bool = True,
+    cache: str = "static",
+    compile: bool = False,
 ) -> Tensor:
     """Prompt ids (batch, prompt) -> (batch, prompt + generated) ids.
 
     Greedy unless ``do_sample``; sampling draws from ``generator`` (or a fresh one seeded with
     ``seed``; the same seed gives the same text). ``use_cache=False`` recomputes the whole
-    sequence each step (the reference the cache must equal).
+    sequence each step (the reference the cache must equal). ``cache="static"`` decodes over
+    preallocated buffers (validation once, at the prompt); ``"dynamic"`` grows the cache by
+    concatenation. ``compile=True`` compiles the static decode step with ``torch.compile``
+    (once per model, batch and length; the first call pays the compile time).
     """
+    if cache not in ("static", "dynamic"):
+        raise ValueError(f"cache must be 'static' or 'dynamic', got {cache!r}")
+    if compile and (cache != "static" or not use_cache):
+        raise ValueError("compile=True needs the static cache (cache='static', use_cache=True)")
     _check_options(max_new_tokens, temperature, top_k, top_p, repetition_penalty)
     if input_ids.dim() != 2 or input_ids.shape[1] == 0:
         raise ValueError(f"input_ids must be (batch, prompt) with prompt >= 1, got shape {tuple(input_ids.shape)}")
@@ -217,11 +298,19 @@ def generate(
 
     ids, full_mask = input_ids, mask
     finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
-    cache = None
     padded = not bool(mask.all())
-    if use_cache and max_new_tokens > 0:
-        cache = init_cache(model, B, dtype=params["embed"]["weight"].dtype, device=input_ids.device)
-        logits, cache = forward_cached(model, params, input_ids, cache, mask, padded=padded)
+    static = cache == "static"
+    kv = None
+    dtype, device = params["embed"]["weight"].dtype, input_ids.device
+    if use_cache and max_new_tokens > 0 and static:
+        # buffers rounded up to 64 slots, so that nearby lengths share one compiled step
+        max_len = min(model.cfg.max_seq_len, -(-(P + max_new_tokens) // 64) * 64)
+        kv = init_static_cache(model, B, max_len, dtype=dtype, device=device)
+        logits, kv = forward_static(model, params, input_ids, kv, mask, padded=padded)  # validates once
+        step = _decode_step(model, padded, compile)
+    elif use_cache and max_new_tokens > 0:
+        kv = init_cache(model, B, dtype=dtype, device=device)
+        logits, kv = forward_cached(model, params, input_ids, kv, mask, padded=padded)
     for i in range(max_new_tokens):
         if not use_cache:
             logits = _forward_full(model, params, ids, full_mask)
@@ -242,5 +331,8 @@ def generate(
         if eos_token_id is not None and bool(finished.all()):
             break
         if use_cache and i + 1 < max_new_tokens:
-            logits, cache = forward_cached(model, params, nxt[:, None], cache, padded=padded)
+            if static:
+                logits, kv = step(params, nxt[:, None], kv)
+            else:
+                logits, kv = forward_cached(model, params, nxt[:, None], kv, padded=padded)
     return ids

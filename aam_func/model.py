@@ -157,6 +157,9 @@ class Transformer:
         inputs_embeds: Optional[Tensor] = None,
         past_kv: Optional[list] = None,
         return_logits: bool = True,
+        cache_position: Optional[Tensor] = None,
+        write_in_place: bool = False,
+        validate: bool = True,
     ) -> dict:
         """input_ids (batch, seq) -> {"logits": (batch, seq, vocab), "loss": scalar or None}.
 
@@ -166,6 +169,17 @@ class Transformer:
         replaces ``input_ids`` (P-tuning). ``past_kv`` (a list of per-layer (k, v)) enables
         incremental decoding; the output then also holds ``"past_kv"``.
 
+        ``cache_position`` (a 0-d integer tensor) makes ``past_kv`` a static cache: per layer
+        (k, v) buffers (batch, kv_heads, max_len, head_dim), the new tokens written at slots
+        ``cache_position + [0, seq)`` (of copies; in the buffers themselves with
+        ``write_in_place``, for a caller that owns them), ``attention_mask`` covering the
+        max_len slots (slots beyond the written ones are never read), positions defaulting to
+        the slot numbers. Shapes do not change from step to step (``torch.compile`` friendly).
+
+        ``validate=False`` skips the checks that cost time on every call (the params tree
+        against the config, and value checks on ids, masks and positions, each a device sync);
+        for loops such as decoding that validated their inputs once up front. Shape checks stay.
+
         ``return_logits=False`` (with labels) skips the (batch, seq, vocab) logits: the loss then
         comes from the fused, chunked LM-head cross-entropy (``ops.cross_entropy``) unless
         ``cfg.fused_cross_entropy`` is off or the focal loss is configured; ``"logits"`` is None.
@@ -173,7 +187,7 @@ class Transformer:
         (``ops.remat``; works under ``torch.func.grad`` and ``vmap``).
         """
         c = self.cfg
-        if not torch.compiler.is_compiling():
+        if validate and not torch.compiler.is_compiling():
             self.check_params(params)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
@@ -184,18 +198,23 @@ class Transformer:
                 )
             x = inputs_embeds
         else:
-            x = self.embed(params, input_ids)
+            x = self.embed(params, input_ids) if validate else self.embedding.apply(params["embed"], input_ids)
         B, T = x.shape[0], x.shape[1]
         past = 0 if past_kv is None else past_kv[0][0].shape[2]
         if past_kv is not None and len(past_kv) != c.n_layers:
             raise ValueError(f"past_kv must have one (k, v) per layer ({c.n_layers}), got {len(past_kv)}")
-        if past + T > c.max_seq_len:
-            raise ValueError(f"input has {past + T} positions but max_seq_len is {c.max_seq_len}")
-        key_mask = self._key_mask(attention_mask, B, past + T)
-        if position_ids is None:
-            positions = torch.arange(past, past + T, device=x.device)
+        if cache_position is not None:
+            total = self._check_static_cache(past_kv, cache_position, T, validate)
         else:
-            positions = self._check_positions(position_ids, B, T)
+            total = past + T
+        if total > c.max_seq_len:
+            raise ValueError(f"input has {total} positions but max_seq_len is {c.max_seq_len}")
+        key_mask = self._key_mask(attention_mask, B, total, validate)
+        if position_ids is None:
+            start = past if cache_position is None else cache_position
+            positions = torch.arange(T, device=x.device) + start
+        else:
+            positions = self._check_positions(position_ids, B, T, validate)
 
         pos = self.positions
         if pos is not None:
@@ -209,7 +228,8 @@ class Transformer:
             layer_params = params["blocks"][str(i)]
             kw = dict(positions=positions, key_padding_mask=key_mask, train=train, generator=generator)
             if past_kv is not None:
-                x, kv = block.apply(layer_params, x, past_kv=past_kv[i], **kw)
+                x, kv = block.apply(layer_params, x, past_kv=past_kv[i], cache_position=cache_position,
+                                    write_in_place=write_in_place, **kw)
                 new_kv.append(kv)
             else:
                 x = block_fn(layer_params, x, **kw)
@@ -221,7 +241,12 @@ class Transformer:
         out = {"logits": logits if return_logits else None, "loss": None}
         if labels is not None:
             self._check_labels(labels, B, T)
-            query_mask = None if key_mask is None else key_mask[:, past:]
+            if key_mask is None:
+                query_mask = None
+            elif cache_position is None:
+                query_mask = key_mask[:, past:]
+            else:
+                query_mask = key_mask.index_select(1, torch.arange(T, device=x.device) + cache_position)
             targets = shift_labels(labels, query_mask)
             if fused:
                 out["loss"] = linear_cross_entropy(x, head, targets, label_smoothing=c.label_smoothing)
@@ -250,7 +275,20 @@ class Transformer:
                 bad = lo if lo < 0 else hi
                 raise ValueError(f"input_ids contains token id {bad}, outside [0, vocab_size={self.cfg.vocab_size})")
 
-    def _key_mask(self, attention_mask: Optional[Tensor], B: int, total: int) -> Optional[Tensor]:
+    def _check_static_cache(self, past_kv: list, cache_position: Tensor, T: int, validate: bool) -> int:
+        """Shape checks of a static cache (and, when validating, its position); returns max_len."""
+        if not isinstance(cache_position, Tensor) or cache_position.dim() != 0 or cache_position.is_floating_point():
+            raise TypeError(f"cache_position must be a 0-d integer tensor, got {cache_position!r}")
+        if past_kv is None:
+            raise ValueError("cache_position needs past_kv: per-layer (k, v) buffers (batch, kv_heads, max_len, head_dim)")
+        max_len = past_kv[0][0].shape[2]
+        if validate and _can_inspect_values():
+            pos = int(cache_position)
+            if pos < 0 or pos + T > max_len:
+                raise ValueError(f"cache_position {pos} + {T} new tokens does not fit a static cache of {max_len} slots")
+        return max_len
+
+    def _key_mask(self, attention_mask: Optional[Tensor], B: int, total: int, validate: bool = True) -> Optional[Tensor]:
         if attention_mask is None:
             return None
         if not isinstance(attention_mask, Tensor):
@@ -261,17 +299,17 @@ class Transformer:
             )
         if attention_mask.dtype == torch.bool:
             return attention_mask
-        if _can_inspect_values() and attention_mask.numel():
+        if validate and _can_inspect_values() and attention_mask.numel():
             if not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
                 raise ValueError("attention_mask must hold only 0 and 1 (or be bool)")
         return attention_mask != 0
 
-    def _check_positions(self, position_ids: Tensor, B: int, T: int) -> Tensor:
+    def _check_positions(self, position_ids: Tensor, B: int, T: int, validate: bool = True) -> Tensor:
         if position_ids.is_floating_point():
             raise TypeError(f"position_ids must be an integer tensor, got dtype {position_ids.dtype}")
         if tuple(position_ids.shape) not in ((T,), (B, T)):
             raise ValueError(f"position_ids must be (seq,) or (batch, seq) = {(B, T)}, got {tuple(position_ids.shape)}")
-        if _can_inspect_values() and position_ids.numel():
+        if validate and _can_inspect_values() and position_ids.numel():
             lo, hi = int(position_ids.min()), int(position_ids.max())
             if lo < 0 or hi >= self.cfg.max_seq_len:
                 raise ValueError(f"position_ids must lie in [0, max_seq_len={self.cfg.max_seq_len}), got {lo}..{hi}")

@@ -8,8 +8,10 @@ from hypothesis import strategies as st
 import aam_func as af
 from aam_func.generate import (
     forward_cached,
+    forward_static,
     generate,
     init_cache,
+    init_static_cache,
     left_pad,
     process_logits,
     top_k_filter,
@@ -38,9 +40,10 @@ def _model(pos="learnable", **kw):
 def test_cache_equals_no_cache_for_128_tokens(pos, extra):
     m, p = _model(pos, **extra)
     x = torch.randint(0, 211, (2, 9), generator=torch.Generator().manual_seed(1))
-    a = generate(m, p, x, max_new_tokens=128)
+    a = generate(m, p, x, max_new_tokens=128)  # static cache (the default)
     b = generate(m, p, x, max_new_tokens=128, use_cache=False)
-    assert a.shape == (2, 137) and torch.equal(a, b) and torch.equal(a[:, :9], x)
+    c = generate(m, p, x, max_new_tokens=128, cache="dynamic")
+    assert a.shape == (2, 137) and torch.equal(a, b) and torch.equal(a[:, :9], x) and torch.equal(c, b)
 
 
 def test_greedy_equals_transformers_generate_on_imported_gpt2():
@@ -65,15 +68,17 @@ def test_greedy_equals_transformers_generate_on_imported_gpt2():
     assert len(set(ours[:, 8:].flatten().tolist())) > 5  # a non-trivial continuation
     assert torch.equal(ours, want)
     assert torch.equal(generate(model, params, x, max_new_tokens=128, use_cache=False), want)
+    assert torch.equal(generate(model, params, x, max_new_tokens=128, cache="dynamic"), want)
 
 
-def test_left_padded_batch_equals_each_prompt_alone():
+@pytest.mark.parametrize("cache", ["static", "dynamic"])
+def test_left_padded_batch_equals_each_prompt_alone(cache):
     m, p = _model("rope")
     prompts = [[5, 6, 7], [1, 2, 3, 4, 5, 6, 7, 8], [9]]
     ids, mask = left_pad(prompts, pad_token_id=0)
-    batch = generate(m, p, ids, attention_mask=mask, max_new_tokens=20)
+    batch = generate(m, p, ids, attention_mask=mask, max_new_tokens=20, cache=cache)
     for i, pr in enumerate(prompts):
-        alone = generate(m, p, torch.tensor([pr]), max_new_tokens=20)
+        alone = generate(m, p, torch.tensor([pr]), max_new_tokens=20, cache=cache)
         assert torch.equal(batch[i, ids.shape[1] - len(pr):], alone[0])
 
 
@@ -89,6 +94,57 @@ def test_cache_is_a_pure_tensor_tree():
     full = m.apply(p, torch.cat([x, nxt], 1))["logits"][:, -1]
     torch.testing.assert_close(l2[:, -1], full, rtol=1e-5, atol=1e-5)
     assert c1["kv"][0][0].shape[2] == 5 and c2["kv"][0][0].shape[2] == 6
+
+
+def test_static_cache_is_a_pure_tensor_tree_and_equals_the_full_forward():
+    m, p = _model("rope", n_kv_heads=2)
+    x = torch.randint(1, 211, (2, 5), generator=torch.Generator().manual_seed(5))
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    cache = init_static_cache(m, 2, 16)
+    logits, c1 = forward_static(m, p, x, cache, mask)
+    assert cache["kv"][0][0].abs().sum() == 0 and int(cache["length"]) == 0  # input untouched
+    assert c1["kv"][0][0].shape == (2, 2, 16, 8) and int(c1["length"]) == 5 and c1["next_pos"].tolist() == [3, 5]
+    assert c1["mask"][:, :5].long().tolist() == mask.tolist() and c1["mask"][:, 5:].all()
+    nxt = logits[:, -1].argmax(-1, keepdim=True)
+    l2, c2 = forward_static(m, p, nxt, c1, validate=False)
+    assert int(c1["length"]) == 5 and int(c2["length"]) == 6 and c1["kv"][0][0][:, :, 5].abs().sum() == 0
+    ids = torch.cat([x, nxt], 1)
+    m6 = torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], 1)
+    full = m.apply(p, ids, attention_mask=m6, position_ids=(m6.cumsum(1) - 1).clamp(min=0))["logits"][:, -1]
+    torch.testing.assert_close(l2[:, -1], full, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="max_len must be in"):
+        init_static_cache(m, 1, 161)
+
+
+def test_sampling_and_eos_same_on_static_and_dynamic_cache():
+    m, p = _model()
+    x = torch.randint(0, 211, (3, 4), generator=torch.Generator().manual_seed(3))
+    kw = dict(max_new_tokens=25, do_sample=True, temperature=1.5, top_k=100, top_p=0.95, repetition_penalty=1.3, seed=2)
+    a = generate(m, p, x, **kw)
+    assert torch.equal(a, generate(m, p, x, cache="dynamic", **kw))
+    eos = int(a[1, 6])
+    b = generate(m, p, x, eos_token_id=eos, pad_token_id=3, **kw)
+    assert torch.equal(b, generate(m, p, x, eos_token_id=eos, pad_token_id=3, cache="dynamic", **kw))
+    assert (b[1, 7:] == 3).all()
+
+
+@pytest.mark.slow
+def test_compiled_decode_equals_eager_and_compiles_once():
+    """compile=True: the same tokens as eager (left padding and not), one compiled graph per
+    (padding, shape) however many tokens are decoded."""
+    from torch._dynamo.utils import counters
+
+    m, p = _model("rope", n_kv_heads=2)
+    ids, mask = left_pad([[5, 6, 7], [1, 2, 3, 4, 5, 6, 7, 8]], pad_token_id=0)
+    torch._dynamo.reset()
+    counters.clear()
+    for kw in (dict(attention_mask=mask), dict()):
+        want = generate(m, p, ids, max_new_tokens=40, **kw)
+        assert torch.equal(generate(m, p, ids, max_new_tokens=40, compile=True, **kw), want)
+        assert torch.equal(generate(m, p, ids, max_new_tokens=30, compile=True, **kw), want[:, :38])
+    assert counters["stats"]["unique_graphs"] == 2, dict(counters["stats"])
+    with pytest.raises(ValueError, match="compile=True needs the static cache"):
+        generate(m, p, ids, compile=True, cache="dynamic")
 
 
 @given(st.integers(0, 2**31 - 1), st.floats(0.3, 2.0), st.integers(0, 30), st.floats(0.05, 1.0), st.floats(0.5, 2.0))

@@ -197,6 +197,85 @@ def test_kv_cache_equals_full_forward():
         assert torch.allclose(torch.cat(steps, 1), full, atol=1e-5), variant
 
 
+@pytest.mark.parametrize("variant", ["gpt2", "llama", "local", "relative", "sparse"])
+@pytest.mark.parametrize("in_place", [False, True])
+def test_static_cache_equals_full_forward(variant, in_place):
+    """Prefill 5 then decode 1 token at a time into fixed (B, Hkv, 12, hd) buffers, row 1
+    left-padded by 2: logits equal the full forward; out of place, the buffers passed in stay
+    zero; in place, they are the ones written."""
+    cfg = tiny(**VARIANTS[variant])
+    m = af.Transformer(cfg)
+    p = m.init(seed=0)
+    ids = torch.randint(0, cfg.vocab_size, (2, 9), generator=torch.Generator().manual_seed(4))
+    mask = torch.ones(2, 9, dtype=torch.bool)
+    mask[1, :2] = False
+    pos = (mask.long().cumsum(1) - 1).clamp(min=0)
+    full = m.apply(p, ids, attention_mask=mask, position_ids=pos)["logits"]
+    L = 12  # more slots than tokens: the unwritten ones must never be read
+    bufs = [(torch.zeros(2, cfg.n_kv_heads, L, cfg.head_dim), torch.zeros(2, cfg.n_kv_heads, L, cfg.head_dim))
+            for _ in range(cfg.n_layers)]
+    slot_mask = torch.ones(2, L, dtype=torch.bool)
+    slot_mask[:, :9] = mask
+    kv, steps = bufs, []
+    for start, stop in [(0, 5)] + [(t, t + 1) for t in range(5, 9)]:
+        o = m.apply(p, ids[:, start:stop], attention_mask=slot_mask, position_ids=pos[:, start:stop], past_kv=kv,
+                    cache_position=torch.tensor(start), write_in_place=in_place, validate=start == 0)
+        assert o["past_kv"][0][0].shape == (2, cfg.n_kv_heads, L, cfg.head_dim)
+        steps.append(o["logits"])
+        kv = o["past_kv"]
+    torch.testing.assert_close(torch.cat(steps, 1)[mask], full[mask], atol=1e-5, rtol=1e-5)
+    assert (bufs[0][0].abs().sum() > 0) == in_place and (kv[0][0] is bufs[0][0]) == in_place
+    assert kv[-1][1][:, :, 9:].abs().sum() == 0  # nothing written past the tokens
+
+
+def test_static_cache_bad_position_and_validate_false_skips_checks(monkeypatch):
+    cfg = tiny()
+    m = af.Transformer(cfg)
+    p = m.init(seed=0)
+    kv = [(torch.zeros(1, cfg.n_kv_heads, 6, cfg.head_dim),) * 2 for _ in range(cfg.n_layers)]
+    with pytest.raises(ValueError, match="cache_position 5 \\+ 2 new tokens does not fit a static cache of 6"):
+        m.apply(p, torch.zeros(1, 2, dtype=torch.long), past_kv=kv, cache_position=torch.tensor(5))
+    with pytest.raises(TypeError, match="0-d integer tensor"):
+        m.apply(p, torch.zeros(1, 2, dtype=torch.long), past_kv=kv, cache_position=3)
+    ids = torch.randint(0, cfg.vocab_size, (2, 5))
+    want = m.apply(p, ids)["logits"]
+
+    def boom(*a, **k):
+        raise AssertionError("validated although validate=False")
+
+    monkeypatch.setattr(af.Transformer, "check_params", boom)
+    monkeypatch.setattr(af.Transformer, "_check_ids", boom)
+    assert torch.equal(m.apply(p, ids, validate=False)["logits"], want)
+    with pytest.raises(AssertionError, match="validated"):
+        m.apply(p, ids)
+
+
+def test_attention_q_offset_equals_truncated_keys():
+    """q_offset=p over a buffer of L slots == bottom-right attention over the first p + T keys,
+    on every dense backend, with GQA, padding and a window; and one causal query (q_len 1, now
+    on SDPA's mask-free path) equals the reference."""
+    from aam_func.ops.attention import attention, reference
+
+    g = torch.Generator().manual_seed(0)
+    B, H, Hkv, T, L, d, off = 2, 4, 2, 3, 11, 8, 5
+    q = torch.randn(B, H, T, d, generator=g)
+    k, v = torch.randn(B, Hkv, L, d, generator=g), torch.randn(B, Hkv, L, d, generator=g)
+    kpm = torch.ones(B, L, dtype=torch.bool)
+    kpm[1, :3] = False
+    for kw in (dict(), dict(key_padding_mask=kpm), dict(window=3)):
+        n = off + T
+        trunc = {k_: (x[:, :n] if k_ == "key_padding_mask" else x) for k_, x in kw.items()}
+        want = reference(q, k[:, :, :n], v[:, :, :n], causal=True, **trunc)
+        for backend in ("math", "sdpa", "auto"):
+            for o in (off, torch.tensor(off)):
+                got = attention(q, k, v, causal=True, q_offset=o, backend=backend, **kw)
+                torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="q_offset"):
+        attention(q, k, v, causal=True, q_offset=off, backend="blockwise")
+    q1 = q[:, :, :1]
+    torch.testing.assert_close(attention(q1, k, v, causal=True), reference(q1, k, v, causal=True), atol=1e-5, rtol=1e-5)
+
+
 def test_inputs_embeds_equals_ids():
     cfg = tiny(position_encoding="learnable")
     m = af.Transformer(cfg)

@@ -98,12 +98,21 @@ class SelfAttention:
         train: bool = False,
         generator: Optional[torch.Generator] = None,
         past_kv: Optional[tuple[Tensor, Tensor]] = None,
+        cache_position: Optional[Tensor] = None,
+        write_in_place: bool = False,
     ):
         """x (batch, seq, d_model) -> (batch, seq, d_model).
 
         ``positions`` (seq,) or (batch, seq) are absolute positions (for RoPE). With ``past_kv``
         (k, v) each (batch, kv_heads, past, head_dim), the new keys and values are appended and
         ``(out, (k, v))`` is returned; ``key_padding_mask`` then covers past + seq.
+
+        With ``cache_position`` (a 0-d integer tensor) ``past_kv`` is a *static* cache instead:
+        buffers (batch, kv_heads, max_len, head_dim) whose slots ``[0, cache_position)`` hold the
+        past. The new keys and values go to slots ``cache_position + [0, seq)`` of a copy (or,
+        with ``write_in_place``, of the buffers themselves, for a caller that owns them), the
+        queries read slots up to their own (causal), and ``key_padding_mask`` covers max_len.
+        Shapes stay fixed from step to step, so a compiled decode step never recompiles.
         """
         H, Hkv, hd = self.n_heads, self.kv_heads, self.head_dim
         qkv = self._qkv().apply(params["qkv"], x)  # (B, T, (H + 2 Hkv) hd)
@@ -114,7 +123,18 @@ class SelfAttention:
         if self.rope:
             q = rope(q, positions, base=self.rope_base, layout=self.rope_layout)
             k = rope(k, positions, base=self.rope_base, layout=self.rope_layout)
-        if past_kv is not None:
+        backend, static = self.backend, {}
+        if cache_position is not None:
+            slots = cache_position + torch.arange(k.shape[2], device=k.device)  # (T,)
+            if write_in_place:
+                k = past_kv[0].index_copy_(2, slots, k)
+                v = past_kv[1].index_copy_(2, slots, v)
+            else:
+                k = past_kv[0].index_copy(2, slots, k)
+                v = past_kv[1].index_copy(2, slots, v)
+            static = {"q_offset": cache_position}
+            backend = backend if backend in ("math", "sdpa") else "auto"  # the dense paths take q_offset
+        elif past_kv is not None:
             k = torch.cat([past_kv[0], k], dim=2)
             v = torch.cat([past_kv[1], v], dim=2)
         p_drop = self.dropout if train else 0.0
@@ -124,7 +144,8 @@ class SelfAttention:
             key_padding_mask=key_padding_mask,
             dropout_p=p_drop,
             generator=generator,
-            backend=self.backend,
+            backend=backend,
+            **static,
             **self.variant(params),
         )  # (B, H, T, hd)
         out = self._out().apply(params["out"], rearrange(o, "b h t d -> b t (h d)"))

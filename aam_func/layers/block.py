@@ -46,13 +46,17 @@ class Block:
         train: bool = False,
         generator: Optional[torch.Generator] = None,
         past_kv=None,
+        cache_position: Optional[Tensor] = None,
+        write_in_place: bool = False,
     ):
-        """(batch, seq, d_model) -> (batch, seq, d_model); with ``past_kv``, also the new (k, v)."""
+        """(batch, seq, d_model) -> (batch, seq, d_model); with ``past_kv``, also the new (k, v).
+
+        ``cache_position``/``write_in_place``: a static KV cache (see :meth:`SelfAttention.apply`)."""
         norm = self._norm()
         a = self.attn.apply(
             params["attn"], norm.apply(params["ln1"], x),
             positions=positions, key_padding_mask=key_padding_mask, train=train, generator=generator,
-            past_kv=past_kv,
+            past_kv=past_kv, cache_position=cache_position, write_in_place=write_in_place,
         )
         if past_kv is not None:
             a, kv = a

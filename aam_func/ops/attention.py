@@ -7,6 +7,10 @@ query head h reads kv head ``h // (heads // kv_heads)``).
 Positions. Queries are the *last* ``q_len`` positions of the key sequence (bottom-right
 alignment): query i sits at absolute position ``k_len - q_len + i``. With q_len == k_len this is
 ordinary self-attention; with q_len < k_len it is decoding against a KV cache.
+``q_offset`` (an int or a 0-d integer tensor) overrides this: query i then sits at
+``q_offset + i``. That is decoding against a *static* cache, a buffer of k_len slots of which
+only the first ``q_offset + q_len`` are written: with ``causal`` the unwritten slots (j > i) are
+never read. Only the dense paths take it (``auto`` then runs SDPA with a mask, or math).
 
 Which keys a query at position i may read (all conditions must hold):
 - ``causal``: j <= i.
@@ -230,6 +234,13 @@ def relative_logits(q: Tensor, q_pos: Tensor, k_pos: Tensor, rel: RelativeBias) 
     return -slopes[:, None, None] * relative.abs().to(slopes.dtype)[None], False
 
 
+def _query_positions(Tq: int, Tk: int, q_offset, device) -> Tensor:
+    """Absolute positions (Tq,) of the queries: the last Tq key positions, or from ``q_offset``."""
+    if q_offset is None:
+        return torch.arange(Tk - Tq, Tk, device=device)
+    return torch.arange(Tq, device=device) + q_offset
+
+
 def _expand_kv(k: Tensor, heads: int) -> Tensor:
     rep = heads // k.shape[1]
     return k if rep == 1 else k.repeat_interleave(rep, dim=1)
@@ -248,12 +259,13 @@ def reference(
     scale: Optional[float] = None,
     dropout_p: float = 0.0,
     generator: Optional[torch.Generator] = None,
+    q_offset=None,
 ) -> Tensor:
     """Dense composite attention: the math every other backend must equal."""
     Tq, Tk, H = q.shape[2], k.shape[2], q.shape[1]
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     k, v = _expand_kv(k, H), _expand_kv(v, H)
-    q_pos = torch.arange(Tk - Tq, Tk, device=q.device)
+    q_pos = _query_positions(Tq, Tk, q_offset, q.device)
     k_pos = torch.arange(Tk, device=q.device)
     logits = torch.matmul(q, k.transpose(-1, -2))  # (B, H, Tq, Tk)
     if relative_bias is not None:
@@ -679,18 +691,22 @@ def blockwise(
 
 
 def _mask_free(causal, key_padding_mask, window, sparsity, Tq, Tk) -> bool:
-    """True when SDPA can run the call with its fused kernels (no explicit T×T mask)."""
-    return key_padding_mask is None and window is None and sparsity is None and (not causal or Tq == Tk)
+    """True when SDPA can run the call with its fused kernels (no explicit T×T mask).
+
+    A single causal query in the last position reads every key, so it needs no mask either.
+    """
+    return key_padding_mask is None and window is None and sparsity is None and (not causal or Tq == Tk or Tq == 1)
 
 
-def _sdpa(q, k, v, *, causal, key_padding_mask, window, sparsity, scale):
+def _sdpa(q, k, v, *, causal, key_padding_mask, window, sparsity, scale, q_offset=None):
     Tq, Tk, H = q.shape[2], k.shape[2], q.shape[1]
     gqa = H != k.shape[1]
-    if key_padding_mask is None and window is None and sparsity is None and causal and Tq == Tk:
+    plain = key_padding_mask is None and window is None and sparsity is None and q_offset is None
+    if plain and causal and Tq == Tk:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
-    if key_padding_mask is None and window is None and sparsity is None and not causal:
+    if plain and (not causal or Tq == 1):
         return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=gqa)
-    q_pos = torch.arange(Tk - Tq, Tk, device=q.device)
+    q_pos = _query_positions(Tq, Tk, q_offset, q.device)
     k_pos = torch.arange(Tk, device=q.device)
     ok = allowed_mask(q_pos, k_pos, causal=causal, window=window, sparsity=sparsity)
     if key_padding_mask is not None:
@@ -734,15 +750,25 @@ def attention(
     backend: str = "auto",
     block_q: int = 128,
     block_k: int = 128,
+    q_offset=None,
 ) -> Tensor:
     """Attention over (batch, heads, seq, head_dim) tensors; see the module docstring for semantics.
 
     ``dropout_p`` drops attention probabilities with masks drawn from ``generator`` (or the
     global RNG, which follows ``vmap(randomness=...)``); it always runs on the math path (the
     blockwise kernel has no dropout: ``backend='blockwise'`` with dropout falls back to math
-    with a warning). ``block_q``/``block_k`` are the blockwise tile sizes.
+    with a warning). ``block_q``/``block_k`` are the blockwise tile sizes. ``q_offset`` places
+    the queries at ``q_offset + i`` (a static KV cache); backends 'math', 'sdpa' and 'auto' only.
     """
     _check(q, k, v, key_padding_mask, window, scale)
+    if q_offset is not None:
+        if isinstance(q_offset, bool) or not (
+            isinstance(q_offset, int) or (isinstance(q_offset, Tensor) and q_offset.dim() == 0
+                                          and not q_offset.is_floating_point())
+        ):
+            raise TypeError(f"q_offset must be an int or a 0-d integer tensor, got {q_offset!r}")
+        if backend in ("blockwise", "xformers"):
+            raise ValueError(f"q_offset (a static KV cache) runs on backends 'math', 'sdpa' or 'auto', not {backend!r}")
     _check_relative(relative_bias, q)
     if not (0.0 <= dropout_p < 1.0):
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p!r}")
@@ -764,7 +790,16 @@ def attention(
                 + ("relative_bias is set" if relative_bias is not None else "dropout with an explicit mask")
                 + "; use backend='blockwise', 'math' or 'auto'"
             )
-        return _sdpa(q, k, v, **kwargs)
+        return _sdpa(q, k, v, q_offset=q_offset, **kwargs)
+    if q_offset is not None:  # math or auto: SDPA with a dense mask where it can, else the math path
+        # While compiling, the math path: inductor fuses its mask, softmax and matmuls, and a
+        # compiled decode step ran 7-13% faster than with SDPA (docs/bench_generate.md).
+        compiling = torch.compiler.is_compiling()
+        fwd_ad = not compiling and forward_ad_active()
+        if backend == "auto" and sdpa_ok and not fwd_ad and not compiling:
+            return _sdpa(q, k, v, q_offset=q_offset, **kwargs)
+        return reference(q, k, v, relative_bias=relative_bias, dropout_p=dropout_p, generator=generator,
+                         q_offset=q_offset, **kwargs)
     if backend == "xformers":
         if relative_bias is not None or dropout_p > 0.0:
             raise ValueError("backend='xformers' supports neither relative_bias nor dropout here; use 'blockwise' or 'math'")
