@@ -818,17 +818,13 @@ def attention(
     return blockwise(q, k, v, relative_bias=relative_bias, block_q=block_q, block_k=block_k, **kwargs)
 
 
-_warned = False
-
-
 def _warn_dropout_fallback():
-    global _warned
-    if not _warned:
-        _warned = True
-        warnings.warn(
-            "backend='blockwise' has no attention dropout; calls with dropout_p > 0 run on the dense math path",
-            stacklevel=3,
-        )
+    # Python's default filter shows it once per calling location; a module-level "warned" flag
+    # would hide it from every later caller (and made tests depend on their order).
+    warnings.warn(
+        "backend='blockwise' has no attention dropout; calls with dropout_p > 0 run on the dense math path",
+        stacklevel=3,
+    )
 
 
 # ----------------------------------------------------------------------------------------------
