@@ -276,6 +276,30 @@ def test_attention_q_offset_equals_truncated_keys():
     torch.testing.assert_close(attention(q1, k, v, causal=True), reference(q1, k, v, causal=True), atol=1e-5, rtol=1e-5)
 
 
+def test_auto_attention_takes_math_under_cpu_bf16_autocast_with_grad(monkeypatch):
+    """auto avoids SDPA (slow CPU backward in bf16) only when autocast bf16 and a gradient meet."""
+    from aam_func.ops import attention as A
+
+    calls = []
+    real = A._sdpa
+    monkeypatch.setattr(A, "_sdpa", lambda *a, **k: calls.append(1) or real(*a, **k))
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 2, 6, 4, generator=g, requires_grad=True) for _ in range(3))
+    W = torch.randn(4, 4, generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        qb, kb, vb = q @ W, k @ W, v @ W  # bf16, tracked
+        out = A.attention(qb, kb, vb, causal=True)
+        assert out.dtype == torch.bfloat16 and not calls
+        assert torch.equal(out, A.reference(qb, kb, vb, causal=True))
+        out.float().sum().backward()
+        assert q.grad is not None and torch.isfinite(q.grad).all()
+        with torch.no_grad():
+            A.attention(qb, kb, vb, causal=True)
+    assert len(calls) == 1  # no gradient: SDPA
+    A.attention(q, k, v, causal=True)
+    assert len(calls) == 2  # fp32 with gradient: SDPA
+
+
 def test_inputs_embeds_equals_ids():
     cfg = tiny(position_encoding="learnable")
     m = af.Transformer(cfg)

@@ -37,8 +37,10 @@ Backends:
 - ``"math"``: the dense composite reference (:func:`reference`), autograd-differentiated.
 - ``"sdpa"``: ``F.scaled_dot_product_attention`` (no relative bias; masks become dense bool masks).
 - ``"xformers"``: ``xformers.ops.memory_efficient_attention`` for standard attention, when installed.
-- ``"auto"``: SDPA when the call needs no mask or bias (full, or causal with q_len == k_len) and
-  no forward-mode AD is active, else blockwise; dropout always runs on the math path.
+- ``"auto"``: SDPA when the call needs no mask or bias (full, or causal with q_len == k_len or
+  q_len == 1) and no forward-mode AD is active, else blockwise; dropout always runs on the math
+  path, and so does a call under CPU bf16 autocast that takes a gradient (SDPA's CPU backward
+  is slow there).
 Derivations: ``proofs/attention.md``.
 """
 
@@ -698,6 +700,19 @@ def _mask_free(causal, key_padding_mask, window, sparsity, Tq, Tk) -> bool:
     return key_padding_mask is None and window is None and sparsity is None and (not causal or Tq == Tk or Tq == 1)
 
 
+def _cpu_bf16_autocast_grad(q: Tensor, k: Tensor, v: Tensor) -> bool:
+    """True under CPU bf16 autocast while a gradient is taken: there SDPA's CPU backward is
+    slow (fwd+bwd 18.4 ms vs 7.0 ms on the math path at (8, 8, 128, 32), one thread; in fp32
+    SDPA wins, 9.0 vs 11.4 ms; docs/bench_generate.md), so ``auto`` takes the math path."""
+    return (
+        q.device.type == "cpu"
+        and torch.is_autocast_enabled("cpu")
+        and torch.get_autocast_dtype("cpu") == torch.bfloat16
+        and torch.is_grad_enabled()
+        and (q.requires_grad or k.requires_grad or v.requires_grad)
+    )
+
+
 def _sdpa(q, k, v, *, causal, key_padding_mask, window, sparsity, scale, q_offset=None):
     Tq, Tk, H = q.shape[2], k.shape[2], q.shape[1]
     gqa = H != k.shape[1]
@@ -796,7 +811,7 @@ def attention(
         # compiled decode step ran 7-13% faster than with SDPA (docs/bench_generate.md).
         compiling = torch.compiler.is_compiling()
         fwd_ad = not compiling and forward_ad_active()
-        if backend == "auto" and sdpa_ok and not fwd_ad and not compiling:
+        if backend == "auto" and sdpa_ok and not fwd_ad and not compiling and not _cpu_bf16_autocast_grad(q, k, v):
             return _sdpa(q, k, v, q_offset=q_offset, **kwargs)
         return reference(q, k, v, relative_bias=relative_bias, dropout_p=dropout_p, generator=generator,
                          q_offset=q_offset, **kwargs)
@@ -810,6 +825,8 @@ def attention(
         return reference(q, k, v, relative_bias=relative_bias, dropout_p=dropout_p, generator=generator, **kwargs)
     if backend == "auto":
         Tq, Tk = q.shape[2], k.shape[2]
+        if _cpu_bf16_autocast_grad(q, k, v):
+            return reference(q, k, v, **kwargs)
         # Under vmap SDPA's CPU kernel has no batching rule (a per-example loop, with a warning),
         # yet measured it still beats the math path (docs/bench_attention.md), so it stays.
         fwd_ad = not torch.compiler.is_compiling() and forward_ad_active()  # dynamo cannot trace the check
