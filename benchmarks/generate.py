@@ -1,9 +1,12 @@
 """Greedy decoding speed: aam_func.generate (KV cache) against transformers' generate.
 
 The same GPT-2 (random init, imported with ``from_transformers``), the same prompts, greedy,
-exactly ``--new-tokens`` tokens (no eos). Runs alternate (ours, theirs, ours, ...) in one
-process so that load from other processes hits both alike; the figures are medians. The
-outputs are checked to be equal token for token.
+exactly ``--new-tokens`` tokens (no eos). Ours runs three ways: ``eager`` (the default
+static KV cache), ``compiled`` (``generate(..., compile=True)``; its one-off compile time is
+reported apart and not counted) and ``dynamic`` (the concatenating cache). Runs alternate
+(eager, compiled, dynamic, transformers, eager, ...) in one process so that load from other
+processes hits all alike; the figures are medians, with the load average before and after.
+The outputs are checked to be equal token for token.
 
     python benchmarks/generate.py                       # batch 1 and 8, 128 new tokens
     python benchmarks/generate.py --batches 1,8 --new-tokens 128 --reps 5
@@ -57,32 +60,45 @@ def main():
     print(f"GPT-2 {cfg.n_layers} layers, d_model {cfg.d_model}, vocab {cfg.vocab_size}; prompt {args.prompt_len}, "
           f"{args.new_tokens} new tokens, greedy; {torch.get_num_threads()} threads; torch {torch.__version__}, "
           f"transformers {transformers.__version__}")
-    print("| batch | aam_func tokens/s | transformers tokens/s | ratio | equal outputs |")
-    print("|---|---|---|---|---|")
+    print(f"load average before: {os.getloadavg()[0]:.2f}")
+    print("| batch | aam_func eager tokens/s | compiled | dynamic cache | transformers | eager ratio | compiled ratio "
+          "| dynamic ratio | compile time | equal outputs |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for b in [int(x) for x in args.batches.split(",")]:
         x = torch.randint(1, args.vocab_size, (b, args.prompt_len), generator=torch.Generator().manual_seed(b))
         mask = torch.ones_like(x)
-
-        def ours():
-            return generate(model, params, x, attention_mask=mask, max_new_tokens=args.new_tokens)
+        kw = dict(attention_mask=mask, max_new_tokens=args.new_tokens)
+        runs = {
+            "eager": lambda: generate(model, params, x, **kw),
+            "compiled": lambda: generate(model, params, x, compile=True, **kw),
+            "dynamic": lambda: generate(model, params, x, cache="dynamic", **kw),
+        }
 
         def theirs():
             with torch.no_grad():
                 return hf.generate(x, attention_mask=mask, do_sample=False, max_new_tokens=args.new_tokens,
                                    min_new_tokens=args.new_tokens)
 
-        equal = torch.equal(ours(), theirs())  # also a warmup
-        t_ours, t_theirs = [], []
+        runs["transformers"] = theirs
+        t = time.perf_counter()
+        compiled_out = runs["compiled"]()  # compiles (once per batch shape)
+        compile_s = time.perf_counter() - t
+        want = theirs()
+        equal = all(torch.equal(f(), want) for k, f in runs.items() if k != "compiled")  # also warms up
+        equal = equal and torch.equal(compiled_out, want)
+        times = {k: [] for k in runs}
         for _ in range(args.reps):
-            t = time.perf_counter()
-            ours()
-            t_ours.append(time.perf_counter() - t)
-            t = time.perf_counter()
-            theirs()
-            t_theirs.append(time.perf_counter() - t)
+            for k, f in runs.items():
+                t = time.perf_counter()
+                f()
+                times[k].append(time.perf_counter() - t)
         n = b * args.new_tokens
-        a, h = n / statistics.median(t_ours), n / statistics.median(t_theirs)
-        print(f"| {b} | {a:,.0f} | {h:,.0f} | {a / h:.2f}x | {equal} |", flush=True)
+        tps = {k: n / statistics.median(v) for k, v in times.items()}
+        h = tps["transformers"]
+        print(f"| {b} | {tps['eager']:,.0f} | {tps['compiled']:,.0f} | {tps['dynamic']:,.0f} | {h:,.0f} "
+              f"| {tps['eager'] / h:.2f}x | {tps['compiled'] / h:.2f}x | {tps['dynamic'] / h:.2f}x "
+              f"| {compile_s:.1f} s | {equal} |", flush=True)
+    print(f"load average after: {os.getloadavg()[0]:.2f}")
 
 
 if __name__ == "__main__":
