@@ -272,7 +272,9 @@ def generate(
     sequence each step (the reference the cache must equal). ``cache="static"`` decodes over
     preallocated buffers (validation once, at the prompt); ``"dynamic"`` grows the cache by
     concatenation. ``compile=True`` compiles the static decode step with ``torch.compile``
-    (once per model, batch and length; the first call pays the compile time).
+    (once per model, batch and length; the first call pays the compile time). All models share
+    one compiled function, so past dynamo's recompile limit (8 shapes/models) further ones run
+    uncompiled, with dynamo's warning.
     """
     if cache not in ("static", "dynamic"):
         raise ValueError(f"cache must be 'static' or 'dynamic', got {cache!r}")
