@@ -457,3 +457,21 @@ def test_bad_input_errors(make, kwargs, exc, match):
 def test_bad_pattern_errors(build, match):
     with pytest.raises(ValueError, match=match):
         build()
+
+
+@pytest.mark.parametrize("input_dtype", [torch.float32, torch.bfloat16])
+def test_blockwise_under_cpu_bf16_autocast_matches_fp32(input_dtype):
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 40, 8, generator=g, requires_grad=True) for _ in range(3))
+
+    def run(autocast):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            o = attention(q.to(input_dtype), k.to(input_dtype), v.to(input_dtype), causal=True,
+                          backend="blockwise", block_q=16, block_k=16)
+        return torch.autograd.grad(o.float().square().sum(), (q, k, v))
+
+    ref = run(False)
+    got = run(True)
+    for a, b in zip(got, ref):
+        assert a.dtype == torch.float32
+        torch.testing.assert_close(a, b, rtol=3e-2, atol=3e-2)

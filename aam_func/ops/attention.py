@@ -678,13 +678,16 @@ def blockwise(
         block_k=block_k,
     )
     table = None if rel is None else rel.table
-    if low:  # accumulate in float32, return in the input dtype
-        q32, k32, v32 = q.float(), k.float(), v.float()
-        t32 = None if table is None else table.float()
-        return BlockwiseAttention.apply(q32, k32, v32, key_padding_mask, t32, opts)[0].to(q.dtype)
-    if table is not None:
-        table = table.to(q.dtype)
-    return BlockwiseAttention.apply(q, k, v, key_padding_mask, table, opts)[0]
+    # The kernel chooses its own precision: under autocast its matmuls would silently drop to
+    # bf16/fp16 in the forward while the backward (run outside autocast) mixes dtypes.
+    with torch.autocast(q.device.type, enabled=False):
+        if low:  # accumulate in float32, return in the input dtype
+            q32, k32, v32 = q.float(), k.float(), v.float()
+            t32 = None if table is None else table.float()
+            return BlockwiseAttention.apply(q32, k32, v32, key_padding_mask, t32, opts)[0].to(q.dtype)
+        if table is not None:
+            table = table.to(q.dtype)
+        return BlockwiseAttention.apply(q, k, v, key_padding_mask, table, opts)[0]
 
 
 # ----------------------------------------------------------------------------------------------
