@@ -16,7 +16,7 @@ Times: the cases run round-robin (interleaved) --reps times after one warm-up ea
 median is reported, because the 2-core CPU is shared with other jobs. Peak memory: each case
 runs once in a fresh subprocess; after setup the peak-RSS counter is reset (/proc/self/clear_refs
 = 5) and VmHWM is read after the case, so the figure is the case's own peak above the model,
-inputs and (for Opacus) the wrapped module. Figures go in docs/bench_per_sample.md.
+inputs and (for Opacus) the wrapped module. Figures go in docs/benchmarks.md.
 
     python benchmarks/per_sample.py                      # batch 16 and 32, times and memory
     python benchmarks/per_sample.py --batch 8 --reps 1 --no-mem   # a quick look

@@ -706,7 +706,7 @@ def _mask_free(causal, key_padding_mask, window, sparsity, Tq, Tk) -> bool:
 def _cpu_bf16_autocast_grad(q: Tensor, k: Tensor, v: Tensor) -> bool:
     """True under CPU bf16 autocast while a gradient is taken: there SDPA's CPU backward is
     slow (fwd+bwd 18.4 ms vs 7.0 ms on the math path at (8, 8, 128, 32), one thread; in fp32
-    SDPA wins, 9.0 vs 11.4 ms; docs/bench_generate.md), so ``auto`` takes the math path."""
+    SDPA wins, 9.0 vs 11.4 ms; docs/benchmarks.md), so ``auto`` takes the math path."""
     return (
         q.device.type == "cpu"
         and torch.is_autocast_enabled("cpu")
@@ -811,7 +811,7 @@ def attention(
         return _sdpa(q, k, v, q_offset=q_offset, **kwargs)
     if q_offset is not None:  # math or auto: SDPA with a dense mask where it can, else the math path
         # While compiling, the math path: inductor fuses its mask, softmax and matmuls, and a
-        # compiled decode step ran 7-13% faster than with SDPA (docs/bench_generate.md).
+        # compiled decode step ran 7-13% faster than with SDPA (docs/benchmarks.md).
         compiling = torch.compiler.is_compiling()
         fwd_ad = not compiling and forward_ad_active()
         if backend == "auto" and sdpa_ok and not fwd_ad and not compiling and not _cpu_bf16_autocast_grad(q, k, v):
@@ -831,7 +831,7 @@ def attention(
         if _cpu_bf16_autocast_grad(q, k, v):
             return reference(q, k, v, **kwargs)
         # Under vmap SDPA's CPU kernel has no batching rule (a per-example loop, with a warning),
-        # yet measured it still beats the math path (docs/bench_attention.md), so it stays.
+        # yet measured it still beats the math path (docs/benchmarks.md), so it stays.
         fwd_ad = not torch.compiler.is_compiling() and forward_ad_active()  # dynamo cannot trace the check
         if sdpa_ok and not fwd_ad and _mask_free(causal, key_padding_mask, window, sparsity, Tq, Tk):
             return _sdpa(q, k, v, **kwargs)
