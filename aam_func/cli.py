@@ -3,6 +3,7 @@
     aam-func train                                   # a small GPT on Python's reference text, ~1 min on 2 cores
     aam-func generate --checkpoint runs/default --prompt "The with statement" --max-new-tokens 64 --seed 0
     aam-func eval --checkpoint runs/default [--data notes/]
+    aam-func train --init-from runs/default --data notes/ --lora-rank 8 --output-dir runs/notes-lora
 
 Bad input (a missing or empty corpus, a non-UTF-8 file, a sequence length above the model's
 maximum, a tokenizer that is not available offline, a corrupted checkpoint) is one line
@@ -133,6 +134,18 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--device", default="cpu", help="cpu or cuda (under torchrun: cuda:LOCAL_RANK)")
     r.add_argument("--dist-timeout", type=_float(0.0, lo_open=True), default=300.0, metavar="SECONDS",
                    help="under torchrun: how long a collective waits for the other processes before failing")
+    f = t.add_argument_group("fine-tuning")
+    f.add_argument("--init-from", default=None, metavar="CHECKPOINT",
+                   help="start from this checkpoint of aam-func train (its config, params and tokenizer; a fresh "
+                        "optimizer state); without --lora-rank: full fine-tuning")
+    f.add_argument("--lora-rank", type=int, default=None, metavar="R",
+                   help="train LoRA adapters of rank R on the frozen --init-from weights instead of all weights")
+    f.add_argument("--lora-alpha", type=_float(0.0, lo_open=True), default=None, metavar="A",
+                   help="LoRA scale numerator, scale = A / R (None: 2 * R)")
+    f.add_argument("--lora-targets", default=None, metavar="GLOBS",
+                   help="comma-separated globs or names of the adapted weights (None: " + ",".join(_LORA_DEFAULT_TARGETS) + ")")
+    f.add_argument("--lora-dropout", type=_float(0.0, 0.99), default=0.0, metavar="P",
+                   help="dropout on the input of the low-rank branch")
 
     g = sub.add_parser("generate", help="continue a prompt with a trained checkpoint",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -157,6 +170,22 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="fp32")
     e.add_argument("--device", default="cpu")
     return p
+
+
+# model configuration flags that --init-from replaces with the checkpoint's (an error when given with it)
+_SHAPE_FLAGS = ("d_model", "n_layers", "n_heads", "d_ff", "max_seq_len", "attention_type", "position_encoding",
+                "tokenizer", "vocab_size")
+_LORA_DEFAULT_TARGETS = ("*.attn.qkv", "*.attn.out")  # = aam_func.peft.lora.DEFAULT_CLI_TARGETS
+
+
+def _given_flags(argv) -> set:
+    """The ``train`` options that ``argv`` sets explicitly (dests), whatever their values."""
+    p = build_parser()
+    sub = next(a for a in p._actions if isinstance(a, argparse._SubParsersAction))
+    for a in sub.choices["train"]._actions:
+        a.default = argparse.SUPPRESS
+    ns, _ = p.parse_known_args(argv)
+    return set(vars(ns)) - {"command"}
 
 
 def _checkpoint_arg(p):
@@ -267,14 +296,18 @@ class _PeerFailed(Exception):
 def _prepare(args, device, out_dir):
     """Rank 0's part (the only part without data parallelism): resume arguments, corpus, tokenizer,
     model config, token ids. Returns (resumed checkpoint or None, tokenizer, cfg, train_ids, val_ids)."""
-    from .checkpoint import load_checkpoint
+    from .checkpoint import CheckpointError, load_checkpoint
     from .config import ModelConfig
     from .data import tokenize_documents
     from .tokenizer import Tokenizer
 
-    resumed = None
+    _check_fine_tuning_args(args)
+    resumed = init = None
     if args.resume is not None:
         resumed = load_checkpoint(args.resume or out_dir, load_optimizer=False)
+        if resumed.train_state.get("lora"):
+            raise CLIError(f"checkpoint {resumed.path} was written by a LoRA fine-tune (--lora-rank), which cannot be "
+                           "resumed; its params are the merged weights: start a new run from it with --init-from")
         saved = resumed.train_state.get("args", {})
         # the run's identity comes from the checkpoint; --steps/--eval-every/--stop-after may change
         for k in ("data", "text_field", "val_fraction", "seq_len", "batch_size", "accumulate", "lr", "warmup_steps",
@@ -290,16 +323,30 @@ def _prepare(args, device, out_dir):
         raise CLIError(f"--batch-size {args.batch_size} (from the checkpoint) is the global batch and must be "
                        f"divisible by the number of processes ({world})")
 
+    if args.init_from is not None:
+        try:
+            init = load_checkpoint(args.init_from, load_optimizer=False)
+        except CheckpointError as e:
+            raise CLIError(f"--init-from {args.init_from} is not a checkpoint of aam-func train: {e}") from None
+        if init.tokenizer_dir is None:
+            raise CLIError(f"--init-from {args.init_from}: checkpoint {init.path} holds no tokenizer/ directory")
+        given = getattr(args, "_given", set())
+        if "seq_len" not in given:  # default: the checkpoint's training length
+            args.seq_len = min(init.train_state.get("args", {}).get("seq_len", args.seq_len), init.cfg.max_seq_len)
+        if args.lora_rank is not None:  # validate rank/targets here, on rank 0, before any training work
+            _lora_setup(args, init.params)
+
     args.precision = _precision(args.precision, device.type)
     train_docs, val_docs = _corpus_and_split(args.data, args.text_field, args.val_fraction)
 
     # tokenizer: from the checkpoint, a user directory/name, or trained on the training documents
     tok_dir = os.path.join(out_dir, "tokenizer")
     t0 = time.perf_counter()
-    if resumed is not None:
-        if resumed.tokenizer_dir is None:
-            raise CLIError(f"checkpoint {resumed.path} holds no tokenizer/ directory")
-        tok = Tokenizer.load(resumed.tokenizer_dir)
+    if resumed is not None or init is not None:
+        src = resumed if resumed is not None else init
+        if src.tokenizer_dir is None:
+            raise CLIError(f"checkpoint {src.path} holds no tokenizer/ directory")
+        tok = Tokenizer.load(src.tokenizer_dir)
     elif args.tokenizer is not None:
         tok = Tokenizer.load(args.tokenizer)
     else:
@@ -311,6 +358,20 @@ def _prepare(args, device, out_dir):
     # model
     if resumed is not None:
         cfg = resumed.cfg
+    elif init is not None:  # the checkpoint's model; settings that leave the params' shapes alone may change
+        given = getattr(args, "_given", set())
+        changes = dict(learning_rate=args.lr, weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm,
+                       mixed_precision=args.precision != "fp32")
+        if "dropout" in given:
+            changes.update(dropout=args.dropout, attention_dropout=0.0 if args.dropout == 0 else None)
+        if "attention_backend" in given:
+            changes["attention_backend"] = args.attention_backend
+        if "gradient_checkpointing" in given:
+            changes["gradient_checkpointing"] = args.gradient_checkpointing
+        try:
+            cfg = init.cfg.replace(**changes)
+        except ValueError as e:
+            raise CLIError(f"invalid model configuration: {e}") from None
     else:
         max_len = args.max_seq_len or args.seq_len
         try:
@@ -334,7 +395,46 @@ def _prepare(args, device, out_dir):
     cache = os.path.join(out_dir, "cache")
     train_ids = tokenize_documents(train_docs, tok, cache_dir=cache)
     val_ids = tokenize_documents(val_docs, tok, cache_dir=cache)
-    return resumed, tok, cfg, train_ids, val_ids
+    return resumed, init, tok, cfg, train_ids, val_ids
+
+
+def _check_fine_tuning_args(args) -> None:
+    """Combinations of --init-from / --lora-* / --resume that cannot work."""
+    given = getattr(args, "_given", set())
+    lora_flags = [f"--{k.replace('_', '-')}" for k in ("lora_alpha", "lora_targets", "lora_dropout") if k in given]
+    if args.lora_rank is None:
+        if lora_flags:
+            raise CLIError(f"{', '.join(lora_flags)} only apply with --lora-rank")
+    else:
+        if args.lora_rank <= 0:
+            raise CLIError(f"--lora-rank must be a positive integer, got {args.lora_rank}")
+        if args.init_from is None:
+            raise CLIError("--lora-rank needs --init-from CHECKPOINT: LoRA adapts the weights of a trained model")
+        if args.resume is not None:
+            raise CLIError("a LoRA run (--lora-rank) cannot be resumed; start it again, or continue from its merged "
+                           "weights with --init-from")
+        if args.stop_after is not None:
+            raise CLIError("--stop-after splits a run into resumable pieces, and a LoRA run (--lora-rank) cannot be resumed")
+    if args.init_from is not None:
+        if args.resume is not None:
+            raise CLIError("--init-from starts a new run from a checkpoint's weights and --resume continues a run; "
+                           "give one of them")
+        shape = [f"--{k.replace('_', '-')}" for k in _SHAPE_FLAGS if k in given]
+        if shape:
+            raise CLIError(f"{', '.join(shape)} cannot be combined with --init-from: the model's configuration and "
+                           "tokenizer come from the checkpoint")
+
+
+def _lora_setup(args, params):
+    """``lora.from_cli_args`` for the --lora-* flags; its ValueErrors (rank too large, targets that match
+    nothing, with the available names) become CLIErrors."""
+    from .peft import lora
+
+    try:
+        return lora.from_cli_args(params, args.lora_rank, args.lora_alpha, args.lora_targets, seed=args.seed,
+                                  dropout=args.lora_dropout)
+    except (TypeError, ValueError) as e:
+        raise CLIError(f"LoRA: {e}") from None
 
 
 def _share_preparation(args, out_dir, device, dctx):
@@ -346,17 +446,17 @@ def _share_preparation(args, out_dir, device, dctx):
         return _prepare(args, device, out_dir)
     if dctx.is_main:
         try:
-            resumed, tok, cfg, train_ids, val_ids = _prepare(args, device, out_dir)
+            resumed, init, tok, cfg, train_ids, val_ids = _prepare(args, device, out_dir)
         except BaseException as e:
             dctx.broadcast_object({"error": 130 if isinstance(e, KeyboardInterrupt) else 2})
             raise
         dctx.broadcast_object({"args": vars(args), "cfg": cfg.to_dict(), "train_ids": train_ids, "val_ids": val_ids})
-        return resumed, tok, cfg, train_ids, val_ids
+        return resumed, init, tok, cfg, train_ids, val_ids
     payload = dctx.broadcast_object()
     if "error" in payload:
         raise _PeerFailed(payload["error"])
     vars(args).update(payload["args"])
-    return None, None, ModelConfig.from_dict(payload["cfg"]), payload["train_ids"], payload["val_ids"]
+    return None, None, None, ModelConfig.from_dict(payload["cfg"]), payload["train_ids"], payload["val_ids"]
 
 
 def _train(args, device, dctx) -> int:
@@ -380,7 +480,8 @@ def _train(args, device, dctx) -> int:
     ckpt_dir = os.path.join(out_dir, "checkpoint")
     t_start = time.perf_counter()
 
-    resumed, tok, cfg, train_ids, val_ids = _share_preparation(args, out_dir, device, dctx)
+    resumed, init, tok, cfg, train_ids, val_ids = _share_preparation(args, out_dir, device, dctx)
+    use_lora = args.lora_rank is not None
     precision = args.precision
     model = Transformer(cfg)
 
@@ -394,20 +495,29 @@ def _train(args, device, dctx) -> int:
         f"of {rows}x{args.seq_len} per epoch; unigram baseline perplexity {baseline:.1f}")
 
     # optimizer: AdamW (decay on matrices only), warmup + cosine to lr/10, global-norm clipping
-    params = model.init(seed=args.seed)
+    # (--init-from: the checkpoint's params, a fresh optimizer state; with LoRA over the adapters only)
+    params = init.params if init is not None else model.init(seed=args.seed)
     warmup = args.warmup_steps if args.warmup_steps is not None else max(1, args.steps // 10)
     warmup = min(warmup, args.steps)
     schedule = optim.warmup_cosine(args.lr, warmup, args.steps, end_value=args.lr / 10)
-    opt = optim.chain(
-        optim.clip_by_global_norm(args.max_grad_norm),
-        optim.inject_hyperparams(optim.adamw)(learning_rate=schedule, weight_decay=args.weight_decay,
-                                              mask=optim.decay_mask(params)),
-    )
-    step_fn = make_train_step(lm_loss(model), opt, accumulate=args.accumulate, precision=precision, compile=args.compile,
-                              grad_reduce=None if dctx is None else dctx.grad_reduce)
-    eval_fn = make_eval_step(lm_loss(model, train=False), precision=precision)
-    opt_state = step_fn.init(params)
+
+    def optimizer_for(trainable):
+        return optim.chain(
+            optim.clip_by_global_norm(args.max_grad_norm),
+            optim.inject_hyperparams(optim.adamw)(learning_rate=schedule, weight_decay=args.weight_decay,
+                                                  mask=optim.decay_mask(trainable)),
+        )
+
+    def train_step_for(loss_fn, trainable):
+        return make_train_step(loss_fn, optimizer_for(trainable), accumulate=args.accumulate, precision=precision,
+                               compile=args.compile, grad_reduce=None if dctx is None else dctx.grad_reduce)
+
     start = 0
+    spec = None
+    if not use_lora:
+        step_fn = train_step_for(lm_loss(model), params)
+        eval_fn = make_eval_step(lm_loss(model, train=False), precision=precision)
+        opt_state = step_fn.init(params)
     if resumed is not None:
         full = load_checkpoint(resumed.path, opt_template=opt_state)
         params, opt_state, start = full.params, full.opt_state, full.step
@@ -417,38 +527,87 @@ def _train(args, device, dctx) -> int:
     else:
         torch.manual_seed(args.seed)
     params = {k: v for k, v in _to_device(params, device).items()}
-    opt_state = _to_device(opt_state, device)
     if dctx is not None:  # every rank starts from rank 0's params, optimizer state and step
         params = dctx.broadcast_tree(params)
-        opt_state = dctx.broadcast_tree(opt_state, what="broadcast of the optimizer state from rank 0")
         start = dctx.broadcast_object(start)
+    if use_lora:
+        # frozen base params (the very tensors the loss sees: LoRA finds its targets by identity), adapters trained
+        spec, adapters, wrap_loss = _lora_setup(args, params)
+        adapters = _to_device(adapters, device)
+        if dctx is not None:
+            adapters = dctx.broadcast_tree(adapters, what="broadcast of the LoRA adapters from rank 0")
+        step_fn = train_step_for(wrap_loss(lm_loss(model)), adapters)
+        eval_fn = make_eval_step(wrap_loss(lm_loss(model, train=False), train=False), precision=precision)
+        opt_state = step_fn.init(adapters)
+        trainable = adapters
+    else:
+        trainable = params
+    opt_state = _to_device(opt_state, device)
+    if dctx is not None:
+        opt_state = dctx.broadcast_tree(opt_state, what="broadcast of the optimizer state from rank 0")
     n_params = sum(v.numel() for v in _leaves(params))
     say(f"model: {n_params / 1e6:.2f}M parameters ({cfg.n_layers} layers, d_model {cfg.d_model}, {cfg.n_heads} heads, "
         f"vocab {cfg.vocab_size}, {cfg.position_encoding} positions, {cfg.attention_backend} attention); precision {precision}"
         f"{', compiled' if args.compile else ''}; {args.steps} steps"
         + ("" if dctx is None else f"; data parallel over {world} processes ({dctx.backend}), "
            f"{rows // world} rows each"))
+    if args.init_from is not None:
+        say(f"initialised from {init.path if init is not None else args.init_from} "
+            f"({'LoRA on frozen weights' if use_lora else 'full fine-tuning'}, fresh optimizer state)")
+    n_train = sum(v.numel() for v in _leaves(trainable))
+    if use_lora:
+        say(f"trainable: {n_train:,} LoRA parameters of {n_params + n_train:,} in all ({100 * n_train / (n_params + n_train):.2f}%); "
+            f"rank {spec.rank}, alpha {spec.alpha:g} (scale {spec.scale:g}), dropout {spec.dropout:g}, "
+            f"{len(spec.targets)} target(s): {', '.join(spec.names)}")
+    else:
+        say(f"trainable: {n_train:,} parameters (all)")
 
     os.makedirs(out_dir, exist_ok=True)
     metrics_path = os.path.join(out_dir, "metrics.jsonl")
-    saved_args = {k: v for k, v in vars(args).items() if k not in ("command", "resume")}
+    saved_args = {k: v for k, v in vars(args).items() if k not in ("command", "resume", "_given")}
     saved_args["precision"] = precision
     last: dict = {"baseline_perplexity": baseline}
+    adapter_dir = os.path.join(out_dir, "adapter")
+    extra_state = {}
+    if spec is not None:
+        extra_state["lora"] = {"rank": spec.rank, "alpha": spec.alpha, "dropout": spec.dropout,
+                               "targets": list(spec.names), "adapter_dir": adapter_dir}
+    if args.init_from is not None:
+        extra_state["init_from"] = init.path if init is not None else args.init_from
+    elif resumed is not None and resumed.train_state.get("init_from"):  # a resumed full fine-tune keeps its origin
+        extra_state["init_from"] = resumed.train_state["init_from"]
+
+    def weights():
+        """The model's params: with LoRA the merged W + s·B·A, else the trained params."""
+        return spec.merged(params, trainable) if spec is not None else trainable
 
     def save(step: int, sync: bool = True) -> None:
-        """Rank 0 writes; with ``sync`` the others wait for it (a barrier)."""
+        """Rank 0 writes; with ``sync`` the others wait for it (a barrier). A LoRA run writes the merged
+        weights (an ordinary checkpoint, without optimizer state) and the adapters in ``adapter/``."""
         if main_rank:
             save_checkpoint(
-                ckpt_dir, cfg=cfg, params=params, opt_state=opt_state, step=step,
+                ckpt_dir, cfg=cfg, params=weights(), opt_state=None if spec is not None else opt_state, step=step,
                 rng={"torch": torch.get_rng_state()}, tokenizer=tok,
-                train_state={"args": saved_args, "metrics": last, "seed": args.seed},
+                train_state={"args": saved_args, "metrics": last, "seed": args.seed, **extra_state},
             )
+            if spec is not None:
+                _save_adapters(spec, trainable, adapter_dir, model, announce=not adapter_note)
+                adapter_note.append(True)
         if dctx is not None and sync:
             dctx.barrier("barrier after writing the checkpoint")
 
+    adapter_note: list = []
+
     def run_eval():
         batches = eval_batches(val_blocks, args.batch_size, args.eval_batches)
-        return evaluate(eval_fn, params, batches) if dctx is None else dctx.evaluate(eval_fn, params, batches)
+        return evaluate(eval_fn, trainable, batches) if dctx is None else dctx.evaluate(eval_fn, trainable, batches)
+
+    if args.init_from is not None and start == 0:  # where fine-tuning starts from
+        ev = run_eval()
+        last.update(val_loss=ev["loss"], val_perplexity=ev["perplexity"])
+        say(f"step 0: val loss {ev['loss']:.4f}, perplexity {ev['perplexity']:.2f} (the --init-from weights)")
+        if main_rank:
+            _write_metrics(metrics_path, {"step": 0, "val_loss": ev["loss"], "val_perplexity": ev["perplexity"]})
 
     end = args.steps if args.stop_after is None else min(args.steps, start + args.stop_after)
     use_bar = sys.stderr.isatty() and main_rank
@@ -465,7 +624,8 @@ def _train(args, device, dctx) -> int:
             gen = None
             if cfg.dropout > 0 or cfg.attention_dropout > 0:  # per step (resumable) and per rank (independent masks)
                 gen = torch.Generator(device=device).manual_seed(args.seed * 1_000_003 + step + (rank << 40))
-            params, opt_state, m = step_fn(params, opt_state, batch, gen) if gen is not None else step_fn(params, opt_state, batch)
+            trainable, opt_state, m = (step_fn(trainable, opt_state, batch, gen) if gen is not None
+                                       else step_fn(trainable, opt_state, batch))
             step += 1
             window_tokens += int(m["tokens"])
             log_now = not use_bar and (step % log_every == 0 or step == end)
@@ -502,7 +662,11 @@ def _train(args, device, dctx) -> int:
         # rank 0 alone saves (its params are the replicated state after `step` steps); no
         # collective here: the other ranks are stopping too, or are gone
         save(step, sync=False)
-        if main_rank:
+        if main_rank and spec is not None:
+            print(f"\ninterrupted at step {step}: merged weights saved to {ckpt_dir}, adapters to {adapter_dir} "
+                  f"(a LoRA run cannot be resumed; fine-tune further with --init-from {ckpt_dir})",
+                  file=sys.stderr, flush=True)
+        elif main_rank:
             launch = "aam-func" if dctx is None else f"torchrun --nproc-per-node {world} -m aam_func"
             print(f"\ninterrupted at step {step}: checkpoint saved to {ckpt_dir} "
                   f"(continue with: {launch} train --output-dir {args.output_dir} --resume --steps {args.steps})",
@@ -518,14 +682,38 @@ def _train(args, device, dctx) -> int:
     elapsed = time.perf_counter() - t_start
     say(f"step {step}: held-out loss {ev['loss']:.4f}, perplexity {ev['perplexity']:.2f} "
         f"(unigram baseline {baseline:.1f}); {elapsed:.0f}s in all")
-    say(f"checkpoint: {ckpt_dir}")
+    say(f"checkpoint: {ckpt_dir}" + (" (merged LoRA weights)" if spec is not None else ""))
     if main_rank and args.sample_tokens and step >= args.steps:
         n = min(args.sample_tokens, cfg.max_seq_len - 2)
         prompt = tok(DEFAULT_PROMPT)
-        ids = generate(model, params, prompt["input_ids"].to(device), max_new_tokens=n, do_sample=True,
+        ids = generate(model, weights(), prompt["input_ids"].to(device), max_new_tokens=n, do_sample=True,
                        temperature=0.8, top_k=50, top_p=0.95, seed=args.seed, eos_token_id=tok.eos_token_id)
         print("sample:\n" + tok.decode(ids[0]), flush=True)
     return 0
+
+
+def _save_adapters(spec, adapters, directory, model, announce: bool) -> None:
+    """The adapters in PEFT's format (``adapter_config.json`` + ``adapter_model.safetensors``) when the
+    model has a transformers equivalent; otherwise ``adapters.safetensors`` (an aam_func tree) and
+    ``lora.json`` (rank, alpha, dropout, targets)."""
+    from . import tree
+    from .peft import save_pretrained
+
+    try:
+        save_pretrained(spec, adapters, directory, base_model=model)
+        if announce:
+            print(f"adapters (PEFT format): {directory}", flush=True)
+        return
+    except ValueError as e:
+        reason = str(e)
+    os.makedirs(directory, exist_ok=True)
+    tree.save(adapters, os.path.join(directory, "adapters.safetensors"), {"format": "aam_func.lora"})
+    with open(os.path.join(directory, "lora.json"), "w", encoding="utf-8") as f:
+        json.dump({"rank": spec.rank, "alpha": spec.alpha, "dropout": spec.dropout, "use_rslora": spec.use_rslora,
+                   "targets": list(spec.names)}, f, indent=2)
+    if announce:
+        print(f"adapters: {os.path.join(directory, 'adapters.safetensors')} (aam_func tree, not PEFT files: {reason})",
+              flush=True)
 
 
 def _to_device(tree_, device):
@@ -615,6 +803,8 @@ def cmd_eval(args) -> int:
 def main(argv: Optional[list[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command == "train":
+        args._given = _given_flags(sys.argv[1:] if argv is None else argv)
     handlers = {"train": cmd_train, "generate": cmd_generate, "eval": cmd_eval}
     try:
         return handlers[args.command](args)
