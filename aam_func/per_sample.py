@@ -5,11 +5,11 @@ a leading batch dimension (a tensor, or a dict / tuple / list of them; non-tenso
 passed through unchanged). "Per example" means ``loss_fn`` evaluated on that example alone, as a
 batch of one: ``loss_i = loss_fn(params, batch[i:i+1])``.
 
-    g = per_sample.grads(loss, params, batch, chunk_size=8)     # Params, leaves (B, *shape)
+    g = per_sample.grads(loss, params, batch)                   # Params, leaves (B, *shape)
     n = per_sample.norms(loss, params, batch)                   # (B,) global L2 norms
     c = per_sample.clipped_sum(loss, params, batch, max_norm=1.0)   # Σ_i min(1, C/‖g_i‖) g_i
 
-Two methods compute norms and clipped sums:
+Two methods compute norms, clipped sums and (``grads``) full per-example gradients:
 
 - ``"vmap"``: ``vmap(grad)`` over chunks of ``chunk_size`` examples; only one chunk of
   per-example gradients exists at a time.
@@ -19,7 +19,9 @@ Two methods compute norms and clipped sums:
   G_i = Σ_t g_it x_itᵀ, so ‖G_i‖² = Σ_{t,s} (g_it·g_is)(x_it·x_is) (Goodfellow 2015; Li et al.
   2022), or ‖g_iᵀ x_i‖² directly when that is cheaper; the clipped sum is Σ_i w_i g_iᵀ x_i, one
   matmul (Bu et al. 2023's book-keeping). Other parameters (norms, biases, anything used
-  otherwise) get exact per-example gradients from the same backward, cheaply.
+  otherwise) get exact per-example gradients from the same backward, cheaply. ``grads`` writes
+  G_i = g_iᵀ x_i (``bmm``) and the embedding rows (``index_add``) straight into its preallocated
+  result, one chunk at a time.
   Derivation and tests: ``proofs/per_sample.md``.
 
 The linear/embedding uses are found by a ``TorchFunctionMode`` that watches ``F.linear`` and
@@ -193,19 +195,55 @@ def _weighted_sum(weights: Tensor, per_example: Mapping) -> Params:
 # ----------------------------------------------------------------------------- vmap route
 
 
-def grads(loss_fn: Callable, params: Params, batch, *, chunk_size: Optional[int] = None, argnums=0):
-    """Per-example gradients by ``vmap(grad)``: leaves shaped (B, *param_shape).
+def grads(
+    loss_fn: Callable,
+    params: Params,
+    batch,
+    *,
+    chunk_size: Optional[int] = None,
+    argnums=0,
+    method: str = "auto",
+):
+    """Per-example gradients: leaves shaped (B, *param_shape), written into a preallocated result.
+
+    ``method``:
+
+    - ``"ghost"``: from the ghost pass's factors (one vmapped forward, one backward that stops at
+      activations): each linear use writes ``bmm(g_iᵀ, x_i)`` straight into the result, each
+      embedding use an index_add of its output gradients' rows; other parameters get exact
+      per-example gradients from the same backward. Only one chunk's activations live at once;
+      ``chunk_size=None`` picks a chunk that keeps them small next to the result.
+    - ``"vmap"``: ``vmap(grad)`` over chunks of ``chunk_size`` (None: the whole batch at once).
+    - ``"auto"`` (default): ``"ghost"`` for gradients w.r.t. params (``argnums=0``) when some
+      weight is used only by ``F.linear`` / ``F.embedding``; otherwise, or if the examples run
+      different op sequences, ``"vmap"``.
 
     ``argnums`` as in ``torch.func.grad`` over ``(params, batch)``: 0 for params, 1 for the
-    example's own tensors (input saliency), (0, 1) for both. With ``chunk_size`` the batch is
-    processed ``chunk_size`` examples at a time into a preallocated result, so only the result
-    and one chunk's work are alive at once.
+    example's own tensors (input saliency), (0, 1) for both (these use ``"vmap"``).
     """
+    B = batch_size(batch)
+    if method not in ("auto",) + METHODS:
+        raise ValueError(f"method must be one of {('auto',) + METHODS}, got {method!r}")
+    _check_chunk(chunk_size, B)
+    if B == 0:
+        raise ValueError("batch is empty (batch size 0); there are no per-example gradients to compute")
+    if method == "ghost" and argnums != 0:
+        raise ValueError("method='ghost' computes gradients w.r.t. params only (argnums=0); use method='vmap'")
+    if method != "vmap" and argnums == 0:
+        mode = _discover(loss_fn, params, batch)
+        if method == "ghost" or mode.ghost:
+            try:
+                return _ghost_grads(loss_fn, params, batch, chunk_size, mode)
+            except _GhostMismatch:
+                if method == "ghost":
+                    raise
+    return _vmap_grads(loss_fn, params, batch, chunk_size, argnums)
+
+
+def _vmap_grads(loss_fn, params, batch, chunk_size, argnums):
     B = batch_size(batch)
     chunk = _check_chunk(chunk_size, B)
     per = vmap(grad(_per_example(loss_fn), argnums=argnums), in_dims=(None, _in_dims(batch)), randomness=RANDOMNESS)
-    if B == 0:
-        raise ValueError("batch is empty (batch size 0); there are no per-example gradients to compute")
     if chunk >= B:
         return _warm_then(lambda: per(params, batch), loss_fn, params, batch)
     per = _warm_first(per, loss_fn, params, batch)
@@ -219,6 +257,54 @@ def grads(loss_fn: Callable, params: Params, batch, *, chunk_size: Optional[int]
             dst[start:stop].copy_(src)
         del part
     return pytree.tree_unflatten(out_leaves, out_spec)
+
+
+# The ghost route's default chunk keeps one chunk's work (activations, output gradients, the
+# fallback leaves' per-example gradients) near this fraction of the result's size, with at least
+# GHOST_MIN_CHUNK examples per chunk (each chunk's vmap and function-mode setup costs about as
+# much as one example's backward on small models).
+GHOST_CHUNK_FRACTION = 0.15
+GHOST_MIN_CHUNK = 2
+
+
+def _ghost_chunk(mode, flat, B: int) -> int:
+    """Examples per chunk for ``grads(method="ghost", chunk_size=None)``: the per-example work is
+    estimated as four times the recorded uses' outputs (activations, output gradients, softmax
+    and friends), against the per-example result size (all parameters)."""
+    n_params = sum(v.numel() for v in flat.values() if isinstance(v, Tensor))
+    per_use = sum(math.prod(u.shape) for u in mode.uses)
+    chunk = int(GHOST_CHUNK_FRACTION * B * n_params / max(1, 4 * per_use))
+    return max(1, min(B, max(GHOST_MIN_CHUNK, chunk)))
+
+
+def _ghost_grads(loss_fn, params, batch, chunk_size, mode):
+    """Full per-example gradients from the ghost pass, chunk by chunk, into a preallocated result."""
+    B = batch_size(batch)
+    flat = tree.flatten(params)
+    chunk = _check_chunk(chunk_size, B) if chunk_size is not None else _ghost_chunk(mode, flat, B)
+    out = {n: v.new_empty((B,) + tuple(v.shape)) for n, v in flat.items()}
+    for start, stop in _chunks(B, chunk):
+        _, small_grads, uses = _ghost_pass(loss_fn, params, _slice(batch, start, stop), mode)
+        for name, g in small_grads.items():
+            out[name][start:stop].copy_(g)
+        del small_grads
+        for name, factors in uses.items():
+            dst = out[name][start:stop]  # (b, out, in), contiguous
+            b, rows = dst.shape[0], dst.shape[1]
+            first = True
+            for L, ids, R in factors:
+                if ids:  # embedding: example i's rows ids[i] receive its output gradients
+                    if first:
+                        dst.zero_()
+                    index = (L + torch.arange(b, device=L.device)[:, None] * rows).reshape(-1)
+                    dst.view(b * rows, -1).index_add_(0, index, R.reshape(-1, R.shape[-1]).to(dst.dtype))
+                elif first:  # linear: G_i = g_iᵀ x_i, written in place
+                    torch.bmm(L.transpose(1, 2).to(dst.dtype), R.to(dst.dtype), out=dst)
+                else:
+                    dst.baddbmm_(L.transpose(1, 2).to(dst.dtype), R.to(dst.dtype))
+                first = False
+        del uses
+    return tree.unflatten(out)
 
 
 def losses(loss_fn: Callable, params: Params, batch, *, chunk_size: Optional[int] = None) -> Tensor:
@@ -268,6 +354,10 @@ def _plain_embedding(args, kwargs) -> bool:
         and not extra.get("scale_grad_by_freq", False)
         and not extra.get("sparse", False)
     )
+
+
+class _GhostMismatch(RuntimeError):
+    """The examples do not share one sequence / shape of linear and embedding uses."""
 
 
 class _Use(NamedTuple):
@@ -330,13 +420,13 @@ class _WatchLinear(TorchFunctionMode):
         use = self.ghost_uses[k] if k < len(self.ghost_uses) else None
         kind = "linear" if func is F.linear else "embedding"
         if use is None or use.name != name or use.kind != kind:
-            raise RuntimeError(
+            raise _GhostMismatch(
                 f"per-example control flow differs from the first example: use #{k} is {kind}({name!r}), "
                 f"expected {use.kind + '(' + repr(use.name) + ')' if use else 'no further use'}; use method='vmap'"
             )
         out = func(*args, **kwargs)
         if tuple(out.shape) != use.shape:
-            raise RuntimeError(
+            raise _GhostMismatch(
                 f"{kind}({name!r}) output has shape {tuple(out.shape)} but {use.shape} for the first example; "
                 "ghost clipping needs equally shaped examples (pad them), or use method='vmap'"
             )
@@ -424,7 +514,7 @@ def _ghost_pass(loss_fn, params: Params, batch, mode: _WatchLinear):
         mode.phase, mode.probes, mode.inputs, mode.k = "run", probe_list, [], 0
         loss = per_one(tree.unflatten({n: small_p[n] if n in small_p else big[n] for n in flat}), example)
         if mode.k != len(mode.ghost_uses):
-            raise RuntimeError(
+            raise _GhostMismatch(
                 f"per-example control flow differs from the first example: {mode.k} linear/embedding uses, "
                 f"expected {len(mode.ghost_uses)}; use method='vmap'"
             )

@@ -4,8 +4,11 @@ Model: 4 layers, d_model 256, 8 heads, T 128, vocab 8192 (tied embeddings), floa
 Cases (each at every --batch):
 
   loop            Python loop of torch.func.grad over examples (the anchor for full grads)
-  vmap            aam_func.per_sample.grads, one vmap over the batch
-  vmap_chunk      per_sample.grads(chunk_size=--chunk): preallocated result, one chunk at a time
+  ghost           aam_func.per_sample.grads (default method "auto" = "ghost" here): bmm(gᵀ, x)
+                  of the ghost pass's factors written into the preallocated result, default chunk
+  ghost_chunk     per_sample.grads(chunk_size=--chunk), the ghost method
+  vmap            per_sample.grads(method="vmap"), one vmap over the batch
+  vmap_chunk      per_sample.grads(method="vmap", chunk_size=--chunk): one chunk at a time
   opacus_hooks    Opacus GradSampleModule (hooks) on the equivalent transformers GPT2LMHeadModel
   nonprivate      grad of the batch loss + an SGD update (the anchor for the DP step)
   dp_ghost        per_sample.dp_sgd step: ghost norms + reweighted sum + noise + SGD update
@@ -20,6 +23,12 @@ inputs and (for Opacus) the wrapped module. Figures go in docs/benchmarks.md.
 
     python benchmarks/per_sample.py                      # batch 16 and 32, times and memory
     python benchmarks/per_sample.py --batch 8 --reps 1 --no-mem   # a quick look
+    python benchmarks/per_sample.py --cases loop ghost opacus_hooks --no-time --mem-warm
+
+--mem-warm measures a second call after a dropped first one (no first-call code pages and heap
+growth). It is comparable only for cases whose big allocations are fresh (the ghost/vmap results
+are single large tensors); the loop's and Opacus's many small tensors reuse the freed heap and
+read near zero.
 """
 
 from __future__ import annotations
@@ -41,7 +50,7 @@ import aam_func as af  # noqa: E402
 from aam_func import optim, per_sample as ps, tree  # noqa: E402
 
 V, D, L, H, T = 8192, 256, 4, 8, 128
-CASES = ["loop", "vmap", "vmap_chunk", "opacus_hooks", "nonprivate", "dp_ghost", "opacus_ghost"]
+CASES = ["loop", "ghost", "ghost_chunk", "vmap", "vmap_chunk", "opacus_hooks", "nonprivate", "dp_ghost", "opacus_ghost"]
 
 
 def our_model(backend: str):
@@ -74,10 +83,14 @@ def setup(case: str, B: int, chunk: int, backend: str):
 
         def run():
             return [grad(params, {"input_ids": ids[i : i + 1], "labels": ids[i : i + 1]}) for i in range(B)]
-    elif case == "vmap":
+    elif case == "ghost":
         run = lambda: ps.grads(loss, params, batch)  # noqa: E731
+    elif case == "ghost_chunk":
+        run = lambda: ps.grads(loss, params, batch, chunk_size=chunk, method="ghost")  # noqa: E731
+    elif case == "vmap":
+        run = lambda: ps.grads(loss, params, batch, method="vmap")  # noqa: E731
     elif case == "vmap_chunk":
-        run = lambda: ps.grads(loss, params, batch, chunk_size=chunk)  # noqa: E731
+        run = lambda: ps.grads(loss, params, batch, chunk_size=chunk, method="vmap")  # noqa: E731
     elif case == "nonprivate":
         opt = optim.sgd(0.1)
         state = opt.init(params)
@@ -152,9 +165,13 @@ def vm_rss_kib() -> int:
     raise RuntimeError("no VmRSS")
 
 
-def measure_memory(case, B, chunk, backend):
-    """Run in a fresh process: peak RSS of one call above the state after setup."""
+def measure_memory(case, B, chunk, backend, warm=False):
+    """Run in a fresh process: peak RSS of one call above the state after setup (``warm``: of
+    the second call, after one call whose result is dropped: the steady state of a training
+    loop, without the first call's code pages and allocator growth)."""
     run, result_bytes = setup(case, B, chunk, backend)
+    if warm:
+        run()
     base = vm_rss_kib()
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset VmHWM to the current RSS
@@ -174,12 +191,13 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-mem", action="store_true")
     ap.add_argument("--no-time", action="store_true")
+    ap.add_argument("--mem-warm", action="store_true", help="memory of a second call (after one warm-up call)")
     ap.add_argument("--mem-case", help=argparse.SUPPRESS)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
     if args.mem_case:
-        print(json.dumps(measure_memory(args.mem_case, args.batch[0], args.chunk, args.backend)))
+        print(json.dumps(measure_memory(args.mem_case, args.batch[0], args.chunk, args.backend, args.mem_warm)))
         return
     print(f"model: {L} layers, d {D}, heads {H}, T {T}, vocab {V}; torch {torch.__version__}, {args.threads} threads, "
           f"vmap attention backend {args.backend!r}")
@@ -199,15 +217,18 @@ def main():
             for c in args.cases:
                 print(f"  {c:14s} {med[c]:7.3f}   runs {' '.join(f'{t:.2f}' for t in times[c])}")
             ratio = lambda a, b: f"{med[a] / med[b]:.2f}x" if a in med and b in med else "n/a"  # noqa: E731
+            print(f"  ghost / loop {ratio('ghost', 'loop')}, ghost / opacus_hooks {ratio('ghost', 'opacus_hooks')}, "
+                  f"ghost_chunk / loop {ratio('ghost_chunk', 'loop')}, ghost_chunk / opacus_hooks {ratio('ghost_chunk', 'opacus_hooks')}")
             print(f"  vmap / loop {ratio('vmap', 'loop')}, vmap_chunk / loop {ratio('vmap_chunk', 'loop')}, "
                   f"vmap_chunk / opacus_hooks {ratio('vmap_chunk', 'opacus_hooks')}")
             print(f"  dp_ghost / nonprivate {ratio('dp_ghost', 'nonprivate')}, dp_ghost / opacus_ghost {ratio('dp_ghost', 'opacus_ghost')}")
             del runs
         if not args.no_mem:
-            print(f"batch {B}: peak RSS above setup, one call in a fresh process (MiB); result = B x params x 4 bytes")
+            which = "the second call (after a warm-up call)" if args.mem_warm else "one call"
+            print(f"batch {B}: peak RSS above setup, {which} in a fresh process (MiB); result = B x params x 4 bytes")
             for c in args.cases:
                 cmd = [sys.executable, os.path.abspath(__file__), "--mem-case", c, "--batch", str(B), "--chunk", str(args.chunk),
-                       "--backend", args.backend, "--threads", str(args.threads)]
+                       "--backend", args.backend, "--threads", str(args.threads)] + (["--mem-warm"] if args.mem_warm else [])
                 out = subprocess.run(cmd, capture_output=True, text=True)
                 if out.returncode:
                     print(f"  {c:14s} failed: {out.stderr.strip().splitlines()[-1] if out.stderr else out.returncode}")

@@ -56,15 +56,91 @@ def gpt():
 # ----------------------------------------------------------------------------- grads
 
 
+@pytest.mark.parametrize("method", ["auto", "vmap"])
 @pytest.mark.parametrize("chunk_size", [None, 1, 2, 3, 4, 5, 7])
-def test_grads_equal_python_loop_for_every_chunk_size(gpt, chunk_size):
+def test_grads_equal_python_loop_for_every_chunk_size(gpt, chunk_size, method):
     model, params, batch, loss, ref = gpt
-    g = ps.grads(loss, params, batch, chunk_size=chunk_size)
+    g = ps.grads(loss, params, batch, chunk_size=chunk_size, method=method)
     assert tree.names(g) == tree.names(params)
     for i in range(B):
         assert max_diff(tree.map(lambda x: x[i], g), ref[i]) <= 1e-5
     for x, p in zip(tree.leaves(g), tree.leaves(params)):
         assert x.shape == (B,) + p.shape
+
+
+@pytest.mark.parametrize(
+    "over",
+    [
+        dict(),  # GPT-2 shaped, tied head
+        dict(tie_embeddings=False, position_encoding="learnable"),  # untied head, indexed pos table (fallback)
+        dict(norm="rmsnorm", activation="swiglu", bias=False, position_encoding="rope", n_kv_heads=2),  # LLaMA
+        dict(norm="rmsnorm", activation="swiglu", bias=False, position_encoding="rope", tie_embeddings=False),
+    ],
+    ids=["gpt2-tied", "gpt2-untied-learnable", "llama-tied", "llama-untied"],
+)
+def test_ghost_grads_equal_python_loop_for_every_chunk_size(over):
+    model, params = tiny(**over)
+    batch, loss = lm_batch(2), lm_loss(model)  # example 1 is padded
+    ref = loop_grads(loss, params, batch, B)
+    for chunk_size in (None, 1, 2, 3, 4, 5, 7):
+        g = ps.grads(loss, params, batch, chunk_size=chunk_size, method="ghost")
+        assert tree.names(g) == tree.names(params)
+        for x, p in zip(tree.leaves(g), tree.leaves(params)):
+            assert x.shape == (B,) + p.shape and x.dtype == p.dtype
+        for i in range(B):
+            assert max_diff(tree.map(lambda x: x[i], g), ref[i]) <= 1e-5, (chunk_size, i)
+
+
+def test_grads_methods_agree_and_auto_picks_ghost(gpt, monkeypatch):
+    model, params, batch, loss, ref = gpt
+    calls = []
+    real = ps._ghost_grads
+    monkeypatch.setattr(ps, "_ghost_grads", lambda *a: calls.append(1) or real(*a))
+    auto = ps.grads(loss, params, batch, chunk_size=2)
+    assert calls  # the default took the factored route
+    vm = ps.grads(loss, params, batch, chunk_size=2, method="vmap")
+    assert max_diff(auto, vm) <= 1e-5
+    assert len(calls) == 1  # method="vmap" did not
+
+
+def test_ghost_grads_toy_reused_linear_and_tied_weight():
+    params = toy_params(3, 1.5)
+    g = torch.Generator().manual_seed(4)
+    batch = {"ids": torch.randint(0, 13, (6, 4), generator=g), "y": torch.randint(0, 13, (6, 4), generator=g)}
+    ref = loop_grads(toy_loss, params, batch, 6)
+    for chunk_size in (None, 1, 4, 6):
+        got = ps.grads(toy_loss, params, batch, chunk_size=chunk_size, method="ghost")
+        for i in range(6):
+            assert max_diff(tree.map(lambda x: x[i], got), ref[i]) <= 1e-5
+
+
+def test_ghost_grads_fall_back_and_auto_falls_back_on_control_flow():
+    params = toy_params(0, 1.0)
+
+    def loss(p, b):  # lin.weight used through matmul: exact fallback inside the ghost route
+        h = F.embedding(b["ids"], p["emb"]) @ p["lin"]["weight"].t()
+        return F.cross_entropy(F.linear(h, p["emb"]).reshape(-1, 13), b["y"].reshape(-1))
+
+    batch = {"ids": torch.randint(0, 13, (4, 3)), "y": torch.randint(0, 13, (4, 3))}
+    ref = loop_grads(loss, params, batch, 4)
+    got = ps.grads(loss, params, batch, method="ghost", chunk_size=3)
+    for i in range(4):
+        assert max_diff(tree.map(lambda x: x[i], got), ref[i]) <= 1e-5
+
+    w = torch.randn(3, 3)
+    calls = {"n": 0}
+
+    def flaky(p, b):  # discovery sees one use, the real run two: "auto" falls back to vmap
+        calls["n"] += 1
+        h = F.linear(b["x"], p["w"])
+        return h.sum() if calls["n"] == 1 else F.linear(h, p["w"]).sum()
+
+    x = torch.randn(2, 1, 3)
+    with pytest.raises(RuntimeError, match="control flow differs"):
+        ps.grads(flaky, {"w": w}, {"x": x}, method="ghost")
+    calls["n"] = 0
+    got = ps.grads(flaky, {"w": w}, {"x": x})
+    assert got["w"].shape == (2, 3, 3)
 
 
 def test_grads_argnums_input_gradients():
@@ -345,6 +421,10 @@ def test_bad_inputs_give_clear_errors():
             ps.clipped_sum(toy_loss, params, good, bad)
     with pytest.raises(ValueError, match="method"):
         ps.norms(toy_loss, params, good, method="hooks")
+    with pytest.raises(ValueError, match="method"):
+        ps.grads(toy_loss, params, good, method="hooks")
+    with pytest.raises(ValueError, match="argnums"):
+        ps.grads(toy_loss, params, good, method="ghost", argnums=1)
     with pytest.raises(ValueError, match="empty"):
         ps.grads(toy_loss, params, {k: v[:0] for k, v in good.items()})
     with pytest.raises(ValueError, match="noise_multiplier"):
