@@ -19,14 +19,7 @@ CFG = af.ModelConfig(vocab_size=300, d_model=32, n_layers=2, n_heads=4, max_seq_
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one intra-op thread is faster, and on a shared, oversubscribed CPU two
-    spinning OpenMP threads per op make small ops 100x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _same(a, b):

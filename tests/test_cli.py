@@ -18,24 +18,9 @@ TINY = ["--d-model", "32", "--n-layers", "1", "--n-heads", "2", "--seq-len", "32
         "--vocab-size", "300", "--sample-tokens", "0", "--precision", "fp32"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one intra-op thread (two spinning OpenMP threads on a shared CPU are far slower)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    """A few dozen documents of Python's reference text, as a folder of .txt files."""
-    from pydoc_data.topics import topics
-
-    d = tmp_path_factory.mktemp("corpus")
-    for i, key in enumerate(sorted(topics)[:30]):
-        (d / f"{i:02d}.txt").write_text(topics[key], encoding="utf-8")
-    return d
 
 
 def _env():

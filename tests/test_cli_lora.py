@@ -14,22 +14,9 @@ TINY = ["--d-model", "32", "--n-layers", "1", "--n-heads", "2", "--seq-len", "32
 RUN = ["--batch-size", "4", "--sample-tokens", "0", "--precision", "fp32", "--eval-every", "0"]  # no model flags
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    from pydoc_data.topics import topics
-
-    d = tmp_path_factory.mktemp("corpus")
-    for i, key in enumerate(sorted(topics)[:30]):
-        (d / f"{i:02d}.txt").write_text(topics[key], encoding="utf-8")
-    return d
 
 
 def _train(argv):

@@ -29,22 +29,9 @@ TINY = ["--d-model", "32", "--n-layers", "1", "--n-heads", "2", "--seq-len", "32
 PROC_TIMEOUT = 120  # no single process of these tests should come near it
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    from pydoc_data.topics import topics
-
-    d = tmp_path_factory.mktemp("corpus")
-    for i, key in enumerate(sorted(topics)[:30]):
-        (d / f"{i:02d}.txt").write_text(topics[key], encoding="utf-8")
-    return d
 
 
 @pytest.fixture(scope="module")

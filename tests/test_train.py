@@ -14,14 +14,7 @@ from aam_func.train import evaluate, lm_loss, make_eval_step, make_train_step
 CFG = af.ModelConfig(vocab_size=97, d_model=32, n_layers=2, n_heads=4, max_seq_len=16, dropout=0.0)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one intra-op thread is faster, and on a shared, oversubscribed CPU two
-    spinning OpenMP threads per op make small ops 100x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _batch(seed=0, rows=4, seq=16, vocab=97):
