@@ -6,7 +6,6 @@ look-ups, so the op's own helpers (allowed_mask, relative_logits) are checked to
 """
 
 import math
-import warnings
 
 import pytest
 import torch

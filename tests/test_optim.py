@@ -4,7 +4,6 @@ combinator properties and error paths. Formulas and claims: proofs/optim.md."""
 from __future__ import annotations
 
 import copy
-import math
 
 import pytest
 import torch
@@ -143,7 +142,7 @@ def test_adamw_with_schedule_follows_torch_with_lambdalr():
 
 
 def test_adamw_equals_its_chain_of_small_pieces():
-    params, grads = _tree(0), _tree(1)
+    params = _tree(0)
     mask = optim.decay_mask(params)
     fused = optim.adamw(1e-2, weight_decay=0.1, mask=mask)
     pieces = optim.chain(optim.scale_by_adam(), optim.add_decayed_weights(0.1, mask), optim.scale_by_learning_rate(1e-2))
