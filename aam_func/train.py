@@ -50,7 +50,14 @@ COMPILE_OPTIMIZER = True
 def lm_loss(model, *, train: bool = True) -> Callable:
     """``loss_fn(params, batch, generator=None)`` for a :class:`aam_func.Transformer`:
     the mean next-token cross-entropy of ``batch["labels"]`` (default: ``batch["input_ids"]``),
-    with dropout when ``train`` and the model's config asks for it."""
+    with dropout when ``train`` and the model's config asks for it.
+
+    The (batch, seq, vocab) logits are never built: the loss comes from the fused LM-head
+    cross-entropy (``ops.cross_entropy``; ``Transformer.apply(..., return_logits=False)``), which
+    walks the tokens in cache-sized chunks. Its value and gradients equal the logits path's (the
+    config's ``fused_cross_entropy=False`` or a focal loss selects that path instead); under
+    bf16 autocast every LM-head matmul runs in bf16 with float32 log-sum-exp.
+    """
 
     def loss_fn(params, batch: Mapping[str, Tensor], generator: Optional[torch.Generator] = None) -> Tensor:
         ids = batch["input_ids"]
@@ -61,6 +68,7 @@ def lm_loss(model, *, train: bool = True) -> Callable:
             labels=batch.get("labels", ids),
             train=train,
             generator=generator,
+            return_logits=False,
         )
         return out["loss"]
 

@@ -52,8 +52,10 @@ def test_lora_changes_only_the_targeted_weights(tmp_path, corpus, base, capsys):
     stdout = capsys.readouterr().out
     assert "trainable: 512 LoRA parameters" in stdout and "blocks.0.attn.qkv" in stdout  # A 4x32 + B 96x4
 
-    # B starts at zero: the starting point is exactly the base model
-    assert _step0_val_loss(out) == _state(base)["metrics"]["val_loss"]
+    # B starts at zero: the starting point is the base model. (Not bit-equal: the LoRA run's loss
+    # goes through the adapter's TorchFunctionMode, under which the LM-head cross-entropy takes
+    # its whole-logits composite instead of the fused chunked op; they agree to rounding.)
+    assert _step0_val_loss(out) == pytest.approx(_state(base)["metrics"]["val_loss"], rel=1e-6, abs=0)
     before = load_file(base / "checkpoint" / "params.safetensors")
     after = load_file(out / "checkpoint" / "params.safetensors")
     assert before.keys() == after.keys()

@@ -42,7 +42,7 @@ from .registry import OpSpec, register
 __all__ = ["linear_cross_entropy", "reference", "REDUCTIONS"]
 
 REDUCTIONS = ("mean", "sum", "none")
-_CHUNK_ELEMENTS = 2**25  # default: a chunk's fp32 logits take ~128 MiB
+_CHUNK_ELEMENTS = 2**21  # default: a chunk's fp32 logits take ~8 MiB
 
 
 def _default_chunk(n: int, v: int) -> int:
@@ -83,7 +83,7 @@ def _check(hidden, weight, targets, bias, ignore_index, label_smoothing, z_loss,
     if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
         raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
     V = weight.shape[0]
-    if not vmap_active() and not torch.compiler.is_compiling() and targets.numel():
+    if not torch.compiler.is_compiling() and not vmap_active() and targets.numel():
         bad = targets[(targets != ignore_index) & ((targets < 0) | (targets >= V))]
         if bad.numel():
             raise ValueError(
@@ -341,6 +341,26 @@ def linear_cross_entropy(
     token (PaLM's auxiliary loss). ``chunk_size`` tokens per chunk (default: ~2^25 logits).
     """
     _check(hidden, weight, targets, bias, ignore_index, label_smoothing, z_loss, reduction, chunk_size)
+    if torch.compiler.is_compiling() or torch._C._len_torch_function_stack() > 0:
+        # Under torch.compile the composite is what inductor fuses best. Under a
+        # TorchFunctionMode (LoRA's factored path, per-example ghost clipping) the mode must see
+        # the head's F.linear and differentiate through it; the Function's hand-written backward
+        # would bypass what the mode adds. Both get the plain, whole-logits composite.
+        return _composite(hidden, weight, targets, bias, ignore_index, label_smoothing, z_loss, reduction)
+    dev = hidden.device.type
+    if torch.is_autocast_enabled(dev):
+        # Autocast would cast the float32 weight at every chunk's matmul and leave the gradient
+        # matmuls (on float32 buffers, which autocast does not touch) in float32. Cast float32
+        # inputs once to the autocast dtype, as autocast does for F.linear, and run the op with
+        # autocast off: every matmul then runs in that dtype; lse, losses and the weight
+        # gradient still accumulate in float32.
+        low = torch.get_autocast_dtype(dev)
+        cast = lambda x: x.to(low) if x is not None and x.dtype == torch.float32 else x  # noqa: E731
+        with torch.autocast(dev, enabled=False):
+            return linear_cross_entropy(
+                cast(hidden), cast(weight), targets, bias=cast(bias), ignore_index=ignore_index,
+                label_smoothing=label_smoothing, z_loss=z_loss, reduction=reduction, chunk_size=chunk_size,
+            )
     V, d = weight.shape
     h = hidden.reshape(-1, d)
     t = targets.reshape(-1)
@@ -372,6 +392,10 @@ def reference(
 ) -> Tensor:
     """The composite twin: ``F.cross_entropy(F.linear(...))`` (+ z-loss), whole logits, same conventions."""
     _check(hidden, weight, targets, bias, ignore_index, label_smoothing, z_loss, reduction, chunk_size)
+    return _composite(hidden, weight, targets, bias, ignore_index, label_smoothing, z_loss, reduction)
+
+
+def _composite(hidden, weight, targets, bias, ignore_index, label_smoothing, z_loss, reduction) -> Tensor:
     V, d = weight.shape
     z = _logits(hidden.reshape(-1, d), weight, bias)
     t = targets.reshape(-1)
