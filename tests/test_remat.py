@@ -65,6 +65,35 @@ def test_block_grad_equal_under_eager_backward(block_setup):
     _close_trees(*grads)
 
 
+def test_block_grad_equal_under_bf16_autocast(block_setup):
+    """The recomputation re-enters the forward's autocast state: under bf16 autocast the gradient
+    is the bf16 function's (equal to no remat), not the float32 function's, both under
+    torch.func.grad and in eager backward (which runs after the autocast region has closed)."""
+    block, params, x, pos = block_setup
+
+    def run(wrap):
+        def loss(p, x):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return _block_loss(block, wrap)(p, x, pos).float()
+        return loss
+
+    g_remat = grad(run(remat), argnums=(0, 1))(params, x)
+    g_plain = grad(run(lambda f: f), argnums=(0, 1))(params, x)
+    leaves = lambda g: [*af.tree.leaves(g[0]), g[1]]  # noqa: E731
+    g32 = grad(_block_loss(block, lambda f: f), argnums=(0, 1))(params, x, pos)
+    # remat = plain up to the order of the backward's float32 sums; bf16 vs float32 differs far more
+    worst = lambda ga, gb: max(((a - b).abs().max() / b.abs().max()).item() for a, b in zip(leaves(ga), leaves(gb)))  # noqa: E731
+    assert worst(g_remat, g_plain) < 1e-4
+    assert worst(g32, g_plain) > 1e-3
+    eager = []
+    for wrap in (remat, lambda f: f):
+        p = af.tree.map(lambda t: t.detach().clone().requires_grad_(), params)
+        run(wrap)(p, x).backward()
+        eager.append(af.tree.map(lambda t: t.grad, p))
+    for a, b in zip(af.tree.leaves(eager[0]), af.tree.leaves(eager[1])):
+        assert ((a - b).abs().max() / b.abs().max()).item() < 1e-4
+
+
 def test_torch_utils_checkpoint_fails_under_grad_but_remat_works():
     """The reason remat exists (DESIGN.md): checkpoint refuses torch.func.grad."""
     from torch.utils.checkpoint import checkpoint

@@ -20,10 +20,16 @@ Randomness: the recomputation must replay the forward's random draws, so
 After the backward every RNG is where the forward left it. Under ``vmap(..., randomness=
 "different")`` the replay follows the global state, which vmap itself derives per call: do not
 rely on bitwise replay there.
+
+Mixed precision: the autocast state at the call (enabled or not, and the dtype, per device) is
+saved and re-entered around the recomputation, so under ``torch.autocast`` the backward
+differentiates the function the forward ran (a backward usually runs after the autocast region
+has closed; recomputing outside it would give the gradient of the float32 function instead).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import Any, Callable, Sequence
 
@@ -80,11 +86,20 @@ class _Spec:
     """What the Function needs besides tensors. An opaque object on purpose: functorch rebuilds
     pytree containers among Function arguments, and ``out_box`` must be shared, not copied."""
 
-    __slots__ = ("fn", "in_tree", "fixed", "positions", "rng", "out_box", "keep_graph")
+    __slots__ = ("fn", "in_tree", "fixed", "positions", "rng", "out_box", "keep_graph", "amp")
 
-    def __init__(self, fn, in_tree, fixed, positions, rng, out_box, keep_graph):
+    def __init__(self, fn, in_tree, fixed, positions, rng, out_box, keep_graph, amp):
         self.fn, self.in_tree, self.fixed, self.positions, self.rng, self.out_box = fn, in_tree, fixed, positions, rng, out_box
         self.keep_graph = keep_graph  # (eager, higher_order) seen by the caller
+        self.amp = amp  # ((device_type, enabled, dtype), ...) at the call
+
+    def recompute(self):
+        """The context of a recomputation: the call's RNG states and autocast state."""
+        stack = contextlib.ExitStack()
+        for dev, enabled, dtype in self.amp:
+            stack.enter_context(torch.autocast(dev, dtype=dtype, enabled=enabled))
+        stack.enter_context(self.rng.replay())
+        return stack
 
     def __iter__(self):
         return iter((self.fn, self.in_tree, self.fixed, self.positions, self.rng, self.out_box))
@@ -134,7 +149,7 @@ class _Remat(torch.autograd.Function):
             tensors = tuple(t.detach() for t in tensors)
             grad_outs = tuple(g.detach() if g is not None else None for g in grad_outs)
         f, diff = _diff_fn(ctx.spec, tensors)
-        with ctx.spec[4].replay():
+        with ctx.spec.recompute():
             outs, vjp_fn = torch.func.vjp(f, *[tensors[i] for i in diff])
         cot = tuple(torch.zeros_like(o) if g is None else g for o, g in zip(outs, _only_diff(grad_outs, ctx.spec)))
         grads = iter(vjp_fn(cot))
@@ -148,7 +163,7 @@ class _Remat(torch.autograd.Function):
         tans = tuple(torch.zeros_like(tensors[i]) if tangents[i] is None else tangents[i] for i in diff)
         # J t by the double-vjp identity J t = ∂/∂u ⟨Jᵀ u, t⟩ (vjp is linear in u): reverse mode
         # only, because forward AD cannot nest inside the dual level that called this rule.
-        with ctx.spec[4].replay():
+        with ctx.spec.recompute():
             outs, vjp_fn = torch.func.vjp(f, *primals)
         u0 = tuple(torch.zeros_like(o) for o in outs)
         _, vjp_of_vjp = torch.func.vjp(lambda *u: vjp_fn(u), *u0)
@@ -165,6 +180,11 @@ def _higher_order_active() -> bool:
     stack = torch._C._functorch.get_interpreter_stack() or []
     T = torch._C._functorch.TransformType
     return sum(1 for i in stack if i.key() == T.Grad) >= 2 or any(i.key() == T.Jvp for i in stack)
+
+
+def _autocast_state() -> tuple:
+    devices = ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",)
+    return tuple((d, torch.is_autocast_enabled(d), torch.get_autocast_dtype(d)) for d in devices)
 
 
 def _call(fn, in_tree, fixed, positions, tensors):
@@ -214,7 +234,7 @@ def remat(fn: Callable, *, generators: Sequence[torch.Generator] = ()) -> Callab
         gens = list(generators) + [x for x in leaves if isinstance(x, torch.Generator)]
         out_box: dict = {}
         keep_graph = (not torch._C._functorch.get_interpreter_stack(), _higher_order_active())
-        spec = _Spec(fn, in_tree, fixed, positions, _RNGReplay(gens), out_box, keep_graph)
+        spec = _Spec(fn, in_tree, fixed, positions, _RNGReplay(gens), out_box, keep_graph, _autocast_state())
         tensor_outs = _Remat.apply(spec, *[leaves[i] for i in positions])
         it = iter(tensor_outs)
         flat = [next(it) if is_t else c for is_t, c in zip(out_box["tensor_mask"], out_box["consts"])]
