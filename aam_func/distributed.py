@@ -142,9 +142,11 @@ class DistContext:
         for the global batch: token-weighted mean grads and loss, summed weight and tokens."""
         grads, weight = local["grads"], local["weight"]
         flat = tree.flatten(grads)
-        w = weight.to(torch.float64)
-        stats = torch.stack([local["loss"].detach().to(torch.float64) * w, w,
-                             local["tokens"].to(torch.float64)]).to(self.device)
+        # each part moved to the process's device first: a count built on the CPU must not meet
+        # CUDA gradients in one stack
+        w = weight.to(device=self.device, dtype=torch.float64)
+        stats = torch.stack([local["loss"].detach().to(device=self.device, dtype=torch.float64) * w, w,
+                             local["tokens"].to(device=self.device, dtype=torch.float64)])
         leaves = [g * w.to(g.dtype) for g in flat.values()] + [stats]
         summed = self.all_sum(leaves, what="all_reduce of gradients")
         loss_sum, total, tokens = summed[-1].unbind()

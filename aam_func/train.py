@@ -88,7 +88,8 @@ def _count_tokens(batch: Mapping[str, Tensor]) -> Tensor:
     mask = batch.get("attention_mask")
     if mask is not None:
         return mask.sum().to(torch.int64)
-    return torch.tensor(batch["input_ids"].numel(), dtype=torch.int64)
+    ids = batch["input_ids"]
+    return torch.tensor(ids.numel(), dtype=torch.int64, device=ids.device)
 
 
 def _count_targets(batch: Mapping[str, Tensor]) -> Tensor:
@@ -97,7 +98,7 @@ def _count_targets(batch: Mapping[str, Tensor]) -> Tensor:
     labels = batch.get("labels", batch.get("input_ids"))
     if not isinstance(labels, Tensor) or labels.dim() < 2:
         first = next(v for v in batch.values() if isinstance(v, Tensor))
-        return torch.tensor(first.shape[0], dtype=torch.int64)
+        return torch.tensor(first.shape[0], dtype=torch.int64, device=first.device)
     valid = labels[:, 1:] != -100
     mask = batch.get("attention_mask")
     if mask is not None:
@@ -247,7 +248,7 @@ def make_eval_step(loss_fn: Callable, *, precision: str = "fp32", compile: bool 
             predicted = (mask.sum(dim=1) - 1).clamp(min=0).sum()
         else:
             ids = batch["input_ids"]
-            predicted = torch.tensor(ids.shape[0] * max(ids.shape[1] - 1, 0))
+            predicted = torch.tensor(ids.shape[0] * max(ids.shape[1] - 1, 0), device=ids.device)
         return {"loss": loss, "perplexity": torch.exp(loss), "tokens": predicted.to(torch.int64)}
 
     return torch.compile(step) if compile else step

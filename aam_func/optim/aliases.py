@@ -114,8 +114,15 @@ def _fused_direction(gs, mus, nus, count: Tensor, lr, b1, b2, eps):
     us = _ops.zeros_like(gs)
     mus = [m.clone() for m in mus]
     nus = [v.clone() for v in nus]
-    steps = [count.to(torch.float32)] * len(gs)  # read, not written, by the kernel
-    lr_arg = lr if _ops.is_number(lr) else lr.to(torch.float64).detach()
+    dev = gs[0].device
+    # read, not written, by the kernel; on CUDA it reads the step through a device pointer
+    steps = [count.to(device=dev, dtype=torch.float32)] * len(gs)
+    if _ops.is_number(lr):
+        lr_arg = lr
+    elif dev.type == "cpu":
+        lr_arg = lr.detach().to(torch.float64)
+    else:  # the CUDA kernel reads a tensor learning rate as float32 on the parameters' device
+        lr_arg = lr.detach().to(device=dev, dtype=torch.float32)
     torch._fused_adam_(us, list(gs), mus, nus, [], steps, lr=lr_arg, beta1=b1, beta2=b2,
                        weight_decay=0.0, eps=eps, amsgrad=False, maximize=False)
     return us, mus, nus
