@@ -716,7 +716,9 @@ def dp_aggregate(
             raise ValueError(f"dp_aggregate needs per-example grads with one leading batch size, got sizes {sorted(B)}")
         B = B.pop()
         count = int(state["count"])
-        g = torch.Generator().manual_seed(hash((int(state["seed"]), count)) & ((1 << 63) - 1))
+        leaves = tree.leaves(grads)
+        device = leaves[0].device if leaves else torch.device("cpu")  # the noise is drawn where the grads live
+        g = torch.Generator(device=device).manual_seed(hash((int(state["seed"]), count)) & ((1 << 63) - 1))
         total = _weighted_sum(clip_factors(global_norms(grads), max_norm), grads) if B else tree.map(lambda x: x.sum(0), grads)
         out = _noisy_mean(total, B, max_norm, sigma, expected, g)
         return out, {"count": state["count"] + 1, "seed": state["seed"]}

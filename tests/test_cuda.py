@@ -527,9 +527,6 @@ def test_remat_replays_device_randomness_and_equals_plain():
 AUTOCAST_DTYPES = [pytest.param(torch.bfloat16, id="bf16"), pytest.param(torch.float16, id="fp16", marks=cuda_only)]
 
 
-@pytest.mark.xfail(strict=True, reason="library bug: ops.remat recomputes the block in backward outside the "
-                                       "forward's autocast state (torch.utils.checkpoint restores it), so under "
-                                       "autocast the recomputation runs in float32 and the gradients differ")
 @pytest.mark.parametrize("dtype", AUTOCAST_DTYPES)
 def test_remat_under_autocast_equals_plain(dtype):
     """With gradient_checkpointing under autocast the gradients must be those of the plain model
