@@ -57,8 +57,17 @@ init_ensemble = init
 
 
 def init_state(optimizer, stacked_params: Mapping):
-    """The optimizer state of every member (vmapped ``optimizer.init``)."""
-    return vmap(optimizer.init, randomness="different")(stacked_params)
+    """The optimizer state of every member (vmapped ``optimizer.init``), on the params' device.
+
+    Optimizers keep their step counts as 0-d CPU tensors, which mix with CUDA tensors; stacked
+    over members they become (N,) tensors, which do not, so every state leaf is moved to the
+    members' device."""
+    state = vmap(optimizer.init, randomness="different")(stacked_params)
+    leaves = tree.leaves(stacked_params)
+    if not leaves:
+        return state
+    device = leaves[0].device
+    return pytree.tree_map(lambda x: x.to(device) if isinstance(x, torch.Tensor) else x, state)
 
 
 def apply(fn: Callable, stacked_params: Mapping, *args, in_dims=None):

@@ -507,7 +507,8 @@ def _ghost_pass(loss_fn, params: Params, batch, mode: _WatchLinear):
     small = {n: v for n, v in flat.items() if n not in mode.ghost}
     big = {n: v for n, v in flat.items() if n in mode.ghost}
     small_b = {n: v.expand((B,) + tuple(v.shape)) for n, v in small.items()}
-    probes = [torch.zeros((), dtype=u.dtype).expand((B,) + u.shape) for u in mode.ghost_uses]
+    device = next(iter(big.values())).device if big else None  # the probes live where the outputs do
+    probes = [torch.zeros((), dtype=u.dtype, device=device).expand((B,) + u.shape) for u in mode.ghost_uses]
     per_one = _per_example(loss_fn)
 
     def one(small_p, probe_list, example):

@@ -19,10 +19,13 @@ __all__ = ["sinusoidal_table", "SinusoidalPositions", "LearnablePositions"]
 
 
 def sinusoidal_table(positions: Tensor, dim: int, base: float = 10000.0, dtype=torch.float32) -> Tensor:
-    """PE[p, 2i] = sin(p / base^(2i/dim)), PE[p, 2i+1] = cos(p / base^(2i/dim)). (...,) -> (..., dim)."""
+    """PE[p, 2i] = sin(p / base^(2i/dim)), PE[p, 2i+1] = cos(p / base^(2i/dim)). (...,) -> (..., dim).
+
+    Computed in float32 (float64 when ``dtype`` is float64) and cast to ``dtype``."""
     half = (dim + 1) // 2
-    freq = torch.exp(torch.arange(half, dtype=torch.float32, device=positions.device) * (-2.0 * math.log(base) / dim))
-    ang = positions.to(torch.float32)[..., None] * freq  # (..., half)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    freq = torch.exp(torch.arange(half, dtype=acc, device=positions.device) * (-2.0 * math.log(base) / dim))
+    ang = positions.to(acc)[..., None] * freq  # (..., half)
     pe = torch.stack([ang.sin(), ang.cos()], dim=-1).flatten(-2)[..., :dim]
     return pe.to(dtype)
 

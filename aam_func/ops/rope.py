@@ -18,7 +18,9 @@ are recomputed), and the jvp is ``R_θ dx``. See proofs/rope.md.
   (NTK-aware scaling, bloc97 2023). A dict ``{"type": "linear", "factor": 2.0}`` (the HF
   ``rope_scaling`` form) is accepted too.
 
-Angles are computed in float32 and cast to x's dtype, as the composite layer and HF LLaMA do.
+Angles are computed in float32 and cast to x's dtype, as HF LLaMA does; for float64 x they are
+computed in float64 (a float32 angle table would cap a float64 model at float32 accuracy, and
+CPU and CUDA float32 cos/sin differ in the last bit).
 """
 
 from __future__ import annotations
@@ -83,8 +85,9 @@ def rope_cos_sin(positions: Tensor, head_dim: int, base: float, layout: str, sca
     """cos θ and sin θ expanded to full head_dim in the layout's channel order: (T, d) or (B, 1, T, d)."""
     if scaling is not None and scaling[0] == "ntk":
         base = base * scaling[1] ** (head_dim / (head_dim - 2)) if head_dim > 2 else base
-    inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=positions.device) / head_dim)
-    pos = positions.to(torch.float32)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=acc, device=positions.device) / head_dim)
+    pos = positions.to(acc)
     if scaling is not None and scaling[0] == "linear":
         pos = pos / scaling[1]
     ang = pos[..., None] * inv_freq  # (..., d/2)
@@ -170,8 +173,9 @@ def reference(
     d = x.shape[-1]
     if sc is not None and sc[0] == "ntk" and d > 2:
         base = base * sc[1] ** (d / (d - 2))
-    inv_freq = 1.0 / base ** (torch.arange(0, d, 2, dtype=torch.float32, device=x.device) / d)
-    pos = positions.to(torch.float32)
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    inv_freq = 1.0 / base ** (torch.arange(0, d, 2, dtype=acc, device=x.device) / d)
+    pos = positions.to(acc)
     if sc is not None and sc[0] == "linear":
         pos = pos / sc[1]
     ang = pos[..., None] * inv_freq  # (T, d/2) or (B, T, d/2)
