@@ -547,7 +547,7 @@ def _ghost_norms_and_sum(loss_fn, params, batch, max_norm, chunk, want_sum):
     for start, stop in _chunks(B, chunk):
         part = _slice(batch, start, stop)
         loss, small_grads, uses = _ghost_pass(loss_fn, params, part, mode)
-        sq = torch.zeros(stop - start)
+        sq = torch.zeros(stop - start, device=loss.device)
         for g in small_grads.values():
             sq = sq + g.reshape(g.shape[0], -1).float().pow(2).sum(1)
         for name, factors in uses.items():

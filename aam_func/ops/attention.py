@@ -38,9 +38,9 @@ Backends:
 - ``"sdpa"``: ``F.scaled_dot_product_attention`` (no relative bias; masks become dense bool masks).
 - ``"xformers"``: ``xformers.ops.memory_efficient_attention`` for standard attention, when installed.
 - ``"auto"``: SDPA when the call needs no mask or bias (full, or causal with q_len == k_len or
-  q_len == 1) and no forward-mode AD is active, else blockwise; dropout always runs on the math
-  path, and so does a call under CPU bf16 autocast that takes a gradient (SDPA's CPU backward
-  is slow there).
+  q_len == 1) and no forward-mode AD is active (nor vmap on CUDA, where SDPA's backward
+  fails), else blockwise; dropout always runs on the math path, and so does a call under CPU
+  bf16 autocast that takes a gradient (SDPA's CPU backward is slow there).
 Derivations: ``proofs/attention.md``.
 """
 
@@ -56,7 +56,7 @@ from torch import Tensor
 
 import warnings
 
-from ._util import forward_ad_active
+from ._util import forward_ad_active, vmap_active
 from .registry import OpSpec, register
 
 __all__ = [
@@ -831,9 +831,13 @@ def attention(
         if _cpu_bf16_autocast_grad(q, k, v):
             return reference(q, k, v, **kwargs)
         # Under vmap SDPA's CPU kernel has no batching rule (a per-example loop, with a warning),
-        # yet measured it still beats the math path (docs/benchmarks.md), so it stays.
-        fwd_ad = not torch.compiler.is_compiling() and forward_ad_active()  # dynamo cannot trace the check
-        if sdpa_ok and not fwd_ad and _mask_free(causal, key_padding_mask, window, sparsity, Tq, Tk):
+        # yet measured it still beats the math path (docs/benchmarks.md), so it stays. On CUDA
+        # its memory-efficient backward fails under vmap ("LSE is not correctly aligned"), so
+        # vmapped CUDA calls take the blockwise kernel.
+        eager = not torch.compiler.is_compiling()  # dynamo cannot trace the transform checks
+        fwd_ad = eager and forward_ad_active()
+        cuda_vmap = eager and q.device.type == "cuda" and vmap_active()
+        if sdpa_ok and not fwd_ad and not cuda_vmap and _mask_free(causal, key_padding_mask, window, sparsity, Tq, Tk):
             return _sdpa(q, k, v, **kwargs)
     return blockwise(q, k, v, relative_bias=relative_bias, block_q=block_q, block_k=block_k, **kwargs)
 
