@@ -123,6 +123,60 @@ def test_bf16_accumulates_in_float32():
     torch.testing.assert_close(wb.grad.float(), wf.grad, rtol=5e-2, atol=5e-3)
 
 
+def test_autocast_fused_equals_autocast_composite():
+    """Under CPU bf16 autocast the fused op equals autocast's own F.linear + float32
+    cross-entropy (the logits rounded to bf16 once), in value and in float32 gradients of float32
+    inputs, under torch.func.grad and eager backward; and it is the bf16 function, not the fp32 one."""
+    h, w, t = _r(64, 16, dtype=torch.float32), _r(300, 16, seed=1, dtype=torch.float32), _targets(64, 300)
+
+    def fused(h, w):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return lce(h, w, t, chunk_size=16)
+
+    def composite(h, w):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return lm_loss(F.linear(h, w), t)
+
+    torch.testing.assert_close(fused(h, w), composite(h, w), rtol=1e-6, atol=1e-6)
+    assert (fused(h, w) - lce(h, w, t)).abs() > 1e-4  # the bf16 function, not the float32 one
+    gf, gc = grad(fused, argnums=(0, 1))(h, w), grad(composite, argnums=(0, 1))(h, w)
+    for a, b in zip(gf, gc):
+        assert a.dtype == torch.float32
+        # bf16-level agreement: chunked bf16 partial sums of the weight gradient vs one bf16 matmul
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-3 * b.abs().max().item())
+    hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
+    fused(hh, ww).backward()
+    torch.testing.assert_close(hh.grad, gf[0])
+    torch.testing.assert_close(ww.grad, gf[1])
+
+
+def test_function_mode_sees_the_head_linear():
+    """Under a TorchFunctionMode the op runs the composite, so the mode sees F.linear(h, W) and
+    whatever it adds there is differentiated (as LoRA's factored path and ghost clipping need)."""
+    from torch.overrides import TorchFunctionMode
+
+    h, w, t = _r(6, 4), _r(9, 4, seed=1), _targets(6, 9)
+    delta = _r(6, 9, seed=2)
+
+    class AddToHead(TorchFunctionMode):
+        seen = 0
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func is F.linear and args[1] is w:
+                AddToHead.seen += 1
+                out = out + delta
+            return out
+
+    with AddToHead():
+        loss = lce(h, w, t)
+        g = grad(lambda h: lce(h, w, t))(h)
+    assert AddToHead.seen == 2
+    want = lm_loss(F.linear(h, w) + delta, t)
+    torch.testing.assert_close(loss, want)
+    torch.testing.assert_close(g, grad(lambda h: lm_loss(F.linear(h, w) + delta, t))(h))
+
+
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_all_ignored_and_empty_batches(reduction):
     """Documented: every target ignored -> 0 (zero gradient) for mean and sum, zeros for none."""
