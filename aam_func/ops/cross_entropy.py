@@ -29,6 +29,7 @@ accumulate in float32.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
@@ -43,6 +44,7 @@ __all__ = ["linear_cross_entropy", "reference", "REDUCTIONS"]
 
 REDUCTIONS = ("mean", "sum", "none")
 _CHUNK_ELEMENTS = 2**21  # default: a chunk's fp32 logits take ~8 MiB
+_GROUP_ELEMENTS = 2**23  # bf16/fp16: gradient rows held for one weight-gradient matmul (~16 MiB)
 
 
 def _default_chunk(n: int, v: int) -> int:
@@ -149,6 +151,13 @@ def _chunked_composite(h, weight, bias, t, valid, eps, zl, reduction, chunk):
     return _reduce(per_token, valid, reduction)
 
 
+def _lowered(low, *tensors):
+    """``tensors`` cast to the autocast dtype ``low`` (float32 ones only; None passes through)."""
+    if low is None:
+        return tensors
+    return tuple(x.to(low) if x is not None and x.dtype == torch.float32 else x for x in tensors)
+
+
 def _acc_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -165,6 +174,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(h, weight, bias, t, valid, eps, zl, reduction, chunk, flags):
         precompute = flags[0]
+        h, weight, bias = _lowered(flags[3], h, weight, bias)
         N, V = h.shape[0], weight.shape[0]
         acc = _acc_dtype(h.dtype)
         lse = h.new_empty(N, dtype=acc)
@@ -176,6 +186,15 @@ class _LinearCrossEntropy(torch.autograd.Function):
             gb = torch.zeros(V, dtype=acc, device=weight.device) if bias is not None else h.new_empty(0)
         else:
             gh = gw = gb = h.new_empty(0)
+        low = precompute and h.dtype != acc
+        if low:
+            # Low precision: each chunk's gradient rows are kept (in h's dtype) in a buffer of up
+            # to _GROUP_ELEMENTS and the weight gradient takes one matmul per full buffer; a
+            # matmul per chunk would round each chunk's partial sum to bf16 and spend a cast and an
+            # add of a (V, d) tensor on it.
+            group = max(chunk, min(N, _GROUP_ELEMENTS // max(V, 1)))
+            gbuf = h.new_empty(min(group, N), V)
+            g0 = 0  # first row held in gbuf
         if not precompute and vmap_active():  # out of place, batched
             pieces = [_token_loss(_logits(h[s : s + chunk], weight, bias), t[s : s + chunk], eps, zl) for s in range(0, N, chunk)]
             if pieces:
@@ -209,12 +228,19 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 G[torch.arange(G.shape[0], device=G.device), tc] -= (1.0 - eps) * w_c
                 if eps:
                     G.sub_(((eps / V) * w_c)[:, None])
-                Gd = G.to(h.dtype)
-                torch.mm(Gd, weight, out=gh[s : s + chunk])
-                if Gd.dtype == acc:
-                    gw.addmm_(G.t(), hc)
+                if low:
+                    Gd = gbuf[s - g0 : s - g0 + G.shape[0]]
+                    Gd.copy_(G)
                 else:
-                    gw.add_(Gd.t() @ hc)
+                    Gd = G
+                torch.mm(Gd, weight, out=gh[s : s + chunk])
+                if not low:
+                    gw.addmm_(G.t(), hc)
+                elif s + G.shape[0] - g0 >= gbuf.shape[0] or s + G.shape[0] >= N:  # buffer full or last chunk
+                    rows = s + G.shape[0] - g0
+                    part = gbuf[:rows].t() @ h[g0 : g0 + rows]
+                    gw.copy_(part) if g0 == 0 else gw.add_(part)
+                    g0 += rows
                 if bias is not None:
                     gb.add_(G.sum(0))
                 del G, Gd
@@ -231,18 +257,21 @@ class _LinearCrossEntropy(torch.autograd.Function):
         ctx.save_for_backward(h, weight, bias, t, valid, lse, gh, gw, gb)
         ctx.save_for_forward(h, weight, bias, t, valid, lse)
         ctx.meta = (eps, zl, reduction, chunk, flags[0])
-        ctx.eager, ctx.higher_order = flags[1], flags[2]
+        ctx.eager, ctx.higher_order, ctx.low = flags[1], flags[2], flags[3]
 
     @staticmethod
     def backward(ctx, g, _g_lse, _gh, _gw, _gb):
         h, weight, bias, t, valid, lse, gh, gw, gb = ctx.saved_tensors
         eps, zl, reduction, chunk, precompute = ctx.meta
         needs = ctx.needs_input_grad
+        dtypes = (h.dtype, weight.dtype, bias.dtype if bias is not None else None)  # of the inputs
         if g is None:  # only the loss is differentiable; no cotangent reached it
             g = torch.zeros((), dtype=lse.dtype, device=lse.device) if reduction != "none" else torch.zeros_like(lse)
         if ctx.higher_order or (ctx.eager and torch.is_grad_enabled()):
             # create_graph / nested transforms: a differentiable recomputation, chunk by chunk.
-            fn = lambda h_, w_, b_: _chunked_composite(h_, w_, b_, t, valid, eps, zl, reduction, chunk)  # noqa: E731
+            fn = lambda h_, w_, b_: _chunked_composite(  # noqa: E731
+                *_lowered(ctx.low, h_, w_, b_), t, valid, eps, zl, reduction, chunk
+            )
             _, vjp_fn = torch.func.vjp(fn, h, weight, bias) if bias is not None else torch.func.vjp(
                 lambda h_, w_: fn(h_, w_, None), h, weight
             )
@@ -257,10 +286,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
             h, weight, g = h.detach(), weight.detach(), g.detach()
             bias = bias.detach() if bias is not None else None
         if precompute:
-            d_h = (gh * g.to(gh.dtype)) if needs[0] else None
-            d_w = (gw * g.to(gw.dtype)).to(weight.dtype) if needs[1] else None
-            d_b = (gb * g.to(gb.dtype)).to(bias.dtype) if bias is not None and needs[2] else None
+            d_h = (gh * g.to(gh.dtype)).to(dtypes[0]) if needs[0] else None
+            d_w = (gw * g.to(gw.dtype)).to(dtypes[1]) if needs[1] else None
+            d_b = (gb * g.to(gb.dtype)).to(dtypes[2]) if bias is not None and needs[2] else None
             return d_h, d_w, d_b, None, None, None, None, None, None, None
+        h, weight, bias = _lowered(ctx.low, h, weight, bias)
         # Recompute chunk logits; out of place so the rule also runs under vmap.
         acc = lse.dtype
         w = _weights(valid, reduction, acc)
@@ -282,9 +312,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
             d_w = torch.zeros_like(weight)
             d_b = torch.zeros_like(bias) if bias is not None else None
         return (
-            d_h if needs[0] else None,
-            d_w.to(weight.dtype) if needs[1] else None,
-            d_b.to(bias.dtype) if bias is not None and needs[2] else None,
+            d_h.to(dtypes[0]) if needs[0] else None,
+            d_w.to(dtypes[1]) if needs[1] else None,
+            d_b.to(dtypes[2]) if bias is not None and needs[2] else None,
             None, None, None, None, None, None, None,
         )
 
@@ -293,6 +323,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         """d loss_i = Σ_j (∂loss_i/∂z_ij) dz_ij with dz = dh Wᵀ + h dWᵀ + db, chunk by chunk."""
         h, weight, bias, t, valid, lse = ctx.saved_tensors
         eps, zl, reduction, chunk, _ = ctx.meta
+        h, weight, bias, dh, dw, db = _lowered(ctx.low, h, weight, bias, dh, dw, db)
         pieces = []
         for s in range(0, h.shape[0], chunk):
             hc = h[s : s + chunk]
@@ -348,20 +379,13 @@ def linear_cross_entropy(
         # the head's F.linear and differentiate through it; the Function's hand-written backward
         # would bypass what the mode adds. Both get the plain, whole-logits composite.
         return _composite(hidden, weight, targets, bias, ignore_index, label_smoothing, z_loss, reduction)
+    # Under autocast, autocast itself would cast the float32 weight at every chunk's matmul and
+    # leave the gradient matmuls (on float32 buffers, which it does not touch) in float32. The
+    # op instead casts float32 inputs once to the autocast dtype, as autocast does for F.linear,
+    # and runs with autocast off: every matmul runs in that dtype; lse, losses and the weight
+    # gradient accumulate in float32, and gradients come back in the inputs' dtypes.
     dev = hidden.device.type
-    if torch.is_autocast_enabled(dev):
-        # Autocast would cast the float32 weight at every chunk's matmul and leave the gradient
-        # matmuls (on float32 buffers, which autocast does not touch) in float32. Cast float32
-        # inputs once to the autocast dtype, as autocast does for F.linear, and run the op with
-        # autocast off: every matmul then runs in that dtype; lse, losses and the weight
-        # gradient still accumulate in float32.
-        low = torch.get_autocast_dtype(dev)
-        cast = lambda x: x.to(low) if x is not None and x.dtype == torch.float32 else x  # noqa: E731
-        with torch.autocast(dev, enabled=False):
-            return linear_cross_entropy(
-                cast(hidden), cast(weight), targets, bias=cast(bias), ignore_index=ignore_index,
-                label_smoothing=label_smoothing, z_loss=z_loss, reduction=reduction, chunk_size=chunk_size,
-            )
+    low = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
     V, d = weight.shape
     h = hidden.reshape(-1, d)
     t = targets.reshape(-1)
@@ -372,9 +396,11 @@ def linear_cross_entropy(
     eager = not torch._C._functorch.get_interpreter_stack()
     higher = _higher_order_active()
     precompute = reduction != "none" and _wants_grad(hidden, weight, bias) and not vmap_active() and not higher
-    out = _LinearCrossEntropy.apply(
-        h, weight, bias, t_safe, valid, float(label_smoothing), float(z_loss), reduction, chunk, (precompute, eager, higher)
-    )
+    with torch.autocast(dev, enabled=False) if low is not None else contextlib.nullcontext():
+        out = _LinearCrossEntropy.apply(
+            h, weight, bias, t_safe, valid, float(label_smoothing), float(z_loss), reduction, chunk,
+            (precompute, eager, higher, low),
+        )
     loss = out[0]
     return loss.reshape(targets.shape) if reduction == "none" else loss
 
