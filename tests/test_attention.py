@@ -474,3 +474,29 @@ def test_blockwise_under_cpu_bf16_autocast_matches_fp32(input_dtype):
     for a, b in zip(got, ref):
         assert a.dtype == torch.float32
         torch.testing.assert_close(a, b, rtol=3e-2, atol=3e-2)
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+@pytest.mark.parametrize("causal", [False, True])
+def test_auto_under_cpu_bf16_autocast_with_grad_equals_math(name, causal):
+    """Under CPU bf16 autocast with a gradient ``auto`` takes a dense path (the additive-bias
+    ``baddbmm`` form when there is no relative bias or padding). Against float64, its values and
+    gradients are as accurate as the math path's under the same autocast (both round to bf16 in
+    different places), for every variant, with GQA. (It once dropped the relative bias there.)"""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 4 if i == 0 else 2, 9, 8, generator=g, dtype=F64, requires_grad=True) for i in range(3))
+    kw = _variant(name, 4, 8, g)
+
+    def run(backend, autocast):
+        args = [x.float() if autocast else x for x in (q, k, v)]
+        kw_ = {n: (RelativeBias(b.kind, b.table.float(), max_distance=b.max_distance, num_buckets=b.num_buckets,
+                                bidirectional=b.bidirectional) if autocast and isinstance(b, RelativeBias) else b)
+               for n, b in kw.items()}
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            o = attention(*args, causal=causal, backend=backend, **kw_)
+        return [o.double(), *(x.double() for x in torch.autograd.grad(o.float().square().sum(), (q, k, v)))]
+
+    exact = run("math", False)
+    err = lambda got: max(((a - b).norm() / b.norm()).item() for a, b in zip(got, exact))  # noqa: E731
+    e_auto, e_math = err(run("auto", True)), err(run("math", True))
+    assert e_auto < 0.05 and e_auto <= 2 * e_math + 1e-3, (e_auto, e_math)

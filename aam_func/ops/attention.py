@@ -40,7 +40,9 @@ Backends:
 - ``"auto"``: SDPA when the call needs no mask or bias (full, or causal with q_len == k_len or
   q_len == 1) and no forward-mode AD is active (nor vmap on CUDA, where SDPA's backward
   fails), else blockwise; dropout always runs on the math path, and so does a call under CPU
-  bf16 autocast that takes a gradient (SDPA's CPU backward is slow there).
+  bf16 autocast that takes a gradient (SDPA's CPU backward is slow there); without padding or a
+  relative bias that call takes the math path's additive-bias form (mask as a 0/−inf bias and
+  the scale inside one ``baddbmm``).
 Derivations: ``proofs/attention.md``.
 """
 
@@ -716,6 +718,25 @@ def _cpu_bf16_autocast_grad(q: Tensor, k: Tensor, v: Tensor) -> bool:
     )
 
 
+def _dense_bias(q, k, v, *, causal, window, sparsity, scale):
+    """The dense math path with the mask as an additive 0/−inf bias and the scale folded into one
+    ``baddbmm`` (no key padding, no relative bias): scores = bias + scale · q kᵀ in one kernel,
+    instead of a matmul, a scale pass and a masked_fill pass over the (B, H, Tq, Tk) scores
+    forward and backward. ``auto`` uses it under CPU bf16 autocast with a gradient, where the
+    dense path beats SDPA's CPU backward. Equal to :func:`reference` (the same masked softmax:
+    exp(−inf) = 0 and its gradient is 0 there)."""
+    B, H, Tq, d = q.shape
+    Tk = k.shape[2]
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    k, v = _expand_kv(k, H), _expand_kv(v, H)
+    q_pos = _query_positions(Tq, Tk, None, q.device)
+    ok = allowed_mask(q_pos, torch.arange(Tk, device=q.device), causal=causal, window=window, sparsity=sparsity)
+    bias = torch.zeros((Tq, Tk), dtype=q.dtype, device=q.device).masked_fill_(~ok, float("-inf"))
+    logits = torch.baddbmm(bias, q.reshape(B * H, Tq, d), k.reshape(B * H, Tk, d).transpose(1, 2), alpha=scale)
+    probs = torch.softmax(logits, dim=-1)
+    return torch.bmm(probs, v.reshape(B * H, Tk, -1)).reshape(B, H, Tq, -1)
+
+
 def _sdpa(q, k, v, *, causal, key_padding_mask, window, sparsity, scale, q_offset=None):
     Tq, Tk, H = q.shape[2], k.shape[2], q.shape[1]
     gqa = H != k.shape[1]
@@ -829,7 +850,9 @@ def attention(
     if backend == "auto":
         Tq, Tk = q.shape[2], k.shape[2]
         if _cpu_bf16_autocast_grad(q, k, v):
-            return reference(q, k, v, **kwargs)
+            if relative_bias is None and key_padding_mask is None:
+                return _dense_bias(q, k, v, causal=causal, window=window, sparsity=sparsity, scale=scale)
+            return reference(q, k, v, relative_bias=relative_bias, **kwargs)
         # Under vmap SDPA's CPU kernel has no batching rule (a per-example loop, with a warning),
         # yet measured it still beats the math path (docs/benchmarks.md), so it stays. On CUDA
         # its memory-efficient backward fails under vmap ("LSE is not correctly aligned"), so
