@@ -182,7 +182,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
         if precompute:  # not under vmap: in-place buffers are ours
             w = _weights(valid, reduction, acc)
             gh = torch.empty_like(h)
-            gw = torch.zeros(weight.shape, dtype=acc, device=weight.device)
+            # low precision: the first group's matmul writes it whole (no zero pass)
+            alloc = torch.empty if h.dtype != acc and N > 0 else torch.zeros
+            gw = alloc(weight.shape, dtype=acc, device=weight.device)
             gb = torch.zeros(V, dtype=acc, device=weight.device) if bias is not None else h.new_empty(0)
         else:
             gh = gw = gb = h.new_empty(0)
