@@ -412,6 +412,17 @@ class _WatchLinear(TorchFunctionMode):
             w = args[1] if len(args) > 1 else kwargs.get("weight")
             name = self._name(w)
             plain = func is F.linear or _plain_embedding(args, kwargs)
+            if self.phase == "discover":
+                # a params leaf in any other slot (the input of a linear, a bias) is a use that
+                # the factors do not cover: that leaf takes the exact route
+                if len(args) > 1:
+                    rest = (args[:1] + args[2:], kwargs)
+                else:
+                    rest = (args, {k: v for k, v in kwargs.items() if k != "weight"})
+                for leaf in pytree.tree_leaves(rest):
+                    other = self._name(leaf)
+                    if other is not None:
+                        self.other.add(other)
             if name is not None:
                 if self.phase == "discover":
                     out = func(*args, **kwargs)
@@ -446,7 +457,7 @@ class _WatchLinear(TorchFunctionMode):
                 f"{kind}({name!r}) output has shape {tuple(out.shape)} but {use.shape} for the first example; "
                 "ghost clipping needs equally shaped examples (pad them), or use method='vmap'"
             )
-        self.inputs.append(args[0])
+        self.inputs.append(args[0] if args else kwargs["input"])
         self.k += 1
         return out + self.probes[k]
 

@@ -308,6 +308,35 @@ def test_ghost_falls_back_for_weights_used_otherwise():
     torch.testing.assert_close(ps.norms(loss, params, batch), global_ref(loss, params, batch))
 
 
+def test_ghost_weight_also_used_as_the_input_of_a_linear_takes_the_exact_route():
+    # "a" is a linear weight and also the *input* of another linear (F.linear(a, b)); that second
+    # use is not a weight use, so "a" must not be factored (its gradient would miss that term)
+    g = torch.Generator().manual_seed(0)
+    params = {"a": torch.randn(4, 4, generator=g, dtype=torch.float64),
+              "b": torch.randn(4, 4, generator=g, dtype=torch.float64),
+              "c": torch.randn(4, generator=g, dtype=torch.float64)}
+
+    def loss(p, b):
+        h = F.linear(input=b["x"], weight=p["a"])
+        m = F.linear(input=p["a"], weight=p["b"], bias=p["c"])  # a as the input (keywords)
+        return (F.linear(h, m) ** 2).mean()
+
+    batch = {"x": torch.randn(3, 2, 4, generator=g, dtype=torch.float64)}
+    mode = ps._discover(loss, params, batch)
+    assert mode.ghost == {"b"} and mode.other == {"a"}
+    ref = loop_grads(loss, params, batch, 3)
+    for method in ("ghost", "auto"):
+        got = ps.grads(loss, params, batch, method=method)
+        for i in range(3):
+            assert max_diff(tree.map(lambda x: x[i], got), ref[i]) <= 1e-10, (method, i)
+    ref_norms = torch.stack([flat_norm(r) for r in ref])
+    torch.testing.assert_close(ps.norms(loss, params, batch), ref_norms.float())  # norms accumulate in float32
+    clipped = ps.clipped_sum(loss, params, batch, 0.5)
+    want = {k: sum(min(1.0, 0.5 / (n.item() + ps.CLIP_EPS)) * r[k] for r, n in zip(ref, ref_norms)) for k in params}
+    for k in params:
+        torch.testing.assert_close(clipped.sum[k], want[k], rtol=1e-5, atol=1e-6)
+
+
 def global_ref(loss, params, batch):
     return ps.global_norms(ps.grads(loss, params, batch))
 
