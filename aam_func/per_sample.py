@@ -288,23 +288,39 @@ def _ghost_grads(loss_fn, params, batch, chunk_size, mode):
         for name, g in small_grads.items():
             out[name][start:stop].copy_(g)
         del small_grads
-        for name, factors in uses.items():
-            dst = out[name][start:stop]  # (b, out, in), contiguous
-            b, rows = dst.shape[0], dst.shape[1]
-            first = True
-            for L, ids, R in factors:
-                if ids:  # embedding: example i's rows ids[i] receive its output gradients
-                    if first:
-                        dst.zero_()
-                    index = (L + torch.arange(b, device=L.device)[:, None] * rows).reshape(-1)
-                    dst.view(b * rows, -1).index_add_(0, index, R.reshape(-1, R.shape[-1]).to(dst.dtype))
-                elif first:  # linear: G_i = g_iᵀ x_i, written in place
-                    torch.bmm(L.transpose(1, 2).to(dst.dtype), R.to(dst.dtype), out=dst)
-                else:
-                    dst.baddbmm_(L.transpose(1, 2).to(dst.dtype), R.to(dst.dtype))
-                first = False
-        del uses
+        while uses:  # popped, so each weight's factors are freed once written
+            name, factors = uses.popitem()
+            _write_factors(out[name][start:stop], factors)
+            del factors
     return tree.unflatten(out)
+
+
+def _write_factors(dst: Tensor, factors: list) -> None:
+    """dst (b, out, in) = Σ over one weight's uses of its per-example gradients: the linear uses
+    first (the first one writes ``bmm(gᵀ, x)`` over dst, so dst needs no zeroing; the others add
+    with ``baddbmm_``), then the embedding uses' rows by ``index_add_`` (onto zeros if no linear
+    use wrote first). For a tied embedding/LM head this is one bmm and one index_add, not a
+    zero fill, an index_add and a (V, d) read-modify-write per example."""
+    b, rows = dst.shape[0], dst.shape[1]
+    written = False
+    for L, ids, R in factors:
+        if ids:
+            continue
+        Lt, R = L.transpose(1, 2).to(dst.dtype), R.to(dst.dtype)
+        if written:
+            dst.baddbmm_(Lt, R)
+        else:
+            torch.bmm(Lt, R, out=dst)
+            written = True
+    for L, ids, R in factors:
+        if not ids:
+            continue
+        # embedding: example i's rows ids[i] receive its output gradients
+        if not written:
+            dst.zero_()
+            written = True
+        index = (L + torch.arange(b, device=L.device)[:, None] * rows).reshape(-1)
+        dst.view(b * rows, -1).index_add_(0, index, R.reshape(-1, R.shape[-1]).to(dst.dtype))
 
 
 def losses(loss_fn: Callable, params: Params, batch, *, chunk_size: Optional[int] = None) -> Tensor:
@@ -396,6 +412,17 @@ class _WatchLinear(TorchFunctionMode):
             w = args[1] if len(args) > 1 else kwargs.get("weight")
             name = self._name(w)
             plain = func is F.linear or _plain_embedding(args, kwargs)
+            if self.phase == "discover":
+                # a params leaf in any other slot (the input of a linear, a bias) is a use that
+                # the factors do not cover: that leaf takes the exact route
+                if len(args) > 1:
+                    rest = (args[:1] + args[2:], kwargs)
+                else:
+                    rest = (args, {k: v for k, v in kwargs.items() if k != "weight"})
+                for leaf in pytree.tree_leaves(rest):
+                    other = self._name(leaf)
+                    if other is not None:
+                        self.other.add(other)
             if name is not None:
                 if self.phase == "discover":
                     out = func(*args, **kwargs)
@@ -430,7 +457,7 @@ class _WatchLinear(TorchFunctionMode):
                 f"{kind}({name!r}) output has shape {tuple(out.shape)} but {use.shape} for the first example; "
                 "ghost clipping needs equally shaped examples (pad them), or use method='vmap'"
             )
-        self.inputs.append(args[0])
+        self.inputs.append(args[0] if args else kwargs["input"])
         self.k += 1
         return out + self.probes[k]
 
@@ -530,7 +557,9 @@ def _ghost_pass(loss_fn, params: Params, batch, mode: _WatchLinear):
     mode.phase = "run"
     with mode:
         loss, vjp_fn, inputs = vjp(f, small_b, probes, has_aux=True)
-        small_grads, probe_grads = vjp_fn(torch.ones_like(loss))
+        # called once: retain_graph=False lets autograd free each saved activation as its node
+        # runs (vjp_fn keeps the whole graph by default), which lowers the chunk's peak
+        small_grads, probe_grads = vjp_fn(torch.ones_like(loss), retain_graph=False)
     mode.phase = "discover"
     uses: dict[str, list] = {}
     for use, x, g in zip(mode.ghost_uses, inputs, probe_grads):

@@ -16,17 +16,35 @@ Cases (each at every --batch):
                   (untied lm_head: Opacus ghost clipping does not support tied parameters)
 
 Times: the cases run round-robin (interleaved) --reps times after one warm-up each, and the
-median is reported, because the 2-core CPU is shared with other jobs. Peak memory: each case
-runs once in a fresh subprocess; after setup the peak-RSS counter is reset (/proc/self/clear_refs
-= 5) and VmHWM is read after the case, so the figure is the case's own peak above the model,
-inputs and (for Opacus) the wrapped module. Figures go in docs/benchmarks.md.
+median and the minimum are reported, because the 2-core CPU is shared with other jobs: the
+median when fewer than half the rounds are disturbed, the minimum (each case's least disturbed
+run) when bursts of outside load hit most rounds.
+
+Peak memory: each case runs once per fresh subprocess (--mem-reps subprocesses, median). After
+setup (model, inputs, wrappers) and an optional baseline step, the peak-RSS counter is reset
+(/proc/self/clear_refs = 5) and VmHWM is read after the case, so the figure is the case's own
+peak above that baseline; "result" = B x params x 4 bytes. Baselines (--mem-base, several
+allowed; each is applied identically to every case, before the peak counter is reset):
+
+  fresh      nothing: the first call in a fresh process (it pays torch's one-time costs: the
+             first torch.func call imports torch._dynamo, sympy and friends, ~70 MiB, which the
+             Opacus cases have already paid in setup because transformers imports them; kernel
+             code pages; the allocator's first growth)
+  func       one tiny torch.func.grad call first (torch's first-use import only)
+  forward    "func" and one no-grad forward of one example with the case's own model
+  ordinary   one ordinary non-private forward+backward of one example with the case's own model
+             and its own training API (torch.func.grad for ours, loss.backward() on the
+             transformers model before Opacus wraps it), gradients dropped: "above the model's
+             own", since every user of per-example gradients has run the model's training code
+  second     the case itself once, result dropped (the second call; = --mem-warm)
+
+Default: fresh and ordinary. Figures go in docs/benchmarks.md.
 
     python benchmarks/per_sample.py                      # batch 16 and 32, times and memory
     python benchmarks/per_sample.py --batch 8 --reps 1 --no-mem   # a quick look
-    python benchmarks/per_sample.py --cases loop ghost opacus_hooks --no-time --mem-warm
+    python benchmarks/per_sample.py --cases loop ghost opacus_hooks --no-time --mem-base fresh func forward ordinary
 
---mem-warm measures a second call after a dropped first one (no first-call code pages and heap
-growth). It is comparable only for cases whose big allocations are fresh (the ghost/vmap results
+"second" is comparable only for cases whose big allocations are fresh (the ghost/vmap results
 are single large tensors); the loop's and Opacus's many small tensors reuse the freed heap and
 read near zero.
 """
@@ -47,9 +65,11 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import aam_func as af  # noqa: E402
+from _memory import peak, reset_peak, rss_now, rss_parts  # noqa: E402
 from aam_func import optim, per_sample as ps, tree  # noqa: E402
 
 V, D, L, H, T = 8192, 256, 4, 8, 128
+BASES = ["fresh", "func", "forward", "ordinary", "second"]
 CASES = ["loop", "ghost", "ghost_chunk", "vmap", "vmap_chunk", "opacus_hooks", "nonprivate", "dp_ghost", "opacus_ghost"]
 
 
@@ -67,17 +87,36 @@ def hf_model(tied: bool = True):
     return GPT2LMHeadModel(cfg)
 
 
-def setup(case: str, B: int, chunk: int, backend: str):
-    """Build everything a case needs; returns (run, result_bytes)."""
+def first_func_use():
+    """torch's one-time cost of the first torch.func call (it imports torch._dynamo and sympy)."""
+    torch.func.grad(lambda x: (x * x).sum())(torch.ones(3))
+
+
+def baseline(base: str, forward, ordinary) -> None:
+    """Bring the process to the ``base`` state (see the module docstring); ``forward()`` runs the
+    case's model on one example, ``ordinary()`` does one ordinary forward+backward of one example."""
+    if base in ("func", "forward"):
+        first_func_use()
+    if base == "forward":
+        with torch.no_grad():
+            forward()
+    elif base == "ordinary":
+        ordinary()
+
+
+def setup(case: str, B: int, chunk: int, backend: str, base: str = "fresh"):
+    """Build everything a case needs (and bring the process to ``base``); returns (run, result_bytes)."""
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, V, (B, T), generator=g)
     if case.startswith("opacus"):
-        return setup_opacus(case, ids)
+        return setup_opacus(case, ids, base)
     model = our_model("auto" if case in ("loop", "nonprivate") else backend)
     params = model.init(seed=0)
     batch = {"input_ids": ids, "labels": ids}
     loss = lambda p, b: model.apply(p, **b)["loss"]  # noqa: E731
     result_bytes = B * tree.count(params) * 4
+    one = {"input_ids": ids[:1], "labels": ids[:1]}
+    baseline(base, lambda: loss(params, one), lambda: torch.func.grad(loss)(params, one))
     if case == "loop":
         grad = torch.func.grad(loss)
 
@@ -110,7 +149,7 @@ def setup(case: str, B: int, chunk: int, backend: str):
     return run, result_bytes
 
 
-def setup_opacus(case, ids):
+def setup_opacus(case, ids, base="fresh"):
     from opacus import GradSampleModule, PrivacyEngine
 
     B = ids.shape[0]
@@ -121,6 +160,12 @@ def setup_opacus(case, ids):
     # GPT-2 is untied (one more V x d matrix than ours); the hooks case keeps the tie.
     hf = hf_model(tied=case == "opacus_hooks")
     result_bytes = B * sum(p.numel() for p in hf.parameters()) * 4
+
+    def ordinary():  # the transformers model's own training step, before Opacus wraps it
+        hf(input_ids=ids[:1], position_ids=pos[:1], labels=ids[:1]).loss.backward()
+        hf.zero_grad(set_to_none=True)
+
+    baseline(base, lambda: hf(input_ids=ids[:1], position_ids=pos[:1], labels=ids[:1]), ordinary)
     if case == "opacus_hooks":
         gsm = GradSampleModule(hf)
 
@@ -149,36 +194,36 @@ def setup_opacus(case, ids):
     return run, result_bytes
 
 
-def vm_hwm_kib() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1])
-    raise RuntimeError("no VmHWM")
-
-
-def vm_rss_kib() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise RuntimeError("no VmRSS")
-
-
-def measure_memory(case, B, chunk, backend, warm=False):
-    """Run in a fresh process: peak RSS of one call above the state after setup (``warm``: of
-    the second call, after one call whose result is dropped: the steady state of a training
-    loop, without the first call's code pages and allocator growth)."""
-    run, result_bytes = setup(case, B, chunk, backend)
-    if warm:
+def measure_memory(case, B, chunk, backend, base="fresh"):
+    """Run in a fresh process: peak RSS of one call above the ``base`` state (see the module
+    docstring), and how much of the resident growth is file pages (code) and anonymous memory."""
+    run, result_bytes = setup(case, B, chunk, backend, "fresh" if base == "second" else base)
+    if base == "second":
         run()
-    base = vm_rss_kib()
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # reset VmHWM to the current RSS
+    before, parts0 = rss_now(), rss_parts()
+    reset_peak()
     out = run()
-    peak = vm_hwm_kib()
+    top, parts1 = peak(), rss_parts()
     del out
-    return {"case": case, "batch": B, "peak_above_setup_mib": (peak - base) / 1024, "result_mib": result_bytes / 2**20}
+    mib = 2.0**20
+    return {"case": case, "batch": B, "base": base, "peak_mib": (top - before) / mib, "result_mib": result_bytes / mib,
+            "code_mib": (parts1.get("file", 0) - parts0.get("file", 0)) / mib}
+
+
+def memory_row(args, case, B, base):
+    """Median over ``--mem-reps`` fresh processes; returns (median peak MiB, runs, result MiB, code MiB)."""
+    runs, result, code = [], None, []
+    for _ in range(args.mem_reps):
+        cmd = [sys.executable, os.path.abspath(__file__), "--mem-case", case, "--batch", str(B), "--chunk", str(args.chunk),
+               "--backend", args.backend, "--threads", str(args.threads), "--mem-base", base]
+        out = subprocess.run(cmd, capture_output=True, text=True)
+        if out.returncode:
+            raise RuntimeError(out.stderr.strip().splitlines()[-1] if out.stderr else f"exit {out.returncode}")
+        r = json.loads(out.stdout.strip().splitlines()[-1])
+        runs.append(r["peak_mib"])
+        result = r["result_mib"]
+        code.append(r["code_mib"])
+    return statistics.median(runs), runs, result, statistics.median(code)
 
 
 def main():
@@ -191,13 +236,18 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-mem", action="store_true")
     ap.add_argument("--no-time", action="store_true")
-    ap.add_argument("--mem-warm", action="store_true", help="memory of a second call (after one warm-up call)")
+    ap.add_argument("--mem-base", nargs="+", default=["fresh", "ordinary"], choices=BASES,
+                    help="state of the process when the peak counter is reset (see above)")
+    ap.add_argument("--mem-reps", type=int, default=3, help="fresh processes per memory figure (median)")
+    ap.add_argument("--mem-warm", action="store_true", help="same as --mem-base second")
     ap.add_argument("--mem-case", help=argparse.SUPPRESS)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
+    if args.mem_warm:
+        args.mem_base = ["second"]
     if args.mem_case:
-        print(json.dumps(measure_memory(args.mem_case, args.batch[0], args.chunk, args.backend, args.mem_warm)))
+        print(json.dumps(measure_memory(args.mem_case, args.batch[0], args.chunk, args.backend, args.mem_base[0])))
         return
     print(f"model: {L} layers, d {D}, heads {H}, T {T}, vocab {V}; torch {torch.__version__}, {args.threads} threads, "
           f"vmap attention backend {args.backend!r}")
@@ -213,29 +263,30 @@ def main():
                     runs[c]()
                     times[c].append(time.perf_counter() - t0)
             med = {c: statistics.median(v) for c, v in times.items()}
-            print(f"\nbatch {B}: median of {args.reps} interleaved runs (s)")
+            best = {c: min(v) for c, v in times.items()}
+            print(f"\nbatch {B}: {args.reps} interleaved runs (s): median, min (the least disturbed run)")
             for c in args.cases:
-                print(f"  {c:14s} {med[c]:7.3f}   runs {' '.join(f'{t:.2f}' for t in times[c])}")
-            ratio = lambda a, b: f"{med[a] / med[b]:.2f}x" if a in med and b in med else "n/a"  # noqa: E731
-            print(f"  ghost / loop {ratio('ghost', 'loop')}, ghost / opacus_hooks {ratio('ghost', 'opacus_hooks')}, "
-                  f"ghost_chunk / loop {ratio('ghost_chunk', 'loop')}, ghost_chunk / opacus_hooks {ratio('ghost_chunk', 'opacus_hooks')}")
-            print(f"  vmap / loop {ratio('vmap', 'loop')}, vmap_chunk / loop {ratio('vmap_chunk', 'loop')}, "
-                  f"vmap_chunk / opacus_hooks {ratio('vmap_chunk', 'opacus_hooks')}")
-            print(f"  dp_ghost / nonprivate {ratio('dp_ghost', 'nonprivate')}, dp_ghost / opacus_ghost {ratio('dp_ghost', 'opacus_ghost')}")
+                print(f"  {c:14s} {med[c]:7.3f} {best[c]:7.3f}   runs {' '.join(f'{t:.2f}' for t in times[c])}")
+            pairs = [("ghost", "loop"), ("ghost", "opacus_hooks"), ("ghost_chunk", "loop"), ("ghost_chunk", "opacus_hooks"),
+                     ("vmap", "loop"), ("vmap_chunk", "loop"), ("vmap_chunk", "opacus_hooks"),
+                     ("dp_ghost", "nonprivate"), ("dp_ghost", "opacus_ghost")]
+            shown = [f"{a} / {b} {med[a] / med[b]:.2f}x ({best[a] / best[b]:.2f}x)" for a, b in pairs if a in med and b in med]
+            if shown:
+                print("  ratios of medians (of mins): " + ", ".join(shown))
             del runs
         if not args.no_mem:
-            which = "the second call (after a warm-up call)" if args.mem_warm else "one call"
-            print(f"batch {B}: peak RSS above setup, {which} in a fresh process (MiB); result = B x params x 4 bytes")
-            for c in args.cases:
-                cmd = [sys.executable, os.path.abspath(__file__), "--mem-case", c, "--batch", str(B), "--chunk", str(args.chunk),
-                       "--backend", args.backend, "--threads", str(args.threads)] + (["--mem-warm"] if args.mem_warm else [])
-                out = subprocess.run(cmd, capture_output=True, text=True)
-                if out.returncode:
-                    print(f"  {c:14s} failed: {out.stderr.strip().splitlines()[-1] if out.stderr else out.returncode}")
-                    continue
-                r = json.loads(out.stdout.strip().splitlines()[-1])
-                print(f"  {c:14s} {r['peak_above_setup_mib']:8.1f}   ({r['peak_above_setup_mib'] / r['result_mib']:.2f}x result of {r['result_mib']:.0f} MiB)")
-
+            print(f"batch {B}: peak RSS of one call above the baseline (MiB), median of {args.mem_reps} fresh processes; "
+                  "result = B x params x 4 bytes; code = file pages the call touched")
+            for base in args.mem_base:
+                print(f"  baseline {base!r}")
+                for c in args.cases:
+                    try:
+                        med, runs, result, code = memory_row(args, c, B, base)
+                    except RuntimeError as e:
+                        print(f"    {c:14s} failed: {e}")
+                        continue
+                    print(f"    {c:14s} {med:8.1f}   ({med / result:.2f}x result of {result:.0f} MiB; code {code:5.1f})   "
+                          f"runs {' '.join(f'{x:.0f}' for x in runs)}")
 
 if __name__ == "__main__":
     main()

@@ -114,6 +114,39 @@ def test_ghost_grads_toy_reused_linear_and_tied_weight():
             assert max_diff(tree.map(lambda x: x[i], got), ref[i]) <= 1e-5
 
 
+def test_ghost_grads_embedding_only_and_mixed_uses_of_one_weight():
+    # "emb": two lookups and no linear use (zero fill, then both index_adds); "w": a linear use,
+    # a lookup, then another linear use (the linear uses are written first, the rows added after)
+    g = torch.Generator().manual_seed(7)
+    params = {"emb": torch.randn(11, 4, generator=g), "w": torch.randn(4, 4, generator=g)}
+
+    def loss(p, b):
+        h = F.embedding(b["a"], p["emb"]) * F.embedding(b["c"], p["emb"])
+        h = torch.tanh(F.linear(h, p["w"])) + F.embedding(b["a"] % 4, p["w"])
+        return F.linear(h, p["w"]).pow(2).mean()
+
+    batch = {"a": torch.randint(0, 11, (5, 3), generator=g), "c": torch.randint(0, 11, (5, 3), generator=g)}
+    ref = loop_grads(loss, params, batch, 5)
+    for chunk_size in (None, 1, 2, 5):
+        got = ps.grads(loss, params, batch, chunk_size=chunk_size, method="ghost")
+        for i in range(5):
+            assert max_diff(tree.map(lambda x: x[i], got), ref[i]) <= 1e-5, (chunk_size, i)
+
+
+def test_ghost_grads_with_the_default_attention_backend_equal_python_loop():
+    # attention_backend="auto": SDPA without a padding mask (on CPU it has no vmap batching rule,
+    # so functorch runs it example by example), the blockwise op with one
+    model, params = tiny(attention_backend="auto")
+    loss = lm_loss(model)
+    unpadded = {k: v for k, v in lm_batch(3).items() if k != "attention_mask"}
+    for batch in (unpadded, lm_batch(4)):
+        ref = loop_grads(loss, params, batch, B)
+        for chunk_size in (None, 2, 5):
+            got = ps.grads(loss, params, batch, chunk_size=chunk_size, method="ghost")
+            for i in range(B):
+                assert max_diff(tree.map(lambda x: x[i], got), ref[i]) <= 1e-5, (chunk_size, i)
+
+
 def test_ghost_grads_fall_back_and_auto_falls_back_on_control_flow():
     params = toy_params(0, 1.0)
 
@@ -273,6 +306,35 @@ def test_ghost_falls_back_for_weights_used_otherwise():
     mode = ps._discover(loss, params, batch)
     assert "lin.weight" not in mode.ghost and "emb" in mode.ghost
     torch.testing.assert_close(ps.norms(loss, params, batch), global_ref(loss, params, batch))
+
+
+def test_ghost_weight_also_used_as_the_input_of_a_linear_takes_the_exact_route():
+    # "a" is a linear weight and also the *input* of another linear (F.linear(a, b)); that second
+    # use is not a weight use, so "a" must not be factored (its gradient would miss that term)
+    g = torch.Generator().manual_seed(0)
+    params = {"a": torch.randn(4, 4, generator=g, dtype=torch.float64),
+              "b": torch.randn(4, 4, generator=g, dtype=torch.float64),
+              "c": torch.randn(4, generator=g, dtype=torch.float64)}
+
+    def loss(p, b):
+        h = F.linear(input=b["x"], weight=p["a"])
+        m = F.linear(input=p["a"], weight=p["b"], bias=p["c"])  # a as the input (keywords)
+        return (F.linear(h, m) ** 2).mean()
+
+    batch = {"x": torch.randn(3, 2, 4, generator=g, dtype=torch.float64)}
+    mode = ps._discover(loss, params, batch)
+    assert mode.ghost == {"b"} and mode.other == {"a"}
+    ref = loop_grads(loss, params, batch, 3)
+    for method in ("ghost", "auto"):
+        got = ps.grads(loss, params, batch, method=method)
+        for i in range(3):
+            assert max_diff(tree.map(lambda x: x[i], got), ref[i]) <= 1e-10, (method, i)
+    ref_norms = torch.stack([flat_norm(r) for r in ref])
+    torch.testing.assert_close(ps.norms(loss, params, batch), ref_norms.float())  # norms accumulate in float32
+    clipped = ps.clipped_sum(loss, params, batch, 0.5)
+    want = {k: sum(min(1.0, 0.5 / (n.item() + ps.CLIP_EPS)) * r[k] for r, n in zip(ref, ref_norms)) for k in params}
+    for k in params:
+        torch.testing.assert_close(clipped.sum[k], want[k], rtol=1e-5, atol=1e-6)
 
 
 def global_ref(loss, params, batch):
