@@ -195,29 +195,6 @@ def _checkpoint_arg(p):
 # ----------------------------------------------------------------------------- helpers
 
 
-def fast_bf16(device: str) -> bool:
-    """Whether bf16 matmuls are native here: CUDA with bf16 support, or a CPU with AMX or
-    AVX512-BF16 (read from /proc/cpuinfo on Linux)."""
-    import torch
-
-    if device.startswith("cuda"):
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            flags = f.read()
-    except OSError:
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
-
-
-def _precision(choice: str, device: str) -> str:
-    if choice == "auto":
-        return "bf16" if fast_bf16(device) else "fp32"
-    if choice == "fp16" and device == "cpu":
-        pass  # allowed (autocast supports it on CPU), but slow; the user asked for it
-    return choice
-
-
 def _backend(choice: Optional[str], precision: str, device_type: str) -> str:
     """The attention backend: the user's choice, else "auto" except under bf16 on CPU, where the
     composite ("math") attention trains faster than SDPA's flash kernel (its backward is slow in bf16)."""
@@ -336,7 +313,9 @@ def _prepare(args, device, out_dir):
         if args.lora_rank is not None:  # validate rank/targets here, on rank 0, before any training work
             _lora_setup(args, init.params)
 
-    args.precision = _precision(args.precision, device.type)
+    from .train import resolve_precision
+
+    args.precision = resolve_precision(args.precision, device)
     train_docs, val_docs = _corpus_and_split(args.data, args.text_field, args.val_fraction)
 
     # tokenizer: from the checkpoint, a user directory/name, or trained on the training documents
@@ -467,7 +446,7 @@ def _train(args, device, dctx) -> int:
     from .data import BlockLoader, eval_batches, pack, unigram_perplexity
     from .generate import generate
     from .model import Transformer
-    from .train import evaluate, lm_loss, make_eval_step, make_train_step
+    from .train import dropout_generator, evaluate, make_eval_step, make_lm_loss, make_train_step
 
     main_rank = dctx is None or dctx.is_main
     rank, world = (0, 1) if dctx is None else (dctx.rank, dctx.world_size)
@@ -499,14 +478,11 @@ def _train(args, device, dctx) -> int:
     params = init.params if init is not None else model.init(seed=args.seed)
     warmup = args.warmup_steps if args.warmup_steps is not None else max(1, args.steps // 10)
     warmup = min(warmup, args.steps)
-    schedule = optim.warmup_cosine(args.lr, warmup, args.steps, end_value=args.lr / 10)
 
     def optimizer_for(trainable):
-        return optim.chain(
-            optim.clip_by_global_norm(args.max_grad_norm),
-            optim.inject_hyperparams(optim.adamw)(learning_rate=schedule, weight_decay=args.weight_decay,
-                                                  mask=optim.decay_mask(trainable)),
-        )
+        return optim.adamw_warmup_cosine(trainable, learning_rate=args.lr, total_steps=args.steps, warmup_steps=warmup,
+                                         end_value=args.lr / 10, weight_decay=args.weight_decay,
+                                         max_grad_norm=args.max_grad_norm)
 
     def train_step_for(loss_fn, trainable):
         return make_train_step(loss_fn, optimizer_for(trainable), accumulate=args.accumulate, precision=precision,
@@ -515,8 +491,8 @@ def _train(args, device, dctx) -> int:
     start = 0
     spec = None
     if not use_lora:
-        step_fn = train_step_for(lm_loss(model), params)
-        eval_fn = make_eval_step(lm_loss(model, train=False), precision=precision)
+        step_fn = train_step_for(make_lm_loss(model), params)
+        eval_fn = make_eval_step(make_lm_loss(model, train=False), precision=precision)
         opt_state = step_fn.init(params)
     if resumed is not None:
         full = load_checkpoint(resumed.path, opt_template=opt_state)
@@ -536,8 +512,8 @@ def _train(args, device, dctx) -> int:
         adapters = _to_device(adapters, device)
         if dctx is not None:
             adapters = dctx.broadcast_tree(adapters, what="broadcast of the LoRA adapters from rank 0")
-        step_fn = train_step_for(wrap_loss(lm_loss(model)), adapters)
-        eval_fn = make_eval_step(wrap_loss(lm_loss(model, train=False), train=False), precision=precision)
+        step_fn = train_step_for(wrap_loss(make_lm_loss(model)), adapters)
+        eval_fn = make_eval_step(wrap_loss(make_lm_loss(model, train=False), train=False), precision=precision)
         opt_state = step_fn.init(adapters)
         trainable = adapters
     else:
@@ -623,7 +599,7 @@ def _train(args, device, dctx) -> int:
             batch = loader.batch(step)
             gen = None
             if cfg.dropout > 0 or cfg.attention_dropout > 0:  # per step (resumable) and per rank (independent masks)
-                gen = torch.Generator(device=device).manual_seed(args.seed * 1_000_003 + step + (rank << 40))
+                gen = dropout_generator(args.seed, step, device, rank)
             trainable, opt_state, m = (step_fn(trainable, opt_state, batch, gen) if gen is not None
                                        else step_fn(trainable, opt_state, batch))
             step += 1
@@ -773,7 +749,7 @@ def cmd_generate(args) -> int:
 
 def cmd_eval(args) -> int:
     from .data import eval_batches, load_corpus, pack, tokenize_documents
-    from .train import evaluate, lm_loss, make_eval_step
+    from .train import evaluate, make_eval_step, make_lm_loss, resolve_precision
 
     device = _device(args.device)
     ckpt, model, params, tok = _load_for_inference(args.checkpoint, device)
@@ -788,8 +764,8 @@ def cmd_eval(args) -> int:
         what = "the held-out split of " + (saved.get("data") or "the embedded corpus")
     ids = tokenize_documents(docs, tok)
     blocks = pack(ids, seq_len, what="evaluation data").to(device)
-    precision = _precision(args.precision, device.type)
-    ev = evaluate(make_eval_step(lm_loss(model, train=False), precision=precision), params,
+    precision = resolve_precision(args.precision, device)
+    ev = evaluate(make_eval_step(make_lm_loss(model, train=False), precision=precision), params,
                   eval_batches(blocks, args.batch_size))
     print(f"data: {what} ({ev['tokens']:,} predicted tokens, {blocks.shape[0]} blocks of {seq_len})")
     print(f"loss {ev['loss']:.4f}")

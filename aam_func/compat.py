@@ -476,12 +476,9 @@ class AdvancedOptimizers:
     def functional(config: ModelConfig, params, num_training_steps: int) -> optim.GradientTransformation:
         """The same recipe for the functional core: global-norm clipping at ``config.max_grad_norm``
         (0: none), then AdamW with the scheduled learning rate and the decay mask of ``params``."""
-        schedule = optim.warmup_cosine(config.learning_rate, config.warmup_steps, num_training_steps)
-        adamw = optim.inject_hyperparams(optim.adamw)(
-            learning_rate=schedule, weight_decay=config.weight_decay, mask=optim.decay_mask(params))
-        if config.max_grad_norm > 0:
-            return optim.chain(optim.clip_by_global_norm(config.max_grad_norm), adamw)
-        return adamw
+        return optim.adamw_warmup_cosine(params, learning_rate=config.learning_rate, total_steps=num_training_steps,
+                                         warmup_steps=config.warmup_steps, weight_decay=config.weight_decay,
+                                         max_grad_norm=config.max_grad_norm)
 
 
 # ----------------------------------------------------------------------------- tokenizer
@@ -688,22 +685,19 @@ class AdvancedTrainingPipeline:
 
     # the loss is read from the model at call time, so gradient_checkpointing_enable() applies
     def _loss(self, params, batch, generator=None):
-        from .train import lm_loss
+        from .train import make_lm_loss
 
-        return lm_loss(self.model.spec, train=True)(params, batch, generator)
+        return make_lm_loss(self.model.spec, train=True)(params, batch, generator)
 
     def _eval_loss(self, params, batch):
-        from .train import lm_loss
+        from .train import make_lm_loss
 
-        return lm_loss(self.model.spec, train=False)(params, batch)
+        return make_lm_loss(self.model.spec, train=False)(params, batch)
 
     def _precision(self) -> str:
-        if not self.config.mixed_precision:
-            return "fp32"
-        dev = next(self.model.parameters()).device
-        if dev.type == "cuda" and not torch.cuda.is_bf16_supported():
-            return "fp16"
-        return "bf16"
+        from .train import resolve_precision
+
+        return resolve_precision("mixed" if self.config.mixed_precision else "fp32", next(self.model.parameters()).device)
 
     def _params(self):
         return tree.map(lambda t: t.detach(), self.model.params())
@@ -722,8 +716,9 @@ class AdvancedTrainingPipeline:
         c = self.model.config
         if c.dropout == 0 and c.attention_dropout == 0:
             return None
-        dev = next(self.model.parameters()).device
-        return torch.Generator(device=dev).manual_seed(self.seed * 1_000_003 + self.step)
+        from .train import dropout_generator
+
+        return dropout_generator(self.seed, self.step, next(self.model.parameters()).device)
 
     def train_step(self, batch: Mapping[str, Tensor]) -> dict:
         batch = self._batch(batch)

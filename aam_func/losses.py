@@ -22,6 +22,7 @@ from .ops._util import vmap_active
 __all__ = [
     "lm_loss",
     "shift_labels",
+    "count_targets",
     "focal_loss",
     "label_smoothing_loss",
     "contrastive_loss",
@@ -85,6 +86,14 @@ def shift_labels(labels: Tensor, attention_mask: Tensor | None = None, ignore_in
         labels = labels.masked_fill(~attention_mask, ignore_index)
     pad = torch.full_like(labels[:, :1], ignore_index)
     return torch.cat([labels[:, 1:], pad], dim=1)
+
+
+def count_targets(labels: Tensor, attention_mask: Tensor | None = None, ignore_index: int = -100) -> Tensor:
+    """How many next-token targets an LM batch has: the entries of ``shift_labels(labels,
+    attention_mask)`` other than ``ignore_index`` (int64, 0-d). The one rule for -100 labels and
+    padding, shared by the loss's mean, evaluation's token weights and data-parallel weights."""
+    mask = None if attention_mask is None else attention_mask.bool()
+    return (shift_labels(labels, mask, ignore_index) != ignore_index).sum().to(torch.int64)
 
 
 def lm_loss(

@@ -1,6 +1,6 @@
 """Pure train and eval steps: gradients by ``torch.func``, updates by ``aam_func.optim``.
 
-    loss_fn = lm_loss(model)                                   # (params, batch, generator=None) -> scalar
+    loss_fn = make_lm_loss(model)                              # (params, batch, generator=None) -> scalar
     opt = optim.inject_hyperparams(optim.adamw)(learning_rate=optim.warmup_cosine(1e-3, 50, 1000))
     step = make_train_step(loss_fn, opt, precision="bf16")
     opt_state = step.init(params)
@@ -39,15 +39,80 @@ import torch
 from torch import Tensor
 
 from . import optim, tree
+from .checks import check_choice, check_int
+from .losses import count_targets
 
-__all__ = ["lm_loss", "make_train_step", "make_eval_step", "evaluate", "PRECISIONS", "autocast"]
+__all__ = ["make_lm_loss", "make_train_step", "make_eval_step", "evaluate", "PRECISIONS", "PRECISION_CHOICES",
+           "autocast", "fast_bf16", "resolve_precision", "dropout_generator", "batch_targets"]
 
 PRECISIONS = ("fp32", "bf16", "fp16")
+# what a user may ask for: a precision, "auto" (bf16 where it is fast, else fp32) or "mixed"
+# (low precision wherever the device has it: bf16, else fp16 with loss scaling)
+PRECISION_CHOICES = ("auto", "mixed") + PRECISIONS
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-COMPILE_OPTIMIZER = True
 
 
-def lm_loss(model, *, train: bool = True) -> Callable:
+def fast_bf16(device) -> bool:
+    """Whether bf16 matmuls are native here: CUDA with bf16 support, or a CPU with AMX or
+    AVX512-BF16 (read from /proc/cpuinfo on Linux)."""
+    if torch.device(device).type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def resolve_precision(choice: str, device) -> str:
+    """One of :data:`PRECISIONS` for a user's ``choice`` (:data:`PRECISION_CHOICES`) on ``device``:
+    ``auto`` is bf16 where bf16 matmuls are native (:func:`fast_bf16`), else fp32 (the CLI's
+    default); ``mixed`` is bf16, or fp16 on a CUDA GPU without bf16 (``ModelConfig.mixed_precision``)."""
+    check_choice("precision", choice, PRECISION_CHOICES)
+    device = torch.device(device)
+    if choice == "auto":
+        return "bf16" if fast_bf16(device) else "fp32"
+    if choice == "mixed":
+        return "fp16" if device.type == "cuda" and not torch.cuda.is_bf16_supported() else "bf16"
+    return choice
+
+
+_M64 = (1 << 64) - 1
+
+
+def _mix64(x: int) -> int:
+    """SplitMix64's finalizer (Steele, Lea & Flood 2014): a bijection on 64-bit ints whose output
+    bits each depend on every input bit."""
+    x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9 & _M64
+    x = (x ^ (x >> 27)) * 0x94D049BB133111EB & _M64
+    return x ^ (x >> 31)
+
+
+def dropout_generator(seed: int, step: int, device, rank: int = 0) -> torch.Generator:
+    """The dropout generator of one training step, a function of ``(seed, step, rank)`` only: a
+    resumed run draws the same masks as an uninterrupted one, and data-parallel ranks draw
+    independent ones. The three are hashed (SplitMix64) and folded to 32 bits, because a CPU
+    generator (mt19937) reads only the low 32 bits of its seed: ``seed + (rank << 40)`` would give
+    every rank the same masks there."""
+    check_int("seed", seed)
+    check_int("step", step, min=0)
+    check_int("rank", rank, min=0)
+    h = _mix64(_mix64(_mix64(seed & _M64) ^ step) ^ rank)
+    return torch.Generator(device=device).manual_seed((h ^ (h >> 32)) & 0xFFFFFFFF)
+
+
+def batch_targets(batch: Mapping[str, Tensor]) -> Tensor:
+    """Predicted tokens of an LM batch (:func:`aam_func.losses.count_targets` of its labels, default
+    its ``input_ids``, and ``attention_mask``); its rows for a batch without (batch, seq) ids or labels."""
+    labels = batch.get("labels", batch.get("input_ids"))
+    if not isinstance(labels, Tensor) or labels.dim() < 2:
+        first = next(v for v in batch.values() if isinstance(v, Tensor))
+        return torch.tensor(first.shape[0], dtype=torch.int64, device=first.device)
+    return count_targets(labels, batch.get("attention_mask"))
+
+
+def make_lm_loss(model, *, train: bool = True) -> Callable:
     """``loss_fn(params, batch, generator=None)`` for a :class:`aam_func.Transformer`:
     the mean next-token cross-entropy of ``batch["labels"]`` (default: ``batch["input_ids"]``),
     with dropout when ``train`` and the model's config asks for it.
@@ -92,20 +157,6 @@ def _count_tokens(batch: Mapping[str, Tensor]) -> Tensor:
     return torch.tensor(ids.numel(), dtype=torch.int64, device=ids.device)
 
 
-def _count_targets(batch: Mapping[str, Tensor]) -> Tensor:
-    """Predicted tokens of an LM batch: shifted labels other than -100 at unmasked positions
-    (what :func:`aam_func.losses.lm_loss` averages over); rows for a batch without ids or labels."""
-    labels = batch.get("labels", batch.get("input_ids"))
-    if not isinstance(labels, Tensor) or labels.dim() < 2:
-        first = next(v for v in batch.values() if isinstance(v, Tensor))
-        return torch.tensor(first.shape[0], dtype=torch.int64, device=first.device)
-    valid = labels[:, 1:] != -100
-    mask = batch.get("attention_mask")
-    if mask is not None:
-        valid = valid & mask[:, 1:].bool()
-    return valid.sum().to(torch.int64)
-
-
 def _split(batch: Mapping[str, Any], k: int) -> list[dict]:
     """``k`` equal micro-batches along dim 0 of every tensor in ``batch``."""
     sizes = {v.shape[0] for v in batch.values() if isinstance(v, Tensor)}
@@ -137,10 +188,12 @@ def make_train_step(
     loss_scale: Optional[dict] = None,
     grad_reduce: Optional[Callable] = None,
     loss_weight: Optional[Callable] = None,
+    compile_optimizer: bool = True,
 ):
     """A pure ``step(params, opt_state, batch, generator=None) -> (params, opt_state, metrics)``.
 
-    ``loss_fn(params, batch[, generator])`` returns a scalar mean loss. ``metrics`` holds 0-d
+    ``loss_fn(params, batch)`` returns a scalar mean loss; a step called with a ``generator``
+    (dropout) calls ``loss_fn(params, batch, generator)``. ``metrics`` holds 0-d
     tensors (no host sync): ``loss`` (mean over micro-batches, unscaled), ``learning_rate`` (from
     an :func:`optim.inject_hyperparams` state, else the constant ``learning_rate`` given here, else
     NaN), ``grad_norm`` (global L2 norm of the averaged, unscaled gradients before clipping),
@@ -148,38 +201,38 @@ def make_train_step(
     ``step.init(params)`` builds the matching optimizer state. ``loss_scale`` passes keyword
     arguments to :func:`optim.dynamic_loss_scale` (fp16 only). ``grad_reduce`` combines the
     gradients of data-parallel processes (module docstring); ``loss_weight(batch)`` is the weight
-    of this shard's mean loss in that combination (default: its predicted tokens).
+    of this shard's mean loss in that combination (default: its predicted tokens,
+    :func:`batch_targets`). With ``compile=True``, ``compile_optimizer=False`` is the escape hatch
+    for an optimizer that does not trace: it then runs eagerly behind a graph break while forward
+    and backward, where the FLOPs are, stay compiled.
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}; got {precision!r}")
-    if isinstance(accumulate, bool) or not isinstance(accumulate, int) or accumulate < 1:
-        raise ValueError(f"accumulate must be an integer >= 1, got {accumulate!r}")
+    check_int("accumulate", accumulate, min=1)
     if not isinstance(optimizer, optim.GradientTransformation):
         raise TypeError(f"optimizer must be an optim.GradientTransformation, got {type(optimizer).__name__}")
     if precision == "fp16":
         optimizer = optim.dynamic_loss_scale(optimizer, **(loss_scale or {}))
     elif loss_scale:
         raise ValueError("loss_scale options only apply to precision='fp16'")
-    takes_generator = _accepts_generator(loss_fn)
     info: dict[str, bool] = {}
 
     def differentiated(params, batch, scale, generator):
         device_type = batch["input_ids"].device.type
         with autocast(precision, device_type):
-            loss = loss_fn(params, batch, generator) if takes_generator and generator is not None else loss_fn(params, batch)
+            loss = loss_fn(params, batch, generator) if generator is not None else loss_fn(params, batch)
         loss = loss.float()
         scaled = loss * scale if scale is not None else loss
         return scaled, loss.detach()
 
     grad_fn = torch.func.grad(differentiated, has_aux=True)
-    # compile=True traces the whole step, optimizer included. COMPILE_OPTIMIZER = False is the
-    # escape hatch if an optimizer does not trace: it then runs eagerly behind a graph break
-    # while forward and backward, where the FLOPs are, stay compiled.
-    apply_fn = optim.apply_updates if (not compile or COMPILE_OPTIMIZER) else torch.compiler.disable(optim.apply_updates)
-    update_fn = optimizer.update if (not compile or COMPILE_OPTIMIZER) else torch.compiler.disable(optimizer.update)
+    # compile=True traces the whole step, optimizer included, unless compile_optimizer=False
+    eager_optimizer = compile and not compile_optimizer
+    apply_fn = torch.compiler.disable(optim.apply_updates) if eager_optimizer else optim.apply_updates
+    update_fn = torch.compiler.disable(optimizer.update) if eager_optimizer else optimizer.update
     # collectives run eagerly behind a graph break: forward, backward and optimizer stay compiled
     reduce_fn = torch.compiler.disable(grad_reduce) if (compile and grad_reduce is not None) else grad_reduce
-    weight_fn = loss_weight or _count_targets
+    weight_fn = loss_weight or batch_targets
 
     def step(params, opt_state, batch, generator: Optional[torch.Generator] = None):
         scale = opt_state["loss_scale"] if precision == "fp16" else None
@@ -235,7 +288,8 @@ def make_eval_step(loss_fn: Callable, *, precision: str = "fp32", compile: bool 
     """A pure ``eval_step(params, batch) -> {"loss", "perplexity", "tokens"}`` without gradients.
 
     ``loss_fn`` should be built with ``train=False`` (no dropout). ``tokens`` counts the predicted
-    positions (input tokens minus one per row), the weight :func:`evaluate` averages with.
+    targets (:func:`batch_targets`: -100 labels and padding excluded, as the loss's mean does), the
+    weight :func:`evaluate` averages with.
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}; got {precision!r}")
@@ -243,13 +297,7 @@ def make_eval_step(loss_fn: Callable, *, precision: str = "fp32", compile: bool 
     def step(params, batch):
         with torch.no_grad(), autocast(precision, batch["input_ids"].device.type):
             loss = loss_fn(params, batch).float()
-        mask = batch.get("attention_mask")
-        if mask is not None:
-            predicted = (mask.sum(dim=1) - 1).clamp(min=0).sum()
-        else:
-            ids = batch["input_ids"]
-            predicted = torch.tensor(ids.shape[0] * max(ids.shape[1] - 1, 0), device=ids.device)
-        return {"loss": loss, "perplexity": torch.exp(loss), "tokens": predicted.to(torch.int64)}
+        return {"loss": loss, "perplexity": torch.exp(loss), "tokens": batch_targets(batch)}
 
     return torch.compile(step) if compile else step
 
@@ -266,16 +314,3 @@ def evaluate(eval_step: Callable, params, batches: Iterable[Mapping[str, Tensor]
         raise ValueError("evaluate: no tokens to evaluate on")
     loss = total / count
     return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": count}
-
-
-def _accepts_generator(fn: Callable) -> bool:
-    import inspect
-
-    try:
-        sig = inspect.signature(fn)
-    except (TypeError, ValueError):
-        return False
-    params = list(sig.parameters.values())
-    if any(p.kind == p.VAR_POSITIONAL for p in params) or "generator" in sig.parameters:
-        return True
-    return len([p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]) >= 3

@@ -67,7 +67,7 @@ def build(variant: str, s: dict):
     from aam_func import optim, tree
     from aam_func.interop import hf
     from aam_func.peft import lora
-    from aam_func.train import lm_loss, make_train_step
+    from aam_func.train import make_lm_loss, make_train_step
 
     transformers.logging.set_verbosity_error()
     torch.manual_seed(0)
@@ -82,7 +82,7 @@ def build(variant: str, s: dict):
         acfg, params = hf.from_transformers(m)
         model = af.Transformer(acfg)
         del m
-        loss_fn = lm_loss(model)
+        loss_fn = make_lm_loss(model)
         if variant == "aam full":
             step = make_train_step(loss_fn, optim.adamw(1e-4))
             state = {"p": params, "o": step.init(params)}

@@ -31,7 +31,7 @@ from aam_func import optim  # noqa: E402
 from aam_func.data import eval_batches, load_corpus, pack, split_documents, tokenize_documents  # noqa: E402
 from aam_func.interop.hf import from_transformers  # noqa: E402
 from aam_func.tokenizer import Tokenizer  # noqa: E402
-from aam_func.train import evaluate, lm_loss, make_eval_step, make_train_step  # noqa: E402
+from aam_func.train import evaluate, make_lm_loss, make_eval_step, make_train_step  # noqa: E402
 
 
 def model_flops(cfg, tokens: int, seq: int) -> float:
@@ -101,14 +101,14 @@ def main():
         for backend, compiled in variants:
             model = af.Transformer(cfg.replace(attention_backend=backend))
             opt = optim.adamw(args.lr, weight_decay=0.1)
-            step = make_train_step(lm_loss(model), opt, precision=prec, compile=compiled)
+            step = make_train_step(make_lm_loss(model), opt, precision=prec, compile=compiled)
             state = {"p": {k: v for k, v in params0.items()}, "s": step.init(params0)}
 
             def ours_step(i, step=step, state=state):
                 state["p"], state["s"], m = step(state["p"], state["s"], batch(i))
                 return float(m["loss"])
 
-            ev = make_eval_step(lm_loss(model, train=False), precision=prec)
+            ev = make_eval_step(make_lm_loss(model, train=False), precision=prec)
             runs[f"aam_func {prec} {backend}{' compiled' if compiled else ''}"] = dict(
                 step=ours_step, eval=lambda ev=ev, state=state: evaluate(ev, state["p"], eval_batches(val_blocks, 16))["loss"],
                 prec=prec, times=[], losses=[])

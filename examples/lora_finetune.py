@@ -90,15 +90,15 @@ def main(argv=None) -> float:
     if args.hf:
         return hf_main(args, g)
 
-    from aam_func.train import lm_loss, make_train_step
+    from aam_func.train import make_lm_loss, make_train_step
 
     model, params, blocks = aam_base(args)
     spec, adapters, wrap_loss = lora.from_cli_args(params, args.rank, args.alpha, args.targets, args.seed,
                                                    dropout=args.dropout)
     print(f"LoRA r={spec.rank} alpha={spec.alpha} on {len(spec.targets)} weights: "
           f"{tree.count(adapters)} trainable of {tree.count(params)} ({100 * tree.count(adapters) / tree.count(params):.2f}%)")
-    step = make_train_step(wrap_loss(lm_loss(model)), optim.adamw(args.lr))
-    eval_loss = wrap_loss(lm_loss(model, train=False), train=False)
+    step = make_train_step(wrap_loss(make_lm_loss(model)), optim.adamw(args.lr))
+    eval_loss = wrap_loss(make_lm_loss(model, train=False), train=False)
     state = step.init(adapters)
     start = time.perf_counter()
     for i in range(1, args.steps + 1):

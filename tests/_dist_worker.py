@@ -42,14 +42,14 @@ def run_lib(out_dir: str) -> None:
     from safetensors.torch import save_file
 
     from aam_func import distributed, tree
-    from aam_func.train import lm_loss, make_train_step
+    from aam_func.train import make_lm_loss, make_train_step
 
     ctx = distributed.init_from_env("cpu", timeout=60, bucket_bytes=2048)  # tiny buckets: many all_reduces
     model, params, opt, batches = problem()
     if ctx.rank != 0:  # a different start, which the broadcast must overwrite
         params = tree.map(lambda p: p + 1.0, params)
     params = ctx.broadcast_tree(params)
-    step = make_train_step(lm_loss(model), opt, grad_reduce=ctx.grad_reduce)
+    step = make_train_step(make_lm_loss(model), opt, grad_reduce=ctx.grad_reduce)
     state = step.init(params)
     local = GLOBAL_BATCH // ctx.world_size
     losses = []

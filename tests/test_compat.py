@@ -33,7 +33,7 @@ from aam_func.compat import (
 )
 from aam_func.layers import SelfAttention, sinusoidal_table
 from aam_func.peft import ptuning
-from aam_func.train import lm_loss, make_train_step
+from aam_func.train import dropout_generator, make_lm_loss, make_train_step
 
 TINY = dict(vocab_size=61, d_model=32, n_layers=2, n_heads=4, d_ff=64, max_seq_len=24)
 
@@ -193,16 +193,13 @@ def _functional_loop(cfg, seed, n_steps, batches, total, pipeline_seed):
     """What a hand-written functional loop does (the CLI's recipe with the guide's schedule)."""
     spec = af.Transformer(cfg)
     params = spec.init(seed=seed)
-    sched = optim.warmup_cosine(cfg.learning_rate, cfg.warmup_steps, total)
-    opt = optim.chain(
-        optim.clip_by_global_norm(cfg.max_grad_norm),
-        optim.inject_hyperparams(optim.adamw)(learning_rate=sched, weight_decay=cfg.weight_decay,
-                                              mask=optim.decay_mask(params)),
-    )
-    step = make_train_step(lm_loss(spec), opt)
+    opt = optim.adamw_warmup_cosine(params, learning_rate=cfg.learning_rate, total_steps=total,
+                                    warmup_steps=cfg.warmup_steps, weight_decay=cfg.weight_decay,
+                                    max_grad_norm=cfg.max_grad_norm)
+    step = make_train_step(make_lm_loss(spec), opt)
     state = step.init(params)
     for i, b in enumerate(batches[:n_steps]):
-        gen = torch.Generator().manual_seed(pipeline_seed * 1_000_003 + i)
+        gen = dropout_generator(pipeline_seed, i, "cpu")
         params, state, _ = step(params, state, b, gen)
     return params
 
@@ -332,7 +329,7 @@ def test_torch_optim_training_matches_functional_core():
         sched.step()
     spec = af.Transformer(cfg)
     params = spec.init(seed=6)
-    step = make_train_step(lm_loss(spec), AdvancedOptimizers.functional(cfg, params, 6))
+    step = make_train_step(make_lm_loss(spec), AdvancedOptimizers.functional(cfg, params, 6))
     state = step.init(params)
     for b in batches:
         params, state, _ = step(params, state, b)

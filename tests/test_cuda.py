@@ -48,7 +48,7 @@ from aam_func.ops.cross_entropy import reference as ce_reference
 from aam_func.ops.rope import reference as rope_reference
 from aam_func.ops.rope import rope
 from aam_func.peft import lora
-from aam_func.train import lm_loss, make_eval_step, make_train_step
+from aam_func.train import make_lm_loss, make_eval_step, make_train_step
 
 DEVICE = os.environ.get("AAM_CUDA_TEST_DEVICE", "cuda")
 DEVICE_TYPE = torch.device(DEVICE).type
@@ -159,13 +159,8 @@ def under_autocast(fn, dtype):
 
 def adamw_opt(params, steps=20, lr=3e-3):
     """Clipping + scheduled AdamW as the CLI builds it (inject_hyperparams: the foreach path)."""
-    return optim.chain(
-        optim.clip_by_global_norm(1.0),
-        optim.inject_hyperparams(optim.adamw)(
-            learning_rate=optim.warmup_cosine(lr, 3, steps, end_value=lr / 10), weight_decay=0.1,
-            mask=optim.decay_mask(params),
-        ),
-    )
+    return optim.adamw_warmup_cosine(params, learning_rate=lr, total_steps=steps, warmup_steps=3, end_value=lr / 10,
+                                     weight_decay=0.1, max_grad_norm=1.0)
 
 
 def device_generator(seed: int) -> torch.Generator:
@@ -564,8 +559,8 @@ def test_autocast_forward_backward_close_to_fp32(dtype, backend):
 def test_train_step_bf16_keeps_fp32_masters_and_learns():
     model, params = model_and_params("gpt2")
     b = lm_batch(7)
-    f32 = make_train_step(lm_loss(model), adamw_opt(params))
-    b16 = make_train_step(lm_loss(model), adamw_opt(params), precision="bf16")
+    f32 = make_train_step(make_lm_loss(model), adamw_opt(params))
+    b16 = make_train_step(make_lm_loss(model), adamw_opt(params), precision="bf16")
     _, _, m32 = f32(params, f32.init(params), b)
     p, s, m = b16(params, b16.init(params), b)
     assert float(m["loss"]) == pytest.approx(float(m32["loss"]), rel=2e-2)
@@ -577,8 +572,8 @@ def test_train_step_bf16_keeps_fp32_masters_and_learns():
         losses.append(float(m["loss"]))
     assert all(x.dtype == torch.float32 for x in tree.leaves(p)) and on_device(p) and all_finite(p)
     assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0] - 0.3, losses
-    ev32 = make_eval_step(lm_loss(model, train=False))(p, b)
-    ev16 = make_eval_step(lm_loss(model, train=False), precision="bf16")(p, b)
+    ev32 = make_eval_step(make_lm_loss(model, train=False))(p, b)
+    ev16 = make_eval_step(make_lm_loss(model, train=False), precision="bf16")(p, b)
     assert float(ev16["loss"]) == pytest.approx(float(ev32["loss"]), rel=2e-2)
 
 
@@ -588,7 +583,7 @@ def test_train_step_fp16_loss_scaling_learns():
     params stay float32 master weights, nothing becomes NaN."""
     model, params = model_and_params("gpt2")
     b = lm_batch(8)
-    step = make_train_step(lm_loss(model), adamw_opt(params), precision="fp16", loss_scale={"init_scale": 2.0**12})
+    step = make_train_step(make_lm_loss(model), adamw_opt(params), precision="fp16", loss_scale={"init_scale": 2.0**12})
     p, s = params, step.init(params)
     losses = []
     for _ in range(15):
@@ -606,7 +601,7 @@ def test_fp16_overflow_skips_the_step_and_backs_off():
     and the inner optimizer state unchanged), the scale halves, the logged loss stays finite."""
     model, params = model_and_params("gpt2")
     b = lm_batch(9)
-    step = make_train_step(lm_loss(model), adamw_opt(params), precision="fp16", loss_scale={"init_scale": 2.0**100})
+    step = make_train_step(make_lm_loss(model), adamw_opt(params), precision="fp16", loss_scale={"init_scale": 2.0**100})
     state = step.init(params)
     p1, s1, m1 = step(params, state, b)
     assert equal_trees(p1, params)
@@ -622,14 +617,14 @@ def test_accumulation_and_dropout_with_a_device_generator():
     is reproducible (same seed, same step) and depends on the seed."""
     model, params = model_and_params("gpt2")
     b = lm_batch(10, rows=8)
-    full = make_train_step(lm_loss(model), optim.sgd(0.5))
-    acc = make_train_step(lm_loss(model), optim.sgd(0.5), accumulate=2)
+    full = make_train_step(make_lm_loss(model), optim.sgd(0.5))
+    acc = make_train_step(make_lm_loss(model), optim.sgd(0.5), accumulate=2)
     p1, _, m1 = full(params, full.init(params), b)
     p2, _, m2 = acc(params, acc.init(params), b)
     assert float(m2["loss"]) == pytest.approx(float(m1["loss"]), rel=1e-5)
     close_trees(p2, p1, rtol=1e-5, atol=1e-6, what="accumulate")
     drop = af.Transformer(model.cfg.replace(dropout=0.1))
-    step = make_train_step(lm_loss(drop), optim.sgd(0.5))
+    step = make_train_step(make_lm_loss(drop), optim.sgd(0.5))
     a, _, ma = step(params, step.init(params), b, device_generator(1))
     a2, _, _ = step(params, step.init(params), b, device_generator(1))
     c, _, mc = step(params, step.init(params), b, device_generator(2))
@@ -641,8 +636,8 @@ def test_accumulation_and_dropout_with_a_device_generator():
 def test_compiled_train_step_matches_eager():
     """compile=True traces grads, clipping and the optimizer on the device; 3 steps equal eager."""
     model, params = model_and_params("gpt2", n_layers=1)
-    eager = make_train_step(lm_loss(model), adamw_opt(params))
-    comp = make_train_step(lm_loss(model), adamw_opt(params), compile=True)
+    eager = make_train_step(make_lm_loss(model), adamw_opt(params))
+    comp = make_train_step(make_lm_loss(model), adamw_opt(params), compile=True)
     pe, se = params, eager.init(params)
     pc, sc = params, comp.init(params)
     for i in range(3):
@@ -977,7 +972,7 @@ def test_lora_on_device(shape):
 
     spec2, ad2, wrap = lora.from_cli_args(params, rank=4, alpha=8, targets="*.attn.qkv,*.mlp.*", seed=0)
     ad2 = dev(ad2)
-    step = make_train_step(wrap(lm_loss(model)), adamw_opt(ad2, lr=1e-2), precision="bf16")
+    step = make_train_step(wrap(make_lm_loss(model)), adamw_opt(ad2, lr=1e-2), precision="bf16")
     state = step.init(ad2)
     frozen = tree.map(torch.clone, params)
     batch = {"input_ids": ids}
@@ -1057,12 +1052,12 @@ def test_checkpoint_roundtrip_and_resume_on_device(tmp_path):
             params, state, _ = step(params, state, loader.batch(s), device_generator(1000 + s))
         return params, state
 
-    step = make_train_step(lm_loss(model), adamw_opt(params0))
+    step = make_train_step(make_lm_loss(model), adamw_opt(params0))
     straight = run(params0, step.init(params0), 0, 4, step)
     half = run(params0, step.init(params0), 0, 2, step)
     assert on_device(half[0])
     save_checkpoint(tmp_path / "ck", cfg=cfg, params=half[0], opt_state=half[1], step=2)
-    fresh = make_train_step(lm_loss(model), adamw_opt(params0))
+    fresh = make_train_step(make_lm_loss(model), adamw_opt(params0))
     ck = load_checkpoint(tmp_path / "ck", opt_template=fresh.init(params0))
     assert ck.step == 2
     assert equal_trees(ck.params, half[0]) and equal_trees(ck.opt_state, half[1])
@@ -1155,7 +1150,7 @@ import torch
 import torch.distributed as dist
 import aam_func as af
 from aam_func import distributed, optim, tree
-from aam_func.train import evaluate, lm_loss, make_eval_step, make_train_step
+from aam_func.train import evaluate, make_lm_loss, make_eval_step, make_train_step
 
 DEVICE = os.environ["AAM_CUDA_TEST_DEVICE"]
 dev = torch.device("cuda", 0) if DEVICE == "cuda" else torch.device(DEVICE)
@@ -1199,8 +1194,8 @@ def collectives():
 def reduced_step_equals_plain(batch):
     def run():
         opt = optim.chain(optim.clip_by_global_norm(1.0), optim.inject_hyperparams(optim.adamw)(learning_rate=1e-2))
-        plain = make_train_step(lm_loss(model), opt)
-        reduced = make_train_step(lm_loss(model), opt, grad_reduce=ctx.grad_reduce)
+        plain = make_train_step(make_lm_loss(model), opt)
+        reduced = make_train_step(make_lm_loss(model), opt, grad_reduce=ctx.grad_reduce)
         p1, _, m1 = plain(params, plain.init(params), batch)
         p2, _, m2 = reduced(params, reduced.init(params), batch)
         for a, b in zip(tree.leaves(p2), tree.leaves(p1)):
@@ -1211,7 +1206,7 @@ def reduced_step_equals_plain(batch):
 
 
 def evaluation():
-    ev = make_eval_step(lm_loss(model, train=False))
+    ev = make_eval_step(make_lm_loss(model, train=False))
     batches = [{"input_ids": ids[:2], "labels": ids[:2]}, {"input_ids": ids[2:], "labels": ids[2:]}]
     a, b = ctx.evaluate(ev, params, batches), evaluate(ev, params, batches)
     assert a["tokens"] == b["tokens"] and abs(a["loss"] - b["loss"]) <= 1e-6, (a, b)

@@ -118,14 +118,14 @@ def test_two_gloo_processes_equal_one_process_library_float64(tmp_path):
     """The library path (broadcast_tree, grad_reduce with 2 KB buckets, clipping, AdamW) in
     float64 with very unequal padding per rank: token weighting makes it the global mean."""
     import _dist_worker as w
-    from aam_func.train import lm_loss, make_train_step
+    from aam_func.train import make_lm_loss, make_train_step
 
     results = _run_world([sys.executable, WORKER, "lib", str(tmp_path)])
     assert [c for c, _, _ in results] == [0, 0], [e[-2000:] for _, _, e in results]
     r0, r1 = (load_file(str(tmp_path / f"rank{r}.safetensors")) for r in (0, 1))
 
     model, params, opt, batches = w.problem()
-    step = make_train_step(lm_loss(model), opt)
+    step = make_train_step(make_lm_loss(model), opt)
     state = step.init(params)
     losses = []
     for b in batches:

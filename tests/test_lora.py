@@ -316,14 +316,14 @@ def test_save_refuses_adapters_that_peft_cannot_hold(tmp_path):
 
 
 def test_adapter_only_training_and_optimizer_state_size():
-    from aam_func.train import lm_loss, make_train_step
+    from aam_func.train import make_lm_loss, make_train_step
 
     cfg = tiny()
     model = af.Transformer(cfg)
     params = model.init(seed=0)
     spec, ad, wrap = lora.from_cli_args(params, rank=4, alpha=8, targets="*.attn.qkv,*.mlp.fc", seed=0)
     assert spec.names == ("blocks.0.attn.qkv", "blocks.0.mlp.fc", "blocks.1.attn.qkv", "blocks.1.mlp.fc")
-    step = make_train_step(wrap(lm_loss(model)), optim.adamw(1e-2))
+    step = make_train_step(wrap(make_lm_loss(model)), optim.adamw(1e-2))
     state = step.init(ad)
     moments = {k: v for k, v in tree.flatten(state).items() if v.is_floating_point()}
     assert sum(v.numel() for v in moments.values()) == 2 * tree.count(ad)

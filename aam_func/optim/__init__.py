@@ -17,6 +17,7 @@ Formulas and the tests that check them: ``proofs/optim.md``.
 
 from .aliases import adam, adamw, decay_mask, decay_rule, lion, sgd
 from .base import GradientTransformation, apply_updates, chain, global_norm, identity, set_to_zero
+from .recipes import adamw_warmup_cosine
 from .schedules import Schedule, constant, cosine_decay, join, linear, warmup_cosine, warmup_linear
 from .transforms import (
     add_decayed_weights,
@@ -55,5 +56,6 @@ __all__ = [
     "dynamic_loss_scale", "unscale_grads", "update_loss_scale", "loss_scale", "scale_loss",
     "current_learning_rate", "last_global_norm",
     "sgd", "adam", "adamw", "lion", "decay_rule", "decay_mask",
+    "adamw_warmup_cosine",
     "Schedule", "constant", "linear", "cosine_decay", "warmup_cosine", "warmup_linear", "join",
 ]
