@@ -209,14 +209,7 @@ def restore_like(template: Mapping, flat: Mapping[str, Tensor], *, what: str = "
             parts.append("mis-shaped: " + ", ".join(bad[:8]))
         raise CheckpointError(f"the checkpoint's {what} does not match this optimizer; " + "; ".join(parts))
 
-    def build(node: Mapping, prefix: str):
-        out = {}
-        for k, v in node.items():
-            name = f"{prefix}.{k}" if prefix else k
-            out[k] = build(v, name) if isinstance(v, Mapping) else flat[name]
-        return out
-
-    return build(template, "")
+    return tree.unflatten_like(template, flat)
 
 
 def load_checkpoint(path: str | os.PathLike, *, opt_template: Optional[Mapping] = None,

@@ -129,7 +129,7 @@ class DistContext:
                 dist.broadcast(buf, src=0)
                 _unpack_into(buf, group)
         out = dict(zip(flat, (t.to(v.device) for t, v in zip(tensors, flat.values()))))
-        return _restructure(params, out)
+        return tree.unflatten_like(params, out)
 
     def all_sum(self, tensors: list[Tensor], what: str = "all_reduce") -> list[Tensor]:
         """Element-wise sums over the ranks of each tensor (bucketed)."""
@@ -152,7 +152,7 @@ class DistContext:
         loss_sum, total, tokens = summed[-1].unbind()
         total = total.clamp(min=1.0)
         reduced = {k: s / total.to(s.dtype) for k, s in zip(flat, summed[:-1])}
-        return {"grads": _restructure(grads, reduced), "loss": (loss_sum / total).to(local["loss"].dtype),
+        return {"grads": tree.unflatten_like(grads, reduced), "loss": (loss_sum / total).to(local["loss"].dtype),
                 "weight": total.to(torch.int64), "tokens": tokens.to(torch.int64)}
 
     def evaluate(self, eval_step: Callable, params, batches) -> dict[str, float]:
@@ -252,16 +252,3 @@ def all_reduce_sum(tensors: list[Tensor], bucket_bytes: int = BUCKET_BYTES) -> l
             out.append(buf[offset:offset + t.numel()].view_as(t))
             offset += t.numel()
     return out
-
-
-def _restructure(template: Mapping, flat: Mapping[str, Any]) -> dict:
-    """``flat`` (dotted names) in ``template``'s nesting, empty sub-dicts included."""
-
-    def build(node: Mapping, prefix: str) -> dict:
-        out = {}
-        for k, v in node.items():
-            name = f"{prefix}.{k}" if prefix else k
-            out[k] = build(v, name) if isinstance(v, Mapping) else flat[name]
-        return out
-
-    return build(template, "")

@@ -23,6 +23,7 @@ __all__ = [
     "Params",
     "flatten",
     "unflatten",
+    "unflatten_like",
     "map",
     "leaves",
     "names",
@@ -79,6 +80,21 @@ def unflatten(flat: Mapping[str, Any]) -> Params:
             raise ValueError(f"flat names conflict: {name!r} is a leaf and also a prefix of other names")
         node[parts[-1]] = value
     return root
+
+
+def unflatten_like(template: Mapping, flat: Mapping[str, Any]) -> Params:
+    """``flat`` (dotted names) in ``template``'s nesting, empty sub-dicts included (which
+    :func:`unflatten` cannot know of). A name of ``template`` missing from ``flat`` is a KeyError;
+    callers that want every difference listed check with :func:`structure_diff` first."""
+
+    def build(node: Mapping, prefix: str) -> dict:
+        out = {}
+        for k, v in node.items():
+            name = f"{prefix}{SEP}{k}" if prefix else k
+            out[k] = build(v, name) if _is_tree(v) else flat[name]
+        return out
+
+    return build(template, "")
 
 
 def structure_diff(expected: Mapping, got: Mapping, *, check_shapes: bool = True) -> list[str]:

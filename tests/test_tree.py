@@ -137,3 +137,12 @@ def test_save_is_atomic_when_interrupted(tmp_path, monkeypatch):
         tree.save({"a": torch.zeros(2)}, path)
     assert torch.equal(tree.load(path)["a"], torch.ones(2))
     assert [f for f in os.listdir(tmp_path) if f.startswith(".tmp")] == []
+
+
+def test_unflatten_like_keeps_empty_subtrees_and_template_order():
+    template = {"b": {"x": torch.zeros(1)}, "empty": {}, "a": torch.zeros(2)}
+    flat = {"a": torch.ones(2), "b.x": torch.ones(1)}
+    out = tree.unflatten_like(template, flat)
+    assert list(out) == ["b", "empty", "a"] and out["empty"] == {} and out["b"]["x"] is flat["b.x"]
+    with pytest.raises(KeyError):
+        tree.unflatten_like({"c": torch.zeros(1)}, flat)
