@@ -16,6 +16,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from .checks import ArgumentTypeError, is_int
+
 __all__ = [
     "zeros",
     "ones",
@@ -28,7 +30,12 @@ __all__ = [
     "kaiming_normal",
     "generator",
     "abstract",
+    "WEIGHT_INITS",
+    "weight",
 ]
+
+# the named schemes a config may ask for (ModelConfig.weight_init) and layers build with
+WEIGHT_INITS = ("normal", "xavier_uniform", "xavier_normal", "kaiming_uniform", "kaiming_normal")
 
 Shape = Sequence[int]
 
@@ -39,8 +46,8 @@ def generator(seed: int | torch.Generator | None = None) -> torch.Generator:
         return seed
     if seed is None:
         raise ValueError("seed must be an int or a torch.Generator, got None (randomness is explicit)")
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"seed must be an int or a torch.Generator, got {type(seed).__name__}")
+    if not is_int(seed):
+        raise ArgumentTypeError(f"seed must be an int or a torch.Generator, got {type(seed).__name__}")
     g = torch.Generator()
     g.manual_seed(seed)
     return g
@@ -169,3 +176,20 @@ def linear_bias(shape: Shape, fan_in: int, generator: torch.Generator, dtype=Non
     """nn.Linear's default bias: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
     bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0
     return uniform(shape, generator, dtype, a=-bound, b=bound)
+
+
+def weight(shape: Shape, generator: torch.Generator, kind: str, std: float = 0.02, dtype=None) -> Tensor:
+    """A weight of ``shape`` by the scheme named ``kind`` (:data:`WEIGHT_INITS`): ``normal`` is
+    N(0, std²) (GPT-2), ``kaiming_uniform`` torch's ``nn.Linear`` default (a = √5),
+    ``kaiming_normal`` fan-out with ReLU gain, ``xavier_*`` gain 1."""
+    if kind == "normal":
+        return normal(shape, generator, dtype, std=std)
+    if kind == "kaiming_uniform":
+        return kaiming_uniform(shape, generator, dtype, a=math.sqrt(5))
+    if kind == "kaiming_normal":
+        return kaiming_normal(shape, generator, dtype, mode="fan_out", nonlinearity="relu")
+    if kind == "xavier_uniform":
+        return xavier_uniform(shape, generator, dtype)
+    if kind == "xavier_normal":
+        return xavier_normal(shape, generator, dtype)
+    raise ValueError(f"init must be one of {WEIGHT_INITS}, got {kind!r}")

@@ -11,15 +11,14 @@ in-place ``_foreach_*_`` calls inside only touch buffers the same call has just 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping
-from numbers import Number
 from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
 from .. import tree
+from ..checks import ArgumentTypeError, check_number, is_number
 from . import _ops
 
 __all__ = [
@@ -116,19 +115,15 @@ def check_nonneg(name: str, value, allow_schedule: bool = False) -> None:
         raise TypeError(f"{name} must be a number, got a callable {value!r}")
     if isinstance(value, Tensor):
         return  # injected/scheduled values are tensors; checking them would sync or break graphs
-    if not isinstance(value, Number) or isinstance(value, bool):
-        raise TypeError(f"{name} must be a float{' or a schedule' if allow_schedule else ''}, got {value!r}")
-    if not (value >= 0) or math.isinf(value):
-        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    if not is_number(value):
+        raise ArgumentTypeError(f"{name} must be a float{' or a schedule' if allow_schedule else ''}, got {value!r}")
+    check_number(name, value, min=0)
 
 
 def check_beta(name: str, value) -> None:
     if isinstance(value, Tensor):
         return
-    if not isinstance(value, Number) or isinstance(value, bool):
-        raise TypeError(f"{name} must be a float in [0, 1), got {value!r}")
-    if not (0.0 <= value < 1.0):
-        raise ValueError(f"{name} must be in [0, 1), got {value!r}")
+    check_number(name, value, min=0, max=1, max_open=True)
 
 
 def check_transform(name: str, t) -> None:

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from .. import tree
+from ..checks import check_int
 from . import _ops
 from .base import (
     GradientTransformation,
@@ -139,8 +140,7 @@ def multi_steps(inner: GradientTransformation, every_k: int, use_grad_mean: bool
     concatenated batch (the mean of the micro gradients is the batch gradient).
     """
     check_transform("multi_steps' inner", inner)
-    if isinstance(every_k, bool) or not isinstance(every_k, int) or every_k < 1:
-        raise ValueError(f"every_k must be an int >= 1, got {every_k!r}")
+    check_int("every_k", every_k, min=1)
 
     def init(params):
         names, ps = leaves_of(params)
@@ -175,8 +175,7 @@ def apply_if_finite(inner: GradientTransformation, max_consecutive_errors: int =
     Optax), so a run that only produces non-finite gradients fails visibly.
     State ``{"notfinite_count", "total_notfinite": int64, "last_finite": bool, "inner": ...}``."""
     check_transform("apply_if_finite's inner", inner)
-    if isinstance(max_consecutive_errors, bool) or not isinstance(max_consecutive_errors, int) or max_consecutive_errors < 0:
-        raise ValueError(f"max_consecutive_errors must be an int >= 0, got {max_consecutive_errors!r}")
+    check_int("max_consecutive_errors", max_consecutive_errors, min=0)
 
     def init(params):
         return {
@@ -301,8 +300,7 @@ def dynamic_loss_scale(inner: GradientTransformation, init_scale: float = 2.0**1
             raise ValueError(f"{name} must be a number > {lo}, got {v!r}")
     if not isinstance(backoff_factor, Number) or not (0.0 < backoff_factor < 1.0):
         raise ValueError(f"backoff_factor must be in (0, 1), got {backoff_factor!r}")
-    if isinstance(growth_interval, bool) or not isinstance(growth_interval, int) or growth_interval < 1:
-        raise ValueError(f"growth_interval must be an int >= 1, got {growth_interval!r}")
+    check_int("growth_interval", growth_interval, min=1)
 
     def init(params):
         return {
