@@ -103,24 +103,8 @@ class ModelConfig:
         check_choice("rope_layout", self.rope_layout, ROPE_LAYOUTS)
         check_choice("sparse_pattern", self.sparse_pattern, SPARSE_PATTERNS)
 
-        # attention_type <-> use_relative_pos
-        if self.attention_type is None:
-            set_("attention_type", "relative" if self.use_relative_pos else "standard")
-        check_choice("attention_type", self.attention_type, ATTENTION_TYPES)
-        if self.use_relative_pos and self.attention_type != "relative":
-            raise ValueError(
-                f"use_relative_pos=True conflicts with attention_type={self.attention_type!r}; "
-                "set attention_type='relative' or use_relative_pos=False"
-            )
-        # position_encoding <-> use_rope
-        if self.position_encoding is None:
-            set_("position_encoding", "rope" if self.use_rope else "sinusoidal")
-        check_choice("position_encoding", self.position_encoding, POSITION_ENCODINGS)
-        if self.use_rope and self.position_encoding != "rope":
-            raise ValueError(
-                f"use_rope=True conflicts with position_encoding={self.position_encoding!r}; "
-                "set position_encoding='rope' or use_rope=False"
-            )
+        self._resolve_flag("use_relative_pos", "attention_type", "relative", "standard", ATTENTION_TYPES)
+        self._resolve_flag("use_rope", "position_encoding", "rope", "sinusoidal", POSITION_ENCODINGS)
         if self.position_encoding == "rope" and self.head_dim % 2:
             raise ValueError(f"position_encoding='rope' needs an even head dim, got d_model/n_heads={self.head_dim}")
         # attention_backend <-> use_flash_attention / use_xformers
@@ -143,6 +127,17 @@ class ModelConfig:
                 f"use_flash_attention=True conflicts with attention_backend={self.attention_backend!r}; "
                 "flash-style attention is 'blockwise' (or 'sdpa')"
             )
+
+    def _resolve_flag(self, flag: str, name: str, implied: str, default: str, choices: tuple) -> None:
+        """The explicit field ``name`` behind one of the guide's bool flags: unset, it is
+        ``implied`` when the flag is on, else ``default``; set, it must agree with the flag."""
+        on, value = getattr(self, flag), getattr(self, name)
+        if value is None:
+            value = implied if on else default
+            object.__setattr__(self, name, value)
+        check_choice(name, value, choices)
+        if on and value != implied:
+            raise ValueError(f"{flag}=True conflicts with {name}={value!r}; set {name}={implied!r} or {flag}=False")
 
     # ------------------------------------------------------------------ derived
     @property

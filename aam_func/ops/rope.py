@@ -198,15 +198,5 @@ def _samples() -> list:
     ]
 
 
-register(
-    OpSpec(
-        name="rope",
-        function=_RopeFunction,
-        op=rope,
-        reference=reference,
-        proof="proofs/rope.md",
-        samples=_samples,
-        supports_forward_ad=True,
-        supports_double_backward=True,
-    )
-)
+register(OpSpec(name="rope", function=_RopeFunction, op=rope, reference=reference, proof="proofs/rope.md",
+                samples=_samples, supports_forward_ad=True, supports_double_backward=True))

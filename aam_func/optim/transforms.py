@@ -43,6 +43,16 @@ def _lr_at(lr, count: Tensor):
     return lr
 
 
+def _zeros_state(key: str) -> Callable:
+    """``init(params) -> {key: zeros like params}``: the state of a one-buffer transformation."""
+
+    def init(params):
+        names, ps = leaves_of(params)
+        return {key: build(names, _ops.zeros_like(ps))}
+
+    return init
+
+
 def scale(step_size) -> GradientTransformation:
     """``u = step_size * g``; no state. ``step_size`` is a number or a 0-d tensor."""
     if callable(step_size) and not isinstance(step_size, Tensor):
@@ -152,9 +162,7 @@ def scale_by_lion(b1: float = 0.9, b2: float = 0.99) -> GradientTransformation:
     check_beta("b1", b1)
     check_beta("b2", b2)
 
-    def init(params):
-        names, ps = leaves_of(params)
-        return {"mu": build(names, _ops.zeros_like(ps))}
+    init = _zeros_state("mu")
 
     def update(grads, state, params=None):
         names, gs = leaves_of(grads)
@@ -173,9 +181,7 @@ def trace(decay: float = 0.9, nesterov: bool = False) -> GradientTransformation:
     if not isinstance(nesterov, bool):
         raise TypeError(f"nesterov must be a bool, got {nesterov!r}")
 
-    def init(params):
-        names, ps = leaves_of(params)
-        return {"trace": build(names, _ops.zeros_like(ps))}
+    init = _zeros_state("trace")
 
     def update(grads, state, params=None):
         names, gs = leaves_of(grads)
