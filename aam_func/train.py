@@ -204,6 +204,17 @@ def _logged(info: Mapping[str, bool], state, grads, scale, learning_rate) -> dic
     return {"learning_rate": lr, "grad_norm": norm}
 
 
+def _with_loss_scale(optimizer, precision: str, loss_scale: Optional[dict]):
+    """``optimizer`` wrapped in the dynamic loss scaler for fp16; unchanged otherwise."""
+    if not isinstance(optimizer, optim.GradientTransformation):
+        raise TypeError(f"optimizer must be an optim.GradientTransformation, got {type(optimizer).__name__}")
+    if precision == "fp16":
+        return optim.dynamic_loss_scale(optimizer, **(loss_scale or {}))
+    if loss_scale:
+        raise ValueError("loss_scale options only apply to precision='fp16'")
+    return optimizer
+
+
 def make_train_step(
     loss_fn: Callable,
     optimizer: optim.GradientTransformation,
@@ -235,12 +246,7 @@ def make_train_step(
     """
     check_choice("precision", precision, PRECISIONS)
     check_int("accumulate", accumulate, min=1)
-    if not isinstance(optimizer, optim.GradientTransformation):
-        raise TypeError(f"optimizer must be an optim.GradientTransformation, got {type(optimizer).__name__}")
-    if precision == "fp16":
-        optimizer = optim.dynamic_loss_scale(optimizer, **(loss_scale or {}))
-    elif loss_scale:
-        raise ValueError("loss_scale options only apply to precision='fp16'")
+    optimizer = _with_loss_scale(optimizer, precision, loss_scale)
     info: dict[str, bool] = {}
 
     def differentiated(params, batch, scale, generator):
