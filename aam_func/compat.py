@@ -35,7 +35,7 @@ from .init import generator as _make_generator
 from .layers import LearnablePositions, SelfAttention, SinusoidalPositions, dropout as _dropout
 from .losses import contrastive_loss, focal_loss, label_smoothing_loss, triplet_loss
 from .model import Transformer
-from .nn import Bound, _Node
+from .nn import Bound, Node
 from .ops.rope import rope as _rope
 from .peft import lora as _lora
 from .peft import ptuning as _ptuning
@@ -111,7 +111,7 @@ _TABLES = ("embed", "pos", "rel")  # lookup tables of the Transformer/SelfAttent
 
 def _install_views(root: nn.Module, norm: str = "layernorm", eps: float = 1e-5) -> None:
     for name, node in list(root.named_modules()):
-        if type(node) is not _Node or not name:
+        if type(node) is not Node or not name:
             continue
         params = dict(node.named_parameters(recurse=False))
         if next(node.children(), None) is not None or not params or set(params) - {"weight", "bias"}:

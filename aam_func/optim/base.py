@@ -19,7 +19,7 @@ from torch import Tensor
 
 from .. import tree
 from ..checks import ArgumentTypeError, check_number, is_number
-from . import _ops
+from . import foreach
 
 __all__ = [
     "GradientTransformation",
@@ -82,7 +82,7 @@ def step_counter() -> Tensor:
 
 def eager() -> bool:
     """Plain eager execution: Python may branch on a tensor's value (no compile, no vmap)."""
-    return _ops.use_foreach() and not torch.compiler.is_compiling()
+    return foreach.use_foreach() and not torch.compiler.is_compiling()
 
 
 def tree_where(pred: Tensor, a: Mapping, b: Mapping) -> dict:
@@ -145,7 +145,7 @@ def apply_updates(params: Mapping, updates: Mapping) -> dict:
     same = [i for i in idx if us[i].dtype == ps[i].dtype]
     out = list(ps)
     if same:
-        for i, v in zip(same, _ops.add([ps[i] for i in same], [us[i] for i in same])):
+        for i, v in zip(same, foreach.add([ps[i] for i in same], [us[i] for i in same])):
             out[i] = v
     for i in idx:
         if us[i].dtype != ps[i].dtype:
@@ -163,7 +163,7 @@ def set_to_zero() -> GradientTransformation:
 
     def update(grads, state, params=None):
         names, gs = leaves_of(grads)
-        return build(names, _ops.zeros_like(gs)), state
+        return build(names, foreach.zeros_like(gs)), state
 
     return GradientTransformation(lambda params: {}, update)
 
@@ -187,4 +187,4 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
 
 def global_norm(grads: Mapping) -> Tensor:
     """``sqrt(sum over leaves of ||g||_2^2)`` as a 0-d tensor (what clip_by_global_norm clips)."""
-    return _ops.global_norm(leaves_of(grads)[1])
+    return foreach.global_norm(leaves_of(grads)[1])

@@ -12,7 +12,7 @@ from torch import Tensor
 
 from .. import tree
 from ..checks import check_int
-from . import _ops
+from . import foreach
 from .base import (
     GradientTransformation,
     aligned,
@@ -144,23 +144,23 @@ def multi_steps(inner: GradientTransformation, every_k: int, use_grad_mean: bool
 
     def init(params):
         names, ps = leaves_of(params)
-        return {"mini_step": step_counter(), "acc": build(names, _ops.zeros_like(ps)), "inner": inner.init(params)}
+        return {"mini_step": step_counter(), "acc": build(names, foreach.zeros_like(ps)), "inner": inner.init(params)}
 
     def update(grads, state, params=None):
         names, gs = leaves_of(grads)
-        acc = _ops.add(aligned(names, state["acc"], "multi_steps state 'acc'"), gs)
+        acc = foreach.add(aligned(names, state["acc"], "multi_steps state 'acc'"), gs)
         mini = state["mini_step"] + 1
         emit = mini >= every_k
         inner_state = substate(state, "inner")
 
         def apply():
-            total = _ops.mul(acc, 1.0 / every_k) if use_grad_mean else acc
+            total = foreach.mul(acc, 1.0 / every_k) if use_grad_mean else acc
             u, s = inner.update(build(names, total), inner_state, params)
-            zeros = build(names, _ops.zeros_like(gs))
+            zeros = build(names, foreach.zeros_like(gs))
             return u, {"mini_step": torch.zeros_like(mini), "acc": zeros, "inner": s}
 
         def hold():
-            zeros = build(names, _ops.zeros_like(gs))
+            zeros = build(names, foreach.zeros_like(gs))
             return zeros, {"mini_step": mini, "acc": build(names, acc), "inner": inner_state}
 
         return cond(emit, apply, hold)
@@ -187,7 +187,7 @@ def apply_if_finite(inner: GradientTransformation, max_consecutive_errors: int =
 
     def update(grads, state, params=None):
         names, gs = leaves_of(grads)
-        finite = _ops.all_finite(gs)
+        finite = foreach.all_finite(gs)
         count = torch.where(finite, torch.zeros_like(state["notfinite_count"]), state["notfinite_count"] + 1)
         total = state["total_notfinite"] + (~finite).to(torch.int64)
         counters = {"notfinite_count": count, "total_notfinite": total, "last_finite": finite}
@@ -198,7 +198,7 @@ def apply_if_finite(inner: GradientTransformation, max_consecutive_errors: int =
             return u, {**counters, "inner": s}
 
         def skip():
-            return build(names, _ops.zeros_like(gs)), {**counters, "inner": inner_state}
+            return build(names, foreach.zeros_like(gs)), {**counters, "inner": inner_state}
 
         return cond(finite | (count > max_consecutive_errors), step, skip)
 
@@ -241,10 +241,10 @@ def inject_hyperparams(factory: Callable[..., GradientTransformation], static_ar
         factory(**static, **numeric, **{k: 0.0 for k in schedules})  # validate eagerly
 
         def values_at(count, state_hp=None):
-            hp = {k: _ops.as_scalar(v) for k, v in numeric.items()}
+            hp = {k: foreach.as_scalar(v) for k, v in numeric.items()}
             if state_hp is not None:  # numeric values may have been edited in the state
                 hp.update({k: state_hp[k] for k in numeric if k in state_hp})
-            hp.update({k: _ops.as_scalar(s(count)) for k, s in schedules.items()})
+            hp.update({k: foreach.as_scalar(s(count)) for k, s in schedules.items()})
             return hp
 
         def init(params):
@@ -270,8 +270,8 @@ def unscale_grads(grads: Mapping, scale: Tensor) -> tuple[dict, Tensor]:
     GradScaler does (``scale.double().reciprocal().float()``)."""
     names, gs = leaves_of(grads)
     inv = scale.double().reciprocal().float()
-    gs = _ops.mul(gs, inv)
-    return build(names, gs), _ops.all_finite(gs)
+    gs = foreach.mul(gs, inv)
+    return build(names, gs), foreach.all_finite(gs)
 
 
 def update_loss_scale(scale: Tensor, good_steps: Tensor, finite: Tensor, growth_factor: float = 2.0,
@@ -322,7 +322,7 @@ def dynamic_loss_scale(inner: GradientTransformation, init_scale: float = 2.0**1
 
         def skip():
             names, gs = leaves_of(grads)
-            return build(names, _ops.zeros_like(gs)), {"loss_scale": scale, "good_steps": good, "inner": inner_state}
+            return build(names, foreach.zeros_like(gs)), {"loss_scale": scale, "good_steps": good, "inner": inner_state}
 
         return cond(finite, step, skip)
 
