@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from ..init import generator as _make_generator
+from ..model import key_padding_mask
 from ..layers import LearnablePositions, SelfAttention, SinusoidalPositions, dropout as _dropout
 from ..ops.rope import rope as _rope
 from ..peft import ptuning as _ptuning
@@ -90,16 +91,6 @@ class AdvancedPositionalEncoding(Thin):
 # ----------------------------------------------------------------------------- attention
 
 
-def _key_padding_mask(attention_mask: Optional[Tensor], B: int, T: int) -> Optional[Tensor]:
-    if attention_mask is None:
-        return None
-    if tuple(attention_mask.shape) != (B, T):
-        raise ValueError(f"attention_mask must be (batch, seq) = {(B, T)}, got {tuple(attention_mask.shape)}")
-    if attention_mask.dtype != torch.bool and not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
-        raise ValueError("attention_mask must hold only 0 and 1 (or be bool)")
-    return attention_mask != 0
-
-
 class AdvancedMultiHeadAttention(Thin):
     """The guide's ``AdvancedMultiHeadAttention`` over :class:`aam_func.layers.SelfAttention`.
 
@@ -135,7 +126,7 @@ class AdvancedMultiHeadAttention(Thin):
             raise ValueError(f"x must be (batch, seq, d_model), got {tuple(getattr(x, 'shape', ()))}")
         B, T = x.shape[:2]
         positions = torch.arange(T, device=x.device)
-        kpm = _key_padding_mask(attention_mask, B, T)
+        kpm = key_padding_mask(attention_mask, B, T)
         return self.spec.apply(self.params(), x, positions=positions, key_padding_mask=kpm, train=self.training)
 
 
