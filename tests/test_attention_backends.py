@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch.func import jvp, vmap
 
 from aam_func.ops import attention as A
-from aam_func.ops.attention import RelativeBias, Sparsity, attention
+from aam_func.ops.attention import RelativeBias, Sparsity, attention, backends
 
 H, D = 2, 4
 # name -> (q_len, k_len, keyword arguments)
@@ -198,6 +198,43 @@ def test_attention_takes_the_pinned_path(monkeypatch, backend, q_offset, extra):
     want = _expected()[_key(backend, q_offset, extra).strip()]
     got = {state: "".join(route(monkeypatch, backend, q_offset, extra, state, m) for m in MASKS) for state in STATES}
     assert got == want
+
+
+def _facts(**changes):
+    base = dict(backend="auto", device="cpu", same_dtype=True, cpu_bf16_grad=False, compiling=False, forward_ad=False,
+                vmap=False, q_offset=False, relative_bias=False, dropout=False, padding=False, window=False,
+                sparsity=False, causal=True, q_len=4, k_len=4)
+    return backends.CallFacts(**{**base, **changes})
+
+
+def test_table_cuda_vmap_row():
+    """Under vmap on CUDA, SDPA's memory-efficient backward fails, so auto takes the blockwise
+    kernel there; on the CPU it keeps SDPA. (The CUDA half cannot run on this machine.)"""
+    assert backends.choose_path(_facts(device="cuda", vmap=True)).path == "blockwise"
+    assert backends.choose_path(_facts(device="cuda")).path == "sdpa"
+    assert backends.choose_path(_facts(device="cpu", vmap=True)).path == "sdpa"
+    assert backends.choose_path(_facts(device="cuda", vmap=True, backend="sdpa")).path == "sdpa"  # asked for
+
+
+def test_call_facts_skips_the_transform_checks_while_compiling(monkeypatch):
+    """Dynamo cannot trace the transform-stack reads, so a compiled call reports neither."""
+    q = torch.randn(1, H, 4, D)
+    kw = dict(backend="auto", causal=True, key_padding_mask=None, window=None, sparsity=None, relative_bias=None,
+              dropout_p=0.0, q_offset=None)
+    inside = []
+    jvp(lambda q_: inside.append(backends.call_facts(q_, q_, q_, **kw)) or q_, (q,), (q,))
+    vmap(lambda q_: inside.append(backends.call_facts(q_, q_, q_, **kw)) or q_)(q[None])
+    assert inside[0].forward_ad and inside[1].vmap
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    jvp(lambda q_: inside.append(backends.call_facts(q_, q_, q_, **kw)) or q_, (q,), (q,))
+    assert inside[2].compiling and not inside[2].forward_ad and not inside[2].vmap
+
+
+def test_backend_names_have_one_owner():
+    assert A.BACKENDS is backends.BACKENDS
+    assert set(backends.BACKENDS) - {"auto"} <= set(backends.PATHS)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        attention(*(torch.randn(1, H, 4, D) for _ in range(3)), backend="flash3")
 
 
 if __name__ == "__main__":
