@@ -16,7 +16,7 @@ from torch.func import grad, jvp, vmap
 import aam_func
 from aam_func.ops import attention as A
 from aam_func.ops.attention import RelativeBias, Sparsity, attention, reference
-from aam_func.ops.attention.kernel import Opts, key_tiles
+from aam_func.ops.attention.tiles import Opts, key_tiles
 
 F64 = torch.float64
 

@@ -10,7 +10,8 @@ The package, one job per module:
 - :mod:`.masks`: which keys a query may read (causal, key padding, windows, sparse patterns)
   and the relative biases (Shaw, T5, ALiBi): :class:`Sparsity`, :class:`RelativeBias`.
 - :mod:`.kernel`: the blockwise (flash-style) kernel :class:`BlockwiseAttention`, exact with
-  O(T) extra memory, reverse- and forward-mode AD, and :func:`blockwise` to call it.
+  O(T) extra memory, reverse- and forward-mode AD, and :func:`blockwise` to call it;
+  :mod:`.tiles`: its tiling and the one tile-scores computation its three passes share.
 - :mod:`.dense`: the dense paths: :func:`reference` (the math every path must equal, and the
   only one with dropout), its additive-bias ``baddbmm`` form, SDPA and xformers.
 - :mod:`.backends`: :data:`BACKENDS` and :func:`~.backends.choose_path`, the one table that
