@@ -240,6 +240,8 @@ def _loss_and_grads(h, weight, bias, t, valid, o: _Options):
         # matmul per chunk would round each chunk's partial sum to bf16 and spend a cast and an
         # add of a (V, d) tensor on it.
         group = max(o.chunk, min(N, _GROUP_ELEMENTS // max(V, 1)))
+        if group < N:  # whole chunks only: a chunk must never straddle the buffer's end
+            group = group // o.chunk * o.chunk
         gbuf = h.new_empty(min(group, N), V)
         g0 = 0  # first row held in gbuf
     for s in range(0, N, o.chunk):
