@@ -34,12 +34,11 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 from torch import Tensor
 
 from ..checks import check_choice, check_int, check_number
-from ._util import vmap_active
+from ._util import higher_order_active, transforms_active, vmap_active
 from .registry import OpSpec, register
 
 __all__ = ["linear_cross_entropy", "reference", "REDUCTIONS"]
@@ -171,7 +170,7 @@ class _Options:
     chunk: int  # tokens per chunk
     precompute: bool  # the forward computes the gradient for a unit upstream gradient
     eager: bool  # no torch.func transform is active
-    higher_order: bool  # a derivative of the gradient may be taken (see _higher_order_active)
+    higher_order: bool  # a derivative of the gradient may be taken (_util.higher_order_active)
     low: Optional[torch.dtype]  # the autocast dtype float32 inputs are cast to, or None
 
 
@@ -377,16 +376,6 @@ def _recomputed_grads(h, weight, bias, t, valid, lse, g, o: _Options):
     return d_h, d_w, d_b
 
 
-def _higher_order_active() -> bool:
-    """True when a derivative of the gradient may be taken: nested grad levels or forward AD."""
-    if fwAD._current_level >= 0:
-        return True
-    stack = torch._C._functorch.get_interpreter_stack() or []
-    T = torch._C._functorch.TransformType
-    n_grad = sum(1 for i in stack if i.key() == T.Grad)
-    return n_grad >= 2 or any(i.key() == T.Jvp for i in stack)
-
-
 def _wants_grad(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
@@ -430,14 +419,14 @@ def linear_cross_entropy(
     t_safe = torch.where(valid, t, torch.zeros_like(t))
     chunk = chunk_size or _default_chunk(h.shape[0], V)
     # Decided here, where the transform stack is the caller's.
-    higher = _higher_order_active()
+    higher = higher_order_active()
     options = _Options(
         eps=float(label_smoothing),
         zl=float(z_loss),
         reduction=reduction,
         chunk=chunk,
         precompute=reduction != "none" and _wants_grad(hidden, weight, bias) and not vmap_active() and not higher,
-        eager=not torch._C._functorch.get_interpreter_stack(),
+        eager=not transforms_active(),
         higher_order=higher,
         low=low,
     )
