@@ -435,6 +435,14 @@ def _qkv(B=1, H=2, T=4, d=4, Hkv=None, dk=None):
         (lambda: _qkv(), {"relative_bias": RelativeBias("t5", torch.randn(2, 5), num_buckets=4)}, ValueError, "t5 table"),
         (lambda: _qkv(), {"relative_bias": RelativeBias("alibi", torch.randn(3))}, ValueError, "alibi table"),
         (lambda: _qkv(), {"relative_bias": RelativeBias("alibi", torch.randn(2)), "backend": "sdpa"}, ValueError, "sdpa"),
+        (lambda: _qkv(), {"scale": 0.0}, ValueError, r"scale must be a finite number > 0"),
+        (lambda: _qkv(), {"scale": True}, TypeError, "scale must be"),
+        (lambda: _qkv(), {"dropout_p": 1.0}, ValueError, r"dropout_p must be a finite number in \[0, 1\)"),
+        (lambda: _qkv(), {"q_offset": 1.5, "backend": "math"}, TypeError, "q_offset must be an int"),
+        (lambda: _qkv(), {"relative_bias": "alibi"}, TypeError, "relative_bias must be a RelativeBias"),
+        (lambda: _qkv(), {"sparsity": "strided"}, TypeError, "sparsity must be a Sparsity"),
+        (lambda: _qkv(), {"dropout_p": 0.1, "backend": "sdpa"}, ValueError, r"sdpa.*dropout_p > 0"),
+        (lambda: (lambda q, k, v: (q, k, v.double()))(*_qkv()), {"backend": "sdpa"}, ValueError, r"sdpa.*dtypes differ"),
     ],
 )
 def test_bad_input_errors(make, kwargs, exc, match):
