@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 import torch.autograd.forward_ad as fwAD
 
-__all__ = ["transforms_active", "forward_ad_active", "vmap_active", "higher_order_active"]
+__all__ = ["transforms_active", "forward_ad_active", "vmap_active", "higher_order_active", "values_inspectable"]
 
 
 def _levels(kind: str) -> int:
@@ -36,3 +36,9 @@ def vmap_active() -> bool:
 def higher_order_active() -> bool:
     """True when a derivative of the gradient may be taken: nested grad levels or forward AD."""
     return forward_ad_active() or _levels("Grad") >= 2
+
+
+def values_inspectable() -> bool:
+    """Whether a check may read tensor values (``.item()``, ``bool(t.all())``): not under vmap
+    (batched values) and not while compiling (a graph break). Shape checks need no values."""
+    return not torch.compiler.is_compiling() and not vmap_active()

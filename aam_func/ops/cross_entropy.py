@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..checks import check_choice, check_int, check_number
-from ._util import higher_order_active, transforms_active, vmap_active
+from ._util import higher_order_active, transforms_active, values_inspectable, vmap_active
 from .registry import OpSpec, register
 
 __all__ = ["linear_cross_entropy", "reference", "REDUCTIONS"]
@@ -81,7 +81,7 @@ def _check(hidden, weight, targets, bias, ignore_index, label_smoothing, z_loss,
     check_int("chunk_size", chunk_size, min=1, allow_none=True)
     check_int("ignore_index", ignore_index)
     V = weight.shape[0]
-    if not torch.compiler.is_compiling() and not vmap_active() and targets.numel():
+    if values_inspectable() and targets.numel():
         bad = targets[(targets != ignore_index) & ((targets < 0) | (targets >= V))]
         if bad.numel():
             raise ValueError(
