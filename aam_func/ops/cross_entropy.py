@@ -476,15 +476,6 @@ def _samples() -> list:
     ]
 
 
-register(
-    OpSpec(
-        name="linear_cross_entropy",
-        function=_LinearCrossEntropy,
-        op=linear_cross_entropy,
-        reference=reference,
-        proof="proofs/cross_entropy.md",
-        samples=_samples,
-        supports_forward_ad=True,
-        supports_double_backward=True,
-    )
-)
+register(OpSpec(name="linear_cross_entropy", function=_LinearCrossEntropy, op=linear_cross_entropy, reference=reference,
+                proof="proofs/cross_entropy.md", samples=_samples, supports_forward_ad=True,
+                supports_double_backward=True))

@@ -302,15 +302,5 @@ def _samples() -> list:
     ]
 
 
-register(
-    OpSpec(
-        name="attention",
-        function=BlockwiseAttention,
-        op=_op,
-        reference=_ref,
-        proof="proofs/attention.md",
-        samples=_samples,
-        supports_forward_ad=True,
-        supports_double_backward=True,
-    )
-)
+register(OpSpec(name="attention", function=BlockwiseAttention, op=_op, reference=_ref, proof="proofs/attention.md",
+                samples=_samples, supports_forward_ad=True, supports_double_backward=True))
