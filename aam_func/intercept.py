@@ -6,26 +6,26 @@
 Inside the context a ``TorchFunctionMode`` looks at every torch call. A *watched* tensor (one of
 the given objects: ``is``, not equality) in the weight slot of
 
-- ``F.linear(x, W, b)``                 weight (out, in): nn.Linear, aam_func's Linear
-- ``torch.addmm(b, x, W)``              weight (in, out): transformers' GPT-2 ``Conv1D``
-- ``F.embedding(ids, W[, padding_idx])`` a table lookup whose gradient is a row scatter
+- ``F.linear(x, W, b)``          weight (out, in): nn.Linear, aam_func's Linear
+- ``torch.addmm(b, x, W)``       weight (in, out): transformers' GPT-2 ``Conv1D`` (no beta/alpha/out)
+- ``F.embedding(ids, W, ...)``   a table lookup (``use.padding_idx``; ``use.plain`` is False with
+                                 max_norm / scale_grad_by_freq / sparse)
 
 is a *recognised use*: the client's :meth:`Client.linear` / :meth:`Client.embedding` receives a
 :class:`Use` and returns the op's result (``use.run()`` computes it as written). A watched tensor
 anywhere else is an *other use*: another slot of those ops (``F.linear(W, V)``: W is an input
-there), an embedding with ``max_norm`` / ``scale_grad_by_freq`` / ``sparse``, an ``addmm`` with
-``beta``/``alpha``, or any other function, method or property (``W.t()``, ``W @ x``, ``W[ids]``,
-``W.T``). The client's :meth:`Client.other` is told its key and returns the tensor the op sees in
-its place. Metadata reads (:data:`HARMLESS_PROPERTIES`, :data:`HARMLESS_METHODS`: ``.shape``,
+there) or any other function, method or property (``W.t()``, ``W @ x``, ``W[ids]``, ``W.T``).
+The client's :meth:`Client.other` is told its key and returns the tensor the op sees in its
+place. Metadata reads (:data:`HARMLESS_PROPERTIES`, :data:`HARMLESS_METHODS`: ``.shape``,
 ``.dtype``, ``.size()``, ...) are not uses: they pass through without asking the client.
 
 Clients (one object each, its state its own):
 
 - LoRA's factored path (``peft.lora``): a recognised linear use of a target adds
-  ``s·(x·Aᵀ)·Bᵀ``; an other use sees the merged weight ``W + s·B·A``.
+  ``s·(x·Aᵀ)·Bᵀ``; any other use sees the merged weight ``W + s·B·A``.
 - Ghost clipping (``per_sample.ghost``): discovery records each recognised use and marks the
-  weights of other uses for the exact route; the ghost pass adds a zero probe to each
-  recognised use's output and keeps its input.
+  weights of other uses (and of non-plain embeddings) for the exact route; the ghost pass adds a
+  zero probe to each recognised use's output and keeps its input.
 """
 
 from __future__ import annotations
@@ -56,6 +56,7 @@ LINEAR_KINDS = ("linear", "addmm")  # weight (out, in) / (in, out); both compute
 _EMBEDDING_ARGS = ("input", "weight", "padding_idx", "max_norm", "norm_type", "scale_grad_by_freq", "sparse")
 _LINEAR_ARGS = ("input", "weight", "bias")
 _ADDMM_ARGS = ("input", "mat1", "mat2")
+_ADDMM_ALL = _ADDMM_ARGS + ("beta", "alpha", "out")
 
 
 @dataclass(frozen=True)
@@ -71,14 +72,16 @@ class Use:
     input: Tensor
     bias: Optional[Tensor] = None
     padding_idx: Optional[int] = None
+    plain: bool = True
     _func: Any = field(default=None, repr=False)
     _args: dict = field(default_factory=dict, repr=False)
     _weight_slot: str = field(default="weight", repr=False)
 
-    def run(self, weight: Optional[Tensor] = None) -> Tensor:
+    def run(self, weight: Optional[Tensor] = None, **changes) -> Tensor:
         """The op as written (other watched tensors already replaced by the client's choice),
-        with ``weight`` in the weight slot when given."""
-        args = dict(self._args)
+        with ``weight`` in the weight slot when given and the keyword arguments in ``changes``
+        (e.g. ``padding_idx=None``)."""
+        args = dict(self._args, **changes)
         if weight is not None:
             args[self._weight_slot] = weight
         return self._func(**args)
@@ -162,7 +165,7 @@ class Intercept(TorchFunctionMode):
         if func is F.linear:
             kind, bound, slot = "linear", _bind(_LINEAR_ARGS, args, kwargs), "weight"
         elif func is torch.addmm:
-            kind, bound, slot = "addmm", _bind(_ADDMM_ARGS, args, kwargs), "mat2"
+            kind, bound, slot = "addmm", _bind(_ADDMM_ALL, args, kwargs), "mat2"
         elif func is F.embedding:
             kind, bound, slot = "embedding", _bind(_EMBEDDING_ARGS, args, kwargs), "weight"
         else:
@@ -173,18 +176,20 @@ class Intercept(TorchFunctionMode):
         key = self._key(weight)
         if key is None:
             return None
-        padding_idx = None
+        padding_idx, plain = None, True
         if kind == "embedding":
-            if (bound.get("max_norm") is not None or bound.get("scale_grad_by_freq", False)
-                    or bound.get("sparse", False)):
-                return None  # renormalised, frequency-scaled or sparse: not a plain row scatter
+            # renormalised, frequency-scaled or sparse: the weight gradient is not a plain row scatter
+            plain = not (bound.get("max_norm") is not None or bound.get("scale_grad_by_freq", False)
+                         or bound.get("sparse", False))
             padding_idx = bound.get("padding_idx")
             if padding_idx is not None and padding_idx < 0:
                 padding_idx += weight.shape[0]
+        elif kind == "addmm" and set(bound) != set(_ADDMM_ARGS):
+            return None  # beta / alpha / out change what addmm computes
         rest = {k: self._others(v) for k, v in bound.items() if k != slot}
         x = rest.get("mat1" if kind == "addmm" else "input")
         bias = rest.get("input" if kind == "addmm" else "bias")
-        return Use(kind, key, weight, x, bias, padding_idx, func, {**rest, slot: weight}, slot)
+        return Use(kind, key, weight, x, bias, padding_idx, plain, func, {**rest, slot: weight}, slot)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
