@@ -31,7 +31,8 @@ from torch import Tensor, nn
 
 from .. import tree
 from ..checks import is_number
-from ..peft.lora import LoRA, Target, module_candidates
+from ..peft.lora import LoRA
+from ..peft.targets import Target, module_candidates
 
 __all__ = ["save_pretrained", "load_pretrained", "AdapterFileError", "CONFIG_FILE", "WEIGHTS_FILE"]
 
