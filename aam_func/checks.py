@@ -90,5 +90,5 @@ def check_choice(name: str, value: Any, choices: Iterable) -> Any:
     """``value`` if it is one of ``choices``; else a ValueError listing them."""
     choices = tuple(choices)
     if isinstance(value, bool) or value not in choices:
-        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
     return value

@@ -9,17 +9,19 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Optional
 
+from .checks import check_choice, check_int, check_number
+from .init import WEIGHT_INITS
+from .ops.attention import BACKENDS as ATTENTION_BACKENDS  # the op that dispatches owns the names
+
 ATTENTION_TYPES = ("standard", "relative", "local", "sparse")
-ATTENTION_BACKENDS = ("auto", "sdpa", "math", "blockwise", "xformers")
 POSITION_ENCODINGS = ("sinusoidal", "learnable", "rope", "none")
 NORMS = ("layernorm", "rmsnorm")
 ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu", "swiglu")
 ROPE_LAYOUTS = ("half", "interleaved")
 SPARSE_PATTERNS = ("strided", "fixed")
-WEIGHT_INITS = ("normal", "xavier_uniform", "xavier_normal", "kaiming_uniform", "kaiming_normal")
 
 
 @dataclass(frozen=True)
@@ -65,61 +67,44 @@ class ModelConfig:
     init_std: float = 0.02
     weight_init: str = "normal"  # normal (GPT-2: N(0, init_std), residual outputs / sqrt(2 n_layers)) or the guide's xavier_uniform / kaiming_*
     fused_cross_entropy: bool = True
-    extra: dict = field(default_factory=dict, compare=False, hash=False, repr=False)
 
     def __post_init__(self):
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass)
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len"):
-            _positive_int(name, getattr(self, name))
+            check_int(name, getattr(self, name), min=1)
         if self.d_ff is None:
             d_ff = 4 * self.d_model
             if self.activation == "swiglu":
                 d_ff = -(-int(8 * self.d_model / 3) // 8) * 8
             set_("d_ff", d_ff)
-        _positive_int("d_ff", self.d_ff)
+        check_int("d_ff", self.d_ff, min=1)
         if self.n_kv_heads is None:
             set_("n_kv_heads", self.n_heads)
-        _positive_int("n_kv_heads", self.n_kv_heads)
-        _positive_int("max_relative_position", self.max_relative_position)
-        _nonneg_int("warmup_steps", self.warmup_steps)
+        check_int("n_kv_heads", self.n_kv_heads, min=1)
+        check_int("max_relative_position", self.max_relative_position, min=1)
+        check_int("warmup_steps", self.warmup_steps, min=0)
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"n_heads={self.n_heads} must be divisible by n_kv_heads={self.n_kv_heads}")
         for name in ("dropout", "label_smoothing"):
-            _probability(name, getattr(self, name))
+            check_number(name, getattr(self, name), min=0, max=1, max_open=True)
         if self.attention_dropout is None:
             set_("attention_dropout", self.dropout)
-        _probability("attention_dropout", self.attention_dropout)
+        check_number("attention_dropout", self.attention_dropout, min=0, max=1, max_open=True)
         for name in ("weight_decay", "learning_rate", "max_grad_norm", "focal_loss_gamma", "init_std"):
-            _nonneg_float(name, getattr(self, name))
-        _positive_float("focal_loss_alpha", self.focal_loss_alpha)
-        _positive_float("norm_eps", self.norm_eps)
-        _positive_float("rope_base", self.rope_base)
-        _choice("activation", self.activation, ACTIVATIONS)
-        _choice("norm", self.norm, NORMS)
-        _choice("weight_init", self.weight_init, WEIGHT_INITS)
-        _choice("rope_layout", self.rope_layout, ROPE_LAYOUTS)
-        _choice("sparse_pattern", self.sparse_pattern, SPARSE_PATTERNS)
+            check_number(name, getattr(self, name), min=0)
+        check_number("focal_loss_alpha", self.focal_loss_alpha, min=0, min_open=True)
+        check_number("norm_eps", self.norm_eps, min=0, min_open=True)
+        check_number("rope_base", self.rope_base, min=0, min_open=True)
+        check_choice("activation", self.activation, ACTIVATIONS)
+        check_choice("norm", self.norm, NORMS)
+        check_choice("weight_init", self.weight_init, WEIGHT_INITS)
+        check_choice("rope_layout", self.rope_layout, ROPE_LAYOUTS)
+        check_choice("sparse_pattern", self.sparse_pattern, SPARSE_PATTERNS)
 
-        # attention_type <-> use_relative_pos
-        if self.attention_type is None:
-            set_("attention_type", "relative" if self.use_relative_pos else "standard")
-        _choice("attention_type", self.attention_type, ATTENTION_TYPES)
-        if self.use_relative_pos and self.attention_type != "relative":
-            raise ValueError(
-                f"use_relative_pos=True conflicts with attention_type={self.attention_type!r}; "
-                "set attention_type='relative' or use_relative_pos=False"
-            )
-        # position_encoding <-> use_rope
-        if self.position_encoding is None:
-            set_("position_encoding", "rope" if self.use_rope else "sinusoidal")
-        _choice("position_encoding", self.position_encoding, POSITION_ENCODINGS)
-        if self.use_rope and self.position_encoding != "rope":
-            raise ValueError(
-                f"use_rope=True conflicts with position_encoding={self.position_encoding!r}; "
-                "set position_encoding='rope' or use_rope=False"
-            )
+        self._resolve_flag("use_relative_pos", "attention_type", "relative", "standard", ATTENTION_TYPES)
+        self._resolve_flag("use_rope", "position_encoding", "rope", "sinusoidal", POSITION_ENCODINGS)
         if self.position_encoding == "rope" and self.head_dim % 2:
             raise ValueError(f"position_encoding='rope' needs an even head dim, got d_model/n_heads={self.head_dim}")
         # attention_backend <-> use_flash_attention / use_xformers
@@ -132,7 +117,7 @@ class ModelConfig:
             elif self.use_xformers:
                 backend = "xformers"
             set_("attention_backend", backend)
-        _choice("attention_backend", self.attention_backend, ATTENTION_BACKENDS)
+        check_choice("attention_backend", self.attention_backend, ATTENTION_BACKENDS)
         if self.use_xformers and self.attention_backend != "xformers":
             raise ValueError(
                 f"use_xformers=True conflicts with attention_backend={self.attention_backend!r}"
@@ -143,14 +128,21 @@ class ModelConfig:
                 "flash-style attention is 'blockwise' (or 'sdpa')"
             )
 
+    def _resolve_flag(self, flag: str, name: str, implied: str, default: str, choices: tuple) -> None:
+        """The explicit field ``name`` behind one of the guide's bool flags: unset, it is
+        ``implied`` when the flag is on, else ``default``; set, it must agree with the flag."""
+        on, value = getattr(self, flag), getattr(self, name)
+        if value is None:
+            value = implied if on else default
+            object.__setattr__(self, name, value)
+        check_choice(name, value, choices)
+        if on and value != implied:
+            raise ValueError(f"{flag}=True conflicts with {name}={value!r}; set {name}={implied!r} or {flag}=False")
+
     # ------------------------------------------------------------------ derived
     @property
     def head_dim(self) -> int:
         return self.d_model // self.n_heads
-
-    @property
-    def mlp_kind(self) -> str:
-        return self.activation
 
     def replace(self, **changes: Any) -> "ModelConfig":
         """A new validated config with ``changes`` applied."""
@@ -162,6 +154,8 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
         known = {f.name for f in dataclasses.fields(cls)}
+        if d.get("extra") == {}:  # configs saved before the unused ``extra`` field was removed
+            d = {k: v for k, v in d.items() if k != "extra"}
         unknown = sorted(set(d) - known)
         if unknown:
             raise ValueError(f"unknown ModelConfig fields: {', '.join(unknown)}")
@@ -175,33 +169,3 @@ class ModelConfig:
     def load(cls, path: str | os.PathLike) -> "ModelConfig":
         with open(path, encoding="utf-8") as f:
             return cls.from_dict(json.load(f))
-
-
-def _positive_int(name, value):
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-
-
-def _nonneg_int(name, value):
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
-
-
-def _probability(name, value):
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0.0 <= value < 1.0):
-        raise ValueError(f"{name} must be a probability in [0, 1), got {value!r}")
-
-
-def _nonneg_float(name, value):
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (value >= 0.0) or value == float("inf"):
-        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-
-
-def _positive_float(name, value):
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (value > 0.0) or value == float("inf"):
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-
-
-def _choice(name, value, choices):
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")

@@ -13,6 +13,7 @@ The pieces are pure functions over tensors, usable in hand-written loops:
   with preallocated (batch, kv_heads, max_len, head_dim) buffers and a 0-d ``"length"``, so
   every decode step has the same shapes; ``generate``'s default, and what ``compile=True``
   compiles (once per model and shape, no recompiles per token).
+  Both run the model's KV-cached path, ``Transformer.decode``, on the cache's tensors.
 - ``process_logits(logits, seen, ...)``: repetition penalty, then (sampling) temperature, top-k,
   top-p, in transformers' order, with transformers' tie and threshold rules.
 
@@ -23,11 +24,15 @@ with ``pad_token_id`` and generation stops when every row has finished (as trans
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from .checks import check_int, check_number
+from .model import key_padding_mask
 
 __all__ = [
     "generate",
@@ -119,16 +124,11 @@ def process_logits(
 
 
 def _check_options(max_new_tokens, temperature, top_k, top_p, repetition_penalty):
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
-    if not (temperature > 0):
-        raise ValueError(f"temperature must be > 0, got {temperature!r}")
-    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
-        raise ValueError(f"top_k must be an integer >= 0 (0: off), got {top_k!r}")
-    if not (0.0 < top_p <= 1.0):
-        raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
-    if not (repetition_penalty > 0):
-        raise ValueError(f"repetition_penalty must be > 0, got {repetition_penalty!r}")
+    check_int("max_new_tokens", max_new_tokens, min=0)
+    check_number("temperature", temperature, min=0, min_open=True, finite=False)
+    check_int("top_k", top_k, min=0)  # 0: off
+    check_number("top_p", top_p, min=0, min_open=True, max=1)
+    check_number("repetition_penalty", repetition_penalty, min=0, min_open=True, finite=False)
 
 
 # ----------------------------------------------------------------------------- the cache
@@ -155,15 +155,17 @@ def forward_cached(model, params, tokens: Tensor, cache: dict, attention_mask: O
     attention path); ``None`` checks.
     """
     B, T = tokens.shape
-    new_mask = torch.ones((B, T), dtype=torch.bool, device=tokens.device) if attention_mask is None else attention_mask.bool()
+    new_mask = key_padding_mask(attention_mask, B, T)  # (B, T) bool; 0/1 checked
+    if new_mask is None:
+        new_mask = torch.ones((B, T), dtype=torch.bool, device=tokens.device)
     mask = torch.cat([cache["mask"], new_mask], dim=1)
     if padded is None:
         padded = not bool(mask.all())
     if padded:
         positions = cache["next_pos"][:, None] + new_mask.long().cumsum(dim=1) - 1
-        out = model.apply(params, tokens, attention_mask=mask, position_ids=positions.clamp(min=0), past_kv=cache["kv"])
+        out = model.decode(params, tokens, cache["kv"], attention_mask=mask, position_ids=positions.clamp(min=0))
     else:  # positions are past .. past + new - 1 for every row: the model's default
-        out = model.apply(params, tokens, past_kv=cache["kv"])
+        out = model.decode(params, tokens, cache["kv"])
     new_cache = {"kv": out["past_kv"], "mask": mask, "next_pos": cache["next_pos"] + new_mask.long().sum(dim=1)}
     return out["logits"], new_cache
 
@@ -193,45 +195,76 @@ def forward_static(model, params, tokens: Tensor, cache: dict, attention_mask: O
     the input cache is left as it was, unless ``write_in_place``: then the kv buffers of the
     input cache are written (and returned), for a loop that owns them and drops the old cache
     (``generate`` does; it saves a copy of every buffer per token). ``validate=False`` skips the
-    model's per-call checks (see ``Transformer.apply``).
+    model's per-call checks (see ``Transformer.apply``), the 0/1 check of ``attention_mask`` included.
     """
     B, T = tokens.shape
     length = cache["length"]
-    if attention_mask is None:
-        new_mask, mask = None, cache["mask"]
+    new_mask = key_padding_mask(attention_mask, B, T, validate)  # (B, T) bool or None; 0/1 checked
+    if new_mask is None:
+        mask = cache["mask"]
     else:
-        new_mask = attention_mask.bool()
         mask = cache["mask"].index_copy(1, length + torch.arange(T, device=tokens.device), new_mask)
     if padded is None:
         padded = not bool(mask.all())
-    kw = dict(past_kv=cache["kv"], cache_position=length, write_in_place=write_in_place, validate=validate)
+    kw = dict(cache_position=length, write_in_place=write_in_place, validate=validate)
     if padded:
         counts = torch.ones_like(tokens).cumsum(dim=1) if new_mask is None else new_mask.long().cumsum(dim=1)
         positions = (cache["next_pos"][:, None] + counts - 1).clamp(min=0)
-        out = model.apply(params, tokens, attention_mask=mask, position_ids=positions, **kw)
+        out = model.decode(params, tokens, cache["kv"], attention_mask=mask, position_ids=positions, **kw)
     else:  # positions are the slot numbers: the model's default
-        out = model.apply(params, tokens, **kw)
+        out = model.decode(params, tokens, cache["kv"], **kw)
     added = T if new_mask is None else new_mask.long().sum(dim=1)
     new_cache = {"kv": out["past_kv"], "mask": mask, "next_pos": cache["next_pos"] + added, "length": length + T}
     return out["logits"], new_cache
 
 
-_compiled_steps: dict = {}
+COMPILED_STEPS_KEPT = 8  # dynamo's default recompile limit: further entries would not compile anyway
 
 
-def _decode_step(model, padded: bool, compile: bool):
+def _decode_step(model, padded: bool):
     """One decode step over a static cache, validation off, buffers written in place (the
-    generate loop owns them); compiled once per (model, padded) when asked."""
+    generate loop owns them)."""
 
     def step(params, token, cache):
         return forward_static(model, params, token, cache, padded=padded, validate=False, write_in_place=True)
 
-    if not compile:
-        return step
-    key = (model, padded)
-    if key not in _compiled_steps:
-        _compiled_steps[key] = torch.compile(step, dynamic=False)
-    return _compiled_steps[key]
+    return step
+
+
+@functools.lru_cache(maxsize=COMPILED_STEPS_KEPT)
+def _compiled_step(model, padded: bool):
+    """``_decode_step`` under ``torch.compile``, made once per (model, padded) and kept in an LRU
+    of ``COMPILED_STEPS_KEPT`` entries: repeated ``generate(compile=True)`` calls reuse it, and a
+    process that goes through many models holds a bounded number of them."""
+    return torch.compile(_decode_step(model, padded), dynamic=False)
+
+
+def _prefill(model, params, input_ids: Tensor, mask: Tensor, padded: bool, cache: str, compile: bool, total: int):
+    """The prompt (batch, prompt) through a fresh cache sized for ``total`` tokens:
+    ``(logits (batch, prompt, vocab), cache, step)`` with ``step(params, token, cache) ->
+    (logits, cache)`` the decode step for one more token (batch, 1)."""
+    B = input_ids.shape[0]
+    dtype, device = params["embed"]["weight"].dtype, input_ids.device
+    if cache == "static":
+        # buffers rounded up to 64 slots, so that nearby lengths share one compiled step
+        max_len = min(model.cfg.max_seq_len, -(-total // 64) * 64)
+        kv = init_static_cache(model, B, max_len, dtype=dtype, device=device)
+        logits, kv = forward_static(model, params, input_ids, kv, mask, padded=padded)  # validates once
+        return logits, kv, _compiled_step(model, padded) if compile else _decode_step(model, padded)
+    kv = init_cache(model, B, dtype=dtype, device=device)
+    logits, kv = forward_cached(model, params, input_ids, kv, mask, padded=padded)
+    return logits, kv, lambda params, token, kv: forward_cached(model, params, token, kv, padded=padded)
+
+
+def _next_token(logits: Tensor, seen: Tensor, seen_mask: Tensor, generator: Optional[torch.Generator], *,
+                do_sample: bool, **processing) -> Tensor:
+    """Last-position logits (batch, vocab) -> the next token per row (batch,): processed
+    (``process_logits``), then drawn from ``generator`` or, greedy, the argmax."""
+    scores = process_logits(logits, seen, seen_mask=seen_mask, do_sample=do_sample, **processing)
+    if do_sample:
+        probs = F.softmax(scores, dim=-1)
+        return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+    return scores.argmax(dim=-1)
 
 
 def _forward_full(model, params, ids: Tensor, mask: Tensor) -> Tensor:
@@ -272,9 +305,10 @@ def generate(
     sequence each step (the reference the cache must equal). ``cache="static"`` decodes over
     preallocated buffers (validation once, at the prompt); ``"dynamic"`` grows the cache by
     concatenation. ``compile=True`` compiles the static decode step with ``torch.compile``
-    (once per model, batch and length; the first call pays the compile time). All models share
-    one compiled function, so past dynamo's recompile limit (8 shapes/models) further ones run
-    uncompiled, with dynamo's warning.
+    (once per model, batch and length; the first call pays the compile time). Compiled steps
+    are kept for the last ``COMPILED_STEPS_KEPT`` (model, padding) pairs; they share dynamo's
+    recompile limit (8 shapes/models), past which further ones run uncompiled, with its warning.
+    ``attention_mask`` (batch, prompt) holds 0/1 or bools (other values are an error).
     """
     if cache not in ("static", "dynamic"):
         raise ValueError(f"cache must be 'static' or 'dynamic', got {cache!r}")
@@ -289,7 +323,9 @@ def generate(
             f"prompt of {P} tokens + max_new_tokens={max_new_tokens} exceeds the model's max_seq_len="
             f"{model.cfg.max_seq_len}; shorten the prompt or ask for fewer tokens"
         )
-    mask = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+    mask = key_padding_mask(attention_mask, B, P)  # (B, P) bool; 0/1 checked
+    if mask is None:
+        mask = torch.ones_like(input_ids, dtype=torch.bool)
     if not bool(mask.any(dim=1).all()):
         raise ValueError("every prompt needs at least one real token (attention_mask is all 0 in a row)")
     if do_sample and generator is None:
@@ -301,30 +337,13 @@ def generate(
     ids, full_mask = input_ids, mask
     finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
     padded = not bool(mask.all())
-    static = cache == "static"
-    kv = None
-    dtype, device = params["embed"]["weight"].dtype, input_ids.device
-    if use_cache and max_new_tokens > 0 and static:
-        # buffers rounded up to 64 slots, so that nearby lengths share one compiled step
-        max_len = min(model.cfg.max_seq_len, -(-(P + max_new_tokens) // 64) * 64)
-        kv = init_static_cache(model, B, max_len, dtype=dtype, device=device)
-        logits, kv = forward_static(model, params, input_ids, kv, mask, padded=padded)  # validates once
-        step = _decode_step(model, padded, compile)
-    elif use_cache and max_new_tokens > 0:
-        kv = init_cache(model, B, dtype=dtype, device=device)
-        logits, kv = forward_cached(model, params, input_ids, kv, mask, padded=padded)
+    if use_cache and max_new_tokens > 0:
+        logits, kv, step = _prefill(model, params, input_ids, mask, padded, cache, compile, P + max_new_tokens)
     for i in range(max_new_tokens):
         if not use_cache:
             logits = _forward_full(model, params, ids, full_mask)
-        scores = process_logits(
-            logits[:, -1], ids, seen_mask=full_mask, do_sample=do_sample, temperature=temperature,
-            top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
-        )
-        if do_sample:
-            probs = F.softmax(scores, dim=-1)
-            nxt = torch.multinomial(probs, 1, generator=generator).squeeze(1)
-        else:
-            nxt = scores.argmax(dim=-1)
+        nxt = _next_token(logits[:, -1], ids, full_mask, generator, do_sample=do_sample, temperature=temperature,
+                          top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty)
         if eos_token_id is not None:
             nxt = torch.where(finished, torch.full_like(nxt, pad_token_id), nxt)
             finished = finished | (nxt == eos_token_id)
@@ -333,8 +352,5 @@ def generate(
         if eos_token_id is not None and bool(finished.all()):
             break
         if use_cache and i + 1 < max_new_tokens:
-            if static:
-                logits, kv = step(params, nxt[:, None], kv)
-            else:
-                logits, kv = forward_cached(model, params, nxt[:, None], kv, padded=padded)
+            logits, kv = step(params, nxt[:, None], kv)
     return ids

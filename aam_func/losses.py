@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .ops._util import vmap_active
+from .checks import check_number
 
 __all__ = [
     "lm_loss",
@@ -58,8 +59,7 @@ def _check_class_inputs(name: str, logits: Tensor, targets: Tensor, ignore_index
 
 
 def _check_prob(name: str, value: float) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
-        raise ValueError(f"{name} must be in [0, 1), got {value!r}")
+    check_number(name, value, min=0, max=1, max_open=True)
 
 
 def _reduce(per: Tensor, valid: Tensor, reduction: str) -> Tensor:
@@ -148,14 +148,13 @@ def focal_loss(
     _check_class_inputs("focal_loss", logits, targets, ignore_index)
     _check_reduction(reduction)
     _check_prob("label_smoothing", label_smoothing)
-    if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not 0.0 <= gamma < float("inf"):
-        raise ValueError(f"focal_loss gamma must be a finite number >= 0, got {gamma!r}")
+    check_number("focal_loss gamma", gamma, min=0)
     C = logits.shape[-1]
     if isinstance(alpha, Tensor):
         if tuple(alpha.shape) not in ((), (C,)):
             raise ValueError(f"focal_loss alpha must be a scalar or a (C,) = ({C},) tensor, got shape {tuple(alpha.shape)}")
-    elif isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha >= 0:
-        raise ValueError(f"focal_loss alpha must be >= 0 (a number or a per-class tensor), got {alpha!r}")
+    else:
+        check_number("focal_loss alpha (a number or a per-class tensor)", alpha, min=0)
     logp = F.log_softmax(_acc(logits), dim=-1)  # (..., C)
     valid = targets != ignore_index
     t = torch.where(valid, targets, torch.zeros_like(targets))
@@ -221,10 +220,8 @@ def contrastive_loss(
         raise ValueError(f"contrastive_loss: labels must be shaped (n,) = ({embeddings.shape[0]},), got {getattr(labels, 'shape', labels)}")
     if kind not in ("supcon", "margin"):
         raise ValueError(f"contrastive_loss kind must be 'supcon' or 'margin', got {kind!r}")
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
-        raise ValueError(f"contrastive_loss temperature must be > 0, got {temperature!r}")
-    if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not margin >= 0:
-        raise ValueError(f"contrastive_loss margin must be >= 0, got {margin!r}")
+    check_number("contrastive_loss temperature", temperature, min=0, min_open=True)
+    check_number("contrastive_loss margin", margin, min=0)
     e = _acc(embeddings)
     n = e.shape[0]
     same = labels[:, None] == labels[None, :]
@@ -275,10 +272,8 @@ def triplet_loss(
             f"triplet_loss: anchor, positive, negative must share a shape (..., d); got "
             f"{tuple(anchor.shape)}, {tuple(positive.shape)}, {tuple(negative.shape)}"
         )
-    if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not margin >= 0:
-        raise ValueError(f"triplet_loss margin must be >= 0, got {margin!r}")
-    if isinstance(p, bool) or not isinstance(p, (int, float)) or not p > 0:
-        raise ValueError(f"triplet_loss p must be > 0, got {p!r}")
+    check_number("triplet_loss margin", margin, min=0)
+    check_number("triplet_loss p", p, min=0, min_open=True, finite=False)
     _check_reduction(reduction)
     dist = lambda x, y: torch.linalg.vector_norm(x - y + eps, ord=p, dim=-1)  # noqa: E731
     d_ap, d_an = dist(anchor, positive), dist(anchor, negative)

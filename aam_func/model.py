@@ -3,6 +3,7 @@
     model = Transformer(cfg)
     params = model.init(seed=0)
     out = model.apply(params, input_ids, labels=input_ids)   # {"logits", "loss"}
+    out = model.decode(params, new_ids, past_kv)              # KV-cached: {"logits", "loss", "past_kv"}
 
 Params layout (flattened names equal a state_dict):
     embed.weight (V, d) · pos.weight (max_seq_len, d) when learnable ·
@@ -40,7 +41,7 @@ from .ops.cross_entropy import linear_cross_entropy
 from .ops.remat import remat
 from .tree import Params, check_structure, flatten, unflatten
 
-__all__ = ["Transformer"]
+__all__ = ["Transformer", "key_padding_mask"]
 
 
 def _can_inspect_values() -> bool:
@@ -155,111 +156,169 @@ class Transformer:
         train: bool = False,
         generator: Optional[torch.Generator] = None,
         inputs_embeds: Optional[Tensor] = None,
-        past_kv: Optional[list] = None,
         return_logits: bool = True,
+        validate: bool = True,
+        past_kv: Optional[list] = None,
         cache_position: Optional[Tensor] = None,
         write_in_place: bool = False,
-        validate: bool = True,
     ) -> dict:
         """input_ids (batch, seq) -> {"logits": (batch, seq, vocab), "loss": scalar or None}.
 
         ``attention_mask`` (batch, seq): 1/True for real tokens, 0 for padding; padded positions
         neither influence other positions nor count in the loss. ``labels`` (batch, seq) are
         shifted inside (position t predicts labels[t+1]); -100 is ignored. ``inputs_embeds``
-        replaces ``input_ids`` (P-tuning). ``past_kv`` (a list of per-layer (k, v)) enables
-        incremental decoding; the output then also holds ``"past_kv"``.
-
-        ``cache_position`` (a 0-d integer tensor) makes ``past_kv`` a static cache: per layer
-        (k, v) buffers (batch, kv_heads, max_len, head_dim), the new tokens written at slots
-        ``cache_position + [0, seq)`` (of copies; in the buffers themselves with
-        ``write_in_place``, for a caller that owns them), ``attention_mask`` covering the
-        max_len slots (slots beyond the written ones are never read), positions defaulting to
-        the slot numbers. Shapes do not change from step to step (``torch.compile`` friendly).
+        replaces ``input_ids`` (P-tuning). ``position_ids`` (seq,) or (batch, seq) default to
+        0 .. seq - 1.
 
         ``validate=False`` skips the checks that cost time on every call (the params tree
         against the config, and value checks on ids, masks and positions, each a device sync);
-        for loops such as decoding that validated their inputs once up front. Shape checks stay.
+        for loops that validated their inputs once up front. Shape checks stay.
 
         ``return_logits=False`` (with labels) skips the (batch, seq, vocab) logits: the loss then
         comes from the fused, chunked LM-head cross-entropy (``ops.cross_entropy``) unless
         ``cfg.fused_cross_entropy`` is off or the focal loss is configured; ``"logits"`` is None.
         With ``cfg.gradient_checkpointing`` each block is rematerialised in the backward
         (``ops.remat``; works under ``torch.func.grad`` and ``vmap``).
+
+        KV-cached decoding is :meth:`decode`; ``past_kv``/``cache_position``/``write_in_place``
+        here are its older spelling and hand the call to it unchanged.
+        """
+        if past_kv is not None or cache_position is not None:
+            return self.decode(
+                params, input_ids, past_kv, cache_position=cache_position, write_in_place=write_in_place,
+                attention_mask=attention_mask, labels=labels, position_ids=position_ids, train=train,
+                generator=generator, inputs_embeds=inputs_embeds, return_logits=return_logits, validate=validate,
+            )
+        c = self.cfg
+        x = self._inputs(params, input_ids, inputs_embeds, validate)  # (B, T, d)
+        B, T = x.shape[0], x.shape[1]
+        self._check_length(T)
+        key_mask = key_padding_mask(attention_mask, B, T, validate)  # (B, T) bool or None
+        positions = self._positions(position_ids, B, T, 0, x.device, validate)
+        x = self._add_positions(params, x, positions, train, generator)
+        block = self.block
+        block_fn = remat(block.apply) if c.gradient_checkpointing and torch.is_grad_enabled() else block.apply
+        for i in range(c.n_layers):
+            x = block_fn(params["blocks"][str(i)], x, positions=positions, key_padding_mask=key_mask,
+                         train=train, generator=generator)
+        x = self.final_norm.apply(params["ln_f"], x)  # (B, T, d)
+        return self._head(params, x, labels, key_mask, return_logits)
+
+    __call__ = apply
+
+    def decode(
+        self,
+        params: Params,
+        input_ids: Optional[Tensor],
+        past_kv: list,
+        *,
+        cache_position: Optional[Tensor] = None,
+        write_in_place: bool = False,
+        attention_mask: Optional[Tensor] = None,
+        labels: Optional[Tensor] = None,
+        position_ids: Optional[Tensor] = None,
+        train: bool = False,
+        generator: Optional[torch.Generator] = None,
+        inputs_embeds: Optional[Tensor] = None,
+        return_logits: bool = True,
+        validate: bool = True,
+    ) -> dict:
+        """New tokens (batch, seq) after a cached prefix -> {"logits", "loss", "past_kv"}.
+
+        The logits (and loss) equal those of :meth:`apply` over the whole sequence at the new
+        positions; ``past_kv`` in the output is the cache grown by the new tokens (prefill is a
+        call on an empty cache). Two kinds of cache, per layer a (k, v) pair:
+
+        - dynamic (no ``cache_position``): k, v (batch, kv_heads, past, head_dim); the new keys
+          and values are concatenated (new tensors, the input is untouched), ``attention_mask``
+          covers past + seq, positions default to past .. past + seq - 1.
+        - static (``cache_position``, a 0-d integer tensor): buffers (batch, kv_heads, max_len,
+          head_dim), the new tokens written at slots ``cache_position + [0, seq)`` of copies, or
+          of the buffers themselves with ``write_in_place`` (for a caller that owns them);
+          ``attention_mask`` covers the max_len slots (slots beyond the written ones are never
+          read), positions default to the slot numbers. Shapes do not change from step to step
+          (``torch.compile`` friendly).
+
+        The other arguments are :meth:`apply`'s.
         """
         c = self.cfg
+        x = self._inputs(params, input_ids, inputs_embeds, validate)  # (B, T, d)
+        B, T = x.shape[0], x.shape[1]
+        total = self._check_cache(past_kv, cache_position, T, validate)
+        self._check_length(total)
+        key_mask = key_padding_mask(attention_mask, B, total, validate)  # (B, total) bool or None
+        start = total - T if cache_position is None else cache_position
+        positions = self._positions(position_ids, B, T, start, x.device, validate)
+        x = self._add_positions(params, x, positions, train, generator)
+        block, new_kv = self.block, []
+        for i in range(c.n_layers):
+            x, kv = block.decode(params["blocks"][str(i)], x, past_kv[i], positions=positions,
+                                 key_padding_mask=key_mask, cache_position=cache_position,
+                                 write_in_place=write_in_place, train=train, generator=generator)
+            new_kv.append(kv)
+        x = self.final_norm.apply(params["ln_f"], x)  # (B, T, d)
+        if key_mask is None:
+            query_mask = None
+        elif cache_position is None:
+            query_mask = key_mask[:, total - T:]
+        else:
+            query_mask = key_mask.index_select(1, torch.arange(T, device=x.device) + cache_position)
+        out = self._head(params, x, labels, query_mask, return_logits)
+        out["past_kv"] = new_kv
+        return out
+
+    # ------------------------------------------------------- apply's stages
+    def _inputs(self, params: Params, input_ids: Optional[Tensor], inputs_embeds: Optional[Tensor],
+                validate: bool) -> Tensor:
+        """The params check (when validating) and the token embeddings (batch, seq, d_model)."""
         if validate and not torch.compiler.is_compiling():
             self.check_params(params)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
-        if inputs_embeds is not None:
-            if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != c.d_model:
-                raise ValueError(
-                    f"inputs_embeds must be (batch, seq, d_model={c.d_model}), got {tuple(inputs_embeds.shape)}"
-                )
-            x = inputs_embeds
-        else:
-            x = self.embed(params, input_ids) if validate else self.embedding.apply(params["embed"], input_ids)
-        B, T = x.shape[0], x.shape[1]
-        past = 0 if past_kv is None else past_kv[0][0].shape[2]
-        if past_kv is not None and len(past_kv) != c.n_layers:
-            raise ValueError(f"past_kv must have one (k, v) per layer ({c.n_layers}), got {len(past_kv)}")
-        if cache_position is not None:
-            total = self._check_static_cache(past_kv, cache_position, T, validate)
-        else:
-            total = past + T
-        if total > c.max_seq_len:
-            raise ValueError(f"input has {total} positions but max_seq_len is {c.max_seq_len}")
-        key_mask = self._key_mask(attention_mask, B, total, validate)
-        if position_ids is None:
-            start = past if cache_position is None else cache_position
-            positions = torch.arange(T, device=x.device) + start
-        else:
-            positions = self._check_positions(position_ids, B, T, validate)
+        if inputs_embeds is None:
+            return self.embed(params, input_ids) if validate else self.embedding.apply(params["embed"], input_ids)
+        if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != self.cfg.d_model:
+            raise ValueError(
+                f"inputs_embeds must be (batch, seq, d_model={self.cfg.d_model}), got {tuple(inputs_embeds.shape)}"
+            )
+        return inputs_embeds
 
+    def _positions(self, position_ids: Optional[Tensor], B: int, T: int, start, device, validate: bool) -> Tensor:
+        """``position_ids`` checked, or the default ``start + [0, T)`` (start: an int or a 0-d tensor)."""
+        if position_ids is None:
+            return torch.arange(T, device=device) + start
+        return self._check_positions(position_ids, B, T, validate)
+
+    def _add_positions(self, params: Params, x: Tensor, positions: Tensor, train: bool,
+                       generator: Optional[torch.Generator]) -> Tensor:
+        """Absolute position encodings (learnable or sinusoidal; rope lives in attention), then dropout."""
         pos = self.positions
         if pos is not None:
             x = pos.apply(params.get("pos", {}), x, positions)
-        x = dropout(x, c.dropout, train=train, generator=generator)
-        block = self.block
-        remat_blocks = c.gradient_checkpointing and past_kv is None and torch.is_grad_enabled()
-        block_fn = remat(block.apply) if remat_blocks else block.apply
-        new_kv = []
-        for i in range(c.n_layers):
-            layer_params = params["blocks"][str(i)]
-            kw = dict(positions=positions, key_padding_mask=key_mask, train=train, generator=generator)
-            if past_kv is not None:
-                x, kv = block.apply(layer_params, x, past_kv=past_kv[i], cache_position=cache_position,
-                                    write_in_place=write_in_place, **kw)
-                new_kv.append(kv)
-            else:
-                x = block_fn(layer_params, x, **kw)
-        x = self.final_norm.apply(params["ln_f"], x)  # (B, T, d)
+        return dropout(x, self.cfg.dropout, train=train, generator=generator)
+
+    def _head(self, params: Params, x: Tensor, labels: Optional[Tensor], query_mask: Optional[Tensor],
+              return_logits: bool) -> dict:
+        """Final hidden states (B, T, d) -> {"logits": (B, T, V) or None, "loss"}; ``query_mask``
+        (B, T) marks the positions whose next token counts in the loss."""
+        c = self.cfg
         head = params["embed"]["weight"] if c.tie_embeddings else params["lm_head"]["weight"]
         focal = c.focal_loss_gamma != 0.0 or c.focal_loss_alpha != 1.0
         fused = labels is not None and not return_logits and c.fused_cross_entropy and not focal
         logits = None if fused or not (return_logits or labels is not None) else F.linear(x, head)  # (B, T, V)
         out = {"logits": logits if return_logits else None, "loss": None}
-        if labels is not None:
-            self._check_labels(labels, B, T)
-            if key_mask is None:
-                query_mask = None
-            elif cache_position is None:
-                query_mask = key_mask[:, past:]
-            else:
-                query_mask = key_mask.index_select(1, torch.arange(T, device=x.device) + cache_position)
-            targets = shift_labels(labels, query_mask)
-            if fused:
-                out["loss"] = linear_cross_entropy(x, head, targets, label_smoothing=c.label_smoothing)
-            else:
-                out["loss"] = lm_loss(
-                    logits, targets, label_smoothing=c.label_smoothing,
-                    focal_alpha=c.focal_loss_alpha, focal_gamma=c.focal_loss_gamma,
-                )
-        if past_kv is not None:
-            out["past_kv"] = new_kv
+        if labels is None:
+            return out
+        self._check_labels(labels, x.shape[0], x.shape[1])
+        targets = shift_labels(labels, query_mask)
+        if fused:
+            out["loss"] = linear_cross_entropy(x, head, targets, label_smoothing=c.label_smoothing)
+        else:
+            out["loss"] = lm_loss(
+                logits, targets, label_smoothing=c.label_smoothing,
+                focal_alpha=c.focal_loss_alpha, focal_gamma=c.focal_loss_gamma,
+            )
         return out
-
-    __call__ = apply
 
     # ------------------------------------------------------------- validation
     def _check_ids(self, input_ids: Tensor) -> None:
@@ -275,34 +334,30 @@ class Transformer:
                 bad = lo if lo < 0 else hi
                 raise ValueError(f"input_ids contains token id {bad}, outside [0, vocab_size={self.cfg.vocab_size})")
 
-    def _check_static_cache(self, past_kv: list, cache_position: Tensor, T: int, validate: bool) -> int:
-        """Shape checks of a static cache (and, when validating, its position); returns max_len."""
+    def _check_length(self, total: int) -> None:
+        if total > self.cfg.max_seq_len:
+            raise ValueError(f"input has {total} positions but max_seq_len is {self.cfg.max_seq_len}")
+
+    def _check_cache(self, past_kv: list, cache_position: Optional[Tensor], T: int, validate: bool) -> int:
+        """Shape checks of a cache (and, when validating, of a static cache's position); returns
+        the key length the attention mask covers: past + T (dynamic) or max_len (static)."""
+        if past_kv is None:
+            raise ValueError(
+                "decode needs past_kv: per layer (k, v), each (batch, kv_heads, past, head_dim) "
+                "or, with cache_position, static buffers (batch, kv_heads, max_len, head_dim)"
+            )
+        if len(past_kv) != self.cfg.n_layers:
+            raise ValueError(f"past_kv must have one (k, v) per layer ({self.cfg.n_layers}), got {len(past_kv)}")
+        if cache_position is None:
+            return past_kv[0][0].shape[2] + T
         if not isinstance(cache_position, Tensor) or cache_position.dim() != 0 or cache_position.is_floating_point():
             raise TypeError(f"cache_position must be a 0-d integer tensor, got {cache_position!r}")
-        if past_kv is None:
-            raise ValueError("cache_position needs past_kv: per-layer (k, v) buffers (batch, kv_heads, max_len, head_dim)")
         max_len = past_kv[0][0].shape[2]
         if validate and _can_inspect_values():
             pos = int(cache_position)
             if pos < 0 or pos + T > max_len:
                 raise ValueError(f"cache_position {pos} + {T} new tokens does not fit a static cache of {max_len} slots")
         return max_len
-
-    def _key_mask(self, attention_mask: Optional[Tensor], B: int, total: int, validate: bool = True) -> Optional[Tensor]:
-        if attention_mask is None:
-            return None
-        if not isinstance(attention_mask, Tensor):
-            raise TypeError(f"attention_mask must be a Tensor, got {type(attention_mask).__name__}")
-        if tuple(attention_mask.shape) != (B, total):
-            raise ValueError(
-                f"attention_mask must have shape (batch, seq) = {(B, total)}, got {tuple(attention_mask.shape)}"
-            )
-        if attention_mask.dtype == torch.bool:
-            return attention_mask
-        if validate and _can_inspect_values() and attention_mask.numel():
-            if not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
-                raise ValueError("attention_mask must hold only 0 and 1 (or be bool)")
-        return attention_mask != 0
 
     def _check_positions(self, position_ids: Tensor, B: int, T: int, validate: bool = True) -> Tensor:
         if position_ids.is_floating_point():
@@ -328,6 +383,30 @@ class Transformer:
                 raise ValueError(
                     f"labels contains {int(bad[0])}, outside [0, vocab_size={self.cfg.vocab_size}) and not -100"
                 )
+
+
+def key_padding_mask(attention_mask: Optional[Tensor], batch: int, total: int, validate: bool = True) -> Optional[Tensor]:
+    """A user's ``attention_mask`` (batch, total) -> the key padding mask the attention takes:
+    bool, True at real tokens, False at padding (``None`` stays ``None``).
+
+    The mask must be a Tensor of exactly (batch, total), either bool or holding only 0 and 1
+    (any other value is an error rather than silently "true"). ``validate=False``, and tracing
+    under ``vmap`` or ``torch.compile``, skip the value check (a device sync); the shape check stays.
+    """
+    if attention_mask is None:
+        return None
+    if not isinstance(attention_mask, Tensor):
+        raise TypeError(f"attention_mask must be a Tensor, got {type(attention_mask).__name__}")
+    if tuple(attention_mask.shape) != (batch, total):
+        raise ValueError(
+            f"attention_mask must be (batch, seq) = {(batch, total)} in shape, got {tuple(attention_mask.shape)}"
+        )
+    if attention_mask.dtype == torch.bool:
+        return attention_mask
+    if validate and _can_inspect_values() and attention_mask.numel():
+        if not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
+            raise ValueError("attention_mask must hold only 0 and 1 (or be bool)")
+    return attention_mask != 0
 
 
 @functools.lru_cache(maxsize=64)

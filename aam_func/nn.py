@@ -17,17 +17,17 @@ from torch import Tensor, nn
 
 from .tree import Params, flatten, unflatten
 
-__all__ = ["bind", "Bound"]
+__all__ = ["bind", "Bound", "Node"]
 
 
-class _Node(nn.Module):
+class Node(nn.Module):
     """A plain container so that nested names like ``blocks.0.attn`` become submodules."""
 
     def __init__(self, tree: Mapping):
         super().__init__()
         for key, value in tree.items():
             if isinstance(value, Mapping):
-                self.add_module(key, _Node(value))
+                self.add_module(key, Node(value))
             elif isinstance(value, nn.Parameter):
                 self.register_parameter(key, value)
             elif isinstance(value, Tensor):
@@ -43,7 +43,7 @@ def _lookup(module: nn.Module, name: str) -> Tensor:
     return obj
 
 
-class Bound(_Node):
+class Bound(Node):
     """A spec bound to parameters; see :func:`bind`."""
 
     def __init__(self, spec: Any, params: Params, method: str = "apply"):

@@ -142,8 +142,7 @@ def make_lm_loss(model, *, train: bool = True) -> Callable:
 
 def autocast(precision: str, device_type: str):
     """The autocast context for a precision (``nullcontext`` for fp32)."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}; got {precision!r}")
+    check_choice("precision", precision, PRECISIONS)
     if precision == "fp32":
         return contextlib.nullcontext()
     return torch.autocast(device_type, dtype=_DTYPES[precision])
@@ -177,6 +176,45 @@ def _state_has(state: Mapping, suffix: str) -> bool:
     return any(n == suffix or n.endswith("." + suffix) for n in tree.flatten(state))
 
 
+def _accumulated_grads(grad_fn, params, batch, scale, generator, accumulate: int):
+    """Mean gradient and mean loss over ``accumulate`` equal micro-batches of ``batch``."""
+    micro = [batch] if accumulate == 1 else _split(batch, accumulate)
+    grads, losses = None, []
+    for mb in micro:
+        g, loss = grad_fn(params, mb, scale, generator)
+        grads = g if grads is None else tree.map(torch.add, grads, g)
+        losses.append(loss)
+    if accumulate == 1:
+        return grads, losses[0]
+    return tree.map(lambda x: x / accumulate, grads), torch.stack(losses).mean()
+
+
+def _logged(info: Mapping[str, bool], state, grads, scale, learning_rate) -> dict:
+    """``learning_rate`` and ``grad_norm`` of a step: read from the optimizer state where it
+    holds them (``info``), else the constant rate (NaN if none) and the unscaled gradients' norm."""
+    if info["lr"]:
+        lr = optim.current_learning_rate(state).float()
+    else:
+        lr = torch.tensor(float("nan") if learning_rate is None else float(learning_rate))
+    if info["norm"]:
+        norm = optim.last_global_norm(state).float()
+    else:
+        norm = optim.global_norm(grads)
+        norm = (norm / scale if scale is not None else norm).float()
+    return {"learning_rate": lr, "grad_norm": norm}
+
+
+def _with_loss_scale(optimizer, precision: str, loss_scale: Optional[dict]):
+    """``optimizer`` wrapped in the dynamic loss scaler for fp16; unchanged otherwise."""
+    if not isinstance(optimizer, optim.GradientTransformation):
+        raise TypeError(f"optimizer must be an optim.GradientTransformation, got {type(optimizer).__name__}")
+    if precision == "fp16":
+        return optim.dynamic_loss_scale(optimizer, **(loss_scale or {}))
+    if loss_scale:
+        raise ValueError("loss_scale options only apply to precision='fp16'")
+    return optimizer
+
+
 def make_train_step(
     loss_fn: Callable,
     optimizer: optim.GradientTransformation,
@@ -206,15 +244,9 @@ def make_train_step(
     for an optimizer that does not trace: it then runs eagerly behind a graph break while forward
     and backward, where the FLOPs are, stay compiled.
     """
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}; got {precision!r}")
+    check_choice("precision", precision, PRECISIONS)
     check_int("accumulate", accumulate, min=1)
-    if not isinstance(optimizer, optim.GradientTransformation):
-        raise TypeError(f"optimizer must be an optim.GradientTransformation, got {type(optimizer).__name__}")
-    if precision == "fp16":
-        optimizer = optim.dynamic_loss_scale(optimizer, **(loss_scale or {}))
-    elif loss_scale:
-        raise ValueError("loss_scale options only apply to precision='fp16'")
+    optimizer = _with_loss_scale(optimizer, precision, loss_scale)
     info: dict[str, bool] = {}
 
     def differentiated(params, batch, scale, generator):
@@ -236,33 +268,14 @@ def make_train_step(
 
     def step(params, opt_state, batch, generator: Optional[torch.Generator] = None):
         scale = opt_state["loss_scale"] if precision == "fp16" else None
-        micro = [batch] if accumulate == 1 else _split(batch, accumulate)
-        grads, losses = None, []
-        for mb in micro:
-            g, loss = grad_fn(params, mb, scale, generator)
-            grads = g if grads is None else tree.map(torch.add, grads, g)
-            losses.append(loss)
-        if accumulate > 1:
-            grads = tree.map(lambda x: x / accumulate, grads)
-        loss = torch.stack(losses).mean() if accumulate > 1 else losses[0]
+        grads, loss = _accumulated_grads(grad_fn, params, batch, scale, generator, accumulate)
         tokens = _count_tokens(batch)
         if reduce_fn is not None:
             red = reduce_fn({"grads": grads, "loss": loss, "weight": weight_fn(batch), "tokens": tokens})
             grads, loss, tokens = red["grads"], red["loss"], red["tokens"]
         updates, new_state = update_fn(grads, opt_state, params)
         new_params = apply_fn(params, updates)
-        metrics = {"loss": loss}
-        if info["lr"]:
-            metrics["learning_rate"] = optim.current_learning_rate(new_state).float()
-        else:
-            lr = float("nan") if learning_rate is None else float(learning_rate)
-            metrics["learning_rate"] = torch.tensor(lr)
-        if info["norm"]:
-            metrics["grad_norm"] = optim.last_global_norm(new_state).float()
-        else:
-            norm = optim.global_norm(grads)
-            metrics["grad_norm"] = (norm / scale if scale is not None else norm).float()
-        metrics["tokens"] = tokens
+        metrics = {"loss": loss, **_logged(info, new_state, grads, scale, learning_rate), "tokens": tokens}
         if precision == "fp16":
             metrics["loss_scale"] = opt_state["loss_scale"]
         return new_params, new_state, metrics
@@ -291,8 +304,7 @@ def make_eval_step(loss_fn: Callable, *, precision: str = "fp32", compile: bool 
     targets (:func:`batch_targets`: -100 labels and padding excluded, as the loss's mean does), the
     weight :func:`evaluate` averages with.
     """
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}; got {precision!r}")
+    check_choice("precision", precision, PRECISIONS)
 
     def step(params, batch):
         with torch.no_grad(), autocast(precision, batch["input_ids"].device.type):

@@ -47,5 +47,5 @@ def test_check_number_ranges():
 
 def test_check_choice():
     assert check_choice("norm", "rms", ("layer", "rms")) == "rms"
-    with pytest.raises(ValueError, match=r"norm must be one of \('layer', 'rms'\), got 'batch'"):
+    with pytest.raises(ValueError, match=r"norm must be one of 'layer', 'rms'; got 'batch'"):
         check_choice("norm", "batch", ("layer", "rms"))

@@ -72,3 +72,23 @@ def test_frozen_replace_and_json_roundtrip(tmp_path):
     assert ModelConfig.load(path) == c
     with pytest.raises(ValueError, match="unknown ModelConfig fields: bogus"):
         ModelConfig.from_dict({**c.to_dict(), "bogus": 1})
+
+
+def test_extra_is_not_a_field_and_old_files_still_load():
+    # ``extra`` was accepted and ignored; now it is refused, while configs saved with the old
+    # empty ``"extra": {}`` entry still load
+    with pytest.raises(TypeError, match="extra"):
+        ModelConfig(extra={"x": 1})
+    d = ModelConfig(d_model=32, n_heads=4).to_dict()
+    assert "extra" not in d
+    assert ModelConfig.from_dict({**d, "extra": {}}) == ModelConfig(d_model=32, n_heads=4)
+    with pytest.raises(ValueError, match="unknown ModelConfig fields: extra"):
+        ModelConfig.from_dict({**d, "extra": {"x": 1}})
+
+
+def test_attention_backends_and_weight_inits_have_one_owner():
+    from aam_func import config, init
+    from aam_func.ops import attention
+
+    assert config.ATTENTION_BACKENDS is attention.BACKENDS
+    assert config.WEIGHT_INITS is init.WEIGHT_INITS

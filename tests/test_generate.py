@@ -203,3 +203,54 @@ def test_bad_options():
         generate(m, p, x, top_p=0.0)
     with pytest.raises(ValueError, match="all 0"):
         generate(m, p, x, attention_mask=torch.zeros_like(x))
+    with pytest.raises(ValueError, match="max_new_tokens must be an int >= 0"):
+        generate(m, p, x, max_new_tokens=True)
+    with pytest.raises(ValueError, match="top_k must be an int >= 0"):
+        generate(m, p, x, top_k=2.0)
+    with pytest.raises(ValueError, match="repetition_penalty"):
+        generate(m, p, x, repetition_penalty=float("nan"))
+
+
+@pytest.mark.parametrize("cache", ["static", "dynamic"])
+def test_attention_mask_must_be_zero_one_or_bool(cache):
+    """generate and the cache steps check the mask as the model does (issue 15): a 2 is an
+    error, not "true"; a bool or a 0/1 float mask gives the tokens of the long 0/1 one."""
+    m, p = _model()
+    ids, mask = left_pad([[5, 6, 7], [1, 2, 3, 4]], pad_token_id=0)
+    want = generate(m, p, ids, attention_mask=mask, max_new_tokens=5, cache=cache)
+    for same in (mask.bool(), mask.float()):
+        assert torch.equal(generate(m, p, ids, attention_mask=same, max_new_tokens=5, cache=cache), want)
+    bad = mask.clone()
+    bad[0, 3] = 2
+    with pytest.raises(ValueError, match="only 0 and 1"):
+        generate(m, p, ids, attention_mask=bad, max_new_tokens=5, cache=cache)
+    with pytest.raises(ValueError, match=r"attention_mask must be \(batch, seq\) = \(2, 4\)"):
+        generate(m, p, ids, attention_mask=mask[:, 1:], max_new_tokens=5, cache=cache)
+    with pytest.raises(ValueError, match="only 0 and 1"):
+        forward_cached(m, p, ids, init_cache(m, 2), bad)
+    with pytest.raises(ValueError, match="only 0 and 1"):
+        forward_static(m, p, ids, init_static_cache(m, 2, 8), bad)
+
+
+def test_compiled_steps_are_a_bounded_lru():
+    """generate(compile=True)'s compiled decode steps: one per (model, padded), reused, and at
+    most COMPILED_STEPS_KEPT of them kept (least recently used dropped first). Nothing here is
+    called, so nothing compiles."""
+    from aam_func import generate as G
+
+    G._compiled_step.cache_clear()
+    n = G.COMPILED_STEPS_KEPT
+    models = [af.Transformer(af.ModelConfig(vocab_size=11 + i, d_model=8, n_layers=1, n_heads=2, max_seq_len=8))
+              for i in range(n + 3)]
+    first = G._compiled_step(models[0], False)
+    assert G._compiled_step(models[0], False) is first and G._compiled_step(models[0], True) is not first
+    for mdl in models[1:]:
+        G._compiled_step(mdl, False)
+        assert G._compiled_step.cache_info().currsize <= n
+    info = G._compiled_step.cache_info()
+    assert info.currsize == n and info.maxsize == n
+    assert G._compiled_step(models[-1], False) is G._compiled_step(models[-1], False)  # kept
+    misses = G._compiled_step.cache_info().misses
+    G._compiled_step(models[0], False)  # dropped long ago: made again
+    assert G._compiled_step.cache_info().misses == misses + 1 and G._compiled_step(models[0], False) is not first
+    G._compiled_step.cache_clear()

@@ -111,6 +111,36 @@ def test_block_gradcheck():
     _gradcheck_layer(spec, torch.randn(1, 4, 4), positions=torch.arange(4))
 
 
+@pytest.mark.parametrize("attention_type", ["standard", "relative", "local", "sparse"])
+@pytest.mark.parametrize("layer", ["attention", "block"])
+def test_decode_equals_apply_and_each_returns_one_type(attention_type, layer):
+    """SelfAttention/Block: ``apply`` returns a tensor; ``decode`` over a growing (concatenated)
+    cache and over static buffers returns ``(out, (k, v))`` whose out equals apply's at the new
+    positions, and whose cache holds the keys of every position so far."""
+    attn = layers.SelfAttention(d_model=8, n_heads=2, n_kv_heads=1, attention_type=attention_type,
+                                max_relative_position=2, rope=True, backend="math")
+    spec = attn if layer == "attention" else layers.Block(attn, layers.MLP(8, 16, kind="gelu"))
+    p = spec.init(G(3))
+    B, T, L = 2, 6, 9
+    x = torch.randn(B, T, 8, generator=G(4))
+    want = spec.apply(p, x, positions=torch.arange(T))
+    assert isinstance(want, torch.Tensor) and want.shape == (B, T, 8)
+    grown, bufs = (torch.zeros(B, 1, 0, 4),) * 2, (torch.zeros(B, 1, L, 4), torch.zeros(B, 1, L, 4))
+    got_dynamic, got_static = [], []
+    for start, stop in [(0, 3), (3, 4), (4, 6)]:
+        kw = dict(positions=torch.arange(start, stop))
+        out, grown = spec.decode(p, x[:, start:stop], grown, **kw)
+        got_dynamic.append(out)
+        out, bufs = spec.decode(p, x[:, start:stop], bufs, cache_position=torch.tensor(start), **kw)
+        got_static.append(out)
+        assert grown[0].shape == (B, 1, stop, 4) and bufs[0].shape == (B, 1, L, 4)
+    torch.testing.assert_close(torch.cat(got_dynamic, 1), want, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(torch.cat(got_static, 1), want, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(bufs[0][:, :, :T], grown[0])
+    torch.testing.assert_close(bufs[1][:, :, :T], grown[1])
+    assert bufs[0][:, :, T:].abs().sum() == 0
+
+
 def test_dropout_generator_and_vmap():
     x = torch.ones(4, 100)
     a = layers.dropout(x, 0.5, train=True, generator=G(1))

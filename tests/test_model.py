@@ -187,11 +187,11 @@ def test_kv_cache_equals_full_forward():
         ids = torch.randint(0, cfg.vocab_size, (2, 10))
         full = m.apply(p, ids)["logits"]
         empty = [(torch.zeros(2, cfg.n_kv_heads, 0, cfg.head_dim),) * 2 for _ in range(cfg.n_layers)]
-        out = m.apply(p, ids[:, :6], past_kv=empty)
+        out = m.decode(p, ids[:, :6], empty)
         steps = [out["logits"]]
         kv = out["past_kv"]
         for t in range(6, 10):
-            o = m.apply(p, ids[:, t : t + 1], past_kv=kv)
+            o = m.decode(p, ids[:, t : t + 1], kv)
             steps.append(o["logits"])
             kv = o["past_kv"]
         assert torch.allclose(torch.cat(steps, 1), full, atol=1e-5), variant
@@ -218,8 +218,8 @@ def test_static_cache_equals_full_forward(variant, in_place):
     slot_mask[:, :9] = mask
     kv, steps = bufs, []
     for start, stop in [(0, 5)] + [(t, t + 1) for t in range(5, 9)]:
-        o = m.apply(p, ids[:, start:stop], attention_mask=slot_mask, position_ids=pos[:, start:stop], past_kv=kv,
-                    cache_position=torch.tensor(start), write_in_place=in_place, validate=start == 0)
+        o = m.decode(p, ids[:, start:stop], kv, attention_mask=slot_mask, position_ids=pos[:, start:stop],
+                     cache_position=torch.tensor(start), write_in_place=in_place, validate=start == 0)
         assert o["past_kv"][0][0].shape == (2, cfg.n_kv_heads, L, cfg.head_dim)
         steps.append(o["logits"])
         kv = o["past_kv"]
@@ -228,15 +228,75 @@ def test_static_cache_equals_full_forward(variant, in_place):
     assert kv[-1][1][:, :, 9:].abs().sum() == 0  # nothing written past the tokens
 
 
+def _empty_cache(cfg, batch, static_len=None):
+    n = 0 if static_len is None else static_len
+    return [(torch.zeros(batch, cfg.n_kv_heads, n, cfg.head_dim), torch.zeros(batch, cfg.n_kv_heads, n, cfg.head_dim))
+            for _ in range(cfg.n_layers)]
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+@pytest.mark.parametrize("kind", ["dynamic", "static"])
+def test_decode_token_by_token_equals_apply_at_every_position(variant, kind):
+    """decode from an empty cache, one token per call, row 1 left-padded by 3: the logits at
+    every real position equal apply's over the whole sequence, and a one-call prefill gives
+    apply's loss (labels through decode count the same tokens)."""
+    cfg = tiny(**VARIANTS[variant])
+    m = af.Transformer(cfg)
+    p = m.init(seed=1)
+    T = 11
+    ids = torch.randint(0, cfg.vocab_size, (2, T), generator=torch.Generator().manual_seed(7))
+    mask = torch.ones(2, T, dtype=torch.long)
+    mask[1, :3] = 0
+    pos = (mask.cumsum(1) - 1).clamp(min=0)
+    want = m.apply(p, ids, attention_mask=mask, position_ids=pos, labels=ids)
+    L = None if kind == "dynamic" else 16
+    kv, steps = _empty_cache(cfg, 2, L), []
+    for t in range(T):
+        static = {} if L is None else dict(cache_position=torch.tensor(t))
+        key_mask = mask[:, : t + 1] if L is None else torch.cat([mask, torch.ones(2, L - T, dtype=torch.long)], 1)
+        o = m.decode(p, ids[:, t : t + 1], kv, attention_mask=key_mask, position_ids=pos[:, t : t + 1], **static)
+        kv = o["past_kv"]
+        steps.append(o["logits"])
+        assert o["loss"] is None and kv[0][0].shape[2] == (t + 1 if L is None else L)
+    real = mask.bool()
+    torch.testing.assert_close(torch.cat(steps, 1)[real], want["logits"][real], atol=1e-5, rtol=1e-5)
+    static = {} if L is None else dict(cache_position=torch.tensor(0))
+    key_mask = mask if L is None else torch.cat([mask, torch.ones(2, L - T, dtype=torch.long)], 1)
+    once = m.decode(p, ids, _empty_cache(cfg, 2, L), attention_mask=key_mask, position_ids=pos, labels=ids, **static)
+    torch.testing.assert_close(once["loss"], want["loss"], atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(once["logits"][real], want["logits"][real], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["dynamic", "static"])
+def test_apply_with_past_kv_is_decode(kind):
+    """The older spelling apply(past_kv=..., cache_position=...) hands the call to decode:
+    bitwise the same logits, loss and cache."""
+    cfg = tiny(**VARIANTS["llama"])
+    m = af.Transformer(cfg)
+    p = m.init(seed=0)
+    ids = torch.randint(0, cfg.vocab_size, (2, 6), generator=torch.Generator().manual_seed(1))
+    static = {} if kind == "dynamic" else dict(cache_position=torch.tensor(0))
+    L = None if kind == "dynamic" else 8
+    a = m.apply(p, ids, past_kv=_empty_cache(cfg, 2, L), labels=ids, **static)
+    b = m.decode(p, ids, _empty_cache(cfg, 2, L), labels=ids, **static)
+    assert torch.equal(a["logits"], b["logits"]) and torch.equal(a["loss"], b["loss"])
+    assert all(torch.equal(x, y) for kx, ky in zip(a["past_kv"], b["past_kv"]) for x, y in zip(kx, ky))
+    assert "past_kv" not in m.apply(p, ids)
+
+
 def test_static_cache_bad_position_and_validate_false_skips_checks(monkeypatch):
     cfg = tiny()
     m = af.Transformer(cfg)
     p = m.init(seed=0)
     kv = [(torch.zeros(1, cfg.n_kv_heads, 6, cfg.head_dim),) * 2 for _ in range(cfg.n_layers)]
     with pytest.raises(ValueError, match="cache_position 5 \\+ 2 new tokens does not fit a static cache of 6"):
-        m.apply(p, torch.zeros(1, 2, dtype=torch.long), past_kv=kv, cache_position=torch.tensor(5))
+        m.decode(p, torch.zeros(1, 2, dtype=torch.long), kv, cache_position=torch.tensor(5))
     with pytest.raises(TypeError, match="0-d integer tensor"):
-        m.apply(p, torch.zeros(1, 2, dtype=torch.long), past_kv=kv, cache_position=3)
+        m.decode(p, torch.zeros(1, 2, dtype=torch.long), kv, cache_position=3)
+    with pytest.raises(ValueError, match="one \\(k, v\\) per layer"):
+        m.decode(p, torch.zeros(1, 2, dtype=torch.long), kv[:1])
+    with pytest.raises(ValueError, match="decode needs past_kv"):
+        m.apply(p, torch.zeros(1, 2, dtype=torch.long), cache_position=torch.tensor(0))
     ids = torch.randint(0, cfg.vocab_size, (2, 5))
     want = m.apply(p, ids)["logits"]
 
@@ -348,10 +408,30 @@ class TestBadInput:
             self.m.apply(self.p, self.ids[0])
 
     def test_mask_shape_and_values(self):
-        with pytest.raises(ValueError, match="attention_mask must have shape"):
+        with pytest.raises(ValueError, match=r"attention_mask must be \(batch, seq\) = \(2, 5\) in shape"):
             self.m.apply(self.p, self.ids, attention_mask=torch.ones(2, 4))
         with pytest.raises(ValueError, match="only 0 and 1"):
             self.m.apply(self.p, self.ids, attention_mask=torch.full((2, 5), 2))
+        with pytest.raises(TypeError, match="attention_mask must be a Tensor"):
+            self.m.apply(self.p, self.ids, attention_mask=[[1] * 5] * 2)
+
+    def test_key_padding_mask(self):
+        """The one 0/1 mask check (model, generate and compat use it): bool passes through,
+        0/1 of any dtype becomes bool, other values and shapes are errors; validate=False skips
+        only the value check."""
+        from aam_func.model import key_padding_mask
+
+        b = torch.tensor([[True, False, True]])
+        assert key_padding_mask(None, 1, 3) is None and key_padding_mask(b, 1, 3) is b
+        for dtype in (torch.long, torch.int32, torch.float32):
+            assert key_padding_mask(b.to(dtype), 1, 3).tolist() == b.tolist()
+        with pytest.raises(ValueError, match="only 0 and 1"):
+            key_padding_mask(torch.tensor([[1, 0, 2]]), 1, 3)
+        with pytest.raises(ValueError, match="only 0 and 1"):
+            key_padding_mask(torch.tensor([[1.0, 0.5, 1.0]]), 1, 3)
+        assert key_padding_mask(torch.tensor([[1, 0, 2]]), 1, 3, validate=False).tolist() == [[True, False, True]]
+        with pytest.raises(ValueError, match=r"\(1, 4\) in shape, got \(1, 3\)"):
+            key_padding_mask(b, 1, 4, validate=False)
 
     def test_labels(self):
         with pytest.raises(ValueError, match="labels must have shape"):

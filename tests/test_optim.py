@@ -596,8 +596,8 @@ def test_mismatched_trees_list_the_keys():
     [
         (lambda: optim.adamw(-1e-3), "learning_rate must be a finite number >= 0, got -0.001"),
         (lambda: optim.sgd(-0.1), "learning_rate"),
-        (lambda: optim.adam(1e-3, b1=1.0), r"b1 must be in \[0, 1\), got 1.0"),
-        (lambda: optim.adamw(1e-3, b2=-0.1), r"b2 must be in \[0, 1\)"),
+        (lambda: optim.adam(1e-3, b1=1.0), r"b1 must be a finite number in \[0, 1\), got 1.0"),
+        (lambda: optim.adamw(1e-3, b2=-0.1), r"b2 must be a finite number in \[0, 1\)"),
         (lambda: optim.lion(1e-4, b1=1.5), "b1"),
         (lambda: optim.sgd(0.1, momentum=1.2), "momentum"),
         (lambda: optim.adamw(1e-3, weight_decay=-1.0), "weight_decay"),

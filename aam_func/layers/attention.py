@@ -97,15 +97,34 @@ class SelfAttention:
         key_padding_mask: Optional[Tensor] = None,
         train: bool = False,
         generator: Optional[torch.Generator] = None,
-        past_kv: Optional[tuple[Tensor, Tensor]] = None,
-        cache_position: Optional[Tensor] = None,
-        write_in_place: bool = False,
-    ):
+    ) -> Tensor:
         """x (batch, seq, d_model) -> (batch, seq, d_model).
 
-        ``positions`` (seq,) or (batch, seq) are absolute positions (for RoPE). With ``past_kv``
-        (k, v) each (batch, kv_heads, past, head_dim), the new keys and values are appended and
-        ``(out, (k, v))`` is returned; ``key_padding_mask`` then covers past + seq.
+        ``positions`` (seq,) or (batch, seq) are absolute positions (for RoPE);
+        ``key_padding_mask`` (batch, seq) bool, False at padding. The KV-cached form is
+        :meth:`decode`.
+        """
+        q, k, v = self._project(params, x, positions)
+        return self._attend(params, q, k, v, key_padding_mask, train, generator, self.backend)
+
+    def decode(
+        self,
+        params: Params,
+        x: Tensor,
+        past_kv: tuple[Tensor, Tensor],
+        *,
+        positions: Tensor,
+        key_padding_mask: Optional[Tensor] = None,
+        cache_position: Optional[Tensor] = None,
+        write_in_place: bool = False,
+        train: bool = False,
+        generator: Optional[torch.Generator] = None,
+    ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        """x (batch, seq, d_model) after a cached prefix -> ``(out (batch, seq, d_model), (k, v))``.
+
+        Two caches. Without ``cache_position``, ``past_kv`` (k, v) each (batch, kv_heads, past,
+        head_dim) grows by concatenation (a new pair is returned, the old one is untouched) and
+        ``key_padding_mask`` covers past + seq.
 
         With ``cache_position`` (a 0-d integer tensor) ``past_kv`` is a *static* cache instead:
         buffers (batch, kv_heads, max_len, head_dim) whose slots ``[0, cache_position)`` hold the
@@ -114,6 +133,25 @@ class SelfAttention:
         queries read slots up to their own (causal), and ``key_padding_mask`` covers max_len.
         Shapes stay fixed from step to step, so a compiled decode step never recompiles.
         """
+        q, k, v = self._project(params, x, positions)
+        if cache_position is None:
+            k = torch.cat([past_kv[0], k], dim=2)
+            v = torch.cat([past_kv[1], v], dim=2)
+            out = self._attend(params, q, k, v, key_padding_mask, train, generator, self.backend)
+            return out, (k, v)
+        slots = cache_position + torch.arange(k.shape[2], device=k.device)  # (T,)
+        if write_in_place:
+            k = past_kv[0].index_copy_(2, slots, k)
+            v = past_kv[1].index_copy_(2, slots, v)
+        else:
+            k = past_kv[0].index_copy(2, slots, k)
+            v = past_kv[1].index_copy(2, slots, v)
+        backend = self.backend if self.backend in ("math", "sdpa") else "auto"  # the dense paths take q_offset
+        out = self._attend(params, q, k, v, key_padding_mask, train, generator, backend, q_offset=cache_position)
+        return out, (k, v)
+
+    def _project(self, params: Params, x: Tensor, positions: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """x (B, T, d_model) -> q (B, H, T, hd), k and v (B, Hkv, T, hd), RoPE applied."""
         H, Hkv, hd = self.n_heads, self.kv_heads, self.head_dim
         qkv = self._qkv().apply(params["qkv"], x)  # (B, T, (H + 2 Hkv) hd)
         q, k, v = qkv.split([H * hd, Hkv * hd, Hkv * hd], dim=-1)
@@ -123,30 +161,19 @@ class SelfAttention:
         if self.rope:
             q = rope(q, positions, base=self.rope_base, layout=self.rope_layout)
             k = rope(k, positions, base=self.rope_base, layout=self.rope_layout)
-        backend, static = self.backend, {}
-        if cache_position is not None:
-            slots = cache_position + torch.arange(k.shape[2], device=k.device)  # (T,)
-            if write_in_place:
-                k = past_kv[0].index_copy_(2, slots, k)
-                v = past_kv[1].index_copy_(2, slots, v)
-            else:
-                k = past_kv[0].index_copy(2, slots, k)
-                v = past_kv[1].index_copy(2, slots, v)
-            static = {"q_offset": cache_position}
-            backend = backend if backend in ("math", "sdpa") else "auto"  # the dense paths take q_offset
-        elif past_kv is not None:
-            k = torch.cat([past_kv[0], k], dim=2)
-            v = torch.cat([past_kv[1], v], dim=2)
-        p_drop = self.dropout if train else 0.0
+        return q, k, v
+
+    def _attend(self, params: Params, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor],
+                train: bool, generator: Optional[torch.Generator], backend: str, **static) -> Tensor:
+        """Scores over q (B, H, T, hd) and k, v (B, Hkv, S, hd), then the output projection -> (B, T, d_model)."""
         o = attention(
             q, k, v,
             causal=self.causal,
             key_padding_mask=key_padding_mask,
-            dropout_p=p_drop,
+            dropout_p=self.dropout if train else 0.0,
             generator=generator,
             backend=backend,
             **static,
             **self.variant(params),
         )  # (B, H, T, hd)
-        out = self._out().apply(params["out"], rearrange(o, "b h t d -> b t (h d)"))
-        return (out, (k, v)) if past_kv is not None else out
+        return self._out().apply(params["out"], rearrange(o, "b h t d -> b t (h d)"))

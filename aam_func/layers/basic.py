@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -14,22 +13,8 @@ from ..tree import Params
 
 __all__ = ["Linear", "Embedding", "LayerNorm", "RMSNorm", "make_norm", "dropout", "make_weight"]
 
-WEIGHT_INITS = ("kaiming_uniform", "xavier_uniform", "xavier_normal", "kaiming_normal", "normal")
-
-
-def make_weight(shape, generator, kind: str, std: float = 0.02, dtype=None) -> Tensor:
-    """A weight of ``shape`` by the named scheme (``kaiming_uniform`` is torch's nn.Linear default)."""
-    if kind == "normal":
-        return initializers.normal(shape, generator, dtype, std=std)
-    if kind == "kaiming_uniform":
-        return initializers.kaiming_uniform(shape, generator, dtype, a=math.sqrt(5))
-    if kind == "kaiming_normal":
-        return initializers.kaiming_normal(shape, generator, dtype, mode="fan_out", nonlinearity="relu")
-    if kind == "xavier_uniform":
-        return initializers.xavier_uniform(shape, generator, dtype)
-    if kind == "xavier_normal":
-        return initializers.xavier_normal(shape, generator, dtype)
-    raise ValueError(f"init must be one of {WEIGHT_INITS}, got {kind!r}")
+# the one owner of the named schemes is aam_func.init; layers call it under this name
+make_weight = initializers.weight
 
 
 @dataclass(frozen=True)

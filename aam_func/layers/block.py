@@ -45,22 +45,39 @@ class Block:
         key_padding_mask: Optional[Tensor] = None,
         train: bool = False,
         generator: Optional[torch.Generator] = None,
-        past_kv=None,
+    ) -> Tensor:
+        """(batch, seq, d_model) -> (batch, seq, d_model). The KV-cached form is :meth:`decode`."""
+        a = self.attn.apply(
+            params["attn"], self._norm().apply(params["ln1"], x),
+            positions=positions, key_padding_mask=key_padding_mask, train=train, generator=generator,
+        )
+        return self._residuals(params, x, a, train, generator)
+
+    def decode(
+        self,
+        params: Params,
+        x: Tensor,
+        past_kv: tuple[Tensor, Tensor],
+        *,
+        positions: Tensor,
+        key_padding_mask: Optional[Tensor] = None,
         cache_position: Optional[Tensor] = None,
         write_in_place: bool = False,
-    ):
-        """(batch, seq, d_model) -> (batch, seq, d_model); with ``past_kv``, also the new (k, v).
-
-        ``cache_position``/``write_in_place``: a static KV cache (see :meth:`SelfAttention.apply`)."""
-        norm = self._norm()
-        a = self.attn.apply(
-            params["attn"], norm.apply(params["ln1"], x),
-            positions=positions, key_padding_mask=key_padding_mask, train=train, generator=generator,
-            past_kv=past_kv, cache_position=cache_position, write_in_place=write_in_place,
+        train: bool = False,
+        generator: Optional[torch.Generator] = None,
+    ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        """(batch, seq, d_model) after a cached prefix -> ``(out, (k, v))``: this layer's cache
+        grown by the new tokens (the two cache kinds: see :meth:`SelfAttention.decode`)."""
+        a, kv = self.attn.decode(
+            params["attn"], self._norm().apply(params["ln1"], x), past_kv,
+            positions=positions, key_padding_mask=key_padding_mask, cache_position=cache_position,
+            write_in_place=write_in_place, train=train, generator=generator,
         )
-        if past_kv is not None:
-            a, kv = a
+        return self._residuals(params, x, a, train, generator), kv
+
+    def _residuals(self, params: Params, x: Tensor, a: Tensor, train: bool,
+                   generator: Optional[torch.Generator]) -> Tensor:
+        """x + drop(a), then + drop(mlp(norm2(.))): the rest of the block once attention ``a`` is known."""
         x = x + dropout(a, self.resid_dropout, train=train, generator=generator)
-        m = self.mlp.apply(params["mlp"], norm.apply(params["ln2"], x))
-        x = x + dropout(m, self.resid_dropout, train=train, generator=generator)
-        return (x, kv) if past_kv is not None else x
+        m = self.mlp.apply(params["mlp"], self._norm().apply(params["ln2"], x))
+        return x + dropout(m, self.resid_dropout, train=train, generator=generator)

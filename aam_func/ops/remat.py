@@ -279,15 +279,5 @@ def _samples() -> list:
     return [((r(3, 4), r(4, 5), r(5, 2)), {}), ((r(2, 3), r(3)), {})]
 
 
-register(
-    OpSpec(
-        name="remat",
-        function=_Remat,
-        op=_sample_op,
-        reference=_sample_ref,
-        proof="proofs/remat.md",
-        samples=_samples,
-        supports_forward_ad=True,
-        supports_double_backward=True,
-    )
-)
+register(OpSpec(name="remat", function=_Remat, op=_sample_op, reference=_sample_ref, proof="proofs/remat.md",
+                samples=_samples, supports_forward_ad=True, supports_double_backward=True))

@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from .registry import OpSpec, register
+from ..checks import check_number, is_int
 
 __all__ = ["rope", "reference", "rope_cos_sin", "LAYOUTS"]
 
@@ -50,9 +51,7 @@ def _parse_scaling(scaling) -> Optional[tuple[str, float]]:
         raise ValueError(f"rope scaling must be None, (kind, factor) or {{'type': kind, 'factor': f}}, got {scaling!r}")
     if kind not in SCALINGS:
         raise ValueError(f"rope scaling kind must be one of {SCALINGS}, got {kind!r}")
-    if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not factor > 0 or factor == float("inf"):
-        raise ValueError(f"rope scaling factor must be a finite number > 0, got {factor!r}")
-    return kind, float(factor)
+    return kind, check_number("rope scaling factor", factor, min=0, min_open=True)
 
 
 def _check(x: Tensor, positions, base: float, layout: str, scaling) -> tuple[Tensor, Optional[tuple[str, float]]]:
@@ -65,10 +64,9 @@ def _check(x: Tensor, positions, base: float, layout: str, scaling) -> tuple[Ten
         raise ValueError(f"rope needs an even head_dim, got {d}")
     if layout not in LAYOUTS:
         raise ValueError(f"rope layout must be 'half' or 'interleaved', got {layout!r}")
-    if isinstance(base, bool) or not isinstance(base, (int, float)) or not base > 0:
-        raise ValueError(f"rope base must be a number > 0, got {base!r}")
+    check_number("rope base", base, min=0, min_open=True)
     B, _, T, _ = x.shape
-    if isinstance(positions, int) and not isinstance(positions, bool):
+    if is_int(positions):
         if positions < 0:
             raise ValueError(f"rope position offset must be >= 0, got {positions}")
         positions = torch.arange(positions, positions + T, device=x.device)
@@ -200,15 +198,5 @@ def _samples() -> list:
     ]
 
 
-register(
-    OpSpec(
-        name="rope",
-        function=_RopeFunction,
-        op=rope,
-        reference=reference,
-        proof="proofs/rope.md",
-        samples=_samples,
-        supports_forward_ad=True,
-        supports_double_backward=True,
-    )
-)
+register(OpSpec(name="rope", function=_RopeFunction, op=rope, reference=reference, proof="proofs/rope.md",
+                samples=_samples, supports_forward_ad=True, supports_double_backward=True))

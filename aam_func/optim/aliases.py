@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from .. import tree
-from . import _ops, base
+from . import base, foreach
 from .base import (
     GradientTransformation,
     aligned,
@@ -96,7 +96,7 @@ def _decay_flags(mask, names, leaves) -> list[bool]:
 def _can_fuse(gs, b1, b2, eps, eps_root) -> bool:
     """torch's fused multi-tensor Adam kernel applies: plain eager, Python-number
     hyperparameters, one device and floating leaves of the kernel's dtypes."""
-    if not (base.eager() and gs and all(_ops.is_number(x) for x in (b1, b2, eps)) and eps_root == 0):
+    if not (base.eager() and gs and all(foreach.is_number(x) for x in (b1, b2, eps)) and eps_root == 0):
         return False
     dev = gs[0].device
     return dev.type in ("cpu", "cuda") and all(
@@ -111,13 +111,13 @@ def _fused_direction(gs, mus, nus, count: Tensor, lr, b1, b2, eps):
     state stays valid) and zeros for the parameters, which it turns into ``0 - lr m_hat / denom``.
     One pass over memory instead of eight foreach kernels.
     """
-    us = _ops.zeros_like(gs)
+    us = foreach.zeros_like(gs)
     mus = [m.clone() for m in mus]
     nus = [v.clone() for v in nus]
     dev = gs[0].device
     # read, not written, by the kernel; on CUDA it reads the step through a device pointer
     steps = [count.to(device=dev, dtype=torch.float32)] * len(gs)
-    if _ops.is_number(lr):
+    if foreach.is_number(lr):
         lr_arg = lr
     elif dev.type == "cpu":
         lr_arg = lr.detach().to(torch.float64)
@@ -135,7 +135,7 @@ def _adam_family(learning_rate, b1, b2, eps, eps_root, weight_decay, mask, decou
     check_nonneg("eps", eps)
     check_nonneg("eps_root", eps_root)
     check_nonneg("weight_decay", weight_decay)
-    has_decay = not (_ops.is_number(weight_decay) and weight_decay == 0)
+    has_decay = not (foreach.is_number(weight_decay) and weight_decay == 0)
     if fused not in (None, True, False):
         raise TypeError(f"fused must be None, True or False, got {fused!r}")
 
@@ -152,14 +152,14 @@ def _adam_family(learning_rate, b1, b2, eps, eps_root, weight_decay, mask, decou
             dec = [i for i, f in enumerate(flags) if f]
             if not decoupled and dec:  # torch.optim.Adam's L2: g <- g + wd * p
                 gs = list(gs)
-                for i, g in zip(dec, _ops.add([gs[i] for i in dec], [ps[i] for i in dec], alpha=weight_decay)):
+                for i, g in zip(dec, foreach.add([gs[i] for i in dec], [ps[i] for i in dec], alpha=weight_decay)):
                     gs[i] = g
         else:
             dec = []
         if fused is not False and _can_fuse(gs, b1, b2, eps, eps_root):
             us, mus, nus = _fused_direction(gs, mus, nus, count, lr, b1, b2, eps)
             if decoupled and dec:  # u += -lr wd p on the decayed leaves (fresh buffers)
-                du = _ops.add_([us[i] for i in dec], [ps[i] for i in dec], alpha=-lr * weight_decay)
+                du = foreach.add_([us[i] for i in dec], [ps[i] for i in dec], alpha=-lr * weight_decay)
                 for i, u in zip(dec, du):
                     us[i] = u
             return build(names, us), {"count": count, "mu": build(names, mus), "nu": build(names, nus)}
@@ -172,16 +172,16 @@ def _adam_family(learning_rate, b1, b2, eps, eps_root, weight_decay, mask, decou
         us = [None] * len(names)
         if decoupled and dec:
             # u = -lr wd p + step_size m / denom  (torch: p *= 1 - lr wd; p += step_size m / denom)
-            du = _ops.mul([ps[i] for i in dec], -lr * weight_decay)
-            du = _ops.addcdiv_(du, [mus[i] for i in dec], [denom[i] for i in dec], step_size)
+            du = foreach.mul([ps[i] for i in dec], -lr * weight_decay)
+            du = foreach.addcdiv_(du, [mus[i] for i in dec], [denom[i] for i in dec], step_size)
             for i, u in zip(dec, du):
                 us[i] = u
         rest = [i for i in range(len(names)) if us[i] is None]
         if rest:
             # 0 + step_size * m / denom: addcdiv rounds as torch's p.addcdiv_ does, so p + u
             # lands on torch's result bit for bit (div-then-mul does not).
-            ru = _ops.zeros_like([mus[i] for i in rest])
-            ru = _ops.addcdiv_(ru, [mus[i] for i in rest], [denom[i] for i in rest], step_size)
+            ru = foreach.zeros_like([mus[i] for i in rest])
+            ru = foreach.addcdiv_(ru, [mus[i] for i in rest], [denom[i] for i in rest], step_size)
             for i, u in zip(rest, ru):
                 us[i] = u
         return build(names, us), {"count": count, "mu": build(names, mus), "nu": build(names, nus)}
@@ -218,12 +218,12 @@ def sgd(learning_rate=1e-3, momentum: float = 0.0, nesterov: bool = False, weigh
     check_nonneg("learning_rate", learning_rate, allow_schedule=True)
     check_beta("momentum", momentum)
     check_nonneg("weight_decay", weight_decay)
-    if nesterov and _ops.is_number(momentum) and momentum == 0:
+    if nesterov and foreach.is_number(momentum) and momentum == 0:
         raise ValueError("nesterov momentum needs momentum > 0, got momentum=0")
     parts = []
-    if not (_ops.is_number(weight_decay) and weight_decay == 0):
+    if not (foreach.is_number(weight_decay) and weight_decay == 0):
         parts.append(add_decayed_weights(weight_decay, mask))
-    if not (_ops.is_number(momentum) and momentum == 0):
+    if not (foreach.is_number(momentum) and momentum == 0):
         parts.append(trace(momentum, nesterov))
     parts.append(scale_by_learning_rate(learning_rate))
     return chain(*parts)
@@ -236,7 +236,7 @@ def lion(learning_rate=1e-4, b1: float = 0.9, b2: float = 0.99, weight_decay: fl
     check_nonneg("learning_rate", learning_rate, allow_schedule=True)
     check_nonneg("weight_decay", weight_decay)
     parts = [scale_by_lion(b1, b2)]
-    if not (_ops.is_number(weight_decay) and weight_decay == 0):
+    if not (foreach.is_number(weight_decay) and weight_decay == 0):
         parts.append(add_decayed_weights(weight_decay, mask))
     parts.append(scale_by_learning_rate(learning_rate))
     return chain(*parts)

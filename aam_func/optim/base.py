@@ -11,16 +11,15 @@ in-place ``_foreach_*_`` calls inside only touch buffers the same call has just 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping
-from numbers import Number
 from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
 from .. import tree
-from . import _ops
+from ..checks import ArgumentTypeError, check_number, is_number
+from . import foreach
 
 __all__ = [
     "GradientTransformation",
@@ -83,7 +82,7 @@ def step_counter() -> Tensor:
 
 def eager() -> bool:
     """Plain eager execution: Python may branch on a tensor's value (no compile, no vmap)."""
-    return _ops.use_foreach() and not torch.compiler.is_compiling()
+    return foreach.use_foreach() and not torch.compiler.is_compiling()
 
 
 def tree_where(pred: Tensor, a: Mapping, b: Mapping) -> dict:
@@ -116,19 +115,15 @@ def check_nonneg(name: str, value, allow_schedule: bool = False) -> None:
         raise TypeError(f"{name} must be a number, got a callable {value!r}")
     if isinstance(value, Tensor):
         return  # injected/scheduled values are tensors; checking them would sync or break graphs
-    if not isinstance(value, Number) or isinstance(value, bool):
-        raise TypeError(f"{name} must be a float{' or a schedule' if allow_schedule else ''}, got {value!r}")
-    if not (value >= 0) or math.isinf(value):
-        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    if not is_number(value):
+        raise ArgumentTypeError(f"{name} must be a float{' or a schedule' if allow_schedule else ''}, got {value!r}")
+    check_number(name, value, min=0)
 
 
 def check_beta(name: str, value) -> None:
     if isinstance(value, Tensor):
         return
-    if not isinstance(value, Number) or isinstance(value, bool):
-        raise TypeError(f"{name} must be a float in [0, 1), got {value!r}")
-    if not (0.0 <= value < 1.0):
-        raise ValueError(f"{name} must be in [0, 1), got {value!r}")
+    check_number(name, value, min=0, max=1, max_open=True)
 
 
 def check_transform(name: str, t) -> None:
@@ -150,7 +145,7 @@ def apply_updates(params: Mapping, updates: Mapping) -> dict:
     same = [i for i in idx if us[i].dtype == ps[i].dtype]
     out = list(ps)
     if same:
-        for i, v in zip(same, _ops.add([ps[i] for i in same], [us[i] for i in same])):
+        for i, v in zip(same, foreach.add([ps[i] for i in same], [us[i] for i in same])):
             out[i] = v
     for i in idx:
         if us[i].dtype != ps[i].dtype:
@@ -168,7 +163,7 @@ def set_to_zero() -> GradientTransformation:
 
     def update(grads, state, params=None):
         names, gs = leaves_of(grads)
-        return build(names, _ops.zeros_like(gs)), state
+        return build(names, foreach.zeros_like(gs)), state
 
     return GradientTransformation(lambda params: {}, update)
 
@@ -192,4 +187,4 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
 
 def global_norm(grads: Mapping) -> Tensor:
     """``sqrt(sum over leaves of ||g||_2^2)`` as a 0-d tensor (what clip_by_global_norm clips)."""
-    return _ops.global_norm(leaves_of(grads)[1])
+    return foreach.global_norm(leaves_of(grads)[1])

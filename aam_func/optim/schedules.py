@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from numbers import Number
 
 import torch
 from torch import Tensor
+
+from ..checks import ArgumentTypeError, check_int, check_number, is_number
 
 Schedule = Callable[[int | Tensor], float | Tensor]
 
@@ -25,8 +26,8 @@ _F64 = torch.float64
 def _step(step) -> Tensor:
     if isinstance(step, Tensor):
         return step.to(_F64)
-    if isinstance(step, bool) or not isinstance(step, Number):
-        raise TypeError(f"a schedule's step must be an int or a 0-d tensor, got {step!r}")
+    if not is_number(step):
+        raise ArgumentTypeError(f"a schedule's step must be an int or a 0-d tensor, got {step!r}")
     return torch.tensor(float(step), dtype=_F64)
 
 
@@ -35,17 +36,12 @@ def _out(step, value: Tensor):
 
 
 def _number(name: str, value, *, nonneg: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, Number):
-        raise TypeError(f"{name} must be a number, got {value!r}")
-    if not math.isfinite(value) or (nonneg and value < 0):
-        raise ValueError(f"{name} must be a finite number{' >= 0' if nonneg else ''}, got {value!r}")
+    check_number(name, value, min=0 if nonneg else None)
     return float(value)
 
 
 def _count(name: str, value, *, positive: bool = False) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < (1 if positive else 0):
-        raise ValueError(f"{name} must be an int {'>= 1' if positive else '>= 0'}, got {value!r}")
-    return value
+    return check_int(name, value, min=1 if positive else 0)
 
 
 def constant(value: float) -> Schedule:

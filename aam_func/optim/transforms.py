@@ -12,7 +12,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from . import _ops
+from . import foreach
 from .base import (
     GradientTransformation,
     aligned,
@@ -39,8 +39,18 @@ __all__ = [
 def _lr_at(lr, count: Tensor):
     """A learning rate (float, tensor or schedule) at the step counter ``count`` (0-based)."""
     if callable(lr) and not isinstance(lr, Tensor):
-        return _ops.as_scalar(lr(count))
+        return foreach.as_scalar(lr(count))
     return lr
+
+
+def _zeros_state(key: str) -> Callable:
+    """``init(params) -> {key: zeros like params}``: the state of a one-buffer transformation."""
+
+    def init(params):
+        names, ps = leaves_of(params)
+        return {key: build(names, foreach.zeros_like(ps))}
+
+    return init
 
 
 def scale(step_size) -> GradientTransformation:
@@ -50,7 +60,7 @@ def scale(step_size) -> GradientTransformation:
 
     def update(grads, state, params=None):
         names, gs = leaves_of(grads)
-        return build(names, _ops.mul(gs, step_size)), state
+        return build(names, foreach.mul(gs, step_size)), state
 
     return GradientTransformation(lambda params: {}, update)
 
@@ -66,7 +76,7 @@ def scale_by_schedule(schedule: Callable) -> GradientTransformation:
     def update(grads, state, params=None):
         count = state["count"]
         names, gs = leaves_of(grads)
-        return build(names, _ops.mul(gs, _ops.as_scalar(schedule(count)))), {"count": count + 1}
+        return build(names, foreach.mul(gs, foreach.as_scalar(schedule(count)))), {"count": count + 1}
 
     return GradientTransformation(init, update)
 
@@ -76,43 +86,43 @@ def scale_by_learning_rate(learning_rate, *, flip_sign: bool = True) -> Gradient
     check_nonneg("learning_rate", learning_rate, allow_schedule=True)
     sign = -1.0 if flip_sign else 1.0
     if callable(learning_rate) and not isinstance(learning_rate, Tensor):
-        return scale_by_schedule(lambda count: sign * _ops.as_scalar(learning_rate(count)))
+        return scale_by_schedule(lambda count: sign * foreach.as_scalar(learning_rate(count)))
     return scale(sign * learning_rate)
 
 
 def _bias_corrections(count: Tensor, b1, b2) -> tuple[Tensor, Tensor]:
     """``1 - b1^t, 1 - b2^t`` in float64 (as torch.optim computes them in Python floats)."""
-    t = count.to(_ops.SCALAR_DTYPE)
-    return 1 - torch.pow(_ops.as_scalar(b1), t), 1 - torch.pow(_ops.as_scalar(b2), t)
+    t = count.to(foreach.SCALAR_DTYPE)
+    return 1 - torch.pow(foreach.as_scalar(b1), t), 1 - torch.pow(foreach.as_scalar(b2), t)
 
 
 def _adam_moments(gs, mus, nus, b1, b2):
     """``m = b1 m + (1 - b1) g`` (as torch: lerp), ``v = b2 v + (1 - b2) g^2``; fresh buffers."""
-    mus = _ops.lerp(mus, gs, 1 - b1)
-    nus = _ops.mul(nus, b2)
-    nus = _ops.addcmul_(nus, gs, gs, 1 - b2)
+    mus = foreach.lerp(mus, gs, 1 - b1)
+    nus = foreach.mul(nus, b2)
+    nus = foreach.addcmul_(nus, gs, gs, 1 - b2)
     return mus, nus
 
 
 def _adam_denominator(nus, bc2: Tensor, eps, eps_root):
     """``sqrt(v / bc2 + eps_root) + eps``; with ``eps_root == 0`` in torch.optim's order:
     ``sqrt(v) / sqrt(bc2) + eps``."""
-    if _ops.is_number(eps_root) and eps_root == 0:
-        denom = _ops.sqrt(nus)
-        denom = _ops.div_(denom, torch.sqrt(bc2))
+    if foreach.is_number(eps_root) and eps_root == 0:
+        denom = foreach.sqrt(nus)
+        denom = foreach.div_(denom, torch.sqrt(bc2))
     else:
-        denom = _ops.div(nus, bc2)
-        denom = _ops.add_scalar_(denom, eps_root)
-        denom = _ops.sqrt_(denom)
-    return _ops.add_scalar_(denom, eps)
+        denom = foreach.div(nus, bc2)
+        denom = foreach.add_scalar_(denom, eps_root)
+        denom = foreach.sqrt_(denom)
+    return foreach.add_scalar_(denom, eps)
 
 
 def _adam_init(params):
     names, ps = leaves_of(params)
     return {
         "count": step_counter(),
-        "mu": build(names, _ops.zeros_like(ps)),
-        "nu": build(names, _ops.zeros_like(ps)),
+        "mu": build(names, foreach.zeros_like(ps)),
+        "nu": build(names, foreach.zeros_like(ps)),
     }
 
 
@@ -137,8 +147,8 @@ def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, eps_roo
         bc1, bc2 = _bias_corrections(count, b1, b2)
         mus, nus = _adam_moments(gs, mus, nus, b1, b2)
         denom = _adam_denominator(nus, bc2, eps, eps_root)
-        us = _ops.div(mus, denom)
-        us = _ops.div_(us, bc1)
+        us = foreach.div(mus, denom)
+        us = foreach.div_(us, bc1)
         return build(names, us), {"count": count, "mu": build(names, mus), "nu": build(names, nus)}
 
     return GradientTransformation(_adam_init, update)
@@ -152,15 +162,13 @@ def scale_by_lion(b1: float = 0.9, b2: float = 0.99) -> GradientTransformation:
     check_beta("b1", b1)
     check_beta("b2", b2)
 
-    def init(params):
-        names, ps = leaves_of(params)
-        return {"mu": build(names, _ops.zeros_like(ps))}
+    init = _zeros_state("mu")
 
     def update(grads, state, params=None):
         names, gs = leaves_of(grads)
         mus = aligned(names, state["mu"], "lion state 'mu'")
-        us = _ops.sign(_ops.lerp(mus, gs, 1 - b1))
-        mus = _ops.lerp(mus, gs, 1 - b2)
+        us = foreach.sign(foreach.lerp(mus, gs, 1 - b1))
+        mus = foreach.lerp(mus, gs, 1 - b2)
         return build(names, us), {"mu": build(names, mus)}
 
     return GradientTransformation(init, update)
@@ -173,15 +181,13 @@ def trace(decay: float = 0.9, nesterov: bool = False) -> GradientTransformation:
     if not isinstance(nesterov, bool):
         raise TypeError(f"nesterov must be a bool, got {nesterov!r}")
 
-    def init(params):
-        names, ps = leaves_of(params)
-        return {"trace": build(names, _ops.zeros_like(ps))}
+    init = _zeros_state("trace")
 
     def update(grads, state, params=None):
         names, gs = leaves_of(grads)
         bufs = aligned(names, state["trace"], "trace state")
-        bufs = _ops.add_(_ops.mul(bufs, decay), gs)
-        us = _ops.add(gs, bufs, alpha=decay) if nesterov else bufs
+        bufs = foreach.add_(foreach.mul(bufs, decay), gs)
+        us = foreach.add(gs, bufs, alpha=decay) if nesterov else bufs
         return build(names, us), {"trace": build(names, bufs)}
 
     return GradientTransformation(init, update)
@@ -196,7 +202,7 @@ def add_decayed_weights(weight_decay: float = 0.0, mask=None) -> GradientTransfo
     def update(grads, state, params=None):
         names, gs = leaves_of(grads)
         ps = aligned(names, params, "params")
-        us = _ops.add(gs, ps, alpha=weight_decay)
+        us = foreach.add(gs, ps, alpha=weight_decay)
         return build(names, us), state
 
     inner = GradientTransformation(lambda params: {}, update)
@@ -218,9 +224,9 @@ def clip_by_global_norm(max_norm: float) -> GradientTransformation:
 
     def update(grads, state, params=None):
         names, gs = leaves_of(grads)
-        norm = _ops.global_norm(gs)
+        norm = foreach.global_norm(gs)
         coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
-        return build(names, _ops.mul(gs, coef)), {"global_norm": norm.to(torch.float32)}
+        return build(names, foreach.mul(gs, coef)), {"global_norm": norm.to(torch.float32)}
 
     return GradientTransformation(init, update)
 
@@ -231,6 +237,6 @@ def clip(max_delta: float) -> GradientTransformation:
 
     def update(grads, state, params=None):
         names, gs = leaves_of(grads)
-        return build(names, _ops.clamp(gs, -max_delta, max_delta)), state
+        return build(names, foreach.clamp(gs, -max_delta, max_delta)), state
 
     return GradientTransformation(lambda params: {}, update)

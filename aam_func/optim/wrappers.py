@@ -11,7 +11,8 @@ import torch
 from torch import Tensor
 
 from .. import tree
-from . import _ops
+from ..checks import check_int
+from . import foreach
 from .base import (
     GradientTransformation,
     aligned,
@@ -139,28 +140,27 @@ def multi_steps(inner: GradientTransformation, every_k: int, use_grad_mean: bool
     concatenated batch (the mean of the micro gradients is the batch gradient).
     """
     check_transform("multi_steps' inner", inner)
-    if isinstance(every_k, bool) or not isinstance(every_k, int) or every_k < 1:
-        raise ValueError(f"every_k must be an int >= 1, got {every_k!r}")
+    check_int("every_k", every_k, min=1)
 
     def init(params):
         names, ps = leaves_of(params)
-        return {"mini_step": step_counter(), "acc": build(names, _ops.zeros_like(ps)), "inner": inner.init(params)}
+        return {"mini_step": step_counter(), "acc": build(names, foreach.zeros_like(ps)), "inner": inner.init(params)}
 
     def update(grads, state, params=None):
         names, gs = leaves_of(grads)
-        acc = _ops.add(aligned(names, state["acc"], "multi_steps state 'acc'"), gs)
+        acc = foreach.add(aligned(names, state["acc"], "multi_steps state 'acc'"), gs)
         mini = state["mini_step"] + 1
         emit = mini >= every_k
         inner_state = substate(state, "inner")
 
         def apply():
-            total = _ops.mul(acc, 1.0 / every_k) if use_grad_mean else acc
+            total = foreach.mul(acc, 1.0 / every_k) if use_grad_mean else acc
             u, s = inner.update(build(names, total), inner_state, params)
-            zeros = build(names, _ops.zeros_like(gs))
+            zeros = build(names, foreach.zeros_like(gs))
             return u, {"mini_step": torch.zeros_like(mini), "acc": zeros, "inner": s}
 
         def hold():
-            zeros = build(names, _ops.zeros_like(gs))
+            zeros = build(names, foreach.zeros_like(gs))
             return zeros, {"mini_step": mini, "acc": build(names, acc), "inner": inner_state}
 
         return cond(emit, apply, hold)
@@ -175,8 +175,7 @@ def apply_if_finite(inner: GradientTransformation, max_consecutive_errors: int =
     Optax), so a run that only produces non-finite gradients fails visibly.
     State ``{"notfinite_count", "total_notfinite": int64, "last_finite": bool, "inner": ...}``."""
     check_transform("apply_if_finite's inner", inner)
-    if isinstance(max_consecutive_errors, bool) or not isinstance(max_consecutive_errors, int) or max_consecutive_errors < 0:
-        raise ValueError(f"max_consecutive_errors must be an int >= 0, got {max_consecutive_errors!r}")
+    check_int("max_consecutive_errors", max_consecutive_errors, min=0)
 
     def init(params):
         return {
@@ -188,7 +187,7 @@ def apply_if_finite(inner: GradientTransformation, max_consecutive_errors: int =
 
     def update(grads, state, params=None):
         names, gs = leaves_of(grads)
-        finite = _ops.all_finite(gs)
+        finite = foreach.all_finite(gs)
         count = torch.where(finite, torch.zeros_like(state["notfinite_count"]), state["notfinite_count"] + 1)
         total = state["total_notfinite"] + (~finite).to(torch.int64)
         counters = {"notfinite_count": count, "total_notfinite": total, "last_finite": finite}
@@ -199,7 +198,7 @@ def apply_if_finite(inner: GradientTransformation, max_consecutive_errors: int =
             return u, {**counters, "inner": s}
 
         def skip():
-            return build(names, _ops.zeros_like(gs)), {**counters, "inner": inner_state}
+            return build(names, foreach.zeros_like(gs)), {**counters, "inner": inner_state}
 
         return cond(finite | (count > max_consecutive_errors), step, skip)
 
@@ -242,10 +241,10 @@ def inject_hyperparams(factory: Callable[..., GradientTransformation], static_ar
         factory(**static, **numeric, **{k: 0.0 for k in schedules})  # validate eagerly
 
         def values_at(count, state_hp=None):
-            hp = {k: _ops.as_scalar(v) for k, v in numeric.items()}
+            hp = {k: foreach.as_scalar(v) for k, v in numeric.items()}
             if state_hp is not None:  # numeric values may have been edited in the state
                 hp.update({k: state_hp[k] for k in numeric if k in state_hp})
-            hp.update({k: _ops.as_scalar(s(count)) for k, s in schedules.items()})
+            hp.update({k: foreach.as_scalar(s(count)) for k, s in schedules.items()})
             return hp
 
         def init(params):
@@ -271,8 +270,8 @@ def unscale_grads(grads: Mapping, scale: Tensor) -> tuple[dict, Tensor]:
     GradScaler does (``scale.double().reciprocal().float()``)."""
     names, gs = leaves_of(grads)
     inv = scale.double().reciprocal().float()
-    gs = _ops.mul(gs, inv)
-    return build(names, gs), _ops.all_finite(gs)
+    gs = foreach.mul(gs, inv)
+    return build(names, gs), foreach.all_finite(gs)
 
 
 def update_loss_scale(scale: Tensor, good_steps: Tensor, finite: Tensor, growth_factor: float = 2.0,
@@ -301,8 +300,7 @@ def dynamic_loss_scale(inner: GradientTransformation, init_scale: float = 2.0**1
             raise ValueError(f"{name} must be a number > {lo}, got {v!r}")
     if not isinstance(backoff_factor, Number) or not (0.0 < backoff_factor < 1.0):
         raise ValueError(f"backoff_factor must be in (0, 1), got {backoff_factor!r}")
-    if isinstance(growth_interval, bool) or not isinstance(growth_interval, int) or growth_interval < 1:
-        raise ValueError(f"growth_interval must be an int >= 1, got {growth_interval!r}")
+    check_int("growth_interval", growth_interval, min=1)
 
     def init(params):
         return {
@@ -324,7 +322,7 @@ def dynamic_loss_scale(inner: GradientTransformation, init_scale: float = 2.0**1
 
         def skip():
             names, gs = leaves_of(grads)
-            return build(names, _ops.zeros_like(gs)), {"loss_scale": scale, "good_steps": good, "inner": inner_state}
+            return build(names, foreach.zeros_like(gs)), {"loss_scale": scale, "good_steps": good, "inner": inner_state}
 
         return cond(finite, step, skip)
 

@@ -11,20 +11,17 @@ specialising on their value. 0-d scalars are float64 and do not change the leave
 
 from __future__ import annotations
 
-from numbers import Number
 
 import torch
 from torch import Tensor
+
+from ..checks import is_number  # noqa: F401 (used here and by the optimizers as foreach.is_number)
 
 SCALAR_DTYPE = torch.float64  # dtype of step-dependent scalars (bias corrections, schedules)
 
 
 def use_foreach() -> bool:
     return not torch._C._are_functorch_transforms_active()
-
-
-def is_number(x) -> bool:
-    return isinstance(x, Number) and not isinstance(x, bool)
 
 
 def as_scalar(x) -> Tensor:
