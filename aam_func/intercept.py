@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["Intercept", "Client", "Use", "HARMLESS_PROPERTIES", "HARMLESS_METHODS", "LINEAR_KINDS"]
+__all__ = ["Intercept", "Client", "Use", "HARMLESS_PROPERTIES", "HARMLESS_METHODS"]
 
 # Property reads that give no function of the tensor's values. Not ``.T``/``.mT``/``.data``/``.real``:
 # those are values (a use of the weight).
@@ -51,12 +51,16 @@ HARMLESS_METHODS = frozenset({
     Tensor.size, Tensor.dim, Tensor.ndimension, Tensor.numel, Tensor.is_floating_point, Tensor.is_complex,
     Tensor.element_size, Tensor.stride, Tensor.is_contiguous, Tensor.data_ptr, Tensor.__len__, Tensor.get_device,
 })
-LINEAR_KINDS = ("linear", "addmm")  # weight (out, in) / (in, out); both compute y = x·Wᵀ resp. x·W (+ b)
 
 _EMBEDDING_ARGS = ("input", "weight", "padding_idx", "max_norm", "norm_type", "scale_grad_by_freq", "sparse")
 _LINEAR_ARGS = ("input", "weight", "bias")
 _ADDMM_ARGS = ("input", "mat1", "mat2")
 _ADDMM_ALL = _ADDMM_ARGS + ("beta", "alpha", "out")
+_RECOGNISED = {  # func: (kind, its parameter names, the weight's slot)
+    F.linear: ("linear", _LINEAR_ARGS, "weight"),
+    torch.addmm: ("addmm", _ADDMM_ALL, "mat2"),
+    F.embedding: ("embedding", _EMBEDDING_ARGS, "weight"),
+}
 
 
 @dataclass(frozen=True)
@@ -140,12 +144,22 @@ class Intercept(TorchFunctionMode):
         return entry[0] if entry is not None and entry[1] is v else None
 
     def _any_watched(self, obj) -> bool:
+        """Whether ``obj`` (a tensor, or lists / tuples / dicts of them) holds a watched tensor."""
+        table = self._table
         if isinstance(obj, Tensor):
-            return self._key(obj) is not None
-        if isinstance(obj, (list, tuple)):
-            return any(self._any_watched(v) for v in obj)
+            entry = table.get(id(obj))
+            return entry is not None and entry[1] is obj
         if isinstance(obj, dict):
-            return any(self._any_watched(v) for v in obj.values())
+            obj = tuple(obj.values())
+        elif not isinstance(obj, (list, tuple)):
+            return False
+        for v in obj:  # one level inline: this runs for every torch call in the context
+            if isinstance(v, Tensor):
+                entry = table.get(id(v))
+                if entry is not None and entry[1] is v:
+                    return True
+            elif isinstance(v, (list, tuple, dict)) and self._any_watched(v):
+                return True
         return False
 
     def _others(self, obj):
@@ -162,14 +176,8 @@ class Intercept(TorchFunctionMode):
 
     def _recognise(self, func, args, kwargs) -> Optional[Use]:
         """The :class:`Use` when this call is a recognised use of a watched weight, else None."""
-        if func is F.linear:
-            kind, bound, slot = "linear", _bind(_LINEAR_ARGS, args, kwargs), "weight"
-        elif func is torch.addmm:
-            kind, bound, slot = "addmm", _bind(_ADDMM_ALL, args, kwargs), "mat2"
-        elif func is F.embedding:
-            kind, bound, slot = "embedding", _bind(_EMBEDDING_ARGS, args, kwargs), "weight"
-        else:
-            return None
+        kind, names, slot = _RECOGNISED[func]
+        bound = _bind(names, args, kwargs)
         if bound is None or slot not in bound:
             return None
         weight = bound[slot]
@@ -193,11 +201,12 @@ class Intercept(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if _is_harmless(func):
+        if func in _RECOGNISED:
+            use = self._recognise(func, args, kwargs)
+            if use is not None:
+                return self._client.embedding(use) if use.kind == "embedding" else self._client.linear(use)
+        elif _is_harmless(func):
             return func(*args, **kwargs)
-        use = self._recognise(func, args, kwargs)
-        if use is not None:
-            return self._client.embedding(use) if use.kind == "embedding" else self._client.linear(use)
         if self._any_watched(args) or self._any_watched(kwargs):
             args, kwargs = self._others(args), self._others(kwargs)
         return func(*args, **kwargs)
