@@ -135,7 +135,8 @@ class Intercept(TorchFunctionMode):
         table: dict[int, tuple[Hashable, Tensor]] = {}
         for key, t in watched.items():
             if id(t) in table:
-                raise ValueError(f"watched tensors {table[id(t)][0]!r} and {key!r} are the same tensor object")
+                raise ValueError(f"{table[id(t)][0]!r} and {key!r} are the same tensor object: "
+                                 "its uses could not be told apart")
             table[id(t)] = (key, t)  # holding t keeps its id from being reused while watched
         self._table, self._client = table, client
 

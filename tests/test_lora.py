@@ -408,6 +408,11 @@ def test_bad_input():
         spec.merged(other, ad)
     with pytest.raises(ValueError, match="mode"):
         spec.loss(lambda p, b: 0, params, mode="fused")
+    w = torch.randn(4, 4)
+    tied = {"a": {"weight": w}, "b": {"weight": w}}
+    tspec, tad = lora.init(tied, targets=["a", "b"], rank=1, alpha=1)
+    with pytest.raises(ValueError, match="'a' and 'b' are the same tensor object"):
+        tspec.apply(lambda p, x: x, tied, tad, torch.zeros(1))
     dspec, _ = lora.init(params, targets="*.attn.qkv", rank=2, alpha=1, dropout=0.1)
     with pytest.raises(ValueError, match="factored"):
         dspec.loss(lambda p, b: 0, params, mode="merged")

@@ -221,13 +221,7 @@ class LoRA:
         ``x·Wᵀ + b + s·(drop(x)·Aᵀ)·Bᵀ``; other uses of W see the merged weight. Dropout on the
         branch input when ``train`` (``generator``, else the global RNG that ``vmap`` controls)."""
         ab = self.check(adapters)
-        weights = _weights_of(base, self.targets)
-        seen = {}
-        for t in self.targets:
-            w = weights[t.name]
-            if id(w) in seen:
-                raise ValueError(f"LoRA target {t.name!r} shares its weight tensor with {seen[id(w)]!r}")
-            seen[id(w)] = t.name
+        weights = _weights_of(base, self.targets)  # two targets sharing one tensor: Intercept refuses
         client = _LoraClient(self, {t.name: (t, *ab[t.name]) for t in self.targets}, self.dropout if train else 0.0,
                              generator)
         with Intercept(weights, client):
