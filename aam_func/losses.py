@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .ops._util import vmap_active
+from .ops._util import values_inspectable
 from .checks import check_number
 
 __all__ = [
@@ -52,7 +52,7 @@ def _check_class_inputs(name: str, logits: Tensor, targets: Tensor, ignore_index
     C = logits.shape[-1]
     if C == 0:
         raise ValueError(f"{name}: logits have no classes (last dim 0)")
-    if not vmap_active() and not torch.compiler.is_compiling() and targets.numel():
+    if values_inspectable() and targets.numel():
         bad = targets[(targets != ignore_index) & ((targets < 0) | (targets >= C))]
         if bad.numel():
             raise ValueError(f"{name}: targets contains {int(bad[0])}, outside [0, {C}) and not ignore_index={ignore_index}")

@@ -36,17 +36,12 @@ from .layers import (
     make_norm,
 )
 from .losses import lm_loss, shift_labels
-from .ops._util import vmap_active
+from .ops._util import values_inspectable
 from .ops.cross_entropy import linear_cross_entropy
 from .ops.remat import remat
 from .tree import Params, check_structure, flatten, unflatten
 
 __all__ = ["Transformer", "key_padding_mask"]
-
-
-def _can_inspect_values() -> bool:
-    """Value checks need ``.item()``; skip them under vmap and while compiling (shape checks stay)."""
-    return not torch.compiler.is_compiling() and not vmap_active()
 
 
 @dataclass(frozen=True)
@@ -328,7 +323,7 @@ class Transformer:
             raise TypeError(f"input_ids must be an integer tensor, got dtype {input_ids.dtype}")
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
-        if _can_inspect_values() and input_ids.numel():
+        if values_inspectable() and input_ids.numel():
             lo, hi = int(input_ids.min()), int(input_ids.max())
             if lo < 0 or hi >= self.cfg.vocab_size:
                 bad = lo if lo < 0 else hi
@@ -353,7 +348,7 @@ class Transformer:
         if not isinstance(cache_position, Tensor) or cache_position.dim() != 0 or cache_position.is_floating_point():
             raise TypeError(f"cache_position must be a 0-d integer tensor, got {cache_position!r}")
         max_len = past_kv[0][0].shape[2]
-        if validate and _can_inspect_values():
+        if validate and values_inspectable():
             pos = int(cache_position)
             if pos < 0 or pos + T > max_len:
                 raise ValueError(f"cache_position {pos} + {T} new tokens does not fit a static cache of {max_len} slots")
@@ -364,7 +359,7 @@ class Transformer:
             raise TypeError(f"position_ids must be an integer tensor, got dtype {position_ids.dtype}")
         if tuple(position_ids.shape) not in ((T,), (B, T)):
             raise ValueError(f"position_ids must be (seq,) or (batch, seq) = {(B, T)}, got {tuple(position_ids.shape)}")
-        if validate and _can_inspect_values() and position_ids.numel():
+        if validate and values_inspectable() and position_ids.numel():
             lo, hi = int(position_ids.min()), int(position_ids.max())
             if lo < 0 or hi >= self.cfg.max_seq_len:
                 raise ValueError(f"position_ids must lie in [0, max_seq_len={self.cfg.max_seq_len}), got {lo}..{hi}")
@@ -377,7 +372,7 @@ class Transformer:
             raise TypeError(f"labels must be an integer tensor, got dtype {labels.dtype}")
         if tuple(labels.shape) != (B, T):
             raise ValueError(f"labels must have shape (batch, seq) = {(B, T)}, got {tuple(labels.shape)}")
-        if _can_inspect_values() and labels.numel():
+        if values_inspectable() and labels.numel():
             bad = labels[(labels != -100) & ((labels < 0) | (labels >= self.cfg.vocab_size))]
             if bad.numel():
                 raise ValueError(
@@ -403,7 +398,7 @@ def key_padding_mask(attention_mask: Optional[Tensor], batch: int, total: int, v
         )
     if attention_mask.dtype == torch.bool:
         return attention_mask
-    if validate and _can_inspect_values() and attention_mask.numel():
+    if validate and values_inspectable() and attention_mask.numel():
         if not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
             raise ValueError("attention_mask must hold only 0 and 1 (or be bool)")
     return attention_mask != 0

@@ -16,6 +16,7 @@ from torch.func import grad, jvp, vmap
 import aam_func
 from aam_func.ops import attention as A
 from aam_func.ops.attention import RelativeBias, Sparsity, attention, reference
+from aam_func.ops.attention.tiles import Opts, key_tiles
 
 F64 = torch.float64
 
@@ -238,8 +239,8 @@ def test_block_sparse_skips_empty_tiles_and_matches():
     T, b = 12, 4
     layout = torch.tensor([[1, 0, 0], [0, 1, 0], [1, 0, 1]], dtype=torch.bool)
     sp = Sparsity("block", block_size=b, layout=layout)
-    o = A._Opts(False, None, sp, None, 1, 1, True, 1.0, b, b)
-    visited = [[ks for ks, *_ in A._key_tiles(o, T, T, qs, qs + b, False, "cpu")] for qs in range(0, T, b)]
+    o = Opts(False, None, sp, None, 1, 1, True, 1.0, b, b)
+    visited = [[t.ks for t in key_tiles(o, T, T, qs, qs + b, False, "cpu")] for qs in range(0, T, b)]
     assert visited == [[0], [4], [0, 8]]
     q, k, v, g = _inputs(1, 2, 2, T, T, 3)
     w = _rand(1, 2, T, 3, g=g)
@@ -250,8 +251,8 @@ def test_block_sparse_skips_empty_tiles_and_matches():
 def test_local_attention_visits_only_the_band(causal):
     """Key tiles outside the window are skipped from positions alone: O(T/block) tiles per query tile."""
     T, b, w = 1024, 64, 100
-    o = A._Opts(causal, w, None, None, 1, 1, True, 1.0, b, b)
-    counts = [len(list(A._key_tiles(o, T, T, qs, min(qs + b, T), False, "cpu"))) for qs in range(0, T, b)]
+    o = Opts(causal, w, None, None, 1, 1, True, 1.0, b, b)
+    counts = [len(list(key_tiles(o, T, T, qs, min(qs + b, T), False, "cpu"))) for qs in range(0, T, b)]
     bound = math.ceil((w - 1) / b) + 1 if causal else 2 * math.ceil((w - 1) / b) + 1
     assert max(counts) <= bound and sum(counts) <= (T // b) * bound < (T // b) ** 2 // 2
 
@@ -398,7 +399,6 @@ def test_low_precision_accumulates_in_float32():
 # ------------------------------------------------------------------ dispatch and errors
 def test_dropout_on_blockwise_falls_back_to_math_with_a_warning():
     q, k, v, _ = _inputs(1, 1, 1, 4, 4, 2)
-    A._warned = False
     with pytest.warns(UserWarning, match="no attention dropout"):
         a = attention(q, k, v, dropout_p=0.5, generator=torch.Generator().manual_seed(0), backend="blockwise")
     b = reference(q, k, v, dropout_p=0.5, generator=torch.Generator().manual_seed(0))
@@ -427,14 +427,22 @@ def _qkv(B=1, H=2, T=4, d=4, Hkv=None, dk=None):
         (lambda: _qkv(H=3, Hkv=2), {}, ValueError, "multiple of kv heads"),
         (lambda: _qkv(), {"key_padding_mask": torch.ones(1, 5, dtype=torch.bool)}, ValueError, r"shape \(batch, k_len\)"),
         (lambda: _qkv(), {"key_padding_mask": torch.ones(1, 4)}, TypeError, "bool"),
-        (lambda: _qkv(), {"window": 0}, ValueError, "window must be a positive int"),
-        (lambda: _qkv(), {"window": -2}, ValueError, "window must be a positive int"),
+        (lambda: _qkv(), {"window": 0}, ValueError, r"window must be an int >= 1"),
+        (lambda: _qkv(), {"window": -2}, ValueError, r"window must be an int >= 1"),
         (lambda: _qkv(), {"backend": "flash3"}, ValueError, "backend must be one of"),
-        (lambda: _qkv(), {"block_q": 0}, ValueError, "block_q must be a positive int"),
+        (lambda: _qkv(), {"block_q": 0}, ValueError, r"block_q must be an int >= 1"),
         (lambda: _qkv(), {"relative_bias": RelativeBias("shaw", torch.randn(4, 4), max_distance=2)}, ValueError, "shaw table"),
         (lambda: _qkv(), {"relative_bias": RelativeBias("t5", torch.randn(2, 5), num_buckets=4)}, ValueError, "t5 table"),
         (lambda: _qkv(), {"relative_bias": RelativeBias("alibi", torch.randn(3))}, ValueError, "alibi table"),
         (lambda: _qkv(), {"relative_bias": RelativeBias("alibi", torch.randn(2)), "backend": "sdpa"}, ValueError, "sdpa"),
+        (lambda: _qkv(), {"scale": 0.0}, ValueError, r"scale must be a finite number > 0"),
+        (lambda: _qkv(), {"scale": True}, TypeError, "scale must be"),
+        (lambda: _qkv(), {"dropout_p": 1.0}, ValueError, r"dropout_p must be a finite number in \[0, 1\)"),
+        (lambda: _qkv(), {"q_offset": 1.5, "backend": "math"}, TypeError, "q_offset must be an int"),
+        (lambda: _qkv(), {"relative_bias": "alibi"}, TypeError, "relative_bias must be a RelativeBias"),
+        (lambda: _qkv(), {"sparsity": "strided"}, TypeError, "sparsity must be a Sparsity"),
+        (lambda: _qkv(), {"dropout_p": 0.1, "backend": "sdpa"}, ValueError, r"sdpa.*dropout_p > 0"),
+        (lambda: (lambda q, k, v: (q, k, v.double()))(*_qkv()), {"backend": "sdpa"}, ValueError, r"sdpa.*dtypes differ"),
     ],
 )
 def test_bad_input_errors(make, kwargs, exc, match):
@@ -447,7 +455,7 @@ def test_bad_input_errors(make, kwargs, exc, match):
     "build, match",
     [
         (lambda: Sparsity("dilated", stride=2), "pattern must be"),
-        (lambda: Sparsity("strided", stride=0), "stride must be a positive int"),
+        (lambda: Sparsity("strided", stride=0), r"sparsity stride must be an int >= 1"),
         (lambda: Sparsity("fixed", stride=4, summary=5), "summary"),
         (lambda: Sparsity("block", block_size=2), "layout"),
         (lambda: RelativeBias("rotary", torch.zeros(2)), "kind must be"),

@@ -123,6 +123,25 @@ def test_bf16_accumulates_in_float32():
     torch.testing.assert_close(wb.grad.float(), wf.grad, rtol=5e-2, atol=5e-3)
 
 
+@pytest.mark.parametrize("v, n, chunk", [(50257, 400, None), (1000, 10000, 5000), (1000, 10000, 4000)])
+def test_bf16_gradient_groups_hold_whole_chunks(v, n, chunk):
+    """Low precision keeps each chunk's gradient rows in a buffer of about _GROUP_ELEMENTS; when
+    that buffer was not a whole number of chunks, a chunk straddled its end and the op crashed
+    (GPT-2's vocabulary: 41-token chunks, a 166-row buffer, any batch of more than 166 tokens)."""
+    g = torch.Generator().manual_seed(0)
+    h, w = torch.randn(n, 4, generator=g), torch.randn(v, 4, generator=g)
+    t = torch.randint(0, v, (n,), generator=g)
+    hb, wb = h.bfloat16().requires_grad_(), w.bfloat16().requires_grad_()
+    loss = lce(hb, wb, t, chunk_size=chunk)
+    loss.backward()
+    hf, wf = hb.detach().float().requires_grad_(), wb.detach().float().requires_grad_()
+    want = _torch_ce(hf, wf, t)
+    want.backward()
+    torch.testing.assert_close(loss, want, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(wb.grad.float(), wf.grad, rtol=5e-2, atol=5e-2 * wf.grad.abs().max().item())
+    torch.testing.assert_close(hb.grad.float(), hf.grad, rtol=5e-2, atol=5e-2 * hf.grad.abs().max().item())
+
+
 def test_autocast_fused_equals_autocast_composite():
     """Under CPU bf16 autocast the fused op equals autocast's own F.linear + float32
     cross-entropy (the logits rounded to bf16 once), in value and in float32 gradients of float32

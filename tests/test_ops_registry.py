@@ -17,7 +17,10 @@ from aam_func.ops import registry
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 OPS_DIR = ROOT / "aam_func" / "ops"
-MODULES = sorted(p.stem for p in OPS_DIR.glob("*.py") if not p.stem.startswith("_") and p.stem != "registry")
+MODULES = sorted(
+    [p.stem for p in OPS_DIR.glob("*.py") if not p.stem.startswith("_") and p.stem != "registry"]
+    + [p.parent.name for p in OPS_DIR.glob("*/__init__.py") if not p.parent.name.startswith("_")]
+)
 for _m in MODULES:
     importlib.import_module(f"aam_func.ops.{_m}")
 SPECS = registry.all_specs()
@@ -59,7 +62,7 @@ def _samples(spec):
 @pytest.mark.parametrize("module", MODULES)
 def test_every_op_module_registers_an_op(module):
     assert registry.specs_for_module(module), (
-        f"aam_func/ops/{module}.py registers no op; call registry.register(OpSpec(...)) at import time "
+        f"aam_func/ops/{module} registers no op; call registry.register(OpSpec(...)) at import time "
         "(see aam_func/ops/registry.py)"
     )
 
@@ -156,7 +159,7 @@ def test_register_rejects_non_functions_and_duplicates():
         registry.OpSpec(name="x", function=object, reference=lambda: 0, proof="proofs/x.md", samples=list)
     spec = registry.get("attention")
 
-    class Other(torch.autograd.Function):  # defined in this test module, not aam_func.ops.attention
+    class Other(torch.autograd.Function):  # defined in this test module, not aam_func.ops.attention.kernel
         @staticmethod
         def forward(x):
             return x

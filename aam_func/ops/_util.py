@@ -1,23 +1,44 @@
-"""Small helpers shared by the custom ops: detecting active transforms."""
+"""Which torch.func transforms are active: the one place the custom ops read functorch's
+interpreter stack (and forward-mode AD's dual level) to choose how to run."""
 
 from __future__ import annotations
 
 import torch
 import torch.autograd.forward_ad as fwAD
 
+__all__ = ["transforms_active", "forward_ad_active", "vmap_active", "higher_order_active", "values_inspectable"]
 
-def forward_ad_active(*tensors: torch.Tensor) -> bool:
-    """True while forward-mode AD may be traced: inside ``torch.func.jvp`` or ``forward_ad.dual_level``."""
-    if fwAD._current_level >= 0:
-        return True
+
+def _levels(kind: str) -> int:
+    """How many levels of the transform ``kind`` ("Grad", "Jvp", "Vmap", ...) are active."""
     stack = torch._C._functorch.get_interpreter_stack()
-    if stack:
-        for interp in stack:
-            if interp.key() == torch._C._functorch.TransformType.Jvp:
-                return True
-    return False
+    if not stack:
+        return 0
+    key = getattr(torch._C._functorch.TransformType, kind)
+    return sum(1 for interp in stack if interp.key() == key)
+
+
+def transforms_active() -> bool:
+    """True inside any torch.func transform (grad, vjp, jvp, vmap, functionalize)."""
+    return bool(torch._C._functorch.get_interpreter_stack())
+
+
+def forward_ad_active() -> bool:
+    """True while forward-mode AD may be traced: inside ``torch.func.jvp`` or ``forward_ad.dual_level``."""
+    return fwAD._current_level >= 0 or _levels("Jvp") > 0
 
 
 def vmap_active() -> bool:
-    stack = torch._C._functorch.get_interpreter_stack()
-    return bool(stack) and any(i.key() == torch._C._functorch.TransformType.Vmap for i in stack)
+    """True inside ``torch.func.vmap``."""
+    return _levels("Vmap") > 0
+
+
+def higher_order_active() -> bool:
+    """True when a derivative of the gradient may be taken: nested grad levels or forward AD."""
+    return forward_ad_active() or _levels("Grad") >= 2
+
+
+def values_inspectable() -> bool:
+    """Whether a check may read tensor values (``.item()``, ``bool(t.all())``): not under vmap
+    (batched values) and not while compiling (a graph break). Shape checks need no values."""
+    return not torch.compiler.is_compiling() and not vmap_active()

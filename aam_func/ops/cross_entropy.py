@@ -30,14 +30,15 @@ accumulate in float32.
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
-import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._util import vmap_active
+from ..checks import check_choice, check_int, check_number
+from ._util import higher_order_active, transforms_active, values_inspectable, vmap_active
 from .registry import OpSpec, register
 
 __all__ = ["linear_cross_entropy", "reference", "REDUCTIONS"]
@@ -74,18 +75,13 @@ def _check(hidden, weight, targets, bias, ignore_index, label_smoothing, z_loss,
             raise ValueError(f"bias must be a Tensor of shape (vocab,) = ({weight.shape[0]},), got {getattr(bias, 'shape', bias)}")
         if bias.dtype != weight.dtype:
             raise TypeError(f"bias dtype {bias.dtype} differs from weight dtype {weight.dtype}")
-    if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float)) or not 0.0 <= label_smoothing < 1.0:
-        raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing!r}")
-    if isinstance(z_loss, bool) or not isinstance(z_loss, (int, float)) or not 0.0 <= z_loss < float("inf"):
-        raise ValueError(f"z_loss must be a finite number >= 0, got {z_loss!r}")
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0):
-        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
-    if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
-        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
+    check_number("label_smoothing", label_smoothing, min=0, max=1, max_open=True)
+    check_number("z_loss", z_loss, min=0)
+    check_choice("reduction", reduction, REDUCTIONS)
+    check_int("chunk_size", chunk_size, min=1, allow_none=True)
+    check_int("ignore_index", ignore_index)
     V = weight.shape[0]
-    if not torch.compiler.is_compiling() and not vmap_active() and targets.numel():
+    if values_inspectable() and targets.numel():
         bad = targets[(targets != ignore_index) & ((targets < 0) | (targets >= V))]
         if bad.numel():
             raise ValueError(
@@ -163,116 +159,148 @@ def _acc_dtype(dtype):
 
 
 # ----------------------------------------------------------------------------- the Function
+@dataclass(frozen=True)
+class _Options:
+    """Everything static about one call (a non-tensor Function argument), decided in
+    :func:`linear_cross_entropy` where the transform stack is the caller's."""
+
+    eps: float  # label smoothing ε
+    zl: float  # z-loss weight λ
+    reduction: str
+    chunk: int  # tokens per chunk
+    precompute: bool  # the forward computes the gradient for a unit upstream gradient
+    eager: bool  # no torch.func transform is active
+    higher_order: bool  # a derivative of the gradient may be taken (_util.higher_order_active)
+    low: Optional[torch.dtype]  # the autocast dtype float32 inputs are cast to, or None
+
+
+def _loss_only(h, weight, bias, t, valid, o: _Options):
+    """Forward without gradients: per-token loss and lse by chunks (out of place under vmap)."""
+    N, acc = h.shape[0], _acc_dtype(h.dtype)
+    lse = h.new_empty(N, dtype=acc)
+    per_token = h.new_empty(N, dtype=acc)
+    gh = gw = gb = h.new_empty(0)
+    if vmap_active():  # out of place, batched
+        pieces = [_token_loss(_logits(h[s : s + o.chunk], weight, bias), t[s : s + o.chunk], o.eps, o.zl)
+                  for s in range(0, N, o.chunk)]
+        if pieces:
+            per_token = torch.cat([p[0] for p in pieces])
+            lse = torch.cat([p[1] for p in pieces])
+        return _reduce(per_token, valid, o.reduction), lse, gh, gw, gb
+    for s in range(0, N, o.chunk):
+        z = _logits(h[s : s + o.chunk], weight, bias)  # (n, V) fp32
+        loss_c, lse_c = _token_loss(z, t[s : s + o.chunk], o.eps, o.zl)
+        per_token[s : s + o.chunk] = loss_c
+        lse[s : s + o.chunk] = lse_c
+        del z  # free this chunk's logits before the next chunk allocates its own
+    return _reduce(per_token, valid, o.reduction), lse, gh, gw, gb
+
+
+def _chunk_loss_and_grad(z: Tensor, tc: Tensor, w_c: Tensor, eps: float, zl: float):
+    """(G, loss, lse) of one chunk, with z's buffer turned into the weighted gradient in place:
+    G = w · [(1 + 2λ lse) softmax(z) − (1−ε) onehot − ε/V], in as few passes as possible."""
+    V = z.shape[-1]
+    loss_c = -(1.0 - eps) * z.gather(1, tc[:, None]).squeeze(1)
+    if eps:
+        loss_c = loss_c - (eps / V) * z.sum(-1)
+    # One pass of exp, in place in the chunk buffer: z -> exp(z - max) -> softmax.
+    m = z.amax(-1)
+    G = z.sub_(m[:, None]).exp_()
+    total = G.sum(-1)
+    lse_c = m + total.log()
+    loss_c = loss_c + lse_c + (zl * lse_c * lse_c if zl else 0.0)
+    scale = w_c / total
+    if zl:
+        scale = scale * (1.0 + 2.0 * zl * lse_c)
+    G.mul_(scale[:, None])
+    G[torch.arange(G.shape[0], device=G.device), tc] -= (1.0 - eps) * w_c
+    if eps:
+        G.sub_(((eps / V) * w_c)[:, None])
+    return G, loss_c, lse_c
+
+
+def _loss_and_grads(h, weight, bias, t, valid, o: _Options):
+    """Forward that also computes the gradients for a unit upstream gradient (not under vmap:
+    the in-place buffers are ours)."""
+    N, V = h.shape[0], weight.shape[0]
+    acc = _acc_dtype(h.dtype)
+    lse = h.new_empty(N, dtype=acc)
+    per_token = h.new_empty(N, dtype=acc)
+    w = _weights(valid, o.reduction, acc)
+    gh = torch.empty_like(h)
+    # low precision: the first group's matmul writes it whole (no zero pass)
+    alloc = torch.empty if h.dtype != acc and N > 0 else torch.zeros
+    gw = alloc(weight.shape, dtype=acc, device=weight.device)
+    gb = torch.zeros(V, dtype=acc, device=weight.device) if bias is not None else h.new_empty(0)
+    low = h.dtype != acc
+    if low:
+        # Low precision: each chunk's gradient rows are kept (in h's dtype) in a buffer of up
+        # to _GROUP_ELEMENTS and the weight gradient takes one matmul per full buffer; a
+        # matmul per chunk would round each chunk's partial sum to bf16 and spend a cast and an
+        # add of a (V, d) tensor on it.
+        group = max(o.chunk, min(N, _GROUP_ELEMENTS // max(V, 1)))
+        if group < N:  # whole chunks only: a chunk must never straddle the buffer's end
+            group = group // o.chunk * o.chunk
+        gbuf = h.new_empty(min(group, N), V)
+        g0 = 0  # first row held in gbuf
+    for s in range(0, N, o.chunk):
+        hc = h[s : s + o.chunk]
+        z = _logits(hc, weight, bias)  # (n, V) fp32
+        G, loss_c, lse_c = _chunk_loss_and_grad(z, t[s : s + o.chunk], w[s : s + o.chunk], o.eps, o.zl)
+        per_token[s : s + o.chunk] = loss_c
+        lse[s : s + o.chunk] = lse_c
+        Gd = gbuf[s - g0 : s - g0 + G.shape[0]].copy_(G) if low else G
+        torch.mm(Gd, weight, out=gh[s : s + o.chunk])
+        if not low:
+            gw.addmm_(G.t(), hc)
+        elif s + G.shape[0] - g0 >= gbuf.shape[0] or s + G.shape[0] >= N:  # buffer full or last chunk
+            rows = s + G.shape[0] - g0
+            part = gbuf[:rows].t() @ h[g0 : g0 + rows]
+            gw.copy_(part) if g0 == 0 else gw.add_(part)
+            g0 += rows
+        if bias is not None:
+            gb.add_(G.sum(0))
+        del G, Gd, z  # free this chunk's logits before the next chunk allocates its own
+    return _reduce(per_token, valid, o.reduction), lse, gh, gw, gb
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     """Outputs (loss, lse, grad_hidden, grad_weight, grad_bias); only loss is differentiable.
 
-    The three gradient outputs are empty unless ``precompute`` (see the module docstring).
+    The three gradient outputs are empty unless ``options.precompute`` (see the module docstring).
     """
 
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(h, weight, bias, t, valid, eps, zl, reduction, chunk, flags):
-        precompute = flags[0]
-        h, weight, bias = _lowered(flags[3], h, weight, bias)
-        N, V = h.shape[0], weight.shape[0]
-        acc = _acc_dtype(h.dtype)
-        lse = h.new_empty(N, dtype=acc)
-        per_token = h.new_empty(N, dtype=acc)
-        if precompute:  # not under vmap: in-place buffers are ours
-            w = _weights(valid, reduction, acc)
-            gh = torch.empty_like(h)
-            # low precision: the first group's matmul writes it whole (no zero pass)
-            alloc = torch.empty if h.dtype != acc and N > 0 else torch.zeros
-            gw = alloc(weight.shape, dtype=acc, device=weight.device)
-            gb = torch.zeros(V, dtype=acc, device=weight.device) if bias is not None else h.new_empty(0)
-        else:
-            gh = gw = gb = h.new_empty(0)
-        low = precompute and h.dtype != acc
-        if low:
-            # Low precision: each chunk's gradient rows are kept (in h's dtype) in a buffer of up
-            # to _GROUP_ELEMENTS and the weight gradient takes one matmul per full buffer; a
-            # matmul per chunk would round each chunk's partial sum to bf16 and spend a cast and an
-            # add of a (V, d) tensor on it.
-            group = max(chunk, min(N, _GROUP_ELEMENTS // max(V, 1)))
-            gbuf = h.new_empty(min(group, N), V)
-            g0 = 0  # first row held in gbuf
-        if not precompute and vmap_active():  # out of place, batched
-            pieces = [_token_loss(_logits(h[s : s + chunk], weight, bias), t[s : s + chunk], eps, zl) for s in range(0, N, chunk)]
-            if pieces:
-                per_token = torch.cat([p[0] for p in pieces])
-                lse = torch.cat([p[1] for p in pieces])
-            return _reduce(per_token, valid, reduction), lse, gh, gw, gb
-        for s in range(0, N, chunk):
-            hc, tc = h[s : s + chunk], t[s : s + chunk]
-            z = _logits(hc, weight, bias)  # (n, V) fp32
-            if not precompute:
-                loss_c, lse_c = _token_loss(z, tc, eps, zl)
-                per_token[s : s + chunk] = loss_c
-                lse[s : s + chunk] = lse_c
-            else:
-                # One pass of exp, in place in the chunk buffer: z -> exp(z - max) -> softmax.
-                loss_c = -(1.0 - eps) * z.gather(1, tc[:, None]).squeeze(1)
-                if eps:
-                    loss_c = loss_c - (eps / V) * z.sum(-1)
-                m = z.amax(-1)
-                G = z.sub_(m[:, None]).exp_()
-                total = G.sum(-1)
-                lse_c = m + total.log()
-                per_token[s : s + chunk] = loss_c + lse_c + (zl * lse_c * lse_c if zl else 0.0)
-                lse[s : s + chunk] = lse_c
-                # G = w · [(1 + 2λ lse) softmax − (1−ε) onehot − ε/V], with as few passes as possible
-                w_c = w[s : s + chunk]
-                scale = w_c / total
-                if zl:
-                    scale = scale * (1.0 + 2.0 * zl * lse_c)
-                G.mul_(scale[:, None])
-                G[torch.arange(G.shape[0], device=G.device), tc] -= (1.0 - eps) * w_c
-                if eps:
-                    G.sub_(((eps / V) * w_c)[:, None])
-                if low:
-                    Gd = gbuf[s - g0 : s - g0 + G.shape[0]]
-                    Gd.copy_(G)
-                else:
-                    Gd = G
-                torch.mm(Gd, weight, out=gh[s : s + chunk])
-                if not low:
-                    gw.addmm_(G.t(), hc)
-                elif s + G.shape[0] - g0 >= gbuf.shape[0] or s + G.shape[0] >= N:  # buffer full or last chunk
-                    rows = s + G.shape[0] - g0
-                    part = gbuf[:rows].t() @ h[g0 : g0 + rows]
-                    gw.copy_(part) if g0 == 0 else gw.add_(part)
-                    g0 += rows
-                if bias is not None:
-                    gb.add_(G.sum(0))
-                del G, Gd
-            del z  # free this chunk's logits before the next chunk allocates its own
-        return _reduce(per_token, valid, reduction), lse, gh, gw, gb
+    def forward(h, weight, bias, t, valid, options: _Options):
+        h, weight, bias = _lowered(options.low, h, weight, bias)
+        run = _loss_and_grads if options.precompute else _loss_only
+        return run(h, weight, bias, t, valid, options)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        h, weight, bias, t, valid, eps, zl, reduction, chunk, flags = inputs
+        h, weight, bias, t, valid, options = inputs
         _, lse, gh, gw, gb = output
         ctx.mark_non_differentiable(lse, gh, gw, gb)
         # Otherwise autograd materialises zero cotangents shaped like gh and gw (N·d + V·d) at backward.
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(h, weight, bias, t, valid, lse, gh, gw, gb)
         ctx.save_for_forward(h, weight, bias, t, valid, lse)
-        ctx.meta = (eps, zl, reduction, chunk, flags[0])
-        ctx.eager, ctx.higher_order, ctx.low = flags[1], flags[2], flags[3]
+        ctx.options = options
 
     @staticmethod
     def backward(ctx, g, _g_lse, _gh, _gw, _gb):
         h, weight, bias, t, valid, lse, gh, gw, gb = ctx.saved_tensors
-        eps, zl, reduction, chunk, precompute = ctx.meta
+        o: _Options = ctx.options
         needs = ctx.needs_input_grad
         dtypes = (h.dtype, weight.dtype, bias.dtype if bias is not None else None)  # of the inputs
         if g is None:  # only the loss is differentiable; no cotangent reached it
-            g = torch.zeros((), dtype=lse.dtype, device=lse.device) if reduction != "none" else torch.zeros_like(lse)
-        if ctx.higher_order or (ctx.eager and torch.is_grad_enabled()):
+            g = torch.zeros((), dtype=lse.dtype, device=lse.device) if o.reduction != "none" else torch.zeros_like(lse)
+        if o.higher_order or (o.eager and torch.is_grad_enabled()):
             # create_graph / nested transforms: a differentiable recomputation, chunk by chunk.
             fn = lambda h_, w_, b_: _chunked_composite(  # noqa: E731
-                *_lowered(ctx.low, h_, w_, b_), t, valid, eps, zl, reduction, chunk
+                *_lowered(o.low, h_, w_, b_), t, valid, o.eps, o.zl, o.reduction, o.chunk
             )
             _, vjp_fn = torch.func.vjp(fn, h, weight, bias) if bias is not None else torch.func.vjp(
                 lambda h_, w_: fn(h_, w_, None), h, weight
@@ -280,76 +308,72 @@ class _LinearCrossEntropy(torch.autograd.Function):
             grads = vjp_fn(g)
             d_h, d_w = grads[0], grads[1]
             d_b = grads[2] if bias is not None else None
-            return d_h, d_w, d_b, None, None, None, None, None, None, None
+            return d_h, d_w, d_b, None, None, None
         # Below, nobody differentiates the gradient. Under torch.func.grad (which runs backward
         # with create_graph=True) detach, so that nothing is recorded; in eager grad mode is off here
         # (and the legacy vmap of gradcheck's batched-grad check has no rule for detach).
-        if not ctx.eager:
+        if not o.eager:
             h, weight, g = h.detach(), weight.detach(), g.detach()
             bias = bias.detach() if bias is not None else None
-        if precompute:
+        if o.precompute:
             d_h = (gh * g.to(gh.dtype)).to(dtypes[0]) if needs[0] else None
             d_w = (gw * g.to(gw.dtype)).to(dtypes[1]) if needs[1] else None
             d_b = (gb * g.to(gb.dtype)).to(dtypes[2]) if bias is not None and needs[2] else None
-            return d_h, d_w, d_b, None, None, None, None, None, None, None
-        h, weight, bias = _lowered(ctx.low, h, weight, bias)
-        # Recompute chunk logits; out of place so the rule also runs under vmap.
-        acc = lse.dtype
-        w = _weights(valid, reduction, acc)
-        scale = w * g.to(acc)  # (N,): g is a scalar, or per token for "none"
-        d_hs, d_w, d_b = [], None, None
-        for s in range(0, h.shape[0], chunk):
-            hc = h[s : s + chunk]
-            G = _token_grad(_logits(hc, weight, bias), lse[s : s + chunk], t[s : s + chunk], eps, zl)
-            G = G * scale[s : s + chunk, None]
-            Gd = G.to(h.dtype)
-            d_hs.append(Gd @ weight)
-            gw_c = (Gd.t() @ hc).to(acc)
-            d_w = gw_c if d_w is None else d_w + gw_c
-            if bias is not None:
-                gb_c = G.sum(0)
-                d_b = gb_c if d_b is None else d_b + gb_c
-        d_h = torch.cat(d_hs) if d_hs else torch.zeros_like(h)
-        if d_w is None:
-            d_w = torch.zeros_like(weight)
-            d_b = torch.zeros_like(bias) if bias is not None else None
+            return d_h, d_w, d_b, None, None, None
+        d_h, d_w, d_b = _recomputed_grads(h, weight, bias, t, valid, lse, g, o)
         return (
             d_h.to(dtypes[0]) if needs[0] else None,
             d_w.to(dtypes[1]) if needs[1] else None,
             d_b.to(dtypes[2]) if bias is not None and needs[2] else None,
-            None, None, None, None, None, None, None,
+            None, None, None,
         )
 
     @staticmethod
-    def jvp(ctx, dh, dw, db, _dt, _dvalid, *_):
+    def jvp(ctx, dh, dw, db, _dt, _dvalid, _doptions):
         """d loss_i = Σ_j (∂loss_i/∂z_ij) dz_ij with dz = dh Wᵀ + h dWᵀ + db, chunk by chunk."""
         h, weight, bias, t, valid, lse = ctx.saved_tensors
-        eps, zl, reduction, chunk, _ = ctx.meta
-        h, weight, bias, dh, dw, db = _lowered(ctx.low, h, weight, bias, dh, dw, db)
+        o: _Options = ctx.options
+        h, weight, bias, dh, dw, db = _lowered(o.low, h, weight, bias, dh, dw, db)
         pieces = []
-        for s in range(0, h.shape[0], chunk):
-            hc = h[s : s + chunk]
-            G = _token_grad(_logits(hc, weight, bias), lse[s : s + chunk], t[s : s + chunk], eps, zl)
+        for s in range(0, h.shape[0], o.chunk):
+            hc = h[s : s + o.chunk]
+            G = _token_grad(_logits(hc, weight, bias), lse[s : s + o.chunk], t[s : s + o.chunk], o.eps, o.zl)
             dz = 0
             if dh is not None:
-                dz = dz + F.linear(dh[s : s + chunk], weight)
+                dz = dz + F.linear(dh[s : s + o.chunk], weight)
             if dw is not None:
                 dz = dz + F.linear(hc, dw)
             if db is not None:
                 dz = dz + db
-            pieces.append((G * dz).sum(-1) if isinstance(dz, Tensor) else torch.zeros_like(lse[s : s + chunk]))
+            pieces.append((G * dz).sum(-1) if isinstance(dz, Tensor) else torch.zeros_like(lse[s : s + o.chunk]))
         per_token = torch.cat(pieces) if pieces else torch.zeros_like(lse)
-        return _reduce(per_token.to(lse.dtype), valid, reduction), None, None, None, None
+        return _reduce(per_token.to(lse.dtype), valid, o.reduction), None, None, None, None
 
 
-def _higher_order_active() -> bool:
-    """True when a derivative of the gradient may be taken: nested grad levels or forward AD."""
-    if fwAD._current_level >= 0:
-        return True
-    stack = torch._C._functorch.get_interpreter_stack() or []
-    T = torch._C._functorch.TransformType
-    n_grad = sum(1 for i in stack if i.key() == T.Grad)
-    return n_grad >= 2 or any(i.key() == T.Jvp for i in stack)
+def _recomputed_grads(h, weight, bias, t, valid, lse, g, o: _Options):
+    """(d_h, d_w, d_b) for upstream gradient g, recomputing each chunk's logits; out of place so
+    the rule also runs under vmap. Returned in the accumulation dtypes."""
+    h, weight, bias = _lowered(o.low, h, weight, bias)
+    acc = lse.dtype
+    w = _weights(valid, o.reduction, acc)
+    scale = w * g.to(acc)  # (N,): g is a scalar, or per token for "none"
+    d_hs, d_w, d_b = [], None, None
+    for s in range(0, h.shape[0], o.chunk):
+        hc = h[s : s + o.chunk]
+        G = _token_grad(_logits(hc, weight, bias), lse[s : s + o.chunk], t[s : s + o.chunk], o.eps, o.zl)
+        G = G * scale[s : s + o.chunk, None]
+        Gd = G.to(h.dtype)
+        d_hs.append(Gd @ weight)
+        gw_c = (Gd.t() @ hc).to(acc)
+        d_w = gw_c if d_w is None else d_w + gw_c
+        if bias is not None:
+            gb_c = G.sum(0)
+            d_b = gb_c if d_b is None else d_b + gb_c
+    d_h = torch.cat(d_hs) if d_hs else torch.zeros_like(h)
+    if d_w is None:
+        d_w = torch.zeros_like(weight)
+        d_b = torch.zeros_like(bias) if bias is not None else None
+    return d_h, d_w, d_b
 
 
 def _wants_grad(*tensors) -> bool:
@@ -394,15 +418,20 @@ def linear_cross_entropy(
     valid = t != ignore_index
     t_safe = torch.where(valid, t, torch.zeros_like(t))
     chunk = chunk_size or _default_chunk(h.shape[0], V)
-    # Decided here, where the transform stack is the caller's: (precompute, eager, higher_order).
-    eager = not torch._C._functorch.get_interpreter_stack()
-    higher = _higher_order_active()
-    precompute = reduction != "none" and _wants_grad(hidden, weight, bias) and not vmap_active() and not higher
+    # Decided here, where the transform stack is the caller's.
+    higher = higher_order_active()
+    options = _Options(
+        eps=float(label_smoothing),
+        zl=float(z_loss),
+        reduction=reduction,
+        chunk=chunk,
+        precompute=reduction != "none" and _wants_grad(hidden, weight, bias) and not vmap_active() and not higher,
+        eager=not transforms_active(),
+        higher_order=higher,
+        low=low,
+    )
     with torch.autocast(dev, enabled=False) if low is not None else contextlib.nullcontext():
-        out = _LinearCrossEntropy.apply(
-            h, weight, bias, t_safe, valid, float(label_smoothing), float(z_loss), reduction, chunk,
-            (precompute, eager, higher, low),
-        )
+        out = _LinearCrossEntropy.apply(h, weight, bias, t_safe, valid, options)
     loss = out[0]
     return loss.reshape(targets.shape) if reduction == "none" else loss
 
@@ -447,15 +476,6 @@ def _samples() -> list:
     ]
 
 
-register(
-    OpSpec(
-        name="linear_cross_entropy",
-        function=_LinearCrossEntropy,
-        op=linear_cross_entropy,
-        reference=reference,
-        proof="proofs/cross_entropy.md",
-        samples=_samples,
-        supports_forward_ad=True,
-        supports_double_backward=True,
-    )
-)
+register(OpSpec(name="linear_cross_entropy", function=_LinearCrossEntropy, op=linear_cross_entropy, reference=reference,
+                proof="proofs/cross_entropy.md", samples=_samples, supports_forward_ad=True,
+                supports_double_backward=True))

@@ -1,7 +1,8 @@
 """The registry of custom ops: what ``tests/test_ops_registry.py`` holds every op to.
 
-Every op module in ``aam_func/ops`` (each non-underscore ``.py`` file other than this one)
-registers each ``torch.autograd.Function`` it defines, at import time::
+Every op module in ``aam_func/ops`` (each non-underscore ``.py`` file other than this one, and
+each package, such as ``attention/``) registers each ``torch.autograd.Function`` it defines, at
+import time::
 
     from .registry import OpSpec, register
 
@@ -63,8 +64,11 @@ class OpSpec:
 
     @property
     def module(self) -> str:
-        """Short name of the ops module that defines the Function (e.g. ``"attention"``)."""
-        return self.function.__module__.rsplit(".", 1)[-1]
+        """Short name of the ops module or package that defines the Function (e.g. ``"rope"``;
+        ``"attention"`` for ``aam_func.ops.attention.kernel``)."""
+        parts = self.function.__module__.split(".")
+        inside_ops = len(parts) > 2 and parts[:2] == ["aam_func", "ops"]
+        return parts[2] if inside_ops else parts[-1]
 
     def call(self, *args, **kwargs):
         return (self.op or self.function.apply)(*args, **kwargs)

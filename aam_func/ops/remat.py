@@ -34,10 +34,10 @@ import functools
 from typing import Any, Callable, Sequence
 
 import torch
-import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 from torch.utils import _pytree as pytree
 
+from ._util import higher_order_active, transforms_active
 from .registry import OpSpec, register
 
 __all__ = ["remat", "reference"]
@@ -173,15 +173,6 @@ class _Remat(torch.autograd.Function):
         return tuple(next(out_t) if m else None for m in mask)
 
 
-def _higher_order_active() -> bool:
-    """True when a derivative of the gradient may be taken: nested grad levels or forward AD."""
-    if fwAD._current_level >= 0:
-        return True
-    stack = torch._C._functorch.get_interpreter_stack() or []
-    T = torch._C._functorch.TransformType
-    return sum(1 for i in stack if i.key() == T.Grad) >= 2 or any(i.key() == T.Jvp for i in stack)
-
-
 def _autocast_state() -> tuple:
     devices = ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",)
     return tuple((d, torch.is_autocast_enabled(d), torch.get_autocast_dtype(d)) for d in devices)
@@ -233,7 +224,7 @@ def remat(fn: Callable, *, generators: Sequence[torch.Generator] = ()) -> Callab
         fixed = [None if isinstance(x, Tensor) else x for x in leaves]
         gens = list(generators) + [x for x in leaves if isinstance(x, torch.Generator)]
         out_box: dict = {}
-        keep_graph = (not torch._C._functorch.get_interpreter_stack(), _higher_order_active())
+        keep_graph = (not transforms_active(), higher_order_active())
         spec = _Spec(fn, in_tree, fixed, positions, _RNGReplay(gens), out_box, keep_graph, _autocast_state())
         tensor_outs = _Remat.apply(spec, *[leaves[i] for i in positions])
         it = iter(tensor_outs)

@@ -1,0 +1,130 @@
+"""The dense attention paths: each builds the whole (q_len, k_len) score matrix, or lets a
+library kernel do it.
+
+- :func:`reference`: the composite math, autograd-differentiated; every other path must equal
+  it, and it is the blockwise kernel's registered twin. The only path with dropout.
+- :func:`dense_bias`: the same math with the mask as an additive 0/−inf bias and the scale
+  folded into one ``baddbmm`` (no key padding, no relative bias).
+- :func:`sdpa`: ``F.scaled_dot_product_attention``, its fused kernels when no mask is needed,
+  else a dense bool mask.
+- :func:`xformers`: ``xformers.ops.memory_efficient_attention``, standard attention only.
+
+Which one runs is :func:`aam_func.ops.attention.backends.choose_path`'s decision.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .masks import RelativeBias, Sparsity, dense_mask, query_positions, relative_logits
+
+__all__ = ["reference", "dense_bias", "sdpa", "xformers", "expand_kv"]
+
+
+def expand_kv(k: Tensor, heads: int) -> Tensor:
+    """(B, kv_heads, T, d) -> (B, heads, T, d): kv head g serves query heads g·R .. g·R + R − 1."""
+    rep = heads // k.shape[1]
+    return k if rep == 1 else k.repeat_interleave(rep, dim=1)
+
+
+def reference(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    causal: bool = False,
+    key_padding_mask: Optional[Tensor] = None,
+    window: Optional[int] = None,
+    sparsity: Optional[Sparsity] = None,
+    relative_bias: Optional[RelativeBias] = None,
+    scale: Optional[float] = None,
+    dropout_p: float = 0.0,
+    generator: Optional[torch.Generator] = None,
+    q_offset=None,
+) -> Tensor:
+    """Dense composite attention: the math every other backend must equal.
+
+    softmax(scale · q kᵀ + relative term, −∞ where not allowed) v, with dropout on the
+    probabilities (kept ones scaled by 1 / (1 − p)).
+    """
+    Tq, Tk, H = q.shape[2], k.shape[2], q.shape[1]
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    k, v = expand_kv(k, H), expand_kv(v, H)
+    q_pos = query_positions(Tq, Tk, q_offset, q.device)
+    k_pos = torch.arange(Tk, device=q.device)
+    logits = torch.matmul(q, k.transpose(-1, -2))  # (B, H, Tq, Tk)
+    if relative_bias is not None:
+        term, before = relative_logits(q, q_pos, k_pos, relative_bias)
+        if before:
+            logits = (logits + term) * scale
+        else:
+            logits = logits * scale + term.to(logits.dtype)
+    else:
+        logits = logits * scale
+    ok = dense_mask(q_pos, k_pos, key_padding_mask, causal=causal, window=window, sparsity=sparsity)
+    logits = logits.masked_fill(~ok, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if dropout_p > 0.0:
+        keep = torch.rand(probs.shape, generator=generator, device=probs.device, dtype=probs.dtype) >= dropout_p
+        probs = probs * keep / (1.0 - dropout_p)
+    return torch.matmul(probs, v)
+
+
+def dense_bias(q, k, v, *, causal, window, sparsity, scale):
+    """The dense math path with the mask as an additive 0/−inf bias and the scale folded into one
+    ``baddbmm`` (no key padding, no relative bias): scores = bias + scale · q kᵀ in one kernel,
+    instead of a matmul, a scale pass and a masked_fill pass over the (B, H, Tq, Tk) scores
+    forward and backward. ``auto`` uses it under CPU bf16 autocast with a gradient, where the
+    dense path beats SDPA's CPU backward. Equal to :func:`reference` (the same masked softmax:
+    exp(−inf) = 0 and its gradient is 0 there)."""
+    B, H, Tq, d = q.shape
+    Tk = k.shape[2]
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    k, v = expand_kv(k, H), expand_kv(v, H)
+    q_pos = query_positions(Tq, Tk, None, q.device)
+    ok = dense_mask(q_pos, torch.arange(Tk, device=q.device), None, causal=causal, window=window, sparsity=sparsity)
+    bias = torch.zeros((Tq, Tk), dtype=q.dtype, device=q.device).masked_fill_(~ok, float("-inf"))
+    logits = torch.baddbmm(bias, q.reshape(B * H, Tq, d), k.reshape(B * H, Tk, d).transpose(1, 2), alpha=scale)
+    probs = torch.softmax(logits, dim=-1)
+    return torch.bmm(probs, v.reshape(B * H, Tk, -1)).reshape(B, H, Tq, -1)
+
+
+def sdpa(q, k, v, *, causal, key_padding_mask, window, sparsity, scale, q_offset=None):
+    """``F.scaled_dot_product_attention``: its own causal flag when the mask is the plain
+    bottom-right triangle of a square (or needs no mask at all), else a dense bool mask."""
+    Tq, Tk, H = q.shape[2], k.shape[2], q.shape[1]
+    gqa = H != k.shape[1]
+    plain = key_padding_mask is None and window is None and sparsity is None and q_offset is None
+    if plain and causal and Tq == Tk:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
+    if plain and (not causal or Tq == 1):
+        return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=gqa)
+    q_pos = query_positions(Tq, Tk, q_offset, q.device)
+    k_pos = torch.arange(Tk, device=q.device)
+    ok = dense_mask(q_pos, k_pos, key_padding_mask, causal=causal, window=window, sparsity=sparsity)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=ok, scale=scale, enable_gqa=gqa)
+
+
+def xformers(q, k, v, *, causal, key_padding_mask, window, sparsity, scale):
+    """``xformers.ops.memory_efficient_attention`` for full or causal attention."""
+    try:
+        import xformers.ops as xops  # type: ignore
+    except ImportError as e:
+        raise ImportError(
+            "backend='xformers' needs the 'xformers' package (pip install xformers); "
+            "use backend='blockwise' for memory-efficient attention without it"
+        ) from e
+    Tq, Tk = q.shape[2], k.shape[2]
+    if key_padding_mask is not None or window is not None or sparsity is not None:
+        raise ValueError("backend='xformers' supports standard (causal or full) attention only; use 'blockwise'")
+    bias = None
+    if causal:
+        bias = xops.LowerTriangularMask() if Tq == Tk else xops.fmha.attn_bias.LowerTriangularFromBottomRightMask()
+    k, v = expand_kv(k, q.shape[1]), expand_kv(v, q.shape[1])
+    t = lambda x: x.transpose(1, 2)  # noqa: E731 - xformers wants (batch, seq, heads, head_dim)
+    return t(xops.memory_efficient_attention(t(q), t(k), t(v), attn_bias=bias, scale=scale))
