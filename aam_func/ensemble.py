@@ -73,18 +73,7 @@ def init_state(optimizer, stacked_params: Mapping):
 def apply(fn: Callable, stacked_params: Mapping, *args, in_dims=None):
     """``fn(params_m, *args)`` for every member m (args shared unless ``in_dims`` says otherwise)."""
     dims = (0,) + (tuple(in_dims) if in_dims is not None else (None,) * len(args))
-    try:
-        return vmap(fn, in_dims=dims, randomness="different")(stacked_params, *args)
-    except RuntimeError as e:
-        if "randomness" not in str(e):  # see train_step: fill the model's shape cache, retry
-            raise
-        with torch.no_grad():
-            fn(_member(stacked_params, 0), *[pytree.tree_map(lambda x: x[0], a) if d == 0 else a for a, d in zip(args, dims[1:])])
-        return vmap(fn, in_dims=dims, randomness="different")(stacked_params, *args)
-
-
-def _member(stacked: Mapping, i: int) -> Params:
-    return tree.map(lambda x: x[i], stacked)
+    return vmap(fn, in_dims=dims, randomness="different")(stacked_params, *args)
 
 
 def train_step(loss_fn: Callable, optimizer, *, batch_per_member: bool = False):
@@ -102,16 +91,6 @@ def train_step(loss_fn: Callable, optimizer, *, batch_per_member: bool = False):
     batched = vmap(one, in_dims=(0, 0, 0 if batch_per_member else None), randomness="different")
 
     def step(params, state, batch):
-        try:
-            return batched(params, state, batch)
-        except RuntimeError as e:
-            # Transformer.check_params builds a shape template by a random init the first time
-            # it sees a config, which vmap refuses; fill that cache outside vmap and retry.
-            # A workaround until the model builds the template with functorch disabled.
-            if "randomness" not in str(e):
-                raise
-            with torch.no_grad():
-                loss_fn(_member(params, 0), pytree.tree_map(lambda x: x[0], batch) if batch_per_member else batch)
-            return batched(params, state, batch)
+        return batched(params, state, batch)
 
     return step

@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
-from numbers import Integral, Real
+
+from .checks import check_int, check_number
 
 __all__ = [
     "DEFAULT_ORDERS",
@@ -40,27 +41,19 @@ DEFAULT_ORDERS: tuple[float, ...] = tuple([1 + x / 10.0 for x in range(1, 100)] 
 
 
 def _check_sample_rate(q) -> float:
-    if isinstance(q, bool) or not isinstance(q, Real) or not (0.0 < q <= 1.0):
-        raise ValueError(f"sample_rate must be in (0, 1], got {q!r}")
-    return float(q)
+    return check_number("sample_rate", q, min=0, min_open=True, max=1)
 
 
 def _check_delta(delta) -> float:
-    if isinstance(delta, bool) or not isinstance(delta, Real) or not (0.0 < delta < 1.0):
-        raise ValueError(f"delta must be in (0, 1), got {delta!r}")
-    return float(delta)
+    return check_number("delta", delta, min=0, min_open=True, max=1, max_open=True)
 
 
 def _check_sigma(sigma) -> float:
-    if isinstance(sigma, bool) or not isinstance(sigma, Real) or not (sigma >= 0.0) or math.isinf(sigma):
-        raise ValueError(f"noise_multiplier must be a finite number >= 0, got {sigma!r}")
-    return float(sigma)
+    return check_number("noise_multiplier", sigma, min=0)
 
 
 def _check_steps(steps) -> int:
-    if isinstance(steps, bool) or not isinstance(steps, Integral) or steps < 0:
-        raise ValueError(f"steps must be an integer >= 0, got {steps!r}")
-    return int(steps)
+    return check_int("steps", steps, min=0)
 
 
 def _check_orders(orders) -> tuple[float, ...]:
@@ -235,8 +228,7 @@ def noise_multiplier_for(
     doubling search brackets σ and bisection narrows it; the returned σ is the bracket's upper
     end, so its ε never exceeds the target.
     """
-    if isinstance(target_epsilon, bool) or not isinstance(target_epsilon, Real) or not (target_epsilon > 0) or math.isinf(target_epsilon):
-        raise ValueError(f"target_epsilon must be a finite number > 0, got {target_epsilon!r}")
+    check_number("target_epsilon", target_epsilon, min=0, min_open=True)
     steps = _check_steps(steps)
     q = _check_sample_rate(sample_rate)
     delta = _check_delta(delta)

@@ -359,6 +359,11 @@ def test_per_sample_adapter_grads():
 
     lib = per_sample.grads(lambda a, b: loss(a, b["input_ids"][0]), ad, {"input_ids": ids})
     assert maxdiff(lib, per) <= 1e-5
+    # the two intercepts nest: ghost clipping sees the LoRA branch's F.linear(h, A), F.linear(·, B)
+    ghost = per_sample.ghost.discover(lambda a, b: loss(a, b["input_ids"][0]), ad, {"input_ids": ids})
+    assert ghost.ghost == set(tree.flatten(ad))
+    norms = per_sample.norms(lambda a, b: loss(a, b["input_ids"][0]), ad, {"input_ids": ids}, chunk_size=3)
+    torch.testing.assert_close(norms, per_sample.global_norms(per), rtol=1e-4, atol=1e-6)
 
 
 # ----------------------------------------------------------------------------- init and bad input
@@ -403,6 +408,11 @@ def test_bad_input():
         spec.merged(other, ad)
     with pytest.raises(ValueError, match="mode"):
         spec.loss(lambda p, b: 0, params, mode="fused")
+    w = torch.randn(4, 4)
+    tied = {"a": {"weight": w}, "b": {"weight": w}}
+    tspec, tad = lora.init(tied, targets=["a", "b"], rank=1, alpha=1)
+    with pytest.raises(ValueError, match="'a' and 'b' are the same tensor object"):
+        tspec.apply(lambda p, x: x, tied, tad, torch.zeros(1))
     dspec, _ = lora.init(params, targets="*.attn.qkv", rank=2, alpha=1, dropout=0.1)
     with pytest.raises(ValueError, match="factored"):
         dspec.loss(lambda p, b: 0, params, mode="merged")

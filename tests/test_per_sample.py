@@ -94,8 +94,8 @@ def test_ghost_grads_equal_python_loop_for_every_chunk_size(over):
 def test_grads_methods_agree_and_auto_picks_ghost(gpt, monkeypatch):
     model, params, batch, loss, ref = gpt
     calls = []
-    real = ps._ghost_grads
-    monkeypatch.setattr(ps, "_ghost_grads", lambda *a: calls.append(1) or real(*a))
+    real = ps.route.ghost_grads
+    monkeypatch.setattr(ps.route, "ghost_grads", lambda *a: calls.append(1) or real(*a))
     auto = ps.grads(loss, params, batch, chunk_size=2)
     assert calls  # the default took the factored route
     vm = ps.grads(loss, params, batch, chunk_size=2, method="vmap")
@@ -240,7 +240,7 @@ def test_ghost_norms_other_shapes(over):
 
 def test_ghost_finds_every_linear_and_the_tied_embedding(gpt):
     model, params, batch, loss, _ = gpt
-    mode = ps._discover(loss, params, batch)
+    mode = ps.ghost.discover(loss, params, batch)
     two_d = {n for n, x in tree.flatten(params).items() if x.dim() == 2}
     assert mode.ghost == two_d  # qkv/out/fc/proj weights of both blocks and the tied embed.weight
     kinds = [u.kind for u in mode.ghost_uses if u.name == "embed.weight"]
@@ -303,7 +303,7 @@ def test_ghost_falls_back_for_weights_used_otherwise():
         return F.cross_entropy(F.linear(h, p["emb"]).reshape(-1, 13), b["y"].reshape(-1))
 
     batch = {"ids": torch.randint(0, 13, (4, 3)), "y": torch.randint(0, 13, (4, 3))}
-    mode = ps._discover(loss, params, batch)
+    mode = ps.ghost.discover(loss, params, batch)
     assert "lin.weight" not in mode.ghost and "emb" in mode.ghost
     torch.testing.assert_close(ps.norms(loss, params, batch), global_ref(loss, params, batch))
 
@@ -322,7 +322,7 @@ def test_ghost_weight_also_used_as_the_input_of_a_linear_takes_the_exact_route()
         return (F.linear(h, m) ** 2).mean()
 
     batch = {"x": torch.randn(3, 2, 4, generator=g, dtype=torch.float64)}
-    mode = ps._discover(loss, params, batch)
+    mode = ps.ghost.discover(loss, params, batch)
     assert mode.ghost == {"b"} and mode.other == {"a"}
     ref = loop_grads(loss, params, batch, 3)
     for method in ("ghost", "auto"):
@@ -335,6 +335,85 @@ def test_ghost_weight_also_used_as_the_input_of_a_linear_takes_the_exact_route()
     want = {k: sum(min(1.0, 0.5 / (n.item() + ps.CLIP_EPS)) * r[k] for r, n in zip(ref, ref_norms)) for k in params}
     for k in params:
         torch.testing.assert_close(clipped.sum[k], want[k], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("used_otherwise", [False, True], ids=["ghost-table", "exact-route-table"])
+@pytest.mark.parametrize("padding_idx", [0, -1])
+def test_embedding_with_padding_idx_equals_vmap_for_every_chunk_size(padding_idx, used_otherwise):
+    # issue 15: the padding row receives no gradient. As a ghost weight its rows of g are masked in
+    # the factors; on the exact route (the table also read by indexing) functorch's batched-weight
+    # embedding backward kept the padding row of the first example only, so it is rewritten.
+    g = torch.Generator().manual_seed(3)
+    params = {"emb": torch.randn(11, 4, generator=g), "w": torch.randn(3, 4, generator=g)}
+
+    def loss(p, b):
+        h = F.embedding(b["ids"], p["emb"], padding_idx=padding_idx)
+        if used_otherwise:
+            h = h + p["emb"][1]
+        return F.linear(h, p["w"]).pow(2).mean()
+
+    ids = torch.randint(0, 11, (5, 6), generator=g)
+    ids[:, 0], ids[2, 1:3] = 0, 10  # every example holds the padding row (0 or V - 1)
+    batch = {"ids": ids}
+    assert ("emb" in ps.ghost.discover(loss, params, batch).ghost) != used_otherwise
+    ref = loop_grads(loss, params, batch, 5)
+    vm = ps.grads(loss, params, batch, method="vmap")
+    for i in range(5):
+        assert max_diff(tree.map(lambda x: x[i], vm), ref[i]) <= 1e-6
+    ref_norms = torch.stack([flat_norm(r) for r in ref])
+    for chunk_size in (None, 1, 2, 5):
+        for method in ("ghost", "auto"):
+            assert max_diff(ps.grads(loss, params, batch, method=method, chunk_size=chunk_size), vm) <= 1e-6
+        torch.testing.assert_close(ps.norms(loss, params, batch, chunk_size=chunk_size), ref_norms)
+        got = ps.clipped_sum(loss, params, batch, 0.5, chunk_size=chunk_size)
+        want = ps.clipped_sum(loss, params, batch, 0.5, chunk_size=chunk_size, method="vmap")
+        assert max_diff(got.sum, want.sum) <= 1e-6
+
+
+def test_a_weight_read_through_a_property_takes_the_exact_route():
+    # W.T (a property, like .mT and .data) reads the values: it is a use, unlike .shape or .dtype
+    g = torch.Generator().manual_seed(1)
+    params = {"w": torch.randn(4, 4, generator=g), "v": torch.randn(4, 4, generator=g)}
+
+    def loss(p, b):
+        assert p["w"].shape == (4, 4) and p["w"].dtype == torch.float32 and p["w"].size(0) == 4
+        h = F.linear(F.linear(b["x"], p["w"]), p["v"])
+        return (h @ p["w"].T).pow(2).mean()
+
+    batch = {"x": torch.randn(3, 2, 4, generator=g)}
+    d = ps.ghost.discover(loss, params, batch)
+    assert d.ghost == {"v"} and d.other == {"w"}
+    ref = loop_grads(loss, params, batch, 3)
+    got = ps.grads(loss, params, batch, method="ghost", chunk_size=2)
+    for i in range(3):
+        assert max_diff(tree.map(lambda x: x[i], got), ref[i]) <= 1e-5
+
+
+def test_ghost_conv1d_addmm_weight_equals_python_loop():
+    # transformers' Conv1D: y = addmm(b, x, W) with W stored (in, out); its factors are (x, g)
+    g = torch.Generator().manual_seed(2)
+    params = {"c": {"weight": torch.randn(4, 6, generator=g), "bias": torch.randn(6, generator=g)},
+              "head": torch.randn(3, 6, generator=g)}
+
+    def loss(p, b):
+        x = b["x"]
+        h = torch.addmm(p["c"]["bias"], x.reshape(-1, 4), p["c"]["weight"]).reshape(*x.shape[:-1], 6)
+        h = torch.addmm(p["c"]["bias"], x.reshape(-1, 4), p["c"]["weight"]).reshape(*x.shape[:-1], 6) * h.tanh()
+        return F.linear(h, p["head"]).pow(2).mean()
+
+    batch = {"x": torch.randn(5, 3, 4, generator=g)}
+    d = ps.ghost.discover(loss, params, batch)
+    assert d.ghost == {"c.weight", "head"} and [u.kind for u in d.ghost_uses] == ["addmm", "addmm", "linear"]
+    ref = loop_grads(loss, params, batch, 5)
+    for chunk_size in (None, 2):
+        got = ps.grads(loss, params, batch, method="ghost", chunk_size=chunk_size)
+        for i in range(5):
+            assert max_diff(tree.map(lambda x: x[i], got), ref[i]) <= 1e-5
+    ref_norms = torch.stack([flat_norm(r) for r in ref])
+    torch.testing.assert_close(ps.norms(loss, params, batch, chunk_size=2), ref_norms, rtol=1e-4, atol=1e-6)
+    w = (0.4 / (ref_norms + ps.CLIP_EPS)).clamp(max=1)
+    want = tree.map(lambda *xs: sum(w[i] * xs[i] for i in range(5)), *ref)
+    assert max_diff(ps.clipped_sum(loss, params, batch, 0.4).sum, want) <= 1e-5
 
 
 def global_ref(loss, params, batch):

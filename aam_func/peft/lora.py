@@ -16,31 +16,35 @@ GPT-2's ``Conv1D`` stores its weight as (in, out); A and B keep PEFT's (r, in), 
 merged delta is transposed, ``(s·B·A)ᵀ`` (``fan_in_fan_out``). The factored form needs no
 transpose: ``x·(B·A)ᵀ = (x·Aᵀ)·Bᵀ`` for both layouts.
 
-How the factored form reaches layers it does not own: inside :meth:`LoRA.active`, a
-``TorchFunctionMode`` recognises the target weights *by identity* as they reach
-``F.linear(x, W, b)`` (nn.Linear, aam_func's Linear) or ``torch.addmm(b, x, W)`` (Conv1D) and
-adds the low-rank branch; any other use of a target weight (an embedding lookup, a tied head,
-``W.t()``) receives the merged weight ``W + s·B·A``; shape/dtype reads pass through. Nothing is
-written into modules or params. Proofs: ``proofs/lora.md``.
+How the factored form reaches layers it does not own: inside :meth:`LoRA.active`,
+:class:`aam_func.intercept.Intercept` recognises the target weights *by identity* as they reach
+``F.linear(x, W, b)`` (nn.Linear, aam_func's Linear) or ``torch.addmm(b, x, W)`` (Conv1D), and
+this module's client adds the low-rank branch there; any other use of a target weight (an
+embedding lookup, a tied head, ``W.t()``) receives the merged weight ``W + s·B·A``; shape/dtype
+reads pass through. Nothing is written into modules or params. Proofs: ``proofs/lora.md``.
+
+PEFT's adapter files (``save_pretrained`` / ``load_pretrained``) live in
+:mod:`aam_func.interop.peft`, which builds on this module (``aam_func.peft`` re-exports them).
 """
 
 from __future__ import annotations
 
 import contextlib
-import fnmatch
 import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Optional, Union
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.overrides import TorchFunctionMode
 
 from .. import init as initializers
+from ..checks import check_int, check_number
+from ..intercept import Client, Intercept, Use
 from ..layers.basic import dropout as _dropout
 from ..tree import Params, check_structure, flatten, unflatten
+from .targets import Target, TargetSpec, conv1d_type, is_flat, module_candidates, targets_of
 
 __all__ = [
     "LoRA",
@@ -53,129 +57,13 @@ __all__ = [
     "call",
     "linear",
     "from_cli_args",
-    "save_pretrained",
-    "load_pretrained",
+    "module_candidates",
+    "conv1d_type",
     "INITS",
+    "DEFAULT_CLI_TARGETS",
 ]
 
 INITS = ("kaiming", "gaussian")
-TargetSpec = Union[str, Iterable[str], Callable[[str], bool]]
-
-
-@dataclass(frozen=True)
-class Target:
-    """One adapted weight: ``name`` is its dotted name minus ``.weight``. ``fan_in_fan_out``:
-    the weight is stored (in, out) (transformers' Conv1D) instead of nn.Linear's (out, in)."""
-
-    name: str
-    in_features: int
-    out_features: int
-    fan_in_fan_out: bool = False
-
-    @property
-    def weight_shape(self) -> tuple[int, int]:
-        return (self.in_features, self.out_features) if self.fan_in_fan_out else (self.out_features, self.in_features)
-
-
-# --------------------------------------------------------------------------- target discovery
-
-
-def _conv1d_type():
-    try:
-        from transformers.pytorch_utils import Conv1D
-    except Exception:  # transformers absent or changed: no Conv1D to recognise
-        return None
-    return Conv1D
-
-
-def _is_flat(params: Mapping) -> bool:
-    return not any(isinstance(v, Mapping) for v in params.values())
-
-
-def _params_candidates(params: Mapping, fan_in_fan_out) -> list[Target]:
-    """Every 2-D floating ``*.weight`` of a Params tree (nested or flat) as a candidate target."""
-    flat = flatten(params) if not _is_flat(params) else dict(params)
-    out = []
-    for key, w in flat.items():
-        if not (key.endswith(".weight") and isinstance(w, Tensor) and w.dim() == 2 and w.is_floating_point()):
-            continue
-        name = key[: -len(".weight")]
-        fif = _match_fan_in_fan_out(name, fan_in_fan_out)
-        a, b = w.shape
-        out.append(Target(name, a if fif else b, b if fif else a, fif))
-    return out
-
-
-def _match_fan_in_fan_out(name: str, fan_in_fan_out) -> bool:
-    if isinstance(fan_in_fan_out, bool):
-        return fan_in_fan_out
-    if fan_in_fan_out is None:
-        return False
-    pats = [fan_in_fan_out] if isinstance(fan_in_fan_out, str) else list(fan_in_fan_out)
-    return any(_name_matches(name, p) for p in pats)
-
-
-def _module_candidates(module: nn.Module) -> list[Target]:
-    """nn.Linear and transformers' Conv1D submodules (and aam_func ``bind`` trees) as candidates."""
-    from ..nn import Bound
-
-    if isinstance(module, Bound):
-        return _params_candidates(module.params(), False)
-    conv1d = _conv1d_type()
-    out = []
-    for name, mod in module.named_modules():
-        if not name:
-            continue
-        if isinstance(mod, nn.Linear):
-            out.append(Target(name, mod.in_features, mod.out_features, False))
-        elif conv1d is not None and isinstance(mod, conv1d):
-            i, o = mod.weight.shape
-            out.append(Target(name, int(i), int(o), True))
-    return out
-
-
-def _name_matches(name: str, pattern: str) -> bool:
-    """A glob against the module name or the weight name; a plain name (no glob characters)
-    also matches as a dotted suffix, as PEFT's ``target_modules=["c_attn"]`` does."""
-    if fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase(name + ".weight", pattern):
-        return True
-    plain = not any(c in pattern for c in "*?[")
-    if plain and pattern.endswith(".weight"):
-        pattern = pattern[: -len(".weight")]
-    return plain and (name == pattern or name.endswith("." + pattern))
-
-
-def targets_of(target: Any, targets: TargetSpec, *, fan_in_fan_out=False) -> tuple[Target, ...]:
-    """The :class:`Target` s of ``target`` (Params, a flat state_dict-style mapping, or an
-    ``nn.Module``) that ``targets`` selects: globs / plain names, or a predicate over weight
-    names (``"blocks.0.attn.qkv.weight"``). Selecting nothing is a ``ValueError`` that lists the
-    available names. ``fan_in_fan_out`` (Params only: True or globs) marks (in, out) weights."""
-    if isinstance(target, nn.Module):
-        cands = _module_candidates(target)
-        what = f"{type(target).__name__} (nn.Linear / Conv1D submodules)"
-    elif isinstance(target, Mapping):
-        cands = _params_candidates(target, fan_in_fan_out)
-        what = "params (2-D *.weight leaves)"
-    else:
-        raise TypeError(f"LoRA target must be Params or a torch.nn.Module, got {type(target).__name__}")
-    if callable(targets) and not isinstance(targets, (str, Mapping)):
-        chosen = [t for t in cands if targets(t.name + ".weight")]
-        desc = "the targets predicate"
-    else:
-        pats = [targets] if isinstance(targets, str) else list(targets)
-        if not pats or not all(isinstance(p, str) for p in pats):
-            raise TypeError(f"targets must be a glob, a list of globs or a predicate over weight names, got {targets!r}")
-        chosen = [t for t in cands if any(_name_matches(t.name, p) for p in pats)]
-        unmatched = [p for p in pats if not any(_name_matches(t.name, p) for t in cands)]
-        if unmatched and chosen:
-            raise ValueError(
-                f"LoRA target pattern(s) {unmatched} match no weight of the {what}; available: "
-                + ", ".join(t.name for t in cands)
-            )
-        desc = f"targets {pats}"
-    if not chosen:
-        raise ValueError(f"{desc} match no weight of the {what}; available: " + ", ".join(t.name for t in cands))
-    return tuple(chosen)
 
 
 # --------------------------------------------------------------------------- the spec
@@ -199,8 +87,7 @@ class LoRA:
     b_std: float = field(default=0.0, compare=False)           # the same function compare equal
 
     def __post_init__(self):
-        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank <= 0:
-            raise ValueError(f"LoRA rank must be a positive integer, got {self.rank!r}")
+        check_int("LoRA rank", self.rank, min=1)
         if not self.targets:
             raise ValueError("LoRA needs at least one target")
         for t in self.targets:
@@ -209,14 +96,11 @@ class LoRA:
                     f"LoRA rank {self.rank} exceeds min(in, out) = {min(t.in_features, t.out_features)} "
                     f"of {t.name!r} ({t.in_features} -> {t.out_features})"
                 )
-        if not isinstance(self.alpha, (int, float)) or isinstance(self.alpha, bool) or not math.isfinite(self.alpha):
-            raise ValueError(f"LoRA alpha must be a finite number, got {self.alpha!r}")
-        if not (0.0 <= self.dropout < 1.0):
-            raise ValueError(f"LoRA dropout must be in [0, 1), got {self.dropout!r}")
+        check_number("LoRA alpha", self.alpha)
+        check_number("LoRA dropout", self.dropout, min=0, max=1, max_open=True)
         if self.init_kind not in INITS:
             raise ValueError(f"LoRA init must be one of {INITS}, got {self.init_kind!r}")
-        if self.b_std < 0:
-            raise ValueError(f"b_std must be >= 0, got {self.b_std!r}")
+        check_number("b_std", self.b_std, min=0)
         names = [t.name for t in self.targets]
         if len(set(names)) != len(names):
             raise ValueError(f"LoRA targets repeat a name: {names}")
@@ -296,7 +180,7 @@ class LoRA:
 
     def _apply_delta(self, params: Mapping, adapters: Mapping, sign: float) -> Mapping:
         ab = self.check(adapters)
-        nested = not _is_flat(params)
+        nested = not is_flat(params)
         flat = flatten(params) if nested else dict(params)
         problems = []
         for t in self.targets:
@@ -337,15 +221,10 @@ class LoRA:
         ``x·Wᵀ + b + s·(drop(x)·Aᵀ)·Bᵀ``; other uses of W see the merged weight. Dropout on the
         branch input when ``train`` (``generator``, else the global RNG that ``vmap`` controls)."""
         ab = self.check(adapters)
-        weights = _weights_of(base, self.targets)
-        table = {}
-        for t in self.targets:
-            w = weights[t.name]
-            if id(w) in table:
-                raise ValueError(f"LoRA target {t.name!r} shares its weight tensor with {table[id(w)][1].name!r}")
-            table[id(w)] = (w, t, *ab[t.name])
-        p = self.dropout if train else 0.0
-        with _LoraMode(self, table, p, generator):
+        weights = _weights_of(base, self.targets)  # two targets sharing one tensor: Intercept refuses
+        client = _LoraClient(self, {t.name: (t, *ab[t.name]) for t in self.targets}, self.dropout if train else 0.0,
+                             generator)
+        with Intercept(weights, client):
             yield
 
     def apply(self, fn: Callable, params: Mapping, adapters: Mapping, *args, **kwargs):
@@ -414,7 +293,7 @@ def _weights_of(base: Any, targets: Iterable[Target]) -> dict[str, Tensor]:
                 continue
             out[t.name] = w
     elif isinstance(base, Mapping):
-        flat = flatten(base) if not _is_flat(base) else base
+        flat = flatten(base) if not is_flat(base) else base
         for t in targets:
             w = flat.get(t.name + ".weight")
             if w is None:
@@ -432,12 +311,6 @@ def _weights_of(base: Any, targets: Iterable[Target]) -> dict[str, Tensor]:
     return out
 
 
-_METADATA = frozenset({"shape", "dtype", "device", "requires_grad", "is_leaf", "layout", "ndim", "names",
-                       "is_cuda", "is_sparse", "is_quantized", "is_meta", "grad_fn"})
-_SIZE_FNS = {Tensor.size, Tensor.dim, Tensor.numel, Tensor.is_floating_point, Tensor.is_complex,
-             Tensor.element_size, Tensor.stride, Tensor.is_contiguous, Tensor.data_ptr}
-
-
 def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], a: Tensor, b: Tensor, scale: float, *,
            dropout: float = 0.0, generator: Optional[torch.Generator] = None, fan_in_fan_out: bool = False) -> Tensor:
     """The factored LoRA linear: ``x·Wᵀ + b + s·(drop(x)·Aᵀ)·Bᵀ`` (Conv1D: ``x·W + b + …``).
@@ -447,64 +320,32 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], a: Tensor, b: Tens
     return base + F.linear(F.linear(h, a), b) * scale
 
 
-class _LoraMode(TorchFunctionMode):
-    """See :meth:`LoRA.active`. Keyed by ``id`` of the target weight objects in use."""
+class _LoraClient(Client):
+    """See :meth:`LoRA.active`: what LoRA does at the uses of its target weights
+    (:mod:`aam_func.intercept` finds them). ``entries``: {target name: (Target, A, B)}."""
 
-    def __init__(self, spec: LoRA, table: dict, p: float, generator):
-        super().__init__()
-        self.spec, self.table, self.p, self.generator = spec, table, p, generator
+    def __init__(self, spec: LoRA, entries: dict, p: float, generator):
+        self.spec, self.entries, self.p, self.generator = spec, entries, p, generator
 
-    def _hit(self, t) -> Optional[tuple]:
-        if isinstance(t, Tensor):
-            return self.table.get(id(t))
-        return None
-
-    def _merged_weight(self, entry) -> Tensor:
-        w, target, a, b = entry
+    def _merged_weight(self, name: str, w: Tensor) -> Tensor:
+        target, a, b = self.entries[name]
         return w + self.spec.delta(target, a, b).to(w.dtype)
 
-    def _branch(self, x: Tensor, entry) -> Tensor:
-        _, _, a, b = entry
+    def linear(self, use: Use) -> Tensor:
+        target, a, b = self.entries[use.key]
+        if (use.kind == "addmm") != target.fan_in_fan_out:  # a layout the target does not have
+            return use.run(self._merged_weight(use.key, use.weight))
+        x = use.input
         h = _dropout(x, self.p, train=True, generator=self.generator) if self.p > 0 else x
-        return F.linear(F.linear(h, a.to(x.dtype)), b.to(x.dtype)) * self.spec.scale
+        a = a if a.dtype == x.dtype else a.to(x.dtype)
+        b = b if b.dtype == x.dtype else b.to(x.dtype)
+        return use.run() + F.linear(F.linear(h, a), b) * self.spec.scale
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is F.linear:
-            x, w = (args + (None, None))[:2]
-            w = kwargs.get("weight", w)
-            entry = self._hit(w)
-            if entry is not None and not entry[1].fan_in_fan_out:
-                return func(*args, **kwargs) + self._branch(kwargs.get("input", x), entry)
-        elif func is torch.addmm and len(args) >= 3 and not kwargs:
-            entry = self._hit(args[2])
-            if entry is not None and entry[1].fan_in_fan_out:
-                return func(*args) + self._branch(args[1], entry)
-        elif getattr(func, "__name__", None) == "__get__":
-            if getattr(getattr(func, "__self__", None), "__name__", None) in _METADATA:
-                return func(*args, **kwargs)
-        elif func in _SIZE_FNS:
-            return func(*args, **kwargs)
-        # any other use of a target weight sees the merged weight
-        if any(self._hit(v) is not None for v in _tensors(args, kwargs)):
-            def sub(v):
-                e = self._hit(v)
-                return self._merged_weight(e) if e is not None else v
+    def embedding(self, use: Use) -> Tensor:
+        return use.run(self._merged_weight(use.key, use.weight))
 
-            args = torch.utils._pytree.tree_map(sub, args)
-            kwargs = torch.utils._pytree.tree_map(sub, kwargs)
-        return func(*args, **kwargs)
-
-
-def _tensors(args, kwargs):
-    for v in args:
-        if isinstance(v, Tensor):
-            yield v
-        elif isinstance(v, (list, tuple)):
-            yield from (u for u in v if isinstance(u, Tensor))
-    for v in kwargs.values():
-        if isinstance(v, Tensor):
-            yield v
+    def other(self, key, tensor: Tensor) -> Tensor:
+        return self._merged_weight(key, tensor)
 
 
 # --------------------------------------------------------------------------- functional front
@@ -546,20 +387,6 @@ def unmerge(spec: LoRA, params: Mapping, adapters: Mapping) -> Mapping:
 
 def call(spec: LoRA, module: nn.Module, adapters: Mapping, *args, **kwargs):
     return spec.call(module, adapters, *args, **kwargs)
-
-
-def save_pretrained(spec: LoRA, adapters: Mapping, directory, *, base_model: Any, **kwargs) -> str:
-    """PEFT's adapter files; see :func:`aam_func.peft.peft_files.save_pretrained`."""
-    from .peft_files import save_pretrained as _save
-
-    return _save(spec, adapters, directory, base_model=base_model, **kwargs)
-
-
-def load_pretrained(directory, *, base_model: Any = None) -> tuple[LoRA, Params]:
-    """``(spec, adapters)`` from PEFT's adapter files; see :func:`aam_func.peft.peft_files.load_pretrained`."""
-    from .peft_files import load_pretrained as _load
-
-    return _load(directory, base_model=base_model)
 
 
 DEFAULT_CLI_TARGETS = ("*.attn.qkv", "*.attn.out")

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import init as initializers
+from ..checks import check_int
 from ..layers.basic import dropout as _dropout
 from ..tree import Params
 
@@ -57,14 +58,11 @@ def init(
 ) -> Params:
     """Prompt params: ``embedding.weight`` (n, d) and the encoder's (PEFT's PromptEncoder names).
     ``encoder_hidden_size`` defaults to ``d_model``."""
-    for name, v in (("d_model", d_model), ("num_virtual_tokens", num_virtual_tokens)):
-        if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-            raise ValueError(f"{name} must be a positive integer, got {v!r}")
+    check_int("d_model", d_model, min=1)
+    check_int("num_virtual_tokens", num_virtual_tokens, min=1)
     if encoder not in ENCODERS:
         raise ValueError(f"encoder must be one of {ENCODERS}, got {encoder!r}")
-    h = d_model if encoder_hidden_size is None else encoder_hidden_size
-    if isinstance(h, bool) or not isinstance(h, int) or h <= 0:
-        raise ValueError(f"encoder_hidden_size must be a positive integer, got {encoder_hidden_size!r}")
+    h = d_model if encoder_hidden_size is None else check_int("encoder_hidden_size", encoder_hidden_size, min=1)
     g = initializers.generator(seed if generator is None else generator)
     params: Params = {"embedding": {"weight": initializers.normal((num_virtual_tokens, d_model), g)}}
     if encoder == "mlp":
@@ -180,8 +178,7 @@ def generate(model, params: Params, prompt_params: Mapping, input_ids: Tensor, m
     """Greedy continuation of ``input_ids`` (batch, seq) by an aam_func Transformer with the
     virtual tokens in front; returns (batch, seq + max_new_tokens) token ids (virtual tokens are
     not tokens and are not returned). Recomputes the whole prefix each step (n + seq is small)."""
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+    check_int("max_new_tokens", max_new_tokens, min=0)
     ids = input_ids
     mask = attention_mask
     for _ in range(max_new_tokens):

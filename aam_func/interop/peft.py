@@ -1,4 +1,4 @@
-"""PEFT's LoRA adapter files, written and read without PEFT.
+"""PEFT's LoRA adapter files, written and read without PEFT (LoRA itself: :mod:`aam_func.peft.lora`).
 
     save_pretrained(spec, adapters, "out/adapter", base_model=hf_model)    # or an aam_func Transformer / ModelConfig
     spec, adapters = load_pretrained("out/adapter", base_model=hf_model)   # refuses files for another model
@@ -30,7 +30,9 @@ import torch
 from torch import Tensor, nn
 
 from .. import tree
-from .lora import LoRA, Target, _module_candidates
+from ..checks import is_number
+from ..peft.lora import LoRA
+from ..peft.targets import Target, module_candidates
 
 __all__ = ["save_pretrained", "load_pretrained", "AdapterFileError", "CONFIG_FILE", "WEIGHTS_FILE"]
 
@@ -61,7 +63,7 @@ def _aam_cfg(base_model: Any):
 def _aam_maps(cfg) -> tuple[str, dict[str, tuple[str, bool]]]:
     """(model_type, {our module name: (transformers module name, fan_in_fan_out)}) for Linear-like
     weights; LLaMA's fused qkv is handled separately."""
-    from ..interop import hf
+    from . import hf
 
     model_type = hf.config_to_transformers(cfg).model_type
     out = {}
@@ -114,7 +116,7 @@ def _to_file(spec: LoRA, adapters: Mapping, base_model: Any) -> tuple[dict[str, 
         if problems:
             raise AdapterFileError("cannot write these adapters as PEFT files for this model: " + ", ".join(problems))
     elif isinstance(base_model, nn.Module):
-        cands = {c.name: c for c in _module_candidates(base_model)}
+        cands = {c.name: c for c in module_candidates(base_model)}
         problems = [t.name for t in spec.targets if cands.get(t.name) != t]
         if problems:
             raise AdapterFileError(
@@ -220,7 +222,7 @@ def _check_config(config: dict, path: str) -> None:
     if unsupported:
         raise AdapterFileError(f"{path}: unsupported LoRA options: {', '.join(unsupported)}")
     for k in ("r", "lora_alpha"):
-        if not isinstance(config.get(k), (int, float)):
+        if not is_number(config.get(k)):
             raise AdapterFileError(f"{path}: {k} is missing or not a number")
 
 
@@ -262,7 +264,7 @@ def load_pretrained(directory: str | os.PathLike, *, base_model: Any = None) -> 
     if cfg is not None:
         return _load_aam(cfg, pairs, config, directory, common)
     if isinstance(base_model, nn.Module):
-        cands = {c.name: c for c in _module_candidates(base_model)}
+        cands = {c.name: c for c in module_candidates(base_model)}
         targets, problems = [], []
         for n, ab in pairs.items():
             c = cands.get(n)

@@ -1,0 +1,213 @@
+"""One mechanism for acting at the uses of given tensors (parameters), found by identity.
+
+    with Intercept({"blocks.0.attn.qkv.weight": w, ...}, client):
+        loss_fn(params, batch)       # layers need no hooks; nothing is written into modules or params
+
+Inside the context a ``TorchFunctionMode`` looks at every torch call. A *watched* tensor (one of
+the given objects: ``is``, not equality) in the weight slot of
+
+- ``F.linear(x, W, b)``          weight (out, in): nn.Linear, aam_func's Linear
+- ``torch.addmm(b, x, W)``       weight (in, out): transformers' GPT-2 ``Conv1D`` (no beta/alpha/out)
+- ``F.embedding(ids, W, ...)``   a table lookup (``use.padding_idx``; ``use.plain`` is False with
+                                 max_norm / scale_grad_by_freq / sparse)
+
+is a *recognised use*: the client's :meth:`Client.linear` / :meth:`Client.embedding` receives a
+:class:`Use` and returns the op's result (``use.run()`` computes it as written). A watched tensor
+anywhere else is an *other use*: another slot of those ops (``F.linear(W, V)``: W is an input
+there) or any other function, method or property (``W.t()``, ``W @ x``, ``W[ids]``, ``W.T``).
+The client's :meth:`Client.other` is told its key and returns the tensor the op sees in its
+place. Metadata reads (:data:`HARMLESS_PROPERTIES`, :data:`HARMLESS_METHODS`: ``.shape``,
+``.dtype``, ``.size()``, ...) are not uses: they pass through without asking the client.
+
+Clients (one object each, its state its own):
+
+- LoRA's factored path (``peft.lora``): a recognised linear use of a target adds
+  ``s·(x·Aᵀ)·Bᵀ``; any other use sees the merged weight ``W + s·B·A``.
+- Ghost clipping (``per_sample.ghost``): discovery records each recognised use and marks the
+  weights of other uses (and of non-plain embeddings) for the exact route; the ghost pass adds a
+  zero probe to each recognised use's output and keeps its input.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.overrides import TorchFunctionMode
+
+__all__ = ["Intercept", "Client", "Use", "HARMLESS_PROPERTIES", "HARMLESS_METHODS"]
+
+# Property reads that give no function of the tensor's values. Not ``.T``/``.mT``/``.data``/``.real``:
+# those are values (a use of the weight).
+HARMLESS_PROPERTIES = frozenset({
+    "shape", "dtype", "device", "requires_grad", "is_leaf", "layout", "ndim", "names", "is_cuda", "is_sparse",
+    "is_quantized", "is_meta", "grad_fn",
+})
+HARMLESS_METHODS = frozenset({
+    Tensor.size, Tensor.dim, Tensor.ndimension, Tensor.numel, Tensor.is_floating_point, Tensor.is_complex,
+    Tensor.element_size, Tensor.stride, Tensor.is_contiguous, Tensor.data_ptr, Tensor.__len__, Tensor.get_device,
+})
+
+_EMBEDDING_ARGS = ("input", "weight", "padding_idx", "max_norm", "norm_type", "scale_grad_by_freq", "sparse")
+_LINEAR_ARGS = ("input", "weight", "bias")
+_ADDMM_ARGS = ("input", "mat1", "mat2")
+_ADDMM_ALL = _ADDMM_ARGS + ("beta", "alpha", "out")
+_RECOGNISED = {  # func: (kind, its parameter names, the weight's slot)
+    F.linear: ("linear", _LINEAR_ARGS, "weight"),
+    torch.addmm: ("addmm", _ADDMM_ALL, "mat2"),
+    F.embedding: ("embedding", _EMBEDDING_ARGS, "weight"),
+}
+
+
+@dataclass(frozen=True)
+class Use:
+    """One recognised use of a watched weight. ``kind``: ``"linear"`` (``F.linear``, weight
+    (out, in)), ``"addmm"`` (weight (in, out)) or ``"embedding"``. ``input``: x for the linear
+    kinds, the ids for an embedding. ``padding_idx`` (embedding only): the row that receives no
+    gradient, in [0, V), or None."""
+
+    kind: str
+    key: Hashable
+    weight: Tensor
+    input: Tensor
+    bias: Optional[Tensor] = None
+    padding_idx: Optional[int] = None
+    plain: bool = True
+    _func: Any = field(default=None, repr=False)
+    _args: dict = field(default_factory=dict, repr=False)
+    _weight_slot: str = field(default="weight", repr=False)
+
+    def run(self, weight: Optional[Tensor] = None, **changes) -> Tensor:
+        """The op as written (other watched tensors already replaced by the client's choice),
+        with ``weight`` in the weight slot when given and the keyword arguments in ``changes``
+        (e.g. ``padding_idx=None``)."""
+        args = dict(self._args, **changes)
+        if weight is not None:
+            args[self._weight_slot] = weight
+        return self._func(**args)
+
+
+class Client:
+    """What a watcher does at the uses of its tensors; the defaults change nothing."""
+
+    def linear(self, use: Use) -> Tensor:
+        """A recognised ``F.linear`` / ``torch.addmm`` use (``use.kind``): return its result."""
+        return use.run()
+
+    def embedding(self, use: Use) -> Tensor:
+        """A recognised plain ``F.embedding`` use: return its result."""
+        return use.run()
+
+    def other(self, key: Hashable, tensor: Tensor) -> Tensor:
+        """Any other use of the watched ``tensor`` named ``key``: the tensor the op sees instead."""
+        return tensor
+
+
+def _bind(names: tuple, args: tuple, kwargs: Mapping) -> Optional[dict]:
+    """args/kwargs by parameter name; None when they do not fit ``names``."""
+    if len(args) > len(names) or any(k not in names for k in kwargs):
+        return None
+    bound = dict(zip(names, args))
+    if any(k in bound for k in kwargs):
+        return None
+    bound.update(kwargs)
+    return bound
+
+
+def _is_harmless(func) -> bool:
+    if func in HARMLESS_METHODS:
+        return True
+    if getattr(func, "__name__", None) == "__get__":
+        return getattr(getattr(func, "__self__", None), "__name__", None) in HARMLESS_PROPERTIES
+    return False
+
+
+class Intercept(TorchFunctionMode):
+    """The mode: ``watched`` maps the client's keys to tensors; see the module docstring.
+    Two keys for one tensor object are an error (a use could not be told apart)."""
+
+    def __init__(self, watched: Mapping[Hashable, Tensor], client: Client):
+        super().__init__()
+        table: dict[int, tuple[Hashable, Tensor]] = {}
+        for key, t in watched.items():
+            if id(t) in table:
+                raise ValueError(f"{table[id(t)][0]!r} and {key!r} are the same tensor object: "
+                                 "its uses could not be told apart")
+            table[id(t)] = (key, t)  # holding t keeps its id from being reused while watched
+        self._table, self._client = table, client
+
+    def _key(self, v) -> Optional[Hashable]:
+        entry = self._table.get(id(v)) if isinstance(v, Tensor) else None
+        return entry[0] if entry is not None and entry[1] is v else None
+
+    def _any_watched(self, obj) -> bool:
+        """Whether ``obj`` (a tensor, or lists / tuples / dicts of them) holds a watched tensor."""
+        table = self._table
+        if isinstance(obj, Tensor):
+            entry = table.get(id(obj))
+            return entry is not None and entry[1] is obj
+        if isinstance(obj, dict):
+            obj = tuple(obj.values())
+        elif not isinstance(obj, (list, tuple)):
+            return False
+        for v in obj:  # one level inline: this runs for every torch call in the context
+            if isinstance(v, Tensor):
+                entry = table.get(id(v))
+                if entry is not None and entry[1] is v:
+                    return True
+            elif isinstance(v, (list, tuple, dict)) and self._any_watched(v):
+                return True
+        return False
+
+    def _others(self, obj):
+        """``obj`` with each watched tensor replaced by the client's ``other`` answer."""
+        if isinstance(obj, Tensor):
+            key = self._key(obj)
+            return obj if key is None else self._client.other(key, obj)
+        if not self._any_watched(obj):
+            return obj
+        if isinstance(obj, dict):
+            return {k: self._others(v) for k, v in obj.items()}
+        out = [self._others(v) for v in obj]
+        return type(obj)(*out) if hasattr(obj, "_fields") else type(obj)(out)  # a NamedTuple takes fields
+
+    def _recognise(self, func, args, kwargs) -> Optional[Use]:
+        """The :class:`Use` when this call is a recognised use of a watched weight, else None."""
+        kind, names, slot = _RECOGNISED[func]
+        bound = _bind(names, args, kwargs)
+        if bound is None or slot not in bound:
+            return None
+        weight = bound[slot]
+        key = self._key(weight)
+        if key is None:
+            return None
+        padding_idx, plain = None, True
+        if kind == "embedding":
+            # renormalised, frequency-scaled or sparse: the weight gradient is not a plain row scatter
+            plain = not (bound.get("max_norm") is not None or bound.get("scale_grad_by_freq", False)
+                         or bound.get("sparse", False))
+            padding_idx = bound.get("padding_idx")
+            if padding_idx is not None and padding_idx < 0:
+                padding_idx += weight.shape[0]
+        elif kind == "addmm" and set(bound) != set(_ADDMM_ARGS):
+            return None  # beta / alpha / out change what addmm computes
+        rest = {k: self._others(v) for k, v in bound.items() if k != slot}
+        x = rest.get("mat1" if kind == "addmm" else "input")
+        bias = rest.get("input" if kind == "addmm" else "bias")
+        return Use(kind, key, weight, x, bias, padding_idx, plain, func, {**rest, slot: weight}, slot)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in _RECOGNISED:
+            use = self._recognise(func, args, kwargs)
+            if use is not None:
+                return self._client.embedding(use) if use.kind == "embedding" else self._client.linear(use)
+        elif _is_harmless(func):
+            return func(*args, **kwargs)
+        if self._any_watched(args) or self._any_watched(kwargs):
+            args, kwargs = self._others(args), self._others(kwargs)
+        return func(*args, **kwargs)

@@ -1,0 +1,55 @@
+"""Per-example gradients, their norms, the DP-SGD clipped sum, and attribution helpers.
+
+``loss_fn(params, batch) -> scalar`` is the ordinary training loss on a batch whose tensors share
+a leading batch dimension (a tensor, or a dict / tuple / list of them; non-tensor leaves are
+passed through unchanged). "Per example" means ``loss_fn`` evaluated on that example alone, as a
+batch of one: ``loss_i = loss_fn(params, batch[i:i+1])``.
+
+    g = per_sample.grads(loss, params, batch)                   # Params, leaves (B, *shape)
+    n = per_sample.norms(loss, params, batch)                   # (B,) global L2 norms
+    c = per_sample.clipped_sum(loss, params, batch, max_norm=1.0)   # Σ_i min(1, C/‖g_i‖) g_i
+
+Two routes compute norms, clipped sums and (``grads``) full per-example gradients:
+
+- ``"vmap"`` (:mod:`.vmap`): ``vmap(grad)`` over chunks of ``chunk_size`` examples; only one
+  chunk of per-example gradients exists at a time.
+- ``"ghost"`` (:mod:`.ghost`, the default): no per-example gradient of a linear or embedding
+  weight is ever formed; each use of such a weight leaves factors (inputs x, output gradients g)
+  from which norms, clipped sums and per-example gradients follow (:mod:`.factors`). The uses
+  are found by :class:`aam_func.intercept.Intercept` (``F.linear``, ``torch.addmm``,
+  ``F.embedding`` by weight identity); a weight used any other way takes the exact route inside
+  the same pass.
+
+The rest: :mod:`.batching` (batch size, slices, chunks), :mod:`.clip` (norms, clip factors),
+:mod:`.route` (the public functions and the choice of route), :mod:`.dp` (DP-SGD),
+:mod:`.attribution` (hvp, gradient inner products, TracIn). Derivations and the tests that check
+them: ``proofs/per_sample.md``.
+"""
+
+from . import attribution, batching, clip, dp, factors, ghost, route, vmap
+from .attribution import grad_dots, hvp, tracin
+from .batching import RANDOMNESS, batch_size
+from .clip import CLIP_EPS, clip_factors, global_norms
+from .dp import DPInfo, dp_aggregate, dp_sgd, poisson_sample
+from .ghost import GHOST_CHUNK_FRACTION, GHOST_MIN_CHUNK
+from .route import METHODS, Clipped, clipped_sum, grads, losses, norms
+
+__all__ = [
+    "batch_size",
+    "grads",
+    "norms",
+    "clipped_sum",
+    "Clipped",
+    "losses",
+    "hvp",
+    "grad_dots",
+    "tracin",
+    "global_norms",
+    "clip_factors",
+    "dp_aggregate",
+    "dp_sgd",
+    "DPInfo",
+    "poisson_sample",
+    "METHODS",
+    "CLIP_EPS",
+]

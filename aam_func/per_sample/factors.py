@@ -1,0 +1,106 @@
+"""Per-example weight gradients kept as factors, G_i = Σ_t L_it R_itᵀ, and what the ghost route
+computes from them without forming G_i: squared norms, clipped sums, or G_i written in place.
+
+A use's factors are ``(L, L_is_ids, R)`` with shapes (B, N, ·), or (B, N) ids for L:
+
+- ``F.linear``   (weight (out, in)):  L = g (output gradients), R = x (inputs)
+- ``torch.addmm`` (weight (in, out)): L = x, R = g          (the transpose of the above)
+- ``F.embedding`` (weight (V, d)):    L = onehot(ids) as ids, R = g, with the rows of g at
+  ``padding_idx`` zeroed (that row receives no gradient)
+
+Derivation: ``proofs/per_sample.md`` §2-3b.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+__all__ = ["factors", "gram", "ghost_sq_norms", "ghost_weighted_grad", "write_factors"]
+
+
+def factors(kind: str, x: Tensor, g: Tensor, padding_idx: Optional[int] = None) -> tuple:
+    """One use's (L, L_is_ids, R) from its input ``x`` and output gradient ``g`` (B, 1, ..., ·)."""
+    B = g.shape[0]
+    g = g.reshape(B, -1, g.shape[-1])
+    if kind == "embedding":
+        ids = x.reshape(B, -1)
+        if padding_idx is not None:
+            g = g * (ids != padding_idx).unsqueeze(-1).to(g.dtype)
+        return ids, True, g
+    x = x.reshape(B, -1, x.shape[-1])
+    return (x, False, g) if kind == "addmm" else (g, False, x)
+
+
+def gram(a: Tensor, a_ids: bool, b: Tensor, b_ids: bool) -> Tensor:
+    """(B, Na, Nb) inner products of rows: dense (B, N, D) or one-hot given by ids (B, N)."""
+    if a_ids and b_ids:
+        return (a[:, :, None] == b[:, None, :]).float()
+    if a_ids:  # onehot(a_t) · b_s = b_s[a_t]
+        return torch.gather(b.float(), 2, a[:, None, :].expand(-1, b.shape[1], -1)).transpose(1, 2)
+    if b_ids:
+        return gram(b, True, a, False).transpose(1, 2)
+    return torch.bmm(a.float(), b.float().transpose(1, 2))
+
+
+def ghost_sq_norms(weight_uses: list, weight_shape) -> Tensor:
+    """(B,) ‖Σ_k G_k‖² over the uses of one weight: Σ_{k,l} Σ_{t,s} (L_k·L_l)(R_k·R_l)."""
+    total = None
+    for i, (L1, ids1, R1) in enumerate(weight_uses):
+        for j in range(i, len(weight_uses)):
+            L2, ids2, R2 = weight_uses[j]
+            n1 = R1.shape[1]
+            out_dim, in_dim = weight_shape
+            if i == j and not ids1 and n1 * n1 * (out_dim + in_dim) > n1 * out_dim * in_dim:
+                # cheaper to form this use's per-example gradient once: (B, out, in)
+                G = torch.bmm(L1.float().transpose(1, 2), R1.float())
+                term = G.pow(2).sum((1, 2))
+            else:
+                term = (gram(L1, ids1, L2, ids2) * gram(R1, False, R2, False)).sum((1, 2))
+                if i != j:
+                    term = 2 * term
+            total = term if total is None else total + term
+    return total
+
+
+def ghost_weighted_grad(weight_uses: list, w: Tensor, shape, dtype) -> Tensor:
+    """Σ_i w_i G_i for one weight: a matmul per linear use, an index_add per embedding use."""
+    out = torch.zeros(shape, dtype=torch.float32, device=w.device)
+    for L, ids, R in weight_uses:
+        if ids:  # embedding: rows L (ids) receive w_i · R
+            Rw = (R.float() * w[:, None, None]).reshape(-1, R.shape[-1])
+            out.index_add_(0, L.reshape(-1), Rw)
+        else:  # linear: Σ_i w_i Σ_t L_t R_tᵀ
+            Lw = (L.float() * w[:, None, None]).reshape(-1, L.shape[-1])
+            out.addmm_(Lw.t(), R.float().reshape(-1, R.shape[-1]))
+    return out.to(dtype)
+
+
+def write_factors(dst: Tensor, weight_uses: list) -> None:
+    """dst (b, *weight shape) = Σ over one weight's uses of its per-example gradients: the
+    linear uses first (the first one writes ``bmm(Lᵀ, R)`` over dst, so dst needs no zeroing; the
+    others add with ``baddbmm_``), then the embedding uses' rows by ``index_add_`` (onto zeros if
+    no linear use wrote first). For a tied embedding/LM head this is one bmm and one index_add,
+    not a zero fill, an index_add and a (V, d) read-modify-write per example."""
+    b, rows = dst.shape[0], dst.shape[1]
+    written = False
+    for L, ids, R in weight_uses:
+        if ids:
+            continue
+        Lt, R = L.transpose(1, 2).to(dst.dtype), R.to(dst.dtype)
+        if written:
+            dst.baddbmm_(Lt, R)
+        else:
+            torch.bmm(Lt, R, out=dst)
+            written = True
+    for L, ids, R in weight_uses:
+        if not ids:
+            continue
+        # embedding: example i's rows ids[i] receive its output gradients
+        if not written:
+            dst.zero_()
+            written = True
+        index = (L + torch.arange(b, device=L.device)[:, None] * rows).reshape(-1)
+        dst.view(b * rows, -1).index_add_(0, index, R.reshape(-1, R.shape[-1]).to(dst.dtype))

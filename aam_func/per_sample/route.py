@@ -1,0 +1,127 @@
+"""The public per-example computations and the choice of route for each (``method``).
+
+- ``"vmap"`` (:mod:`.vmap`): ``vmap(grad)`` over chunks; exact for any loss.
+- ``"ghost"`` (:mod:`.ghost`): no per-example gradient of a linear / embedding weight is formed.
+- ``"auto"`` (``grads`` only): ghost for gradients w.r.t. params when some weight is used only
+  by ``F.linear`` / ``torch.addmm`` / ``F.embedding``; else, or if the examples run different
+  op sequences, vmap.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple, Optional
+
+import torch
+from torch import Tensor
+
+from .. import tree
+from ..checks import check_choice
+from ..tree import Params
+from .batching import batch_size, check_chunk
+from .clip import check_max_norm
+from .ghost import GhostMismatch, discover, ghost_grads, ghost_norms_and_sum
+from .vmap import vmap_grads, vmap_losses, vmap_norms_and_sum
+
+__all__ = ["METHODS", "grads", "losses", "norms", "Clipped", "clipped_sum", "check_method"]
+
+METHODS = ("ghost", "vmap")
+
+
+def check_method(method: str) -> str:
+    return check_choice("method", method, METHODS)
+
+
+def grads(
+    loss_fn: Callable,
+    params: Params,
+    batch,
+    *,
+    chunk_size: Optional[int] = None,
+    argnums=0,
+    method: str = "auto",
+):
+    """Per-example gradients: leaves shaped (B, *param_shape), written into a preallocated result.
+
+    ``method``:
+
+    - ``"ghost"``: from the ghost pass's factors (one vmapped forward, one backward that stops at
+      activations): each linear use writes ``bmm(g_iᵀ, x_i)`` straight into the result, each
+      embedding use an index_add of its output gradients' rows; other parameters get exact
+      per-example gradients from the same backward. Only one chunk's activations live at once;
+      ``chunk_size=None`` picks a chunk that keeps them small next to the result.
+    - ``"vmap"``: ``vmap(grad)`` over chunks of ``chunk_size`` (None: the whole batch at once).
+    - ``"auto"`` (default): ``"ghost"`` for gradients w.r.t. params (``argnums=0``) when some
+      weight is used only by ``F.linear`` / ``F.embedding``; otherwise, or if the examples run
+      different op sequences, ``"vmap"``.
+
+    ``argnums`` as in ``torch.func.grad`` over ``(params, batch)``: 0 for params, 1 for the
+    example's own tensors (input saliency), (0, 1) for both (these use ``"vmap"``).
+    """
+    B = batch_size(batch)
+    check_choice("method", method, ("auto",) + METHODS)
+    check_chunk(chunk_size, B)
+    if B == 0:
+        raise ValueError("batch is empty (batch size 0); there are no per-example gradients to compute")
+    if method == "ghost" and argnums != 0:
+        raise ValueError("method='ghost' computes gradients w.r.t. params only (argnums=0); use method='vmap'")
+    if method != "vmap" and argnums == 0:
+        d = discover(loss_fn, params, batch)
+        if method == "ghost" or d.ghost:
+            try:
+                return ghost_grads(loss_fn, params, batch, chunk_size, d)
+            except GhostMismatch:
+                if method == "ghost":
+                    raise
+    return vmap_grads(loss_fn, params, batch, chunk_size, argnums)
+
+
+def losses(loss_fn: Callable, params: Params, batch, *, chunk_size: Optional[int] = None) -> Tensor:
+    """(B,) per-example losses ``loss_fn(params, batch[i:i+1])`` (a vmapped forward)."""
+    B = batch_size(batch)
+    return vmap_losses(loss_fn, params, batch, check_chunk(chunk_size, B))
+
+
+def norms(loss_fn: Callable, params: Params, batch, *, chunk_size: Optional[int] = None, method: str = "ghost") -> Tensor:
+    """(B,) per-example global L2 gradient norms ‖∇ loss_i‖, without keeping all per-example
+    gradients (``"vmap"``: one chunk at a time; ``"ghost"``: none for linear/embedding weights)."""
+    B = batch_size(batch)
+    chunk = check_chunk(chunk_size, B)
+    check_method(method)
+    if B == 0:
+        return torch.zeros(0)
+    impl = ghost_norms_and_sum if method == "ghost" else vmap_norms_and_sum
+    return impl(loss_fn, params, batch, float("inf"), chunk, False)[0]
+
+
+class Clipped(NamedTuple):
+    """``sum``: Σ_i min(1, C/‖g_i‖) g_i (Params); ``norms``: (B,) ‖g_i‖ before clipping;
+    ``losses``: (B,) per-example losses."""
+
+    sum: Params
+    norms: Tensor
+    losses: Tensor
+
+
+def clipped_sum(
+    loss_fn: Callable,
+    params: Params,
+    batch,
+    max_norm: float,
+    *,
+    chunk_size: Optional[int] = None,
+    method: str = "ghost",
+) -> Clipped:
+    """The DP-SGD aggregate Σ_i clip_C(g_i), clip_C(g) = g · min(1, C/(‖g‖ + 1e-6)).
+
+    An empty batch gives a zero sum (a Poisson-sampled batch may be empty).
+    """
+    max_norm = check_max_norm(max_norm)
+    B = batch_size(batch)
+    chunk = check_chunk(chunk_size, B)
+    check_method(method)
+    if B == 0:
+        return Clipped(tree.zeros_like(params), torch.zeros(0), torch.zeros(0))
+    impl = ghost_norms_and_sum if method == "ghost" else vmap_norms_and_sum
+    n, l, total = impl(loss_fn, params, batch, max_norm, chunk, True)
+    return Clipped(total, n, l)

@@ -1,0 +1,77 @@
+"""aam_func.intercept: uses of watched tensors found by identity, reported to one client protocol."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from aam_func.intercept import Client, Intercept
+
+
+class Log(Client):
+    def __init__(self):
+        self.events = []
+
+    def linear(self, use):
+        self.events.append((use.kind, use.key))
+        return use.run()
+
+    def embedding(self, use):
+        self.events.append(("embedding", use.key, use.padding_idx, use.plain))
+        return use.run()
+
+    def other(self, key, tensor):
+        self.events.append(("other", key))
+        return tensor
+
+
+def test_metadata_reads_are_not_uses_and_value_reads_are():
+    w = torch.randn(3, 4)
+    log = Log()
+    with Intercept({"w": w}, log):
+        assert w.shape == (3, 4) and w.dtype == torch.float32 and w.size(1) == 4 and w.dim() == 2
+        assert len(w) == 3 and w.numel() == 12 and w.is_floating_point() and w.device.type == "cpu"
+        assert log.events == []
+        w.T, w.t(), w @ torch.randn(4), w[0], w * 2  # noqa: B018
+    assert log.events == [("other", "w")] * 5
+
+
+def test_recognised_uses_and_their_slots():
+    w, v, b = torch.randn(3, 4), torch.randn(4, 4), torch.randn(3)
+    x = torch.randn(2, 4)
+    log = Log()
+    with Intercept({"w": w, "v": v}, log):
+        y = F.linear(x, w, b)
+        F.linear(input=v, weight=w)  # v is the input here: an other use of v, a linear use of w
+        torch.addmm(b, x, torch.ones(4, 3))  # not watched: nothing
+        torch.addmm(torch.zeros(4), x, v)
+        torch.addmm(torch.zeros(4), x, v, beta=0.5)  # beta changes the op: an other use
+        F.embedding(torch.tensor([0, 2]), v, padding_idx=-1)
+        F.embedding(torch.tensor([0, 2]), v, max_norm=1.0)
+        F.linear(x, w.clone())  # clone reads w (an other use); the equal copy is not watched
+    torch.testing.assert_close(y, F.linear(x, w, b))
+    assert log.events == [("linear", "w"), ("other", "v"), ("linear", "w"), ("addmm", "v"), ("other", "v"),
+                          ("embedding", "v", 3, True), ("embedding", "v", None, False), ("other", "w")]
+
+
+def test_the_client_chooses_what_the_op_sees():
+    w = torch.randn(3, 4)
+
+    class Doubled(Client):
+        def linear(self, use):
+            return use.run(2 * use.weight)
+
+        def other(self, key, tensor):
+            return 2 * tensor
+
+    x = torch.randn(2, 4)
+    with Intercept({"w": w}, Doubled()):
+        got = F.linear(x, w), x @ w.t(), torch.cat([w, w])
+    want = x @ (2 * w).t(), x @ (2 * w).t(), torch.cat([2 * w, 2 * w])
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+
+
+def test_one_tensor_under_two_keys_is_an_error():
+    w = torch.randn(2, 2)
+    with pytest.raises(ValueError, match="same tensor object"):
+        Intercept({"a": w, "b": w}, Client())
