@@ -17,14 +17,6 @@ __all__ = ["LoRALayer", "LoRALinear", "apply_lora"]
 # ----------------------------------------------------------------------------- LoRA
 
 
-def _conv1d_type():
-    try:
-        from transformers.pytorch_utils import Conv1D
-    except Exception:
-        return None
-    return Conv1D
-
-
 class LoRALayer(nn.Module):
     """The low-rank branch alone: ``s · B · A · drop(x)``, s = alpha / rank, (..., in) -> (..., out).
 
@@ -60,7 +52,7 @@ class LoRALinear(nn.Module):
     def __init__(self, linear: nn.Module, rank: int = 8, alpha: float = 16.0, dropout: float = 0.0,
                  *, seed: Optional[int] = None):
         super().__init__()
-        conv1d = _conv1d_type()
+        conv1d = _lora.conv1d_type()
         if isinstance(linear, (LinearView,)):
             raise TypeError(
                 "this nn.Linear is a view of an aam_func model's functional params: replacing it does not change "

@@ -23,7 +23,8 @@ from ..config import ModelConfig
 from ..model import Transformer
 from ..tree import Params, flatten, unflatten
 
-__all__ = ["from_transformers", "to_transformers", "config_from_transformers", "config_to_transformers"]
+__all__ = ["from_transformers", "to_transformers", "config_from_transformers", "config_to_transformers", "gpt2_map",
+           "llama_map"]
 
 
 def _arch(model_or_config: Any) -> str:
@@ -138,7 +139,7 @@ def config_to_transformers(cfg: ModelConfig):
     )
 
 
-def _gpt2_map(cfg: ModelConfig) -> list[tuple[str, str, bool]]:
+def gpt2_map(cfg: ModelConfig) -> list[tuple[str, str, bool]]:
     """(our name, their name, transpose) for GPT-2."""
     m = [("embed.weight", "transformer.wte.weight", False), ("pos.weight", "transformer.wpe.weight", False)]
     for i in range(cfg.n_layers):
@@ -157,7 +158,7 @@ def _gpt2_map(cfg: ModelConfig) -> list[tuple[str, str, bool]]:
     return m
 
 
-def _llama_map(cfg: ModelConfig) -> list[tuple[str, str]]:
+def llama_map(cfg: ModelConfig) -> list[tuple[str, str]]:
     """(our name, their name) for LLaMA, except the fused qkv handled separately."""
     m = [("embed.weight", "model.embed_tokens.weight")]
     for i in range(cfg.n_layers):
@@ -201,11 +202,11 @@ def from_transformers(model: Any, *, dtype: torch.dtype | None = None, **config_
         return sd[name]
 
     if arch == "gpt2":
-        for ours, theirs, transpose in _gpt2_map(cfg):
+        for ours, theirs, transpose in gpt2_map(cfg):
             t = take(theirs)
             flat[ours] = (t.t() if transpose else t).clone().contiguous()
     else:
-        for ours, theirs in _llama_map(cfg):
+        for ours, theirs in llama_map(cfg):
             flat[ours] = take(theirs).clone()
         for i in range(cfg.n_layers):
             t = f"model.layers.{i}.self_attn."
@@ -241,13 +242,13 @@ def to_transformers(cfg: ModelConfig, params: Params, *, model: Any = None):
     flat = flatten(params)
     sd: dict[str, Tensor] = {}
     if hf_cfg.model_type == "gpt2":
-        for ours, theirs, transpose in _gpt2_map(cfg):
+        for ours, theirs, transpose in gpt2_map(cfg):
             t = flat[ours].detach()
             sd[theirs] = (t.t() if transpose else t).contiguous()
         if cfg.tie_embeddings:
             sd["lm_head.weight"] = flat["embed.weight"].detach()
     else:
-        for ours, theirs in _llama_map(cfg):
+        for ours, theirs in llama_map(cfg):
             sd[theirs] = flat[ours].detach()
         hd, H, Hkv = cfg.head_dim, cfg.n_heads, cfg.n_kv_heads
         for i in range(cfg.n_layers):

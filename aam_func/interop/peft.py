@@ -68,11 +68,11 @@ def _aam_maps(cfg) -> tuple[str, dict[str, tuple[str, bool]]]:
     model_type = hf.config_to_transformers(cfg).model_type
     out = {}
     if model_type == "gpt2":
-        for ours, theirs, transpose in hf._gpt2_map(cfg):
+        for ours, theirs, transpose in hf.gpt2_map(cfg):
             if ours.endswith(".weight") and (transpose or ours == "lm_head.weight"):
                 out[ours[:-7]] = (theirs[:-7], transpose)
     else:
-        for ours, theirs in hf._llama_map(cfg):
+        for ours, theirs in hf.llama_map(cfg):
             if ours.endswith(".weight") and (".attn." in ours or ".mlp." in ours or ours == "lm_head.weight"):
                 out[ours[:-7]] = (theirs[:-7], False)
     return model_type, out
