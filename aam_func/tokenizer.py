@@ -19,6 +19,8 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
+from .checks import is_int
+
 __all__ = ["Tokenizer", "TokenizerError", "EOS_TOKEN"]
 
 EOS_TOKEN = "<|endoftext|>"
@@ -83,7 +85,7 @@ class Tokenizer:
         from tokenizers import decoders, models, pre_tokenizers, trainers
         from transformers import PreTrainedTokenizerFast
 
-        if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 257:
+        if not is_int(vocab_size) or vocab_size < 257:
             raise TokenizerError(f"vocab_size must be an integer >= 257 (256 bytes + eos), got {vocab_size!r}")
         raw = RawTokenizer(models.BPE())
         raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
