@@ -11,7 +11,6 @@ import time
 from dataclasses import dataclass
 from typing import Optional
 
-import torch
 from tqdm import tqdm
 
 from ..data import eval_batches
@@ -70,7 +69,8 @@ def loop(run: Run) -> RunResult:
     last: dict = {"baseline_perplexity": run.baseline}
     announced = []  # the adapters' location is said once, at the first save
     if cfg.init_from is not None and run.start == 0:  # where fine-tuning starts from
-        _evaluate(run, trainable, last, 0, "step 0: val loss {loss:.4f}, perplexity {ppl:.2f} (the --init-from weights)")
+        ev = _evaluate(run, trainable, last, 0)
+        run.log(f"step 0: val loss {ev['loss']:.4f}, perplexity {ev['perplexity']:.2f} (the --init-from weights)")
     end = cfg.steps if cfg.stop_after is None else min(cfg.steps, run.start + cfg.stop_after)
     progress = _Progress(run, end)
 
@@ -84,8 +84,9 @@ def loop(run: Run) -> RunResult:
             step += 1
             _report(run, progress, m, step, end, last)
             if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
-                _evaluate(run, trainable, last, step, "step {step}: val loss {loss:.4f}, perplexity {ppl:.2f} "
-                          f"(unigram baseline {run.baseline:.1f})")
+                ev = _evaluate(run, trainable, last, step)
+                run.log(f"step {step}: val loss {ev['loss']:.4f}, perplexity {ev['perplexity']:.2f} "
+                        f"(unigram baseline {run.baseline:.1f})")
             if cfg.save_every and step % cfg.save_every == 0 and step < end:
                 save(step)
     except KeyboardInterrupt:
@@ -141,12 +142,10 @@ def evaluate(run: Run, trainable) -> dict:
     return run.dist.evaluate(run.eval_step, trainable, batches)
 
 
-def _evaluate(run: Run, trainable, last: dict, step: int, message: Optional[str]) -> dict:
-    """:func:`evaluate`, recorded in ``last`` and ``metrics.jsonl`` and said with ``message``."""
+def _evaluate(run: Run, trainable, last: dict, step: int) -> dict:
+    """:func:`evaluate`, recorded in ``last`` and (rank 0) ``metrics.jsonl``."""
     ev = evaluate(run, trainable)
     last.update(val_loss=ev["loss"], val_perplexity=ev["perplexity"])
-    if message is not None:
-        run.log(message.format(step=step, loss=ev["loss"], ppl=ev["perplexity"]))
     if run.is_main:
         write_metrics(run.metrics_path, {"step": step, "val_loss": ev["loss"], "val_perplexity": ev["perplexity"]})
     return ev
@@ -156,7 +155,7 @@ def _finish(run: Run, trainable, step: int, last: dict, save) -> None:
     """The final evaluation and checkpoint, their lines, and a sample once the run is complete."""
     cfg = run.config
     last["step"] = step
-    ev = _evaluate(run, trainable, last, step, None)
+    ev = _evaluate(run, trainable, last, step)
     save(step)
     elapsed = time.perf_counter() - run.t_start
     run.log(f"step {step}: held-out loss {ev['loss']:.4f}, perplexity {ev['perplexity']:.2f} "
