@@ -34,6 +34,7 @@ from typing import Any, Optional
 from torch import Tensor
 
 from . import tree
+from .checks import is_int
 from .config import ModelConfig
 
 __all__ = ["CheckpointError", "Checkpoint", "save_checkpoint", "load_checkpoint", "resolve_checkpoint",
@@ -220,7 +221,7 @@ def load_checkpoint(path: str | os.PathLike, *, opt_template: Optional[Mapping] 
 
     path = resolve_checkpoint(path)
     state = _read_json(os.path.join(path, STATE_FILE), "trainer state")
-    if state.get("format_version") != FORMAT_VERSION or not isinstance(state.get("step"), int):
+    if state.get("format_version") != FORMAT_VERSION or not is_int(state.get("step")):
         raise CheckpointError(f"checkpoint {path!r}: unsupported trainer_state.json "
                               f"(format_version {state.get('format_version')!r}, expected {FORMAT_VERSION})")
     try:

@@ -23,11 +23,14 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .checks import check_int
+
 __all__ = [
     "DataError",
     "load_corpus",
     "default_corpus",
     "split_documents",
+    "load_split",
     "tokenize_documents",
     "pack",
     "BlockLoader",
@@ -41,6 +44,14 @@ TEXT_SUFFIXES = (".txt", ".md")
 
 class DataError(ValueError):
     """The corpus cannot be read or used as asked (the CLI prints it without a traceback)."""
+
+
+def _check(name: str, value, *, min: int) -> int:
+    """:func:`aam_func.checks.check_int` with its error as a :class:`DataError`."""
+    try:
+        return check_int(name, value, min=min)
+    except ValueError as e:
+        raise DataError(str(e)) from None
 
 
 # ----------------------------------------------------------------------------- reading
@@ -151,6 +162,16 @@ def split_documents(docs: Sequence[str], val_fraction: float = 0.1, *, seed: int
     return [d for d in train if d.strip()], [d for d in val if d.strip()]
 
 
+def load_split(path: Optional[str | os.PathLike], text_field: str = "text",
+               val_fraction: float = 0.1) -> tuple[list[str], list[str]]:
+    """:func:`load_corpus` then :func:`split_documents`: the training and held-out documents of a
+    run (both non-empty, else a :class:`DataError`)."""
+    train_docs, val_docs = split_documents(load_corpus(path, text_field=text_field), val_fraction)
+    if not train_docs or not val_docs:
+        raise DataError("the corpus is too small to hold out a validation part; add text")
+    return train_docs, val_docs
+
+
 # ----------------------------------------------------------------------------- tokenizing
 
 
@@ -197,8 +218,7 @@ def tokenize_documents(docs: Sequence[str], tokenizer, *, cache_dir: Optional[st
 def pack(ids: Tensor, seq_len: int, *, what: str = "corpus") -> Tensor:
     """A 1-d token stream -> (n_blocks, seq_len) consecutive blocks; the tail that does not fill a
     block is dropped. Fewer tokens than one block is a :class:`DataError`."""
-    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 2:
-        raise DataError(f"seq_len must be an integer >= 2, got {seq_len!r}")
+    _check("seq_len", seq_len, min=2)
     n = ids.numel() // seq_len
     if n == 0:
         raise DataError(f"the {what} has {ids.numel()} tokens, fewer than one block of seq_len={seq_len}; "
@@ -235,15 +255,14 @@ class BlockLoader:
                  rank: int = 0, world_size: int = 1):
         if blocks.dim() != 2:
             raise DataError(f"blocks must be (n_blocks, seq_len), got shape {tuple(blocks.shape)}")
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise DataError(f"batch_size must be a positive integer, got {batch_size!r}")
+        _check("batch_size", batch_size, min=1)
         if blocks.shape[0] < batch_size:
             raise DataError(f"the corpus gives {blocks.shape[0]} blocks of {blocks.shape[1]} tokens, fewer than "
                             f"one batch of {batch_size}; use more text, a smaller --batch-size or --seq-len")
-        if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1 \
-                or not isinstance(rank, int) or not 0 <= rank < world_size:
-            raise DataError(f"rank must be in [0, world_size) with world_size >= 1, got rank={rank!r}, "
-                            f"world_size={world_size!r}")
+        _check("world_size", world_size, min=1)
+        _check("rank", rank, min=0)
+        if rank >= world_size:
+            raise DataError(f"rank must be in [0, world_size), got rank={rank!r}, world_size={world_size!r}")
         if batch_size % world_size:
             raise DataError(f"a global batch of {batch_size} rows cannot be split evenly over {world_size} processes")
         self.blocks, self.batch_size, self.seed, self.shuffle = blocks, batch_size, seed, shuffle

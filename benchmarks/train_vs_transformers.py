@@ -28,7 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import aam_func as af  # noqa: E402
 from aam_func import optim  # noqa: E402
-from aam_func.data import eval_batches, load_corpus, pack, split_documents, tokenize_documents  # noqa: E402
+from aam_func.data import eval_batches, load_split, pack, tokenize_documents  # noqa: E402
 from aam_func.interop.hf import from_transformers  # noqa: E402
 from aam_func.tokenizer import Tokenizer  # noqa: E402
 from aam_func.train import evaluate, make_lm_loss, make_eval_step, make_train_step  # noqa: E402
@@ -66,8 +66,7 @@ def main():
     transformers.logging.set_verbosity_error()
     torch.manual_seed(0)
 
-    docs = load_corpus(None)
-    train_docs, val_docs = split_documents(docs, 0.1)
+    train_docs, val_docs = load_split(None, val_fraction=0.1)  # aam-func train's corpus and split
     tok = Tokenizer.train_bpe(train_docs, args.vocab_size)
     train_blocks = pack(tokenize_documents(train_docs, tok), args.seq_len)
     val_blocks = pack(tokenize_documents(val_docs, tok), args.seq_len)

@@ -1,6 +1,7 @@
 """The training loop written out by hand: torch.func.grad for gradients, aam_func.optim for
 updates, nothing hidden. (``aam_func.train.make_train_step`` packages exactly this, plus mixed
-precision, accumulation and compile; ``aam-func train`` adds data, checkpoints and logging.)
+precision, accumulation and compile; ``aam_func.run`` (what ``aam-func train`` calls) adds data,
+checkpoints, resume and logging: ``aam_func.run.train(aam_func.run.RunConfig(steps=150))``.)
 
     python examples/functional_loop.py    # 150 steps of a 0.7M-parameter GPT; prints held-out perplexity vs the unigram baseline
 """
@@ -12,13 +13,13 @@ import torch
 
 import aam_func as af
 from aam_func import optim, tree
-from aam_func.data import BlockLoader, load_corpus, pack, split_documents, tokenize_documents, unigram_perplexity
+from aam_func.data import BlockLoader, load_split, pack, tokenize_documents, unigram_perplexity
 from aam_func.tokenizer import Tokenizer
 
 STEPS, BATCH, SEQ = 150, 16, 64
 
 # data: Python's reference text, a byte-level BPE trained on it, packed into blocks
-train_docs, val_docs = split_documents(load_corpus(None), val_fraction=0.1)
+train_docs, val_docs = load_split(None, val_fraction=0.1)
 tok = Tokenizer.train_bpe(train_docs, vocab_size=2048)
 train_ids, val_ids = tokenize_documents(train_docs, tok), tokenize_documents(val_docs, tok)
 loader = BlockLoader(pack(train_ids, SEQ), BATCH, seed=0)

@@ -143,7 +143,9 @@ def test_errors_have_no_traceback_in_a_real_process(tmp_path):
 
 
 def test_attention_backend_default_follows_precision():
-    assert cli._backend(None, "bf16", "cpu") == "math"
-    assert cli._backend(None, "fp32", "cpu") == "auto"
-    assert cli._backend(None, "bf16", "cuda") == "auto"
-    assert cli._backend("sdpa", "bf16", "cpu") == "sdpa"
+    from aam_func.run import attention_backend
+
+    assert attention_backend(None, "bf16", "cpu") == "math"
+    assert attention_backend(None, "fp32", "cpu") == "auto"
+    assert attention_backend(None, "bf16", "cuda") == "auto"
+    assert attention_backend("sdpa", "bf16", "cpu") == "sdpa"

@@ -1140,6 +1140,27 @@ def test_cli_fp16_stop_and_resume_on_device(tmp_path, corpus, capsys):
     assert all(math.isfinite(r_["loss"]) for r_ in _metrics(out) if "loss" in r_)
 
 
+def test_library_run_on_device_split_and_resumed_equals_straight(tmp_path, corpus):
+    """aam_func.run (what the CLI calls) with the device in the RunConfig: a 4-step run with
+    dropout split by stop_after and resumed ends where the straight run does, its params on the
+    device; the log callable hears the device's precision."""
+    import dataclasses
+
+    from aam_func import run
+
+    lines = []
+    cfg = run.RunConfig(data=str(corpus), steps=4, eval_every=0, sample_tokens=0, precision="fp32", dropout=0.1,
+                        d_model=32, n_layers=1, n_heads=2, seq_len=32, batch_size=4, vocab_size=300, device=DEVICE,
+                        output_dir=str(tmp_path / "straight"))
+    straight = run.train(cfg, log=lines.append)
+    assert straight.step == 4 and on_device(straight.params) and any("precision fp32" in s for s in lines)
+    split = dataclasses.replace(cfg, output_dir=str(tmp_path / "split"), stop_after=2)
+    assert run.train(split, log=lines.append).step == 2
+    resumed = run.train(dataclasses.replace(split, stop_after=None, resume=""), log=lines.append)
+    assert resumed.step == 4 and math.isfinite(resumed.metrics["val_loss"])
+    close_trees(resumed.params, straight.params, rtol=1e-5, atol=1e-6, what="resumed run")
+
+
 # ----------------------------------------------------------------------------- data parallel (subprocess)
 
 DIST_SCRIPT = r"""

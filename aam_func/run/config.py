@@ -1,0 +1,237 @@
+"""RunConfig: every setting of a training run (one field per ``aam-func train`` flag), validated
+once when it is built and never changed afterwards (``dataclasses.replace`` gives a new one).
+
+    cfg = RunConfig(data="notes/", steps=200, output_dir="runs/notes")       # a fresh run
+    cfg = RunConfig.from_flags(vars(namespace), given={"steps", "data"})     # what the CLI does
+    cfg = cfg.for_resume(checkpoint)          # the run's identity from the checkpoint being resumed
+    cfg = cfg.for_init_from(checkpoint)       # --init-from: the checkpoint's training length
+
+Three fields may be ``None`` with ``init_from`` to mean "the --init-from checkpoint's value":
+``seq_len`` (its training length), ``dropout`` and ``gradient_checkpointing`` (its model
+config's); ``attention_backend=None`` means the checkpoint's there and otherwise "auto" (or
+"math" under bf16 on a CPU, :func:`attention_backend`). Errors are :class:`RunError` and name
+the field, or the flag where a combination of flags is at fault.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from ..checks import check_choice, check_int, check_number, is_int
+from ..config import ATTENTION_BACKENDS, ATTENTION_TYPES, POSITION_ENCODINGS
+
+__all__ = ["RunConfig", "RunError", "RESUMED_FIELDS", "SHAPE_FIELDS", "INT_MINIMUM", "NUMBER_RANGE",
+           "PRECISION_FLAG_CHOICES", "attention_backend", "flag"]
+
+PRECISION_FLAG_CHOICES = ("auto", "fp32", "bf16", "fp16")
+
+# the lower bound of each integer field (None allowed where the default is None)
+INT_MINIMUM = {
+    "vocab_size": 1, "d_model": 1, "n_layers": 1, "n_heads": 1, "d_ff": 1, "max_seq_len": 1, "steps": 1,
+    "batch_size": 1, "seq_len": 1, "accumulate": 1, "warmup_steps": 0, "eval_every": 0, "eval_batches": 1,
+    "save_every": 0, "stop_after": 1, "sample_tokens": 0, "log_every": 1, "lora_rank": 1,
+}
+# (min, max, min open) of each real-valued field; max None: unbounded (infinity allowed, as the CLI always took)
+NUMBER_RANGE = {
+    "val_fraction": (0.0, 0.9, True), "dropout": (0.0, 0.99, False), "lr": (0.0, None, True),
+    "weight_decay": (0.0, None, False), "max_grad_norm": (0.0, None, True), "dist_timeout": (0.0, None, True),
+    "lora_alpha": (0.0, None, True), "lora_dropout": (0.0, 0.99, False),
+}
+# what --resume takes from the checkpoint's saved arguments (the run's identity); every other
+# field (steps, eval/log/save cadence, stop_after, sample length, device ...) comes from the flags
+RESUMED_FIELDS = ("data", "text_field", "val_fraction", "seq_len", "batch_size", "accumulate", "lr", "warmup_steps",
+                  "weight_decay", "max_grad_norm", "seed", "precision")
+# settings that shape the params or the vocabulary: --init-from takes them from its checkpoint
+SHAPE_FIELDS = ("d_model", "n_layers", "n_heads", "d_ff", "max_seq_len", "attention_type", "position_encoding",
+                "tokenizer", "vocab_size")
+_LORA_OPTIONS = ("lora_alpha", "lora_targets", "lora_dropout")
+_NONE_FROM_CHECKPOINT = ("seq_len", "dropout", "gradient_checkpointing")
+
+
+class RunError(ValueError):
+    """A training run that cannot start or go on as configured (a bad setting or combination of
+    settings, a checkpoint that does not fit, a loss that became NaN)."""
+
+
+def flag(field: str) -> str:
+    """The command-line flag of a field: ``lora_rank`` -> ``--lora-rank``."""
+    return "--" + field.replace("_", "-")
+
+
+def attention_backend(choice: Optional[str], precision: str, device_type: str) -> str:
+    """The attention backend: the user's choice, else "auto" except under bf16 on CPU, where the
+    composite ("math") attention trains faster than SDPA's flash kernel (its backward is slow in bf16)."""
+    if choice is not None:
+        return choice
+    return "math" if (precision == "bf16" and device_type == "cpu") else "auto"
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """A training run's settings; the fields and defaults are those of ``aam-func train``'s flags
+    (docs/cli.md says what each does). ``precision`` is a choice (auto, fp32, bf16, fp16) until
+    :func:`aam_func.run.prepare` resolves it for the device; the prepared run's config holds the
+    resolved one."""
+
+    # data
+    data: Optional[str] = None
+    text_field: str = "text"
+    val_fraction: float = 0.1
+    tokenizer: Optional[str] = None
+    vocab_size: int = 4096
+    # model
+    d_model: int = 256
+    n_layers: int = 4
+    n_heads: int = 8
+    d_ff: Optional[int] = None
+    max_seq_len: Optional[int] = None
+    dropout: Optional[float] = 0.0
+    attention_type: str = "standard"
+    attention_backend: Optional[str] = None
+    position_encoding: str = "learnable"
+    gradient_checkpointing: Optional[bool] = False
+    # optimisation
+    steps: int = 400
+    batch_size: int = 16
+    seq_len: Optional[int] = 128
+    accumulate: int = 1
+    lr: float = 2e-3
+    warmup_steps: Optional[int] = None
+    weight_decay: float = 0.1
+    max_grad_norm: float = 1.0
+    precision: str = "auto"
+    compile: bool = False
+    seed: int = 0
+    # run
+    eval_every: int = 200
+    eval_batches: Optional[int] = None
+    save_every: int = 0
+    output_dir: str = "runs/default"
+    resume: Optional[str] = None
+    stop_after: Optional[int] = None
+    sample_tokens: int = 64
+    log_every: Optional[int] = None
+    device: str = "cpu"
+    dist_timeout: float = 300.0
+    # fine-tuning
+    init_from: Optional[str] = None
+    lora_rank: Optional[int] = None
+    lora_alpha: Optional[float] = None
+    lora_targets: Optional[str] = None
+    lora_dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        self._check_fine_tuning()
+        try:
+            self._check_fields()
+        except ValueError as e:
+            raise RunError(str(e)) from None
+
+    def _check_fine_tuning(self) -> None:
+        """Combinations of init_from / lora_* / resume / stop_after that cannot work."""
+        if self.lora_rank is not None:
+            if not is_int(self.lora_rank) or self.lora_rank <= 0:
+                raise RunError(f"--lora-rank must be a positive integer, got {self.lora_rank}")
+            if self.init_from is None:
+                raise RunError("--lora-rank needs --init-from CHECKPOINT: LoRA adapts the weights of a trained model")
+            if self.resume is not None:
+                raise RunError("a LoRA run (--lora-rank) cannot be resumed; start it again, or continue from its "
+                               "merged weights with --init-from")
+            if self.stop_after is not None:
+                raise RunError("--stop-after splits a run into resumable pieces, and a LoRA run (--lora-rank) cannot "
+                               "be resumed")
+        if self.init_from is not None and self.resume is not None:
+            raise RunError("--init-from starts a new run from a checkpoint's weights and --resume continues a run; "
+                           "give one of them")
+        if self.init_from is None:
+            unset = [f for f in _NONE_FROM_CHECKPOINT if getattr(self, f) is None]
+            if unset:
+                raise RunError(f"{', '.join(unset)} may be None (the checkpoint's) only with init_from")
+
+    def _check_fields(self) -> None:
+        for name, lo in INT_MINIMUM.items():
+            check_int(name, getattr(self, name), min=lo, allow_none=_default(name) is None or name == "seq_len")
+        check_int("seed", self.seed)
+        for name, (lo, hi, lo_open) in NUMBER_RANGE.items():
+            check_number(name, getattr(self, name), min=lo, max=hi, min_open=lo_open, finite=hi is not None,
+                         allow_none=_default(name) is None or name == "dropout")
+        check_choice("attention_type", self.attention_type, ATTENTION_TYPES)
+        check_choice("position_encoding", self.position_encoding, POSITION_ENCODINGS)
+        if self.attention_backend is not None:
+            check_choice("attention_backend", self.attention_backend, ATTENTION_BACKENDS)
+        check_choice("precision", self.precision, PRECISION_FLAG_CHOICES)
+        for name in ("compile", "gradient_checkpointing"):
+            value = getattr(self, name)
+            if not isinstance(value, bool) and not (value is None and name == "gradient_checkpointing"):
+                raise ValueError(f"{name} must be a bool, got {value!r}")
+        for name in ("text_field", "output_dir", "device"):
+            if not isinstance(getattr(self, name), str):
+                raise ValueError(f"{name} must be a str, got {getattr(self, name)!r}")
+        for name in ("data", "tokenizer", "resume", "init_from", "lora_targets"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                raise ValueError(f"{name} must be a str or None, got {getattr(self, name)!r}")
+
+    # ------------------------------------------------------------------ constructors
+
+    @classmethod
+    def from_flags(cls, values: Mapping[str, Any], given: Collection[str] = ()) -> "RunConfig":
+        """The config of ``aam-func train`` flags: ``values`` maps every field to its flag's value
+        (defaults included; other keys are ignored), ``given`` names the fields set explicitly.
+        With ``init_from``, fields not given that the checkpoint supplies are None (see the module
+        docstring), and giving a flag that shapes the model is an error."""
+        given = set(given)
+        fields = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {k: v for k, v in values.items() if k in fields}
+        if kwargs.get("lora_rank") is None:
+            lora_flags = [flag(k) for k in _LORA_OPTIONS if k in given]
+            if lora_flags:
+                raise RunError(f"{', '.join(lora_flags)} only apply with --lora-rank")
+        if kwargs.get("init_from") is not None:
+            kwargs.update({k: None for k in (*_NONE_FROM_CHECKPOINT, "attention_backend") if k not in given})
+        cfg = cls(**kwargs)
+        if cfg.init_from is not None:
+            shape = [flag(k) for k in SHAPE_FIELDS if k in given]
+            if shape:
+                raise RunError(f"{', '.join(shape)} cannot be combined with --init-from: the model's configuration "
+                               "and tokenizer come from the checkpoint")
+        return cfg
+
+    def for_resume(self, checkpoint) -> "RunConfig":
+        """This config continuing ``checkpoint`` (an :class:`aam_func.checkpoint.Checkpoint`): the
+        :data:`RESUMED_FIELDS` from its saved arguments, the rest (steps, cadences, stop_after,
+        device ...) as they are here. A LoRA run's checkpoint, or one already at ``steps``, is an error."""
+        if checkpoint.train_state.get("lora"):
+            raise RunError(f"checkpoint {checkpoint.path} was written by a LoRA fine-tune (--lora-rank), which cannot "
+                           "be resumed; its params are the merged weights: start a new run from it with --init-from")
+        saved = checkpoint.train_state.get("args", {})
+        resumed = dataclasses.replace(self, **{k: saved[k] for k in RESUMED_FIELDS if k in saved})
+        if resumed.steps <= checkpoint.step:
+            raise RunError(f"the checkpoint is already at step {checkpoint.step}; ask for more --steps than that")
+        return resumed
+
+    def for_init_from(self, checkpoint) -> "RunConfig":
+        """This config starting from ``checkpoint`` (``init_from``): ``seq_len`` None becomes the
+        checkpoint's training length (at most its model's maximum)."""
+        if self.seq_len is not None:
+            return self
+        saved = checkpoint.train_state.get("args", {}).get("seq_len", _default("seq_len"))
+        return dataclasses.replace(self, seq_len=min(saved, checkpoint.cfg.max_seq_len))
+
+    # ------------------------------------------------------------------ derived
+
+    @property
+    def warmup(self) -> int:
+        """Warmup steps: ``warmup_steps``, by default 10% of ``steps`` (at least 1), at most ``steps``."""
+        warmup = self.warmup_steps if self.warmup_steps is not None else max(1, self.steps // 10)
+        return min(warmup, self.steps)
+
+    def saved_args(self) -> dict:
+        """What a checkpoint stores as ``train_state["args"]``: every field but ``resume``."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "resume"}
+
+
+def _default(name: str) -> Any:
+    return RunConfig.__dataclass_fields__[name].default

@@ -1,0 +1,176 @@
+"""The training loop of a prepared run: steps, periodic evaluation, progress (a tqdm bar on a
+terminal, else a line every tenth of the run), ``metrics.jsonl``, checkpoints, Ctrl-C (save and
+stop), and at the end a held-out evaluation, the final checkpoint and a sample."""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+from tqdm import tqdm
+
+from ..data import eval_batches
+from ..generate import generate
+from ..train import dropout_generator
+from ..train import evaluate as evaluate_batches
+from .config import RunConfig, RunError
+from .output import write_metrics
+from .saving import save_run
+from .state import Run
+
+__all__ = ["RunResult", "loop", "SAMPLE_PROMPT"]
+
+SAMPLE_PROMPT = "The "  # what the sample printed at the end continues
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """How a run ended. ``interrupted``: stopped by Ctrl-C (or SIGTERM under torchrun) after
+    ``step`` steps, with the checkpoint saved there; ``metrics``: the last loss, learning rate,
+    grad norm and held-out loss/perplexity; ``params``: the model's params (merged with LoRA)."""
+
+    config: RunConfig
+    step: int
+    interrupted: bool
+    metrics: dict
+    params: dict
+    checkpoint_dir: str
+    adapter_dir: Optional[str]
+    is_main: bool
+    world_size: int
+
+
+class _Progress:
+    """The bar (rank 0 on a terminal) and the throughput window between logged steps."""
+
+    def __init__(self, run: Run, end: int):
+        self.use_bar = sys.stderr.isatty() and run.is_main
+        self.log_every = run.config.log_every or max(1, (end - run.start) // 10)
+        self.bar = tqdm(total=end - run.start, initial=0, desc="train", unit="step", dynamic_ncols=True,
+                        disable=not self.use_bar)
+        self.tokens, self.since, self.tok_per_s = 0, time.perf_counter(), 0.0
+
+    def rate(self) -> float:
+        now = time.perf_counter()
+        self.tok_per_s = self.tokens / max(now - self.since, 1e-9)
+        self.tokens, self.since = 0, now
+        return self.tok_per_s
+
+
+def loop(run: Run) -> RunResult:
+    """Train ``run`` from ``run.start`` to ``config.steps`` (or ``stop_after`` steps of it)."""
+    cfg = run.config
+    trainable, opt_state, step = run.trainable, run.opt_state, run.start
+    os.makedirs(run.output_dir, exist_ok=True)
+    last: dict = {"baseline_perplexity": run.baseline}
+    announced = []  # the adapters' location is said once, at the first save
+    if cfg.init_from is not None and run.start == 0:  # where fine-tuning starts from
+        ev = _evaluate(run, trainable, last, 0)
+        run.log(f"step 0: val loss {ev['loss']:.4f}, perplexity {ev['perplexity']:.2f} (the --init-from weights)")
+    end = cfg.steps if cfg.stop_after is None else min(cfg.steps, run.start + cfg.stop_after)
+    progress = _Progress(run, end)
+
+    def save(at: int, sync: bool = True) -> None:
+        save_run(run, at, trainable, opt_state, last, sync=sync, announce_adapters=not announced)
+        announced.append(True)
+
+    try:
+        while step < end:
+            trainable, opt_state, m = _step(run, trainable, opt_state, step)
+            step += 1
+            _report(run, progress, m, step, end, last)
+            if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
+                ev = _evaluate(run, trainable, last, step)
+                run.log(f"step {step}: val loss {ev['loss']:.4f}, perplexity {ev['perplexity']:.2f} "
+                        f"(unigram baseline {run.baseline:.1f})")
+            if cfg.save_every and step % cfg.save_every == 0 and step < end:
+                save(step)
+    except KeyboardInterrupt:
+        progress.bar.close()
+        if run.dist is not None:
+            run.dist.stopping = True
+        # rank 0 alone saves (its params are the replicated state after `step` steps); no
+        # collective here: the other ranks are stopping too, or are gone
+        save(step, sync=False)
+        return _result(run, step, True, last, trainable)
+    progress.bar.close()
+    _finish(run, trainable, step, last, save)
+    return _result(run, step, False, last, trainable)
+
+
+def _step(run: Run, trainable, opt_state, step: int):
+    """One optimizer step on the loader's batch for ``step``; dropout masks from a generator per
+    step (resumable) and per rank (independent masks)."""
+    batch = run.loader.batch(step)
+    mcfg = run.model_config
+    if mcfg.dropout > 0 or mcfg.attention_dropout > 0:
+        gen = dropout_generator(run.config.seed, step, run.device, run.rank)
+        return run.train_step(trainable, opt_state, batch, gen)
+    return run.train_step(trainable, opt_state, batch)
+
+
+def _report(run: Run, progress: _Progress, m: dict, step: int, end: int, last: dict) -> None:
+    """Loss, learning rate and throughput into ``last``, the bar and ``metrics.jsonl`` every 10
+    steps (and at the first and last), a progress line every ``log_every`` steps off a terminal."""
+    progress.tokens += int(m["tokens"])
+    log_now = not progress.use_bar and (step % progress.log_every == 0 or step == end)
+    if step % 10 == 0 or step == end or step - run.start <= 1 or log_now:
+        loss = float(m["loss"])  # the global loss: the same on every rank
+        if not math.isfinite(loss):
+            raise RunError(f"the loss became {loss} at step {step}; lower --lr or use --precision fp32")
+        tok_per_s = progress.rate()
+        last.update(step=step, loss=loss, learning_rate=float(m["learning_rate"]), grad_norm=float(m["grad_norm"]))
+        progress.bar.set_postfix(loss=f"{loss:.3f}", lr=f"{last['learning_rate']:.2e}", tok_s=f"{tok_per_s:,.0f}")
+        if run.is_main:
+            write_metrics(run.metrics_path, {"step": step, "loss": loss, "learning_rate": last["learning_rate"],
+                                             "grad_norm": last["grad_norm"], "tokens_per_s": tok_per_s})
+    progress.bar.update(1)
+    if log_now:
+        run.log(f"step {step}/{run.config.steps}  loss {last.get('loss', float('nan')):.4f}  "
+                f"lr {last.get('learning_rate', 0):.2e}  {progress.tok_per_s:,.0f} tok/s")
+
+
+def evaluate(run: Run, trainable) -> dict:
+    """Held-out loss and perplexity of ``trainable`` (over all ranks under data parallelism)."""
+    batches = eval_batches(run.val_blocks, run.config.batch_size, run.config.eval_batches)
+    if run.dist is None:
+        return evaluate_batches(run.eval_step, trainable, batches)
+    return run.dist.evaluate(run.eval_step, trainable, batches)
+
+
+def _evaluate(run: Run, trainable, last: dict, step: int) -> dict:
+    """:func:`evaluate`, recorded in ``last`` and (rank 0) ``metrics.jsonl``."""
+    ev = evaluate(run, trainable)
+    last.update(val_loss=ev["loss"], val_perplexity=ev["perplexity"])
+    if run.is_main:
+        write_metrics(run.metrics_path, {"step": step, "val_loss": ev["loss"], "val_perplexity": ev["perplexity"]})
+    return ev
+
+
+def _finish(run: Run, trainable, step: int, last: dict, save) -> None:
+    """The final evaluation and checkpoint, their lines, and a sample once the run is complete."""
+    cfg = run.config
+    last["step"] = step
+    ev = _evaluate(run, trainable, last, step)
+    save(step)
+    elapsed = time.perf_counter() - run.t_start
+    run.log(f"step {step}: held-out loss {ev['loss']:.4f}, perplexity {ev['perplexity']:.2f} "
+            f"(unigram baseline {run.baseline:.1f}); {elapsed:.0f}s in all")
+    run.log(f"checkpoint: {run.checkpoint_dir}" + (" (merged LoRA weights)" if run.lora is not None else ""))
+    if run.is_main and cfg.sample_tokens and step >= cfg.steps:
+        n = min(cfg.sample_tokens, run.model_config.max_seq_len - 2)
+        prompt = run.tokenizer(SAMPLE_PROMPT)
+        ids = generate(run.model, run.weights(trainable), prompt["input_ids"].to(run.device), max_new_tokens=n,
+                       do_sample=True, temperature=0.8, top_k=50, top_p=0.95, seed=cfg.seed,
+                       eos_token_id=run.tokenizer.eos_token_id)
+        run.log("sample:\n" + run.tokenizer.decode(ids[0]))
+
+
+def _result(run: Run, step: int, interrupted: bool, last: dict, trainable) -> RunResult:
+    return RunResult(config=run.config, step=step, interrupted=interrupted, metrics=dict(last),
+                     params=run.weights(trainable), checkpoint_dir=run.checkpoint_dir, adapter_dir=run.adapter_dir,
+                     is_main=run.is_main, world_size=run.world_size)

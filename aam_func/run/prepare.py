@@ -1,0 +1,182 @@
+"""Preparing a run: what rank 0 alone does (resolve the config against the checkpoint being
+resumed or fine-tuned, read and split the corpus, get a tokenizer, build the ModelConfig,
+tokenize), shared with the other ranks as one frozen :class:`Prepared`, then the trainable state
+(:mod:`aam_func.run.state`).
+
+    run = prepare(RunConfig(steps=100, output_dir="runs/x"), "cpu")
+    result = loop(run)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+
+from ..checkpoint import CheckpointError, load_checkpoint
+from ..config import ModelConfig
+from ..data import load_split, tokenize_documents
+from ..tokenizer import Tokenizer
+from ..train import resolve_precision
+from .config import RunConfig, RunError, attention_backend
+from .output import Log, console
+from .state import build_run, setup_lora
+
+__all__ = ["Prepared", "PeerFailed", "prepare", "load_init_checkpoint"]
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """What every rank needs from rank 0's preparation: the resolved config (resume and
+    --init-from applied, precision resolved for the device), the model config and the token ids."""
+
+    config: RunConfig
+    model_config: ModelConfig
+    train_ids: Tensor
+    val_ids: Tensor
+
+
+@dataclass(frozen=True)
+class Sources:
+    """Rank 0's extra results: the checkpoints read (resumed or --init-from) and the tokenizer."""
+
+    resumed: object = None
+    init: object = None
+    tokenizer: object = None
+
+
+class PeerFailed(Exception):
+    """Rank 0 failed while preparing the run (and said why); this rank stops quietly.
+    ``interrupted``: rank 0 was interrupted (Ctrl-C) rather than given bad input."""
+
+    def __init__(self, interrupted: bool):
+        super().__init__("rank 0 was interrupted while preparing the run" if interrupted
+                         else "rank 0 failed to prepare the run")
+        self.interrupted = interrupted
+
+
+def prepare(cfg: RunConfig, device, dist_ctx=None, *, log: Optional[Log] = None):
+    """The :class:`aam_func.run.Run` of ``cfg`` on ``device``: rank 0 prepares (see the module
+    docstring) and, under data parallelism (``dist_ctx``), broadcasts; then every rank builds the
+    model, loader, params and optimizer. ``log`` receives the progress lines (rank 0 only;
+    default: printed to stdout)."""
+    t_start = time.perf_counter()
+    device = torch.device(device)
+    is_main = dist_ctx is None or dist_ctx.is_main
+    say = (log or console) if is_main else _silent
+    prepared, sources = _share(cfg, device, dist_ctx, say)
+    return build_run(prepared, sources, device, dist_ctx, say, t_start)
+
+
+def _silent(text: str) -> None:
+    pass
+
+
+def _share(cfg: RunConfig, device, dctx, say: Log) -> tuple[Prepared, Sources]:
+    """:func:`_prepare_main` on rank 0, its :class:`Prepared` sent to the other ranks; on failure
+    its kind, so that every rank stops on bad input."""
+    if dctx is None:
+        return _prepare_main(cfg, device, 1, say)
+    if dctx.is_main:
+        try:
+            prepared, sources = _prepare_main(cfg, device, dctx.world_size, say)
+        except BaseException as e:
+            dctx.broadcast_object({"failed": "interrupted" if isinstance(e, KeyboardInterrupt) else "error"})
+            raise
+        dctx.broadcast_object({"prepared": prepared})
+        return prepared, sources
+    payload = dctx.broadcast_object()
+    if "failed" in payload:
+        raise PeerFailed(payload["failed"] == "interrupted")
+    return payload["prepared"], Sources()
+
+
+def _prepare_main(cfg: RunConfig, device, world: int, say: Log) -> tuple[Prepared, Sources]:
+    """Rank 0's part (the only part without data parallelism)."""
+    out_dir = os.path.abspath(cfg.output_dir)
+    resumed = init = None
+    if cfg.resume is not None:
+        resumed = load_checkpoint(cfg.resume or out_dir, load_optimizer=False)
+        cfg = cfg.for_resume(resumed)
+    if cfg.batch_size % world:
+        raise RunError(f"--batch-size {cfg.batch_size} (from the checkpoint) is the global batch and must be "
+                       f"divisible by the number of processes ({world})")
+    if cfg.init_from is not None:
+        init = load_init_checkpoint(cfg.init_from)
+        cfg = cfg.for_init_from(init)
+        if cfg.lora_rank is not None:  # validate rank/targets here, on rank 0, before any training work
+            setup_lora(cfg, init.params)
+    cfg = dataclasses.replace(cfg, precision=resolve_precision(cfg.precision, device))
+    train_docs, val_docs = load_split(cfg.data, cfg.text_field, cfg.val_fraction)
+    tok = _tokenizer(cfg, resumed if resumed is not None else init, train_docs, os.path.join(out_dir, "tokenizer"), say)
+    model_config = _model_config(cfg, resumed, init, tok, device)
+    if tok.vocab_size > model_config.vocab_size:
+        raise RunError(f"the tokenizer has {tok.vocab_size} tokens but the model embeds only {model_config.vocab_size}")
+    if cfg.seq_len > model_config.max_seq_len:
+        raise RunError(f"--seq-len {cfg.seq_len} is above the model's maximum sequence length "
+                       f"{model_config.max_seq_len} (raise --max-seq-len or lower --seq-len)")
+    cache = os.path.join(out_dir, "cache")  # tokenized once
+    prepared = Prepared(cfg, model_config, tokenize_documents(train_docs, tok, cache_dir=cache),
+                        tokenize_documents(val_docs, tok, cache_dir=cache))
+    return prepared, Sources(resumed=resumed, init=init, tokenizer=tok)
+
+
+def load_init_checkpoint(path: str):
+    """The ``--init-from`` checkpoint (without optimizer state); it must hold a tokenizer."""
+    try:
+        init = load_checkpoint(path, load_optimizer=False)
+    except CheckpointError as e:
+        raise RunError(f"--init-from {path} is not a checkpoint of aam-func train: {e}") from None
+    if init.tokenizer_dir is None:
+        raise RunError(f"--init-from {path}: checkpoint {init.path} holds no tokenizer/ directory")
+    return init
+
+
+def _tokenizer(cfg: RunConfig, source, train_docs, tok_dir: str, say: Callable[[str], None]):
+    """From the checkpoint (resumed or --init-from), a user directory/name, or trained on the
+    training documents; saved in the run directory either way."""
+    t0 = time.perf_counter()
+    if source is not None:
+        if source.tokenizer_dir is None:
+            raise RunError(f"checkpoint {source.path} holds no tokenizer/ directory")
+        tok = Tokenizer.load(source.tokenizer_dir)
+    elif cfg.tokenizer is not None:
+        tok = Tokenizer.load(cfg.tokenizer)
+    else:
+        tok = Tokenizer.train_bpe(train_docs, cfg.vocab_size)
+        say(f"trained a byte-level BPE tokenizer ({tok.vocab_size} tokens) in {time.perf_counter() - t0:.1f}s "
+            f"-> {tok_dir}")
+    tok.save(tok_dir)
+    return tok
+
+
+def _model_config(cfg: RunConfig, resumed, init, tok, device) -> ModelConfig:
+    """The resumed checkpoint's; the --init-from checkpoint's with the settings that leave the
+    params' shapes alone changed; or a new one from the config's model fields."""
+    if resumed is not None:
+        return resumed.cfg
+    training = dict(learning_rate=cfg.lr, weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm,
+                    mixed_precision=cfg.precision != "fp32")
+    try:
+        if init is not None:  # None: the checkpoint's setting
+            changes = dict(training)
+            if cfg.dropout is not None:
+                changes.update(dropout=cfg.dropout, attention_dropout=0.0 if cfg.dropout == 0 else None)
+            if cfg.attention_backend is not None:
+                changes["attention_backend"] = cfg.attention_backend
+            if cfg.gradient_checkpointing is not None:
+                changes["gradient_checkpointing"] = cfg.gradient_checkpointing
+            return init.cfg.replace(**changes)
+        return ModelConfig(
+            vocab_size=tok.vocab_size, d_model=cfg.d_model, n_layers=cfg.n_layers, n_heads=cfg.n_heads, d_ff=cfg.d_ff,
+            max_seq_len=cfg.max_seq_len or cfg.seq_len, dropout=cfg.dropout,
+            attention_dropout=0.0 if cfg.dropout == 0 else None, attention_type=cfg.attention_type,
+            attention_backend=attention_backend(cfg.attention_backend, cfg.precision, torch.device(device).type),
+            position_encoding=cfg.position_encoding, gradient_checkpointing=cfg.gradient_checkpointing, **training)
+    except ValueError as e:
+        raise RunError(f"invalid model configuration: {e}") from None
