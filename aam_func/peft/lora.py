@@ -351,26 +351,14 @@ class _LoraClient(Client):
 # --------------------------------------------------------------------------- functional front
 
 
-def init(
-    target: Any,
-    *,
-    targets: TargetSpec,
-    rank: int,
-    alpha: float,
-    dropout: float = 0.0,
-    init: str = "kaiming",
-    use_rslora: bool = False,
-    seed: int = 0,
-    b_std: float = 0.0,
-    fan_in_fan_out=False,
-    dtype: torch.dtype = torch.float32,
-) -> tuple[LoRA, Params]:
+def init(target: Any, *, seed: int = 0, dtype: torch.dtype = torch.float32, **options) -> tuple[LoRA, Params]:
     """``(spec, adapters)`` for ``target`` (Params, a flat state_dict or an nn.Module).
 
-    ``adapters`` is a Params tree of ``lora_A`` (r, in) and ``lora_B`` (out, r) per target
-    (B zero unless ``b_std`` > 0); ``spec`` holds the static facts (see :class:`LoRA`)."""
-    spec = LoRA.build(target, targets=targets, rank=rank, alpha=alpha, dropout=dropout, init=init,
-                      use_rslora=use_rslora, b_std=b_std, fan_in_fan_out=fan_in_fan_out)
+    ``options`` are :meth:`LoRA.build`'s (``targets``, ``rank``, ``alpha`` required; ``dropout``,
+    ``init``, ``use_rslora``, ``b_std``, ``fan_in_fan_out``). ``adapters`` is a Params tree of
+    ``lora_A`` (r, in) and ``lora_B`` (out, r) per target (B zero unless ``b_std`` > 0), drawn
+    from ``seed``; ``spec`` holds the static facts (see :class:`LoRA`)."""
+    spec = LoRA.build(target, **options)
     return spec, spec.init(seed, dtype=dtype)
 
 
