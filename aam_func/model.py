@@ -153,9 +153,6 @@ class Transformer:
         inputs_embeds: Optional[Tensor] = None,
         return_logits: bool = True,
         validate: bool = True,
-        past_kv: Optional[list] = None,
-        cache_position: Optional[Tensor] = None,
-        write_in_place: bool = False,
     ) -> dict:
         """input_ids (batch, seq) -> {"logits": (batch, seq, vocab), "loss": scalar or None}.
 
@@ -175,15 +172,8 @@ class Transformer:
         With ``cfg.gradient_checkpointing`` each block is rematerialised in the backward
         (``ops.remat``; works under ``torch.func.grad`` and ``vmap``).
 
-        KV-cached decoding is :meth:`decode`; ``past_kv``/``cache_position``/``write_in_place``
-        here are its older spelling and hand the call to it unchanged.
+        KV-cached decoding is :meth:`decode`.
         """
-        if past_kv is not None or cache_position is not None:
-            return self.decode(
-                params, input_ids, past_kv, cache_position=cache_position, write_in_place=write_in_place,
-                attention_mask=attention_mask, labels=labels, position_ids=position_ids, train=train,
-                generator=generator, inputs_embeds=inputs_embeds, return_logits=return_logits, validate=validate,
-            )
         c = self.cfg
         x = self._inputs(params, input_ids, inputs_embeds, validate)  # (B, T, d)
         B, T = x.shape[0], x.shape[1]

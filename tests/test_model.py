@@ -267,20 +267,15 @@ def test_decode_token_by_token_equals_apply_at_every_position(variant, kind):
     torch.testing.assert_close(once["logits"][real], want["logits"][real], atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("kind", ["dynamic", "static"])
-def test_apply_with_past_kv_is_decode(kind):
-    """The older spelling apply(past_kv=..., cache_position=...) hands the call to decode:
-    bitwise the same logits, loss and cache."""
-    cfg = tiny(**VARIANTS["llama"])
+def test_apply_has_no_cache_arguments():
+    """KV-cached decoding is decode(): apply takes no cache, and never returns one."""
+    cfg = tiny()
     m = af.Transformer(cfg)
     p = m.init(seed=0)
-    ids = torch.randint(0, cfg.vocab_size, (2, 6), generator=torch.Generator().manual_seed(1))
-    static = {} if kind == "dynamic" else dict(cache_position=torch.tensor(0))
-    L = None if kind == "dynamic" else 8
-    a = m.apply(p, ids, past_kv=_empty_cache(cfg, 2, L), labels=ids, **static)
-    b = m.decode(p, ids, _empty_cache(cfg, 2, L), labels=ids, **static)
-    assert torch.equal(a["logits"], b["logits"]) and torch.equal(a["loss"], b["loss"])
-    assert all(torch.equal(x, y) for kx, ky in zip(a["past_kv"], b["past_kv"]) for x, y in zip(kx, ky))
+    ids = torch.zeros(1, 2, dtype=torch.long)
+    for kw in ({"past_kv": _empty_cache(cfg, 1, None)}, {"cache_position": torch.tensor(0)}):
+        with pytest.raises(TypeError, match="unexpected keyword argument"):
+            m.apply(p, ids, **kw)
     assert "past_kv" not in m.apply(p, ids)
 
 
@@ -296,7 +291,7 @@ def test_static_cache_bad_position_and_validate_false_skips_checks(monkeypatch):
     with pytest.raises(ValueError, match="one \\(k, v\\) per layer"):
         m.decode(p, torch.zeros(1, 2, dtype=torch.long), kv[:1])
     with pytest.raises(ValueError, match="decode needs past_kv"):
-        m.apply(p, torch.zeros(1, 2, dtype=torch.long), cache_position=torch.tensor(0))
+        m.decode(p, torch.zeros(1, 2, dtype=torch.long), None, cache_position=torch.tensor(0))
     ids = torch.randint(0, cfg.vocab_size, (2, 5))
     want = m.apply(p, ids)["logits"]
 
