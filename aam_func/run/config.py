@@ -22,11 +22,13 @@ from typing import Any, Optional
 
 from ..checks import check_choice, check_int, check_number, is_int
 from ..config import ATTENTION_BACKENDS, ATTENTION_TYPES, POSITION_ENCODINGS
+from ..train import PRECISION_CHOICES
 
 __all__ = ["RunConfig", "RunError", "RESUMED_FIELDS", "SHAPE_FIELDS", "INT_MINIMUM", "NUMBER_RANGE",
            "PRECISION_FLAG_CHOICES", "attention_backend", "flag"]
 
-PRECISION_FLAG_CHOICES = ("auto", "fp32", "bf16", "fp16")
+# the CLI offers every choice of train.PRECISION_CHOICES except "mixed" (the guide's config flag)
+PRECISION_FLAG_CHOICES = tuple(c for c in PRECISION_CHOICES if c != "mixed")
 
 # the lower bound of each integer field (None allowed where the default is None)
 INT_MINIMUM = {
