@@ -36,11 +36,10 @@ def loss_fn(params, input_ids):
     return model.apply(params, input_ids, labels=input_ids)["loss"]
 
 
-# optimizer: a pair of pure functions (init, update); its state is a tree like params
-opt = optim.chain(
-    optim.clip_by_global_norm(1.0),
-    optim.adamw(optim.warmup_cosine(3e-3, 10, STEPS, end_value=3e-4), weight_decay=0.1, mask=optim.decay_mask(params)),
-)
+# optimizer: a pair of pure functions (init, update); its state is a tree like params. The recipe
+# is chain(clip_by_global_norm(1.0), adamw(warmup_cosine(...), weight_decay, mask=decay_mask(params)))
+opt = optim.adamw_warmup_cosine(params, learning_rate=3e-3, total_steps=STEPS, warmup_steps=10, end_value=3e-4,
+                                weight_decay=0.1, max_grad_norm=1.0)
 opt_state = opt.init(params)
 grad_and_loss = torch.func.grad_and_value(loss_fn)
 
