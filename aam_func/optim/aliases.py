@@ -25,11 +25,11 @@ from .base import (
     leaves_of,
 )
 from .transforms import (
-    _adam_denominator,
-    _adam_init,
-    _adam_moments,
-    _bias_corrections,
-    _lr_at,
+    adam_denominator,
+    adam_init,
+    adam_moments,
+    bias_corrections,
+    lr_at,
     add_decayed_weights,
     scale_by_learning_rate,
     scale_by_lion,
@@ -143,9 +143,9 @@ def _adam_family(learning_rate, b1, b2, eps, eps_root, weight_decay, mask, decou
         names, gs = leaves_of(grads)
         mus = aligned(names, state["mu"], "adam state 'mu'")
         nus = aligned(names, state["nu"], "adam state 'nu'")
-        lr = _lr_at(learning_rate, state["count"])
+        lr = lr_at(learning_rate, state["count"])
         count = state["count"] + 1
-        bc1, bc2 = _bias_corrections(count, b1, b2)
+        bc1, bc2 = bias_corrections(count, b1, b2)
         if has_decay:
             ps = aligned(names, params, "params")
             flags = _decay_flags(mask, names, ps)
@@ -166,8 +166,8 @@ def _adam_family(learning_rate, b1, b2, eps, eps_root, weight_decay, mask, decou
         if fused:
             raise ValueError("fused=True needs eager mode, Python-number b1/b2/eps, eps_root=0 and "
                              "float leaves on one CPU/CUDA device")
-        mus, nus = _adam_moments(gs, mus, nus, b1, b2)
-        denom = _adam_denominator(nus, bc2, eps, eps_root)
+        mus, nus = adam_moments(gs, mus, nus, b1, b2)
+        denom = adam_denominator(nus, bc2, eps, eps_root)
         step_size = -lr / bc1  # 0-d float64, as torch's Python-float step size
         us = [None] * len(names)
         if decoupled and dec:
@@ -186,7 +186,7 @@ def _adam_family(learning_rate, b1, b2, eps, eps_root, weight_decay, mask, decou
                 us[i] = u
         return build(names, us), {"count": count, "mu": build(names, mus), "nu": build(names, nus)}
 
-    return GradientTransformation(_adam_init, update)
+    return GradientTransformation(adam_init, update)
 
 
 def adam(learning_rate=1e-3, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, eps_root: float = 0.0,

@@ -36,7 +36,7 @@ __all__ = [
 ]
 
 
-def _lr_at(lr, count: Tensor):
+def lr_at(lr, count: Tensor):
     """A learning rate (float, tensor or schedule) at the step counter ``count`` (0-based)."""
     if callable(lr) and not isinstance(lr, Tensor):
         return foreach.as_scalar(lr(count))
@@ -90,13 +90,13 @@ def scale_by_learning_rate(learning_rate, *, flip_sign: bool = True) -> Gradient
     return scale(sign * learning_rate)
 
 
-def _bias_corrections(count: Tensor, b1, b2) -> tuple[Tensor, Tensor]:
+def bias_corrections(count: Tensor, b1, b2) -> tuple[Tensor, Tensor]:
     """``1 - b1^t, 1 - b2^t`` in float64 (as torch.optim computes them in Python floats)."""
     t = count.to(foreach.SCALAR_DTYPE)
     return 1 - torch.pow(foreach.as_scalar(b1), t), 1 - torch.pow(foreach.as_scalar(b2), t)
 
 
-def _adam_moments(gs, mus, nus, b1, b2):
+def adam_moments(gs, mus, nus, b1, b2):
     """``m = b1 m + (1 - b1) g`` (as torch: lerp), ``v = b2 v + (1 - b2) g^2``; fresh buffers."""
     mus = foreach.lerp(mus, gs, 1 - b1)
     nus = foreach.mul(nus, b2)
@@ -104,7 +104,7 @@ def _adam_moments(gs, mus, nus, b1, b2):
     return mus, nus
 
 
-def _adam_denominator(nus, bc2: Tensor, eps, eps_root):
+def adam_denominator(nus, bc2: Tensor, eps, eps_root):
     """``sqrt(v / bc2 + eps_root) + eps``; with ``eps_root == 0`` in torch.optim's order:
     ``sqrt(v) / sqrt(bc2) + eps``."""
     if foreach.is_number(eps_root) and eps_root == 0:
@@ -117,7 +117,8 @@ def _adam_denominator(nus, bc2: Tensor, eps, eps_root):
     return foreach.add_scalar_(denom, eps)
 
 
-def _adam_init(params):
+def adam_init(params):
+    """Adam's state: ``{"count": 0, "mu": zeros like params, "nu": zeros like params}``."""
     names, ps = leaves_of(params)
     return {
         "count": step_counter(),
@@ -144,14 +145,14 @@ def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, eps_roo
         mus = aligned(names, state["mu"], "adam state 'mu'")
         nus = aligned(names, state["nu"], "adam state 'nu'")
         count = state["count"] + 1
-        bc1, bc2 = _bias_corrections(count, b1, b2)
-        mus, nus = _adam_moments(gs, mus, nus, b1, b2)
-        denom = _adam_denominator(nus, bc2, eps, eps_root)
+        bc1, bc2 = bias_corrections(count, b1, b2)
+        mus, nus = adam_moments(gs, mus, nus, b1, b2)
+        denom = adam_denominator(nus, bc2, eps, eps_root)
         us = foreach.div(mus, denom)
         us = foreach.div_(us, bc1)
         return build(names, us), {"count": count, "mu": build(names, mus), "nu": build(names, nus)}
 
-    return GradientTransformation(_adam_init, update)
+    return GradientTransformation(adam_init, update)
 
 
 def scale_by_lion(b1: float = 0.9, b2: float = 0.99) -> GradientTransformation:
