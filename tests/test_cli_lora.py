@@ -141,3 +141,35 @@ def test_resuming_a_lora_checkpoint_is_refused(tmp_path, corpus, base, capsys):
     capsys.readouterr()
     _error(capsys, ["train", "--data", str(corpus), "--resume", "--steps", "3", "--output-dir", str(out), *RUN],
            "--init-from")
+
+
+def test_lora_dropout_draws_from_a_generator_per_step_and_rank(tmp_path, corpus, base, monkeypatch):
+    """LoRA dropout > 0 with model dropout 0: the step still gets the per-(seed, step, rank)
+    generator. Without it the masks came from torch's global RNG, seeded alike on every rank."""
+    from aam_func import run, train
+    from aam_func.config import ModelConfig
+    import importlib
+
+    run_loop = importlib.import_module("aam_func.run.loop")  # the module (aam_func.run.loop is the function)
+
+    cfg = run.RunConfig(data=str(corpus), init_from=str(base), lora_rank=2, lora_dropout=0.5, dropout=0.0, seq_len=None,
+                        steps=1, batch_size=4, sample_tokens=0, precision="fp32", eval_every=0,
+                        output_dir=str(tmp_path / "out"))
+    prepared = run.prepare(cfg, "cpu", log=lambda s: None)
+    assert prepared.model_config.dropout == 0 and prepared.needs_dropout_generator
+    calls = []
+
+    def spy(trainable, opt_state, batch, *gen):
+        calls.append(gen)
+        return prepared.train_step(trainable, opt_state, batch, *gen)
+
+    import dataclasses
+    run_loop._step(dataclasses.replace(prepared, train_step=spy), prepared.trainable, prepared.opt_state, 0)
+    assert len(calls) == 1 and len(calls[0]) == 1 and isinstance(calls[0][0], torch.Generator)
+
+    # the one rule, shared with compat's pipeline, and generators that differ between ranks
+    plain = ModelConfig(vocab_size=8, d_model=8, n_layers=1, n_heads=2, dropout=0.0)
+    assert not train.needs_dropout_generator(plain) and train.needs_dropout_generator(plain, 0.5)
+    assert train.needs_dropout_generator(plain.replace(dropout=0.1))
+    draws = [torch.rand(4, generator=train.dropout_generator(0, 3, "cpu", rank)) for rank in (0, 1)]
+    assert not torch.equal(*draws)

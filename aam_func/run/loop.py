@@ -106,8 +106,7 @@ def _step(run: Run, trainable, opt_state, step: int):
     """One optimizer step on the loader's batch for ``step``; dropout masks from a generator per
     step (resumable) and per rank (independent masks)."""
     batch = run.loader.batch(step)
-    mcfg = run.model_config
-    if mcfg.dropout > 0 or mcfg.attention_dropout > 0:
+    if run.needs_dropout_generator:
         gen = dropout_generator(run.config.seed, step, run.device, run.rank)
         return run.train_step(trainable, opt_state, batch, gen)
     return run.train_step(trainable, opt_state, batch)
