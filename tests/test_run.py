@@ -30,7 +30,10 @@ pytestmark = pytest.mark.usefixtures("one_thread")
     (dict(dropout=1.0), "dropout"), (dict(warmup_steps=-1), "warmup_steps"), (dict(precision="fp64"), "precision"),
     (dict(attention_type="linear"), "attention_type"), (dict(attention_backend="fast"), "attention_backend"),
     (dict(compile=1), "compile"), (dict(output_dir=None), "output_dir"), (dict(seed=1.5), "seed"),
-    (dict(max_grad_norm=float("nan")), "max_grad_norm"),
+    (dict(max_grad_norm=float("nan")), "max_grad_norm"), (dict(lr=float("inf")), "lr"),
+    (dict(weight_decay=float("inf")), "weight_decay"), (dict(max_grad_norm=float("inf")), "max_grad_norm"),
+    (dict(dist_timeout=float("inf")), "dist_timeout"),
+    (dict(lora_alpha=float("inf"), lora_rank=2, init_from="ck"), "lora_alpha"),
 ])
 def test_run_config_errors_name_the_field(changes, field):
     with pytest.raises(RunError, match=field):

@@ -17,10 +17,10 @@ def add_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--max-new-tokens", type=nonneg_int, default=64)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--greedy", action="store_true", help="argmax decoding (ignores the sampling flags)")
-    g.add_argument("--temperature", type=number(0.0, lo_open=True), default=0.8)
+    g.add_argument("--temperature", type=number(0.0, lo_open=True, finite=False), default=0.8)
     g.add_argument("--top-k", type=nonneg_int, default=50, help="0: off")
     g.add_argument("--top-p", type=number(0.0, 1.0, lo_open=True), default=0.95, help="1: off")
-    g.add_argument("--repetition-penalty", type=number(0.0, lo_open=True), default=1.0)
+    g.add_argument("--repetition-penalty", type=number(0.0, lo_open=True, finite=False), default=1.0)
     g.add_argument("--device", default="cpu")
     return g
 

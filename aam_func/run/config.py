@@ -36,11 +36,14 @@ INT_MINIMUM = {
     "batch_size": 1, "seq_len": 1, "accumulate": 1, "warmup_steps": 0, "eval_every": 0, "eval_batches": 1,
     "save_every": 0, "stop_after": 1, "sample_tokens": 0, "log_every": 1, "lora_rank": 1,
 }
-# (min, max, min open) of each real-valued field; max None: unbounded (infinity allowed, as the CLI always took)
+# (min, max, min open, finite) of each real-valued field; max None: no upper bound. Every one is
+# finite: infinity means nothing for a rate, a decay, a norm bound, a fraction or a LoRA alpha, and
+# dist_timeout's datetime.timedelta cannot hold it (an unbounded wait is not offered either)
 NUMBER_RANGE = {
-    "val_fraction": (0.0, 0.9, True), "dropout": (0.0, 0.99, False), "lr": (0.0, None, True),
-    "weight_decay": (0.0, None, False), "max_grad_norm": (0.0, None, True), "dist_timeout": (0.0, None, True),
-    "lora_alpha": (0.0, None, True), "lora_dropout": (0.0, 0.99, False),
+    "val_fraction": (0.0, 0.9, True, True), "dropout": (0.0, 0.99, False, True), "lr": (0.0, None, True, True),
+    "weight_decay": (0.0, None, False, True), "max_grad_norm": (0.0, None, True, True),
+    "dist_timeout": (0.0, None, True, True), "lora_alpha": (0.0, None, True, True),
+    "lora_dropout": (0.0, 0.99, False, True),
 }
 # what --resume takes from the checkpoint's saved arguments (the run's identity); every other
 # field (steps, eval/log/save cadence, stop_after, sample length, device ...) comes from the flags
@@ -157,8 +160,8 @@ class RunConfig:
         for name, lo in INT_MINIMUM.items():
             check_int(name, getattr(self, name), min=lo, allow_none=_default(name) is None or name == "seq_len")
         check_int("seed", self.seed)
-        for name, (lo, hi, lo_open) in NUMBER_RANGE.items():
-            check_number(name, getattr(self, name), min=lo, max=hi, min_open=lo_open, finite=hi is not None,
+        for name, (lo, hi, lo_open, finite) in NUMBER_RANGE.items():
+            check_number(name, getattr(self, name), min=lo, max=hi, min_open=lo_open, finite=finite,
                          allow_none=_default(name) is None or name == "dropout")
         check_choice("attention_type", self.attention_type, ATTENTION_TYPES)
         check_choice("position_encoding", self.position_encoding, POSITION_ENCODINGS)
