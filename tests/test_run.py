@@ -43,8 +43,10 @@ def test_run_config_errors_name_the_field(changes, field):
 def test_run_config_combinations_are_run_errors_naming_the_flag():
     with pytest.raises(RunError, match="--lora-rank needs --init-from"):
         RunConfig(lora_rank=2)
-    with pytest.raises(RunError, match="--lora-rank must be a positive integer"):
+    with pytest.raises(RunError, match=r"^lora_rank must be an int >= 1"):  # the field, by INT_MINIMUM
         RunConfig(lora_rank=0, init_from="x")
+    with pytest.raises(RunError, match=r"^lora_rank must be an int"):
+        RunConfig(lora_rank=2.0, init_from="x")
     with pytest.raises(RunError, match="give one of them"):
         RunConfig(init_from="x", resume="")
     with pytest.raises(RunError, match="seq_len may be None"):

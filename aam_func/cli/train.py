@@ -91,7 +91,7 @@ def _fine_tuning(t, default) -> None:
     f.add_argument("--init-from", default=default("init_from"), metavar="CHECKPOINT",
                    help="start from this checkpoint of aam-func train (its config, params and tokenizer; a fresh "
                         "optimizer state); without --lora-rank: full fine-tuning")
-    f.add_argument("--lora-rank", type=int, default=default("lora_rank"), metavar="R",
+    f.add_argument("--lora-rank", type=field_type("lora_rank"), default=default("lora_rank"), metavar="R",
                    help="train LoRA adapters of rank R on the frozen --init-from weights instead of all weights")
     f.add_argument("--lora-alpha", type=field_type("lora_alpha"), default=default("lora_alpha"), metavar="A",
                    help="LoRA scale numerator, scale = A / R (None: 2 * R)")

@@ -20,7 +20,7 @@ from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from ..checks import check_choice, check_int, check_number, is_int
+from ..checks import check_choice, check_int, check_number
 from ..config import ATTENTION_BACKENDS, ATTENTION_TYPES, POSITION_ENCODINGS
 from ..train import PRECISION_CHOICES
 
@@ -129,17 +129,16 @@ class RunConfig:
     lora_dropout: float = 0.0
 
     def __post_init__(self) -> None:
-        self._check_fine_tuning()
         try:
             self._check_fields()
         except ValueError as e:
             raise RunError(str(e)) from None
+        self._check_fine_tuning()
 
     def _check_fine_tuning(self) -> None:
-        """Combinations of init_from / lora_* / resume / stop_after that cannot work."""
-        if self.lora_rank is not None:
-            if not is_int(self.lora_rank) or self.lora_rank <= 0:
-                raise RunError(f"--lora-rank must be a positive integer, got {self.lora_rank}")
+        """Combinations of init_from / lora_* / resume / stop_after that cannot work (each field's
+        own type and range are :meth:`_check_fields`', checked first)."""
+        if self.lora_rank is not None:  # a positive int: INT_MINIMUM, checked before
             if self.init_from is None:
                 raise RunError("--lora-rank needs --init-from CHECKPOINT: LoRA adapts the weights of a trained model")
             if self.resume is not None:
