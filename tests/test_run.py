@@ -157,3 +157,11 @@ def test_library_errors_are_run_errors(tmp_path, corpus):
         run.prepare(RunConfig(init_from=str(tmp_path / "none"), seq_len=None, output_dir=str(tmp_path)), "cpu")
     with pytest.raises(RunError, match="not a device"):
         run.resolve_device("gpu0")
+
+
+def test_batch_size_must_divide_over_the_processes_and_says_where_it_came_from():
+    RunConfig(batch_size=8).check_world_size(4)
+    with pytest.raises(RunError, match=r"^--batch-size 8 is the global batch .* \(3\); use a multiple of 3$"):
+        RunConfig(batch_size=8).check_world_size(3)
+    with pytest.raises(RunError, match=r"^--batch-size 8 \(from the checkpoint\) is the global batch"):
+        RunConfig(batch_size=8).check_world_size(3, from_checkpoint=True)

@@ -224,6 +224,15 @@ class RunConfig:
         saved = checkpoint.train_state.get("args", {}).get("seq_len", _default("seq_len"))
         return dataclasses.replace(self, seq_len=min(saved, checkpoint.cfg.max_seq_len))
 
+    def check_world_size(self, world: int, *, from_checkpoint: bool = False) -> None:
+        """``batch_size`` is the global batch: with ``world`` processes it must divide evenly.
+        :func:`aam_func.run.train` asks before the process group starts (the flags' batch size);
+        preparation asks again once ``--resume`` has taken the checkpoint's (``from_checkpoint``)."""
+        if self.batch_size % world:
+            source = " (from the checkpoint)" if from_checkpoint else ""
+            raise RunError(f"--batch-size {self.batch_size}{source} is the global batch and must be divisible by "
+                           f"the number of processes ({world}); use a multiple of {world}")
+
     # ------------------------------------------------------------------ derived
 
     @property

@@ -37,9 +37,8 @@ def train(cfg: RunConfig, *, log: Optional[Log] = None) -> RunResult:
     describes a torchrun job of several processes (``cfg.batch_size`` is then the global batch)."""
     device = resolve_device(cfg.device)
     world = distributed.env_world()[1]
-    if world > 1 and cfg.resume is None and cfg.batch_size % world:
-        raise RunError(f"--batch-size {cfg.batch_size} is the global batch and must be divisible by the number of "
-                       f"processes ({world}); use a multiple of {world}")
+    if cfg.resume is None:  # fail on every rank alike, before any collective (a resumed run's batch size is the checkpoint's)
+        cfg.check_world_size(world)
     dctx = distributed.init_from_env(device, timeout=cfg.dist_timeout) if world > 1 else None
     if dctx is None:
         return loop(prepare(cfg, device, log=log))

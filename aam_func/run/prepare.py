@@ -103,9 +103,7 @@ def _prepare_main(cfg: RunConfig, device, world: int, say: Log) -> tuple[Prepare
     if cfg.resume is not None:
         resumed = load_checkpoint(cfg.resume or out_dir, load_optimizer=False)
         cfg = cfg.for_resume(resumed)
-    if cfg.batch_size % world:
-        raise RunError(f"--batch-size {cfg.batch_size} (from the checkpoint) is the global batch and must be "
-                       f"divisible by the number of processes ({world})")
+    cfg.check_world_size(world, from_checkpoint=resumed is not None)
     if cfg.init_from is not None:
         init = load_init_checkpoint(cfg.init_from)
         cfg = cfg.for_init_from(init)
