@@ -151,9 +151,7 @@ def test_lora_dropout_draws_from_a_generator_per_step_and_rank(tmp_path, corpus,
     generator. Without it the masks came from torch's global RNG, seeded alike on every rank."""
     from aam_func import run, train
     from aam_func.config import ModelConfig
-    import importlib
-
-    run_loop = importlib.import_module("aam_func.run.loop")  # the module (aam_func.run.loop is the function)
+    from aam_func.run import training as run_loop
 
     cfg = run.RunConfig(data=str(corpus), init_from=str(base), lora_rank=2, lora_dropout=0.5, dropout=0.0, seq_len=None,
                         steps=1, batch_size=4, sample_tokens=0, precision="fp32", eval_every=0,

@@ -165,3 +165,16 @@ def test_batch_size_must_divide_over_the_processes_and_says_where_it_came_from()
         RunConfig(batch_size=8).check_world_size(3)
     with pytest.raises(RunError, match=r"^--batch-size 8 \(from the checkpoint\) is the global batch"):
         RunConfig(batch_size=8).check_world_size(3, from_checkpoint=True)
+
+
+def test_run_submodules_are_not_shadowed_by_its_functions():
+    """``run.prepare`` and ``run.loop`` are functions; no submodule has their names (a module
+    hidden under a function cannot be reached as ``aam_func.run.<name>.<attr>``)."""
+    import importlib
+    import pkgutil
+
+    for m in pkgutil.iter_modules(run.__path__):
+        assert getattr(run, m.name) is importlib.import_module(f"aam_func.run.{m.name}"), m.name
+    from aam_func.run import training
+
+    assert callable(training._step) and run.loop is training.loop

@@ -8,18 +8,18 @@ benchmarks and tests to call.
     result = run.loop(prepared)                 # steps, evaluation, metrics.jsonl, checkpoints, sample
     result = run.train(cfg)                     # the same in one call (and data parallel under torchrun)
 
-Modules: :mod:`.config` (RunConfig and its resolution against a checkpoint), :mod:`.prepare`
+Modules: :mod:`.config` (RunConfig and its resolution against a checkpoint), :mod:`.preparation`
 (rank 0's preparation, shared with the other ranks), :mod:`.state` (the prepared Run: params,
-optimizer, LoRA), :mod:`.loop`, :mod:`.saving` (checkpoint and adapters), :mod:`.output`
+optimizer, LoRA), :mod:`.training` (the loop), :mod:`.saving` (checkpoint and adapters), :mod:`.output`
 (progress lines, metrics.jsonl), :mod:`.launch` (device, process group, signals). Errors are
 :class:`RunError` (a ValueError), never the CLI's.
 """
 
 from .config import RunConfig, RunError, attention_backend
 from .launch import resolve_device, train
-from .loop import RunResult, evaluate, loop
+from .training import RunResult, evaluate, loop
 from .output import console
-from .prepare import PeerFailed, Prepared, prepare
+from .preparation import PeerFailed, Prepared, prepare
 from .state import Run
 
 __all__ = ["RunConfig", "RunError", "Run", "RunResult", "Prepared", "PeerFailed", "prepare", "loop", "train",

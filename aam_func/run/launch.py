@@ -14,9 +14,9 @@ import torch
 
 from .. import distributed
 from .config import RunConfig, RunError
-from .loop import RunResult, loop
+from .training import RunResult, loop
 from .output import Log
-from .prepare import prepare
+from .preparation import prepare
 
 __all__ = ["train", "resolve_device"]
 
