@@ -139,6 +139,20 @@ def test_corrupted_or_truncated_checkpoint(tmp_path, capsys, corpus):
                      *TINY]) == 0
     capsys.readouterr()
     _error(capsys, ["eval", "--checkpoint", str(run), "--seq-len", "64"], "above the model's maximum")
+    assert cli.main(["eval", "--checkpoint", str(run)]) == 0  # the CLI prints the library's evaluation
+    from aam_func import run as aam_run
+
+    ev = aam_run.evaluate_checkpoint(str(run))
+    assert capsys.readouterr().out.splitlines() == [
+        f"data: the held-out split of {corpus} ({ev['tokens']:,} predicted tokens, {ev['blocks']} blocks of 32)",
+        f"loss {ev['loss']:.4f}", f"perplexity {ev['perplexity']:.2f}"]
+    import shutil
+
+    no_tok = tmp_path / "no_tok"
+    shutil.copytree(run / "checkpoint", no_tok)
+    shutil.rmtree(no_tok / "tokenizer")
+    _error(capsys, ["generate", "--checkpoint", str(no_tok), "--prompt", "x"], "holds no tokenizer/ directory")
+    _error(capsys, ["eval", "--checkpoint", str(no_tok)], "holds no tokenizer/ directory")
     params = run / "checkpoint" / "params.safetensors"
     size = params.stat().st_size
     with open(params, "r+b") as f:

@@ -9,6 +9,7 @@ import sys
 from ..config import ATTENTION_BACKENDS, ATTENTION_TYPES, POSITION_ENCODINGS
 from ..peft.lora import DEFAULT_CLI_TARGETS
 from ..run.config import PRECISION_FLAG_CHOICES, RunConfig
+from ..run.config import default as field_default
 from .args import field_type
 
 __all__ = ["add_parser", "add_arguments", "given_flags", "cmd_train"]
@@ -24,7 +25,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
 def add_arguments(t: argparse.ArgumentParser, *, defaults: bool = True) -> None:
     """The train flags on ``t``; ``defaults=False`` leaves every default out (argparse.SUPPRESS),
     so that a parse holds only the flags given (:func:`given_flags`)."""
-    default = (lambda name: RunConfig.__dataclass_fields__[name].default) if defaults else (lambda name: argparse.SUPPRESS)
+    default = field_default if defaults else (lambda name: argparse.SUPPRESS)
     _data_and_model(t, default)
     _optimisation(t, default)
     _run(t, default)

@@ -11,11 +11,13 @@ benchmarks and tests to call.
 Modules: :mod:`.config` (RunConfig and its resolution against a checkpoint), :mod:`.preparation`
 (rank 0's preparation, shared with the other ranks), :mod:`.state` (the prepared Run: params,
 optimizer, LoRA), :mod:`.training` (the loop), :mod:`.saving` (checkpoint and adapters), :mod:`.output`
-(progress lines, metrics.jsonl), :mod:`.launch` (device, process group, signals). Errors are
+(progress lines, metrics.jsonl), :mod:`.launch` (device, process group, signals), :mod:`.evaluation` (a checkpoint for
+inference and its held-out loss: ``aam-func generate`` and ``eval``). Errors are
 :class:`RunError` (a ValueError), never the CLI's.
 """
 
 from .config import RunConfig, RunError, attention_backend
+from .evaluation import evaluate_checkpoint, load_for_inference
 from .launch import resolve_device, train
 from .training import RunResult, evaluate, loop
 from .output import console
@@ -23,4 +25,4 @@ from .preparation import PeerFailed, Prepared, prepare
 from .state import Run
 
 __all__ = ["RunConfig", "RunError", "Run", "RunResult", "Prepared", "PeerFailed", "prepare", "loop", "train",
-           "evaluate", "resolve_device", "attention_backend", "console"]
+           "evaluate", "resolve_device", "attention_backend", "console", "evaluate_checkpoint", "load_for_inference"]

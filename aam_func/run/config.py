@@ -25,7 +25,7 @@ from ..config import ATTENTION_BACKENDS, ATTENTION_TYPES, POSITION_ENCODINGS
 from ..train import PRECISION_CHOICES
 
 __all__ = ["RunConfig", "RunError", "RESUMED_FIELDS", "SHAPE_FIELDS", "INT_MINIMUM", "NUMBER_RANGE",
-           "PRECISION_FLAG_CHOICES", "attention_backend", "flag"]
+           "PRECISION_FLAG_CHOICES", "attention_backend", "flag", "default"]
 
 # the CLI offers every choice of train.PRECISION_CHOICES except "mixed" (the guide's config flag)
 PRECISION_FLAG_CHOICES = tuple(c for c in PRECISION_CHOICES if c != "mixed")
@@ -157,11 +157,11 @@ class RunConfig:
 
     def _check_fields(self) -> None:
         for name, lo in INT_MINIMUM.items():
-            check_int(name, getattr(self, name), min=lo, allow_none=_default(name) is None or name == "seq_len")
+            check_int(name, getattr(self, name), min=lo, allow_none=default(name) is None or name == "seq_len")
         check_int("seed", self.seed)
         for name, (lo, hi, lo_open, finite) in NUMBER_RANGE.items():
             check_number(name, getattr(self, name), min=lo, max=hi, min_open=lo_open, finite=finite,
-                         allow_none=_default(name) is None or name == "dropout")
+                         allow_none=default(name) is None or name == "dropout")
         check_choice("attention_type", self.attention_type, ATTENTION_TYPES)
         check_choice("position_encoding", self.position_encoding, POSITION_ENCODINGS)
         if self.attention_backend is not None:
@@ -221,7 +221,7 @@ class RunConfig:
         checkpoint's training length (at most its model's maximum)."""
         if self.seq_len is not None:
             return self
-        saved = checkpoint.train_state.get("args", {}).get("seq_len", _default("seq_len"))
+        saved = checkpoint.train_state.get("args", {}).get("seq_len", default("seq_len"))
         return dataclasses.replace(self, seq_len=min(saved, checkpoint.cfg.max_seq_len))
 
     def check_world_size(self, world: int, *, from_checkpoint: bool = False) -> None:
@@ -246,5 +246,6 @@ class RunConfig:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "resume"}
 
 
-def _default(name: str) -> Any:
+def default(name: str) -> Any:
+    """The default of RunConfig field ``name`` (that of its ``aam-func train`` flag)."""
     return RunConfig.__dataclass_fields__[name].default

@@ -130,8 +130,10 @@ def load_init_checkpoint(path: str):
         init = load_checkpoint(path, load_optimizer=False)
     except CheckpointError as e:
         raise RunError(f"--init-from {path} is not a checkpoint of aam-func train: {e}") from None
-    if init.tokenizer_dir is None:
-        raise RunError(f"--init-from {path}: checkpoint {init.path} holds no tokenizer/ directory")
+    try:
+        init.require_tokenizer_dir()
+    except CheckpointError as e:
+        raise RunError(f"--init-from {path}: {e}") from None
     return init
 
 
@@ -140,9 +142,10 @@ def _tokenizer(cfg: RunConfig, source, train_docs, tok_dir: str, say: Callable[[
     training documents; saved in the run directory either way."""
     t0 = time.perf_counter()
     if source is not None:
-        if source.tokenizer_dir is None:
-            raise RunError(f"checkpoint {source.path} holds no tokenizer/ directory")
-        tok = Tokenizer.load(source.tokenizer_dir)
+        try:
+            tok = source.load_tokenizer()
+        except CheckpointError as e:
+            raise RunError(str(e)) from None
     elif cfg.tokenizer is not None:
         tok = Tokenizer.load(cfg.tokenizer)
     else:
