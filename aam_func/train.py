@@ -43,7 +43,8 @@ from .checks import check_choice, check_int
 from .losses import count_targets
 
 __all__ = ["make_lm_loss", "make_train_step", "make_eval_step", "evaluate", "PRECISIONS", "PRECISION_CHOICES",
-           "autocast", "fast_bf16", "resolve_precision", "dropout_generator", "needs_dropout_generator", "batch_targets"]
+           "autocast", "fast_bf16", "resolve_precision", "dropout_generator", "needs_dropout_generator", "batch_targets",
+           "weighted_mean_loss"]
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 # what a user may ask for: a precision, "auto" (bf16 where it is fast, else fp32) or "mixed"
@@ -330,7 +331,16 @@ def evaluate(eval_step: Callable, params, batches: Iterable[Mapping[str, Tensor]
         n = int(m["tokens"])
         total += float(m["loss"]) * n
         count += n
-    if count == 0:
+    return weighted_mean_loss(total, count)
+
+
+def weighted_mean_loss(loss_sum: float, tokens: float) -> dict[str, float]:
+    """``{"loss", "perplexity", "tokens"}`` of an evaluation from its sums: the token-weighted mean
+    ``loss = Σ_b loss_b·n_b / Σ_b n_b`` (``loss_sum`` over ``tokens`` = Σ n_b) and ``perplexity =
+    exp(loss)``, its argument capped at 700 so that an untrained model gives a huge number rather
+    than an overflow. No tokens is a ValueError. Shared by :func:`evaluate` and the data-parallel
+    :meth:`aam_func.distributed.DistContext.evaluate`, which sums over ranks first."""
+    if tokens == 0:
         raise ValueError("evaluate: no tokens to evaluate on")
-    loss = total / count
-    return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": count}
+    loss = loss_sum / tokens
+    return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": int(tokens)}

@@ -141,6 +141,17 @@ def test_eval_step_and_token_weighted_evaluate():
     both = torch.cat([a["input_ids"], b["input_ids"]])
     whole = float(model.apply(params, both, labels=both)["loss"])
     assert evaluate(ev, params, [a, b])["loss"] == pytest.approx(whole, rel=1e-5)
+    with pytest.raises(ValueError, match="no tokens"):
+        evaluate(ev, params, [])
+
+
+def test_weighted_mean_loss_is_the_token_weighted_mean_with_a_capped_perplexity():
+    from aam_func.train import weighted_mean_loss
+
+    assert weighted_mean_loss(3.0 * 10 + 1.0 * 30, 40) == {"loss": 1.5, "perplexity": math.exp(1.5), "tokens": 40}
+    assert weighted_mean_loss(2000.0, 1)["perplexity"] == math.exp(700.0)  # no overflow
+    with pytest.raises(ValueError, match="no tokens"):
+        weighted_mean_loss(0.0, 0)
 
 
 def test_bad_arguments():

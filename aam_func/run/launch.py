@@ -36,7 +36,7 @@ def train(cfg: RunConfig, *, log: Optional[Log] = None) -> RunResult:
     """Run ``cfg`` on ``cfg.device``: in this process, or data-parallel when the environment
     describes a torchrun job of several processes (``cfg.batch_size`` is then the global batch)."""
     device = resolve_device(cfg.device)
-    world = distributed.env_world()[1]
+    world = distributed.env_world().world_size
     if cfg.resume is None:  # fail on every rank alike, before any collective (a resumed run's batch size is the checkpoint's)
         cfg.check_world_size(world)
     dctx = distributed.init_from_env(device, timeout=cfg.dist_timeout) if world > 1 else None
