@@ -178,3 +178,18 @@ def test_run_submodules_are_not_shadowed_by_its_functions():
     from aam_func.run import training
 
     assert callable(training._step) and run.loop is training.loop
+
+
+def test_the_library_is_silent_unless_asked(tmp_path, corpus, capsys, monkeypatch):
+    """No ``log``: no lines; no ``progress``: no bar, even on a terminal. The CLI asks for both."""
+    import sys
+
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    cfg = RunConfig(**TINY, data=str(corpus), steps=2, output_dir=str(tmp_path / "quiet"))
+    result = run.loop(run.prepare(cfg, "cpu"))
+    assert result.step == 2 and capsys.readouterr() == ("", "")
+    assert run.train(dataclasses.replace(cfg, output_dir=str(tmp_path / "quiet2"))).step == 2
+    assert capsys.readouterr() == ("", "")
+    run.loop(run.prepare(dataclasses.replace(cfg, output_dir=str(tmp_path / "bar")), "cpu"), progress=True)
+    out, err = capsys.readouterr()
+    assert out == "" and "train: " in err  # the tqdm bar, on the (pretend) terminal

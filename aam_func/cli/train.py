@@ -115,7 +115,7 @@ def cmd_train(args: argparse.Namespace, argv: list[str]) -> int:
     from .. import run
 
     cfg = RunConfig.from_flags(vars(args), given_flags(argv[1:]))
-    result = run.train(cfg)
+    result = run.train(cfg, log=run.console, progress=True)
     if not result.interrupted:
         return 0
     if result.is_main and result.adapter_dir is not None:

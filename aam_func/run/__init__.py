@@ -1,12 +1,13 @@
-"""The training run as library code: what ``aam-func train`` does, for the CLI, examples,
-benchmarks and tests to call.
+"""The training run as library code: what ``aam-func train`` does, for the CLI and the tests
+to call (and any program that wants a whole run). Silent by default: pass ``log`` for the
+progress lines (``log=run.console`` prints them as the CLI does) and ``progress=True`` for a bar.
 
     from aam_func import run
 
     cfg = run.RunConfig(data="notes/", steps=200, output_dir="runs/notes")   # frozen, validated
-    prepared = run.prepare(cfg, "cpu")          # corpus, tokenizer, model, params, optimizer (resumed)
-    result = run.loop(prepared)                 # steps, evaluation, metrics.jsonl, checkpoints, sample
-    result = run.train(cfg)                     # the same in one call (and data parallel under torchrun)
+    prepared = run.prepare(cfg, "cpu", log=print)   # corpus, tokenizer, model, params, optimizer (resumed)
+    result = run.loop(prepared)                     # steps, evaluation, metrics.jsonl, checkpoints, sample
+    result = run.train(cfg)                         # the same in one call (and data parallel under torchrun)
 
 Modules: :mod:`.config` (RunConfig and its resolution against a checkpoint), :mod:`.preparation`
 (rank 0's preparation, shared with the other ranks), :mod:`.state` (the prepared Run: params,

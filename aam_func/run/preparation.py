@@ -3,7 +3,7 @@ resumed or fine-tuned, read and split the corpus, get a tokenizer, build the Mod
 tokenize), shared with the other ranks as one frozen :class:`Prepared`, then the trainable state
 (:mod:`aam_func.run.state`).
 
-    run = prepare(RunConfig(steps=100, output_dir="runs/x"), "cpu")
+    run = prepare(RunConfig(steps=100, output_dir="runs/x"), "cpu", log=print)
     result = loop(run)
 """
 
@@ -24,7 +24,7 @@ from ..data import load_split, tokenize_documents
 from ..tokenizer import Tokenizer
 from ..train import resolve_precision
 from .config import RunConfig, RunError, attention_backend
-from .output import Log, console
+from .output import Log
 from .state import build_run, setup_lora
 
 __all__ = ["Prepared", "PeerFailed", "prepare", "load_init_checkpoint"]
@@ -64,11 +64,11 @@ def prepare(cfg: RunConfig, device, dist_ctx=None, *, log: Optional[Log] = None)
     """The :class:`aam_func.run.Run` of ``cfg`` on ``device``: rank 0 prepares (see the module
     docstring) and, under data parallelism (``dist_ctx``), broadcasts; then every rank builds the
     model, loader, params and optimizer. ``log`` receives the progress lines (rank 0 only;
-    default: printed to stdout)."""
+    default None: none are written; the CLI passes :func:`aam_func.run.console`)."""
     t_start = time.perf_counter()
     device = torch.device(device)
     is_main = dist_ctx is None or dist_ctx.is_main
-    say = (log or console) if is_main else _silent
+    say = log if (is_main and log is not None) else _silent
     prepared, sources = _share(cfg, device, dist_ctx, say)
     return build_run(prepared, sources, device, dist_ctx, say, t_start)
 
