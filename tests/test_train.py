@@ -209,6 +209,25 @@ def test_compiled_step_matches_eager():
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
+def test_compiled_step_with_an_eager_optimizer_matches_the_fully_compiled_one():
+    """compile_optimizer=False (the optimizer behind a graph break, forward and backward still
+    compiled) takes the same two steps as compile_optimizer=True."""
+    cfg = CFG.replace(n_layers=1)
+    model = af.Transformer(cfg)
+    params = model.init(seed=8)
+    out = []
+    for compile_optimizer in (True, False):
+        step = make_train_step(make_lm_loss(model), _opt(params), compile=True, compile_optimizer=compile_optimizer)
+        p, s = params, step.init(params)
+        for i in range(2):
+            p, s, m = step(p, s, _batch(i))
+        out.append((p, float(m["loss"])))
+    assert out[0][1] == pytest.approx(out[1][1], rel=1e-5)
+    for a, b in zip(tree.leaves(out[0][0]), tree.leaves(out[1][0])):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 def test_gradient_checkpointing_from_the_config_gives_the_same_step():
     batch = _batch(7)
     outs = []
