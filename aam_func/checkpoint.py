@@ -64,6 +64,19 @@ class Checkpoint:
     train_state: dict = field(default_factory=dict)
     tokenizer_dir: Optional[str] = None
 
+    def require_tokenizer_dir(self) -> str:
+        """``tokenizer_dir``, or a :class:`CheckpointError` when the checkpoint holds none (one
+        written by ``save_checkpoint`` without ``tokenizer``)."""
+        if self.tokenizer_dir is None:
+            raise CheckpointError(f"checkpoint {self.path} holds no tokenizer/ directory")
+        return self.tokenizer_dir
+
+    def load_tokenizer(self):
+        """The checkpoint's :class:`aam_func.tokenizer.Tokenizer` (a CheckpointError without one)."""
+        from .tokenizer import Tokenizer
+
+        return Tokenizer.load(self.require_tokenizer_dir())
+
 
 def _fsync_dir(path: str) -> None:
     try:

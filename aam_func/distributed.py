@@ -31,15 +31,16 @@ import datetime
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
 from . import tree
+from .train import weighted_mean_loss
 
-__all__ = ["DistributedError", "DistContext", "env_world", "init_from_env", "all_reduce_sum", "BUCKET_BYTES"]
+__all__ = ["DistributedError", "DistContext", "World", "env_world", "init_from_env", "all_reduce_sum", "BUCKET_BYTES"]
 
 BUCKET_BYTES = 25 * 2**20
 _ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -49,11 +50,19 @@ class DistributedError(RuntimeError):
     """A collective failed: another process died, or did not answer within the timeout."""
 
 
-def env_world() -> tuple[int, int, int]:
-    """``(rank, world_size, local_rank)`` from torchrun's environment; ``(0, 1, 0)`` without it.
+class World(NamedTuple):
+    """This process's place in a torchrun job: its rank, the number of processes, its rank on this machine."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+
+
+def env_world() -> World:
+    """The :class:`World` of torchrun's environment; ``World(0, 1, 0)`` without it.
     Reads the environment only (no process group is created)."""
     if "WORLD_SIZE" not in os.environ:
-        return 0, 1, 0
+        return World(0, 1, 0)
     try:
         world = int(os.environ["WORLD_SIZE"])
         rank = int(os.environ.get("RANK", "0"))
@@ -63,7 +72,7 @@ def env_world() -> tuple[int, int, int]:
                                + ", ".join(f"{k}={os.environ.get(k)!r}" for k in _ENV[:3])) from None
     if world < 1 or not 0 <= rank < world:
         raise DistributedError(f"RANK={rank} is not in [0, WORLD_SIZE={world})")
-    return rank, world, local
+    return World(rank=rank, world_size=world, local_rank=local)
 
 
 def _first_line(e: BaseException) -> str:
@@ -158,8 +167,6 @@ class DistContext:
     def evaluate(self, eval_step: Callable, params, batches) -> dict[str, float]:
         """:func:`aam_func.train.evaluate` over all ranks: rank ``r`` evaluates batches
         ``r, r + W, r + 2W, ...`` of ``batches``; token-weighted sums are all-reduced."""
-        import math
-
         total = torch.zeros(2, dtype=torch.float64)
         for i, batch in enumerate(batches):
             if i % self.world_size != self.rank:
@@ -169,10 +176,7 @@ class DistContext:
             total += torch.tensor([float(m["loss"]) * n, n], dtype=torch.float64)
         (total,) = self.all_sum([total.to(self.device)], what="all_reduce of evaluation")
         loss_sum, count = (float(x) for x in total.cpu())
-        if count == 0:
-            raise ValueError("evaluate: no tokens to evaluate on")
-        loss = loss_sum / count
-        return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": int(count)}
+        return weighted_mean_loss(loss_sum, count)
 
     def close(self) -> None:
         if dist.is_initialized():
@@ -184,7 +188,8 @@ def init_from_env(device: str | torch.device = "cpu", *, timeout: float = 300.0,
     """Join the job torchrun described in the environment (``RANK``, ``WORLD_SIZE``,
     ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``); ``None`` when there is none or it has one
     process. Backend: nccl for CUDA (each process on ``cuda:LOCAL_RANK``), gloo for CPU."""
-    rank, world, local = env_world()
+    env = env_world()
+    rank, world, local = env.rank, env.world_size, env.local_rank
     if world == 1:
         return None
     missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if k not in os.environ]

@@ -43,7 +43,8 @@ from .checks import check_choice, check_int
 from .losses import count_targets
 
 __all__ = ["make_lm_loss", "make_train_step", "make_eval_step", "evaluate", "PRECISIONS", "PRECISION_CHOICES",
-           "autocast", "fast_bf16", "resolve_precision", "dropout_generator", "batch_targets"]
+           "autocast", "fast_bf16", "resolve_precision", "dropout_generator", "needs_dropout_generator", "batch_targets",
+           "weighted_mean_loss"]
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 # what a user may ask for: a precision, "auto" (bf16 where it is fast, else fp32) or "mixed"
@@ -100,6 +101,14 @@ def dropout_generator(seed: int, step: int, device, rank: int = 0) -> torch.Gene
     check_int("rank", rank, min=0)
     h = _mix64(_mix64(_mix64(seed & _M64) ^ step) ^ rank)
     return torch.Generator(device=device).manual_seed((h ^ (h >> 32)) & 0xFFFFFFFF)
+
+
+def needs_dropout_generator(model_config, lora_dropout: float = 0.0) -> bool:
+    """Whether a training step draws dropout masks, and so needs :func:`dropout_generator`'s
+    generator: the model's dropout or attention dropout, or LoRA's dropout, is above 0. Without
+    one the masks would come from torch's process-wide RNG, which every data-parallel rank seeds
+    alike (the same masks on every rank) and which a resumed run does not replay step by step."""
+    return model_config.dropout > 0 or model_config.attention_dropout > 0 or lora_dropout > 0
 
 
 def batch_targets(batch: Mapping[str, Tensor]) -> Tensor:
@@ -322,7 +331,16 @@ def evaluate(eval_step: Callable, params, batches: Iterable[Mapping[str, Tensor]
         n = int(m["tokens"])
         total += float(m["loss"]) * n
         count += n
-    if count == 0:
+    return weighted_mean_loss(total, count)
+
+
+def weighted_mean_loss(loss_sum: float, tokens: float) -> dict[str, float]:
+    """``{"loss", "perplexity", "tokens"}`` of an evaluation from its sums: the token-weighted mean
+    ``loss = Σ_b loss_b·n_b / Σ_b n_b`` (``loss_sum`` over ``tokens`` = Σ n_b) and ``perplexity =
+    exp(loss)``, its argument capped at 700 so that an untrained model gives a huge number rather
+    than an overflow. No tokens is a ValueError. Shared by :func:`evaluate` and the data-parallel
+    :meth:`aam_func.distributed.DistContext.evaluate`, which sums over ranks first."""
+    if tokens == 0:
         raise ValueError("evaluate: no tokens to evaluate on")
-    loss = total / count
-    return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": count}
+    loss = loss_sum / tokens
+    return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": int(tokens)}

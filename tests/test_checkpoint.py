@@ -48,9 +48,20 @@ def test_round_trip(tmp_path):
     assert tree.names(ck.opt_state) == tree.names(state) and _same(ck.opt_state, state)
     assert torch.equal(ck.rng["torch"], rng["torch"])
     assert Tokenizer.load(ck.tokenizer_dir).encode("some text") == tok.encode("some text")
+    assert ck.load_tokenizer().encode("some text") == tok.encode("some text")
     # a run directory resolves to its checkpoint/
     save_checkpoint(tmp_path / "run" / "checkpoint", cfg=CFG, params=params, step=1)
     assert resolve_checkpoint(tmp_path / "run") == str(tmp_path / "run" / "checkpoint")
+
+
+def test_a_checkpoint_without_tokenizer_says_so(tmp_path):
+    params, _, _ = _setup()
+    save_checkpoint(tmp_path / "ck", cfg=CFG, params=params, step=1)
+    ck = load_checkpoint(tmp_path / "ck")
+    assert ck.tokenizer_dir is None
+    for call in (ck.require_tokenizer_dir, ck.load_tokenizer):
+        with pytest.raises(CheckpointError, match=r"checkpoint .*ck holds no tokenizer/ directory"):
+            call()
 
 
 def test_overwrite_leaves_no_leftovers(tmp_path):

@@ -101,6 +101,23 @@ def _error(capsys, argv, match):
     assert "Traceback" not in err
 
 
+@pytest.mark.parametrize("flag", ["--lr", "--weight-decay", "--max-grad-norm", "--val-fraction", "--dropout",
+                                  "--dist-timeout"])
+def test_an_infinite_number_is_refused_at_parse_time_naming_the_flag(capsys, flag):
+    """``--lr inf`` used to pass the parser and RunConfig and fail only after the tokenizer was
+    trained, as an invalid *model* configuration naming learning_rate."""
+    with pytest.raises(SystemExit) as e:
+        cli.main(["train", flag, "inf"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2
+    errors = [line for line in err.splitlines() if "error" in line]
+    assert len(errors) == 1 and errors[0].startswith(f"aam-func train: error: argument {flag}: "), err
+    assert f"argument {flag}: expected a finite number" in err and "'inf'" in err and "Traceback" not in err
+    with pytest.raises(SystemExit):  # --lora-alpha too (parsed before the --lora-rank check)
+        cli.main(["train", "--lora-alpha", "inf"])
+    assert "argument --lora-alpha: expected a finite number" in capsys.readouterr().err
+
+
 def test_bad_input_is_a_clear_error(tmp_path, capsys, corpus):
     out = ["--output-dir", str(tmp_path / "run")]
     _error(capsys, ["train", "--data", str(tmp_path / "missing"), *TINY, *out], "does not exist")
@@ -122,6 +139,20 @@ def test_corrupted_or_truncated_checkpoint(tmp_path, capsys, corpus):
                      *TINY]) == 0
     capsys.readouterr()
     _error(capsys, ["eval", "--checkpoint", str(run), "--seq-len", "64"], "above the model's maximum")
+    assert cli.main(["eval", "--checkpoint", str(run)]) == 0  # the CLI prints the library's evaluation
+    from aam_func import run as aam_run
+
+    ev = aam_run.evaluate_checkpoint(str(run))
+    assert capsys.readouterr().out.splitlines() == [
+        f"data: the held-out split of {corpus} ({ev['tokens']:,} predicted tokens, {ev['blocks']} blocks of 32)",
+        f"loss {ev['loss']:.4f}", f"perplexity {ev['perplexity']:.2f}"]
+    import shutil
+
+    no_tok = tmp_path / "no_tok"
+    shutil.copytree(run / "checkpoint", no_tok)
+    shutil.rmtree(no_tok / "tokenizer")
+    _error(capsys, ["generate", "--checkpoint", str(no_tok), "--prompt", "x"], "holds no tokenizer/ directory")
+    _error(capsys, ["eval", "--checkpoint", str(no_tok)], "holds no tokenizer/ directory")
     params = run / "checkpoint" / "params.safetensors"
     size = params.stat().st_size
     with open(params, "r+b") as f:

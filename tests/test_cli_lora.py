@@ -120,8 +120,11 @@ def test_fine_tuning_errors(tmp_path, corpus, base, capsys):
     _error(capsys, [*t, "--init-from", str(tmp_path / "missing")], "no checkpoint at")
     (tmp_path / "empty").mkdir()
     _error(capsys, [*t, "--init-from", str(tmp_path / "empty")], "--init-from")
-    _error(capsys, [*t, *ini, "--lora-rank", "0"], "--lora-rank must be a positive integer")
-    _error(capsys, [*t, *ini, "--lora-rank", "-3"], "--lora-rank must be a positive integer")
+    for bad in ("0", "-3", "1.5"):  # refused by the parser, as every integer flag of train is
+        with pytest.raises(SystemExit) as e:
+            cli.main([*t, *ini, "--lora-rank", bad])
+        assert e.value.code == 2
+        assert f"argument --lora-rank: expected a positive integer, got '{bad}'" in capsys.readouterr().err
     _error(capsys, [*t, *ini, "--lora-rank", "64"], "exceeds min(in, out) = 32")
     _error(capsys, [*t, *ini, "--lora-rank", "2", "--lora-targets", "*.nothing,also_not"], "available: ")
     _error(capsys, [*t, *ini, "--lora-rank", "2", "--lora-targets", "*.nothing"], "blocks.0.mlp.fc")
@@ -141,3 +144,33 @@ def test_resuming_a_lora_checkpoint_is_refused(tmp_path, corpus, base, capsys):
     capsys.readouterr()
     _error(capsys, ["train", "--data", str(corpus), "--resume", "--steps", "3", "--output-dir", str(out), *RUN],
            "--init-from")
+
+
+def test_lora_dropout_draws_from_a_generator_per_step_and_rank(tmp_path, corpus, base, monkeypatch):
+    """LoRA dropout > 0 with model dropout 0: the step still gets the per-(seed, step, rank)
+    generator. Without it the masks came from torch's global RNG, seeded alike on every rank."""
+    from aam_func import run, train
+    from aam_func.config import ModelConfig
+    from aam_func.run import training as run_loop
+
+    cfg = run.RunConfig(data=str(corpus), init_from=str(base), lora_rank=2, lora_dropout=0.5, dropout=0.0, seq_len=None,
+                        steps=1, batch_size=4, sample_tokens=0, precision="fp32", eval_every=0,
+                        output_dir=str(tmp_path / "out"))
+    prepared = run.prepare(cfg, "cpu", log=lambda s: None)
+    assert prepared.model_config.dropout == 0 and prepared.needs_dropout_generator
+    calls = []
+
+    def spy(trainable, opt_state, batch, *gen):
+        calls.append(gen)
+        return prepared.train_step(trainable, opt_state, batch, *gen)
+
+    import dataclasses
+    run_loop._step(dataclasses.replace(prepared, train_step=spy), prepared.trainable, prepared.opt_state, 0)
+    assert len(calls) == 1 and len(calls[0]) == 1 and isinstance(calls[0][0], torch.Generator)
+
+    # the one rule, shared with compat's pipeline, and generators that differ between ranks
+    plain = ModelConfig(vocab_size=8, d_model=8, n_layers=1, n_heads=2, dropout=0.0)
+    assert not train.needs_dropout_generator(plain) and train.needs_dropout_generator(plain, 0.5)
+    assert train.needs_dropout_generator(plain.replace(dropout=0.1))
+    draws = [torch.rand(4, generator=train.dropout_generator(0, 3, "cpu", rank)) for rank in (0, 1)]
+    assert not torch.equal(*draws)

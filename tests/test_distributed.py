@@ -260,6 +260,13 @@ def test_single_process_without_torchrun_env_is_not_distributed(monkeypatch):
     for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
         monkeypatch.delenv(k, raising=False)
     assert distributed.env_world() == (0, 1, 0)
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    env = distributed.env_world()
+    assert isinstance(env, distributed.World) and (env.rank, env.world_size, env.local_rank) == (3, 4, 1)
+    for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(k)
     assert distributed.init_from_env("cpu") is None
     monkeypatch.setenv("WORLD_SIZE", "1")
     assert distributed.init_from_env("cpu") is None

@@ -30,7 +30,10 @@ pytestmark = pytest.mark.usefixtures("one_thread")
     (dict(dropout=1.0), "dropout"), (dict(warmup_steps=-1), "warmup_steps"), (dict(precision="fp64"), "precision"),
     (dict(attention_type="linear"), "attention_type"), (dict(attention_backend="fast"), "attention_backend"),
     (dict(compile=1), "compile"), (dict(output_dir=None), "output_dir"), (dict(seed=1.5), "seed"),
-    (dict(max_grad_norm=float("nan")), "max_grad_norm"),
+    (dict(max_grad_norm=float("nan")), "max_grad_norm"), (dict(lr=float("inf")), "lr"),
+    (dict(weight_decay=float("inf")), "weight_decay"), (dict(max_grad_norm=float("inf")), "max_grad_norm"),
+    (dict(dist_timeout=float("inf")), "dist_timeout"),
+    (dict(lora_alpha=float("inf"), lora_rank=2, init_from="ck"), "lora_alpha"),
 ])
 def test_run_config_errors_name_the_field(changes, field):
     with pytest.raises(RunError, match=field):
@@ -40,8 +43,10 @@ def test_run_config_errors_name_the_field(changes, field):
 def test_run_config_combinations_are_run_errors_naming_the_flag():
     with pytest.raises(RunError, match="--lora-rank needs --init-from"):
         RunConfig(lora_rank=2)
-    with pytest.raises(RunError, match="--lora-rank must be a positive integer"):
+    with pytest.raises(RunError, match=r"^lora_rank must be an int >= 1"):  # the field, by INT_MINIMUM
         RunConfig(lora_rank=0, init_from="x")
+    with pytest.raises(RunError, match=r"^lora_rank must be an int"):
+        RunConfig(lora_rank=2.0, init_from="x")
     with pytest.raises(RunError, match="give one of them"):
         RunConfig(init_from="x", resume="")
     with pytest.raises(RunError, match="seq_len may be None"):
@@ -152,3 +157,39 @@ def test_library_errors_are_run_errors(tmp_path, corpus):
         run.prepare(RunConfig(init_from=str(tmp_path / "none"), seq_len=None, output_dir=str(tmp_path)), "cpu")
     with pytest.raises(RunError, match="not a device"):
         run.resolve_device("gpu0")
+
+
+def test_batch_size_must_divide_over_the_processes_and_says_where_it_came_from():
+    RunConfig(batch_size=8).check_world_size(4)
+    with pytest.raises(RunError, match=r"^--batch-size 8 is the global batch .* \(3\); use a multiple of 3$"):
+        RunConfig(batch_size=8).check_world_size(3)
+    with pytest.raises(RunError, match=r"^--batch-size 8 \(from the checkpoint\) is the global batch"):
+        RunConfig(batch_size=8).check_world_size(3, from_checkpoint=True)
+
+
+def test_run_submodules_are_not_shadowed_by_its_functions():
+    """``run.prepare`` and ``run.loop`` are functions; no submodule has their names (a module
+    hidden under a function cannot be reached as ``aam_func.run.<name>.<attr>``)."""
+    import importlib
+    import pkgutil
+
+    for m in pkgutil.iter_modules(run.__path__):
+        assert getattr(run, m.name) is importlib.import_module(f"aam_func.run.{m.name}"), m.name
+    from aam_func.run import training
+
+    assert callable(training._step) and run.loop is training.loop
+
+
+def test_the_library_is_silent_unless_asked(tmp_path, corpus, capsys, monkeypatch):
+    """No ``log``: no lines; no ``progress``: no bar, even on a terminal. The CLI asks for both."""
+    import sys
+
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    cfg = RunConfig(**TINY, data=str(corpus), steps=2, output_dir=str(tmp_path / "quiet"))
+    result = run.loop(run.prepare(cfg, "cpu"))
+    assert result.step == 2 and capsys.readouterr() == ("", "")
+    assert run.train(dataclasses.replace(cfg, output_dir=str(tmp_path / "quiet2"))).step == 2
+    assert capsys.readouterr() == ("", "")
+    run.loop(run.prepare(dataclasses.replace(cfg, output_dir=str(tmp_path / "bar")), "cpu"), progress=True)
+    out, err = capsys.readouterr()
+    assert out == "" and "train: " in err  # the tqdm bar, on the (pretend) terminal

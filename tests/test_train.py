@@ -141,6 +141,17 @@ def test_eval_step_and_token_weighted_evaluate():
     both = torch.cat([a["input_ids"], b["input_ids"]])
     whole = float(model.apply(params, both, labels=both)["loss"])
     assert evaluate(ev, params, [a, b])["loss"] == pytest.approx(whole, rel=1e-5)
+    with pytest.raises(ValueError, match="no tokens"):
+        evaluate(ev, params, [])
+
+
+def test_weighted_mean_loss_is_the_token_weighted_mean_with_a_capped_perplexity():
+    from aam_func.train import weighted_mean_loss
+
+    assert weighted_mean_loss(3.0 * 10 + 1.0 * 30, 40) == {"loss": 1.5, "perplexity": math.exp(1.5), "tokens": 40}
+    assert weighted_mean_loss(2000.0, 1)["perplexity"] == math.exp(700.0)  # no overflow
+    with pytest.raises(ValueError, match="no tokens"):
+        weighted_mean_loss(0.0, 0)
 
 
 def test_bad_arguments():
@@ -196,6 +207,25 @@ def test_compiled_step_matches_eager():
         assert float(mc["loss"]) == pytest.approx(float(me["loss"]), rel=1e-4)
     for a, b in zip(tree.leaves(pe), tree.leaves(pc)):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_compiled_step_with_an_eager_optimizer_matches_the_fully_compiled_one():
+    """compile_optimizer=False (the optimizer behind a graph break, forward and backward still
+    compiled) takes the same two steps as compile_optimizer=True."""
+    cfg = CFG.replace(n_layers=1)
+    model = af.Transformer(cfg)
+    params = model.init(seed=8)
+    out = []
+    for compile_optimizer in (True, False):
+        step = make_train_step(make_lm_loss(model), _opt(params), compile=True, compile_optimizer=compile_optimizer)
+        p, s = params, step.init(params)
+        for i in range(2):
+            p, s, m = step(p, s, _batch(i))
+        out.append((p, float(m["loss"])))
+    assert out[0][1] == pytest.approx(out[1][1], rel=1e-5)
+    for a, b in zip(tree.leaves(out[0][0]), tree.leaves(out[1][0])):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_gradient_checkpointing_from_the_config_gives_the_same_step():

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import argparse
-import math
 from typing import Optional
 
 from ..checks import check_int, check_number
@@ -31,8 +30,9 @@ def nonneg_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
 
 
-def number(lo: float, hi: Optional[float] = None, lo_open: bool = False):
-    """A parser of numbers in ``[lo, hi]`` (``(lo, hi]`` with ``lo_open``; ``hi`` None: no upper bound)."""
+def number(lo: float, hi: Optional[float] = None, lo_open: bool = False, finite: bool = True):
+    """A parser of numbers in ``[lo, hi]`` (``(lo, hi]`` with ``lo_open``; ``hi`` None: no upper
+    bound), finite unless ``finite=False`` (so ``--lr inf`` is refused here, naming the flag)."""
 
     def parse(text: str) -> float:
         try:
@@ -40,11 +40,12 @@ def number(lo: float, hi: Optional[float] = None, lo_open: bool = False):
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
         try:
-            return check_number("value", v, min=lo, max=hi, min_open=lo_open, finite=hi is not None)
+            return check_number("value", v, min=lo, max=hi, min_open=lo_open, finite=finite)
         except ValueError:
-            shown = math.inf if hi is None else hi
+            what = "a finite number" if finite else "a number"
+            upper = f"{hi}]" if hi is not None else ("inf)" if finite else "inf]")
             raise argparse.ArgumentTypeError(
-                f"expected a number in {'(' if lo_open else '['}{lo}, {shown}], got {text!r}") from None
+                f"expected {what} in {'(' if lo_open else '['}{lo}, {upper}, got {text!r}") from None
 
     return parse
 

@@ -6,7 +6,7 @@ import argparse
 
 from .args import CLIError, checkpoint_arg, nonneg_int, number
 
-__all__ = ["add_parser", "cmd_generate", "load_for_inference"]
+__all__ = ["add_parser", "cmd_generate"]
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -17,31 +17,17 @@ def add_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--max-new-tokens", type=nonneg_int, default=64)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--greedy", action="store_true", help="argmax decoding (ignores the sampling flags)")
-    g.add_argument("--temperature", type=number(0.0, lo_open=True), default=0.8)
+    g.add_argument("--temperature", type=number(0.0, lo_open=True, finite=False), default=0.8)
     g.add_argument("--top-k", type=nonneg_int, default=50, help="0: off")
     g.add_argument("--top-p", type=number(0.0, 1.0, lo_open=True), default=0.95, help="1: off")
-    g.add_argument("--repetition-penalty", type=number(0.0, lo_open=True), default=1.0)
+    g.add_argument("--repetition-penalty", type=number(0.0, lo_open=True, finite=False), default=1.0)
     g.add_argument("--device", default="cpu")
     return g
 
 
-def load_for_inference(path: str, device):
-    """``(checkpoint, model, params on device, tokenizer)`` of a checkpoint that holds a tokenizer."""
-    from .. import tree
-    from ..checkpoint import CheckpointError, load_checkpoint
-    from ..model import Transformer
-    from ..tokenizer import Tokenizer
-
-    ckpt = load_checkpoint(path, load_optimizer=False)
-    if ckpt.tokenizer_dir is None:
-        raise CheckpointError(f"checkpoint {ckpt.path} holds no tokenizer/ directory")
-    tok = Tokenizer.load(ckpt.tokenizer_dir)
-    return ckpt, Transformer(ckpt.cfg), tree.to(ckpt.params, device), tok
-
-
 def cmd_generate(args: argparse.Namespace, argv: list[str]) -> int:
     from ..generate import generate, left_pad
-    from ..run import resolve_device
+    from ..run import load_for_inference, resolve_device
 
     device = resolve_device(args.device)
     ckpt, model, params, tok = load_for_inference(args.checkpoint, device)

@@ -9,6 +9,7 @@ import sys
 from ..config import ATTENTION_BACKENDS, ATTENTION_TYPES, POSITION_ENCODINGS
 from ..peft.lora import DEFAULT_CLI_TARGETS
 from ..run.config import PRECISION_FLAG_CHOICES, RunConfig
+from ..run.config import default as field_default
 from .args import field_type
 
 __all__ = ["add_parser", "add_arguments", "given_flags", "cmd_train"]
@@ -24,7 +25,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
 def add_arguments(t: argparse.ArgumentParser, *, defaults: bool = True) -> None:
     """The train flags on ``t``; ``defaults=False`` leaves every default out (argparse.SUPPRESS),
     so that a parse holds only the flags given (:func:`given_flags`)."""
-    default = (lambda name: RunConfig.__dataclass_fields__[name].default) if defaults else (lambda name: argparse.SUPPRESS)
+    default = field_default if defaults else (lambda name: argparse.SUPPRESS)
     _data_and_model(t, default)
     _optimisation(t, default)
     _run(t, default)
@@ -91,7 +92,7 @@ def _fine_tuning(t, default) -> None:
     f.add_argument("--init-from", default=default("init_from"), metavar="CHECKPOINT",
                    help="start from this checkpoint of aam-func train (its config, params and tokenizer; a fresh "
                         "optimizer state); without --lora-rank: full fine-tuning")
-    f.add_argument("--lora-rank", type=int, default=default("lora_rank"), metavar="R",
+    f.add_argument("--lora-rank", type=field_type("lora_rank"), default=default("lora_rank"), metavar="R",
                    help="train LoRA adapters of rank R on the frozen --init-from weights instead of all weights")
     f.add_argument("--lora-alpha", type=field_type("lora_alpha"), default=default("lora_alpha"), metavar="A",
                    help="LoRA scale numerator, scale = A / R (None: 2 * R)")
@@ -114,7 +115,7 @@ def cmd_train(args: argparse.Namespace, argv: list[str]) -> int:
     from .. import run
 
     cfg = RunConfig.from_flags(vars(args), given_flags(argv[1:]))
-    result = run.train(cfg)
+    result = run.train(cfg, log=run.console, progress=True)
     if not result.interrupted:
         return 0
     if result.is_main and result.adapter_dir is not None:

@@ -14,7 +14,8 @@ from .. import optim, tree
 from ..config import ModelConfig
 from ..losses import contrastive_loss, focal_loss, label_smoothing_loss, triplet_loss
 from ..generate import generate
-from ..train import dropout_generator, make_eval_step, make_lm_loss, make_train_step, resolve_precision
+from ..train import (dropout_generator, make_eval_step, make_lm_loss, make_train_step, needs_dropout_generator,
+                     resolve_precision)
 from .model import AdvancedTransformerModel
 
 __all__ = ["AdvancedLossFunctions", "AdvancedOptimizers", "AdvancedTrainingPipeline"]
@@ -168,8 +169,7 @@ class AdvancedTrainingPipeline:
         return out
 
     def _generator(self) -> Optional[torch.Generator]:
-        c = self.model.config
-        if c.dropout == 0 and c.attention_dropout == 0:
+        if not needs_dropout_generator(self.model.config):
             return None
         return dropout_generator(self.seed, self.step, next(self.model.parameters()).device)
 

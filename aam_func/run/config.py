@@ -20,12 +20,12 @@ from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from ..checks import check_choice, check_int, check_number, is_int
+from ..checks import check_choice, check_int, check_number
 from ..config import ATTENTION_BACKENDS, ATTENTION_TYPES, POSITION_ENCODINGS
 from ..train import PRECISION_CHOICES
 
 __all__ = ["RunConfig", "RunError", "RESUMED_FIELDS", "SHAPE_FIELDS", "INT_MINIMUM", "NUMBER_RANGE",
-           "PRECISION_FLAG_CHOICES", "attention_backend", "flag"]
+           "PRECISION_FLAG_CHOICES", "attention_backend", "flag", "default"]
 
 # the CLI offers every choice of train.PRECISION_CHOICES except "mixed" (the guide's config flag)
 PRECISION_FLAG_CHOICES = tuple(c for c in PRECISION_CHOICES if c != "mixed")
@@ -36,11 +36,14 @@ INT_MINIMUM = {
     "batch_size": 1, "seq_len": 1, "accumulate": 1, "warmup_steps": 0, "eval_every": 0, "eval_batches": 1,
     "save_every": 0, "stop_after": 1, "sample_tokens": 0, "log_every": 1, "lora_rank": 1,
 }
-# (min, max, min open) of each real-valued field; max None: unbounded (infinity allowed, as the CLI always took)
+# (min, max, min open, finite) of each real-valued field; max None: no upper bound. Every one is
+# finite: infinity means nothing for a rate, a decay, a norm bound, a fraction or a LoRA alpha, and
+# dist_timeout's datetime.timedelta cannot hold it (an unbounded wait is not offered either)
 NUMBER_RANGE = {
-    "val_fraction": (0.0, 0.9, True), "dropout": (0.0, 0.99, False), "lr": (0.0, None, True),
-    "weight_decay": (0.0, None, False), "max_grad_norm": (0.0, None, True), "dist_timeout": (0.0, None, True),
-    "lora_alpha": (0.0, None, True), "lora_dropout": (0.0, 0.99, False),
+    "val_fraction": (0.0, 0.9, True, True), "dropout": (0.0, 0.99, False, True), "lr": (0.0, None, True, True),
+    "weight_decay": (0.0, None, False, True), "max_grad_norm": (0.0, None, True, True),
+    "dist_timeout": (0.0, None, True, True), "lora_alpha": (0.0, None, True, True),
+    "lora_dropout": (0.0, 0.99, False, True),
 }
 # what --resume takes from the checkpoint's saved arguments (the run's identity); every other
 # field (steps, eval/log/save cadence, stop_after, sample length, device ...) comes from the flags
@@ -126,17 +129,16 @@ class RunConfig:
     lora_dropout: float = 0.0
 
     def __post_init__(self) -> None:
-        self._check_fine_tuning()
         try:
             self._check_fields()
         except ValueError as e:
             raise RunError(str(e)) from None
+        self._check_fine_tuning()
 
     def _check_fine_tuning(self) -> None:
-        """Combinations of init_from / lora_* / resume / stop_after that cannot work."""
-        if self.lora_rank is not None:
-            if not is_int(self.lora_rank) or self.lora_rank <= 0:
-                raise RunError(f"--lora-rank must be a positive integer, got {self.lora_rank}")
+        """Combinations of init_from / lora_* / resume / stop_after that cannot work (each field's
+        own type and range are :meth:`_check_fields`', checked first)."""
+        if self.lora_rank is not None:  # a positive int: INT_MINIMUM, checked before
             if self.init_from is None:
                 raise RunError("--lora-rank needs --init-from CHECKPOINT: LoRA adapts the weights of a trained model")
             if self.resume is not None:
@@ -155,11 +157,11 @@ class RunConfig:
 
     def _check_fields(self) -> None:
         for name, lo in INT_MINIMUM.items():
-            check_int(name, getattr(self, name), min=lo, allow_none=_default(name) is None or name == "seq_len")
+            check_int(name, getattr(self, name), min=lo, allow_none=default(name) is None or name == "seq_len")
         check_int("seed", self.seed)
-        for name, (lo, hi, lo_open) in NUMBER_RANGE.items():
-            check_number(name, getattr(self, name), min=lo, max=hi, min_open=lo_open, finite=hi is not None,
-                         allow_none=_default(name) is None or name == "dropout")
+        for name, (lo, hi, lo_open, finite) in NUMBER_RANGE.items():
+            check_number(name, getattr(self, name), min=lo, max=hi, min_open=lo_open, finite=finite,
+                         allow_none=default(name) is None or name == "dropout")
         check_choice("attention_type", self.attention_type, ATTENTION_TYPES)
         check_choice("position_encoding", self.position_encoding, POSITION_ENCODINGS)
         if self.attention_backend is not None:
@@ -219,8 +221,17 @@ class RunConfig:
         checkpoint's training length (at most its model's maximum)."""
         if self.seq_len is not None:
             return self
-        saved = checkpoint.train_state.get("args", {}).get("seq_len", _default("seq_len"))
+        saved = checkpoint.train_state.get("args", {}).get("seq_len", default("seq_len"))
         return dataclasses.replace(self, seq_len=min(saved, checkpoint.cfg.max_seq_len))
+
+    def check_world_size(self, world: int, *, from_checkpoint: bool = False) -> None:
+        """``batch_size`` is the global batch: with ``world`` processes it must divide evenly.
+        :func:`aam_func.run.train` asks before the process group starts (the flags' batch size);
+        preparation asks again once ``--resume`` has taken the checkpoint's (``from_checkpoint``)."""
+        if self.batch_size % world:
+            source = " (from the checkpoint)" if from_checkpoint else ""
+            raise RunError(f"--batch-size {self.batch_size}{source} is the global batch and must be divisible by "
+                           f"the number of processes ({world}); use a multiple of {world}")
 
     # ------------------------------------------------------------------ derived
 
@@ -235,5 +246,6 @@ class RunConfig:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "resume"}
 
 
-def _default(name: str) -> Any:
+def default(name: str) -> Any:
+    """The default of RunConfig field ``name`` (that of its ``aam-func train`` flag)."""
     return RunConfig.__dataclass_fields__[name].default

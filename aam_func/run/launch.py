@@ -14,9 +14,9 @@ import torch
 
 from .. import distributed
 from .config import RunConfig, RunError
-from .loop import RunResult, loop
+from .training import RunResult, loop
 from .output import Log
-from .prepare import prepare
+from .preparation import prepare
 
 __all__ = ["train", "resolve_device"]
 
@@ -32,19 +32,20 @@ def resolve_device(name: str) -> torch.device:
     return dev
 
 
-def train(cfg: RunConfig, *, log: Optional[Log] = None) -> RunResult:
+def train(cfg: RunConfig, *, log: Optional[Log] = None, progress: bool = False) -> RunResult:
     """Run ``cfg`` on ``cfg.device``: in this process, or data-parallel when the environment
-    describes a torchrun job of several processes (``cfg.batch_size`` is then the global batch)."""
+    describes a torchrun job of several processes (``cfg.batch_size`` is then the global batch).
+    Silent unless asked: ``log`` receives the progress lines, ``progress`` shows a bar on a
+    terminal (see :func:`aam_func.run.loop`)."""
     device = resolve_device(cfg.device)
-    world = distributed.env_world()[1]
-    if world > 1 and cfg.resume is None and cfg.batch_size % world:
-        raise RunError(f"--batch-size {cfg.batch_size} is the global batch and must be divisible by the number of "
-                       f"processes ({world}); use a multiple of {world}")
+    world = distributed.env_world().world_size
+    if cfg.resume is None:  # fail on every rank alike, before any collective (a resumed run's batch size is the checkpoint's)
+        cfg.check_world_size(world)
     dctx = distributed.init_from_env(device, timeout=cfg.dist_timeout) if world > 1 else None
     if dctx is None:
-        return loop(prepare(cfg, device, log=log))
+        return loop(prepare(cfg, device, log=log), progress=progress)
     with _stop_on_signals(dctx):
-        result = loop(prepare(cfg, dctx.device, dctx, log=log))
+        result = loop(prepare(cfg, dctx.device, dctx, log=log), progress=progress)
     dctx.close()
     return result
 

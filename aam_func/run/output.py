@@ -1,5 +1,6 @@
-"""Where a run's words and numbers go: progress lines through a ``log`` callable (by default
-:func:`console`, stdout above any progress bar), records appended to ``metrics.jsonl``."""
+"""Where a run's words and numbers go: progress lines through a ``log`` callable (none by
+default: the library is silent; ``aam-func train`` passes :func:`console`, stdout above any
+progress bar), records appended to ``metrics.jsonl``."""
 
 from __future__ import annotations
 

@@ -14,7 +14,7 @@ from ..checkpoint import load_checkpoint
 from ..data import BlockLoader, pack, unigram_perplexity
 from ..model import Transformer
 from ..peft import lora as peft_lora
-from ..train import make_eval_step, make_lm_loss, make_train_step
+from ..train import make_eval_step, make_lm_loss, make_train_step, needs_dropout_generator
 from .config import RunConfig, RunError
 from .output import Log
 
@@ -79,6 +79,12 @@ class Run:
     @property
     def metrics_path(self) -> str:
         return os.path.join(self.output_dir, "metrics.jsonl")
+
+    @property
+    def needs_dropout_generator(self) -> bool:
+        """Whether a step draws dropout masks (the model's or LoRA's): it then gets a generator per
+        step and rank (:func:`aam_func.train.needs_dropout_generator`)."""
+        return needs_dropout_generator(self.model_config, self.lora.dropout if self.lora is not None else 0.0)
 
     def weights(self, trainable: dict) -> dict:
         """The model's params for ``trainable``: with LoRA the merged W + s·B·A, else ``trainable``."""

@@ -1,6 +1,8 @@
-"""The training loop of a prepared run: steps, periodic evaluation, progress (a tqdm bar on a
-terminal, else a line every tenth of the run), ``metrics.jsonl``, checkpoints, Ctrl-C (save and
-stop), and at the end a held-out evaluation, the final checkpoint and a sample."""
+"""The training loop of a prepared run: steps, periodic evaluation, progress (with
+``progress=True`` a tqdm bar on a terminal, else a line through the run's ``log`` every tenth
+of the run), ``metrics.jsonl``, checkpoints, Ctrl-C (save and stop), and at the end a held-out
+evaluation, the final checkpoint and a sample. Nothing is shown unless the caller asks: the
+lines go to the run's ``log`` (silent by default), the bar only with ``progress``."""
 
 from __future__ import annotations
 
@@ -45,10 +47,10 @@ class RunResult:
 
 
 class _Progress:
-    """The bar (rank 0 on a terminal) and the throughput window between logged steps."""
+    """The bar (asked for, rank 0, on a terminal) and the throughput window between logged steps."""
 
-    def __init__(self, run: Run, end: int):
-        self.use_bar = sys.stderr.isatty() and run.is_main
+    def __init__(self, run: Run, end: int, show_bar: bool):
+        self.use_bar = show_bar and sys.stderr.isatty() and run.is_main
         self.log_every = run.config.log_every or max(1, (end - run.start) // 10)
         self.bar = tqdm(total=end - run.start, initial=0, desc="train", unit="step", dynamic_ncols=True,
                         disable=not self.use_bar)
@@ -61,8 +63,9 @@ class _Progress:
         return self.tok_per_s
 
 
-def loop(run: Run) -> RunResult:
-    """Train ``run`` from ``run.start`` to ``config.steps`` (or ``stop_after`` steps of it)."""
+def loop(run: Run, *, progress: bool = False) -> RunResult:
+    """Train ``run`` from ``run.start`` to ``config.steps`` (or ``stop_after`` steps of it).
+    ``progress``: a tqdm bar on stderr when it is a terminal (``aam-func train`` asks for it)."""
     cfg = run.config
     trainable, opt_state, step = run.trainable, run.opt_state, run.start
     os.makedirs(run.output_dir, exist_ok=True)
@@ -72,7 +75,7 @@ def loop(run: Run) -> RunResult:
         ev = _evaluate(run, trainable, last, 0)
         run.log(f"step 0: val loss {ev['loss']:.4f}, perplexity {ev['perplexity']:.2f} (the --init-from weights)")
     end = cfg.steps if cfg.stop_after is None else min(cfg.steps, run.start + cfg.stop_after)
-    progress = _Progress(run, end)
+    progress = _Progress(run, end, show_bar=progress)
 
     def save(at: int, sync: bool = True) -> None:
         save_run(run, at, trainable, opt_state, last, sync=sync, announce_adapters=not announced)
@@ -106,8 +109,7 @@ def _step(run: Run, trainable, opt_state, step: int):
     """One optimizer step on the loader's batch for ``step``; dropout masks from a generator per
     step (resumable) and per rank (independent masks)."""
     batch = run.loader.batch(step)
-    mcfg = run.model_config
-    if mcfg.dropout > 0 or mcfg.attention_dropout > 0:
+    if run.needs_dropout_generator:
         gen = dropout_generator(run.config.seed, step, run.device, run.rank)
         return run.train_step(trainable, opt_state, batch, gen)
     return run.train_step(trainable, opt_state, batch)

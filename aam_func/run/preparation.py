@@ -3,7 +3,7 @@ resumed or fine-tuned, read and split the corpus, get a tokenizer, build the Mod
 tokenize), shared with the other ranks as one frozen :class:`Prepared`, then the trainable state
 (:mod:`aam_func.run.state`).
 
-    run = prepare(RunConfig(steps=100, output_dir="runs/x"), "cpu")
+    run = prepare(RunConfig(steps=100, output_dir="runs/x"), "cpu", log=print)
     result = loop(run)
 """
 
@@ -24,7 +24,7 @@ from ..data import load_split, tokenize_documents
 from ..tokenizer import Tokenizer
 from ..train import resolve_precision
 from .config import RunConfig, RunError, attention_backend
-from .output import Log, console
+from .output import Log
 from .state import build_run, setup_lora
 
 __all__ = ["Prepared", "PeerFailed", "prepare", "load_init_checkpoint"]
@@ -64,11 +64,11 @@ def prepare(cfg: RunConfig, device, dist_ctx=None, *, log: Optional[Log] = None)
     """The :class:`aam_func.run.Run` of ``cfg`` on ``device``: rank 0 prepares (see the module
     docstring) and, under data parallelism (``dist_ctx``), broadcasts; then every rank builds the
     model, loader, params and optimizer. ``log`` receives the progress lines (rank 0 only;
-    default: printed to stdout)."""
+    default None: none are written; the CLI passes :func:`aam_func.run.console`)."""
     t_start = time.perf_counter()
     device = torch.device(device)
     is_main = dist_ctx is None or dist_ctx.is_main
-    say = (log or console) if is_main else _silent
+    say = log if (is_main and log is not None) else _silent
     prepared, sources = _share(cfg, device, dist_ctx, say)
     return build_run(prepared, sources, device, dist_ctx, say, t_start)
 
@@ -103,9 +103,7 @@ def _prepare_main(cfg: RunConfig, device, world: int, say: Log) -> tuple[Prepare
     if cfg.resume is not None:
         resumed = load_checkpoint(cfg.resume or out_dir, load_optimizer=False)
         cfg = cfg.for_resume(resumed)
-    if cfg.batch_size % world:
-        raise RunError(f"--batch-size {cfg.batch_size} (from the checkpoint) is the global batch and must be "
-                       f"divisible by the number of processes ({world})")
+    cfg.check_world_size(world, from_checkpoint=resumed is not None)
     if cfg.init_from is not None:
         init = load_init_checkpoint(cfg.init_from)
         cfg = cfg.for_init_from(init)
@@ -132,8 +130,10 @@ def load_init_checkpoint(path: str):
         init = load_checkpoint(path, load_optimizer=False)
     except CheckpointError as e:
         raise RunError(f"--init-from {path} is not a checkpoint of aam-func train: {e}") from None
-    if init.tokenizer_dir is None:
-        raise RunError(f"--init-from {path}: checkpoint {init.path} holds no tokenizer/ directory")
+    try:
+        init.require_tokenizer_dir()
+    except CheckpointError as e:
+        raise RunError(f"--init-from {path}: {e}") from None
     return init
 
 
@@ -142,9 +142,10 @@ def _tokenizer(cfg: RunConfig, source, train_docs, tok_dir: str, say: Callable[[
     training documents; saved in the run directory either way."""
     t0 = time.perf_counter()
     if source is not None:
-        if source.tokenizer_dir is None:
-            raise RunError(f"checkpoint {source.path} holds no tokenizer/ directory")
-        tok = Tokenizer.load(source.tokenizer_dir)
+        try:
+            tok = source.load_tokenizer()
+        except CheckpointError as e:
+            raise RunError(str(e)) from None
     elif cfg.tokenizer is not None:
         tok = Tokenizer.load(cfg.tokenizer)
     else:
