@@ -1,7 +1,8 @@
 """The training loop written out by hand: torch.func.grad for gradients, aam_func.optim for
 updates, nothing hidden. (``aam_func.train.make_train_step`` packages exactly this, plus mixed
 precision, accumulation and compile; ``aam_func.run`` (what ``aam-func train`` calls) adds data,
-checkpoints, resume and logging: ``aam_func.run.train(aam_func.run.RunConfig(steps=150))``.)
+checkpoints, resume and logging:
+``aam_func.run.train(aam_func.run.RunConfig(steps=150), log=aam_func.run.console, progress=True)``.)
 
     python examples/functional_loop.py    # 150 steps of a 0.7M-parameter GPT; prints held-out perplexity vs the unigram baseline
 """
