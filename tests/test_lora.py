@@ -416,3 +416,34 @@ def test_bad_input():
     dspec, _ = lora.init(params, targets="*.attn.qkv", rank=2, alpha=1, dropout=0.1)
     with pytest.raises(ValueError, match="factored"):
         dspec.loss(lambda p, b: 0, params, mode="merged")
+
+
+@pytest.mark.parametrize("first", ["aam_func.interop.peft", "aam_func.peft"])
+def test_peft_and_interop_peft_import_in_either_order(first):
+    """interop.peft builds on peft.lora while peft re-exports interop.peft's file functions: no
+    import cycle, whichever is loaded first. aam_func/__init__ (which loads peft first) is bypassed
+    with a bare package so the order under test is the real one."""
+    import subprocess
+    import sys
+
+    second = "aam_func.peft" if first == "aam_func.interop.peft" else "aam_func.interop.peft"
+    code = (
+        "import importlib, os, sys, types\n"
+        "pkg = types.ModuleType('aam_func'); pkg.__path__ = [os.path.join(sys.argv[1], 'aam_func')]\n"
+        "sys.modules['aam_func'] = pkg\n"
+        f"importlib.import_module({first!r}); importlib.import_module({second!r})\n"
+        "from aam_func.peft import save_pretrained, load_pretrained, AdapterFileError\n"
+        "from aam_func.interop import peft as owner\n"
+        "assert save_pretrained is owner.save_pretrained and AdapterFileError is owner.AdapterFileError\n"
+    )
+    root = os.path.dirname(os.path.dirname(os.path.abspath(af.__file__)))
+    proc = subprocess.run([sys.executable, "-c", code, root], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_peft_lazy_reexport_unknown_name():
+    import aam_func.peft as peft_pkg
+
+    with pytest.raises(AttributeError, match="no_such_name"):
+        peft_pkg.no_such_name
+    assert "save_pretrained" in dir(peft_pkg)

@@ -31,8 +31,11 @@ from torch import Tensor, nn
 
 from .. import tree
 from ..checks import is_number
+from ..config import ModelConfig
+from ..model import Transformer
 from ..peft.lora import LoRA
 from ..peft.targets import Target, module_candidates
+from . import hf
 
 __all__ = ["save_pretrained", "load_pretrained", "AdapterFileError", "CONFIG_FILE", "WEIGHTS_FILE"]
 
@@ -50,9 +53,6 @@ class AdapterFileError(ValueError):
 
 
 def _aam_cfg(base_model: Any):
-    from ..config import ModelConfig
-    from ..model import Transformer
-
     if isinstance(base_model, Transformer):
         return base_model.cfg
     if isinstance(base_model, ModelConfig):
@@ -63,8 +63,6 @@ def _aam_cfg(base_model: Any):
 def _aam_maps(cfg) -> tuple[str, dict[str, tuple[str, bool]]]:
     """(model_type, {our module name: (transformers module name, fan_in_fan_out)}) for Linear-like
     weights; LLaMA's fused qkv is handled separately."""
-    from . import hf
-
     model_type = hf.config_to_transformers(cfg).model_type
     out = {}
     if model_type == "gpt2":
@@ -90,8 +88,6 @@ def _to_file(spec: LoRA, adapters: Mapping, base_model: Any) -> tuple[dict[str, 
     modules: dict[str, tuple[Tensor, Tensor]] = {}
     fif = []
     if cfg is not None:
-        from ..model import Transformer
-
         shapes = tree.flatten(Transformer(cfg).param_shapes())
         model_type, names = _aam_maps(cfg)
         problems = []
@@ -305,8 +301,6 @@ def _uncovered(cands: Mapping[str, Target], pairs: Mapping, target_modules) -> l
 
 
 def _load_aam(cfg, pairs: dict, config: dict, directory: str, common: dict) -> tuple[LoRA, dict]:
-    from ..model import Transformer
-
     shapes = tree.flatten(Transformer(cfg).param_shapes())
     model_type, names = _aam_maps(cfg)
     inverse = {theirs: ours for ours, (theirs, _) in names.items()}
