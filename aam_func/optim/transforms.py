@@ -12,6 +12,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from ..checks import check_bool
 from . import foreach
 from .base import (
     GradientTransformation,
@@ -179,8 +180,7 @@ def trace(decay: float = 0.9, nesterov: bool = False) -> GradientTransformation:
     """Momentum, as torch.optim.SGD (dampening 0): ``b = decay b + g``;
     ``u = b``, or ``u = g + decay b`` with ``nesterov``. State ``{"trace": tree}``."""
     check_beta("decay", decay)
-    if not isinstance(nesterov, bool):
-        raise TypeError(f"nesterov must be a bool, got {nesterov!r}")
+    check_bool("nesterov", nesterov)
 
     init = _zeros_state("trace")
 
