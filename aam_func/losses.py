@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .ops._util import values_inspectable
+from .ops.cross_entropy import REDUCTIONS
 from .checks import check_number
 
 __all__ = [
@@ -31,7 +32,6 @@ __all__ = [
     "REDUCTIONS",
 ]
 
-REDUCTIONS = ("mean", "sum", "none")
 
 
 # ----------------------------------------------------------------------------- validation

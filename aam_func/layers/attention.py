@@ -23,7 +23,9 @@ from ..ops.rope import rope
 from ..tree import Params
 from .basic import Linear
 
-__all__ = ["SelfAttention"]
+__all__ = ["SelfAttention", "ATTENTION_TYPES"]
+
+ATTENTION_TYPES = ("standard", "relative", "local", "sparse")  # the module docstring says what each is
 
 
 @dataclass(frozen=True)
@@ -50,7 +52,7 @@ class SelfAttention:
             raise ValueError(f"d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
         if self.kv_heads <= 0 or self.n_heads % self.kv_heads:
             raise ValueError(f"n_heads={self.n_heads} must be divisible by n_kv_heads={self.kv_heads}")
-        if self.attention_type not in ("standard", "relative", "local", "sparse"):
+        if self.attention_type not in ATTENTION_TYPES:
             raise ValueError(
                 f"attention_type must be 'standard', 'relative', 'local' or 'sparse', got {self.attention_type!r}"
             )

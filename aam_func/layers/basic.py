@@ -11,7 +11,9 @@ from torch import Tensor
 from .. import init as initializers
 from ..tree import Params
 
-__all__ = ["Linear", "Embedding", "LayerNorm", "RMSNorm", "make_norm", "dropout", "make_weight"]
+__all__ = ["Linear", "Embedding", "LayerNorm", "RMSNorm", "make_norm", "dropout", "make_weight", "NORMS"]
+
+NORMS = ("layernorm", "rmsnorm")  # what make_norm builds
 
 # the one owner of the named schemes is aam_func.init; layers call it under this name
 make_weight = initializers.weight
@@ -96,7 +98,7 @@ def make_norm(kind: str, dim: int, eps: float, bias: bool = True):
         return LayerNorm(dim, eps, bias)
     if kind == "rmsnorm":
         return RMSNorm(dim, eps)
-    raise ValueError(f"norm must be 'layernorm' or 'rmsnorm', got {kind!r}")
+    raise ValueError(f"norm must be one of {', '.join(map(repr, NORMS))}, got {kind!r}")
 
 
 def dropout(x: Tensor, p: float, *, train: bool, generator: torch.Generator | None = None) -> Tensor:

@@ -11,9 +11,9 @@ from torch import Tensor
 from ..tree import Params
 from .basic import Linear
 
-__all__ = ["MLP", "activation"]
+__all__ = ["MLP", "activation", "ACTIVATIONS"]
 
-ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu", "swiglu")
+ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu", "swiglu")  # MLP kinds; all but swiglu are activation()'s
 
 
 def activation(kind: str, x: Tensor) -> Tensor:
