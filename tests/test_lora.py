@@ -447,3 +447,17 @@ def test_peft_lazy_reexport_unknown_name():
     with pytest.raises(AttributeError, match="no_such_name"):
         peft_pkg.no_such_name
     assert "save_pretrained" in dir(peft_pkg)
+
+
+def test_from_cli_args_rejects_non_int_rank_and_non_number_alpha():
+    """rank=2.7 used to become 2 and rank=True 1 (int()); alpha=True 1.0 (float())."""
+    params = af.Transformer(tiny()).init(seed=0)
+    for bad in (2.7, True, "4"):
+        with pytest.raises(TypeError, match=r"rank must be an int >= 1, got"):
+            lora.from_cli_args(params, rank=bad)
+    with pytest.raises(ValueError, match=r"rank must be an int >= 1, got 0"):
+        lora.from_cli_args(params, rank=0)
+    with pytest.raises(TypeError, match=r"alpha must be a finite number, got True"):
+        lora.from_cli_args(params, rank=4, alpha=True)
+    spec, _, _ = lora.from_cli_args(params, rank=4)
+    assert spec.rank == 4 and spec.alpha == 8.0

@@ -18,6 +18,7 @@ from einops import rearrange
 from torch import Tensor
 
 from .. import init as initializers
+from ..checks import check_choice
 from ..ops.attention import RelativeBias, Sparsity, attention
 from ..ops.rope import rope
 from ..tree import Params
@@ -52,10 +53,7 @@ class SelfAttention:
             raise ValueError(f"d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
         if self.kv_heads <= 0 or self.n_heads % self.kv_heads:
             raise ValueError(f"n_heads={self.n_heads} must be divisible by n_kv_heads={self.kv_heads}")
-        if self.attention_type not in ATTENTION_TYPES:
-            raise ValueError(
-                f"attention_type must be 'standard', 'relative', 'local' or 'sparse', got {self.attention_type!r}"
-            )
+        check_choice("attention_type", self.attention_type, ATTENTION_TYPES)
 
     @property
     def kv_heads(self) -> int:

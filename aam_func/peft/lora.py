@@ -399,9 +399,10 @@ def from_cli_args(
     comma-separated string is split."""
     if isinstance(targets, str):
         targets = [t.strip() for t in targets.split(",") if t.strip()]
+    rank = check_int("rank", rank, min=1)  # 2.7 or True is a mistake, not 2 or 1
+    alpha = check_number("alpha", 2 * rank if alpha is None else alpha)
     spec, adapters = init(
-        params, targets=list(targets or DEFAULT_CLI_TARGETS), rank=int(rank),
-        alpha=float(2 * rank if alpha is None else alpha), dropout=dropout, use_rslora=use_rslora, seed=seed,
+        params, targets=list(targets or DEFAULT_CLI_TARGETS), rank=rank, alpha=alpha, dropout=dropout, use_rslora=use_rslora, seed=seed,
     )
 
     def wrap_loss(loss_fn: Callable, *, train: bool = True) -> Callable:

@@ -34,7 +34,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ...checks import check_int
+from ...checks import check_choice, check_int
 
 __all__ = [
     "Sparsity", "RelativeBias", "allowed_mask", "dense_mask", "query_positions", "t5_bucket",
@@ -55,8 +55,7 @@ class Sparsity:
     layout: Optional[Tensor] = None  # (q_blocks, k_blocks) bool, for "block"
 
     def __post_init__(self):
-        if self.pattern not in SPARSE_PATTERNS + ("block",):
-            raise ValueError(f"sparsity pattern must be 'strided', 'fixed' or 'block', got {self.pattern!r}")
+        check_choice("sparsity pattern", self.pattern, SPARSE_PATTERNS + ("block",))
         if self.pattern in SPARSE_PATTERNS:
             check_int("sparsity stride", self.stride, min=1)
         if self.pattern == "fixed":
