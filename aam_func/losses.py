@@ -17,8 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .ops._util import values_inspectable
-from .ops.cross_entropy import REDUCTIONS
+from .ops.cross_entropy import REDUCTIONS, check_class_ids
 from .checks import check_choice, check_number
 
 __all__ = [
@@ -47,10 +46,7 @@ def _check_class_inputs(name: str, logits: Tensor, targets: Tensor, ignore_index
     C = logits.shape[-1]
     if C == 0:
         raise ValueError(f"{name}: logits have no classes (last dim 0)")
-    if values_inspectable() and targets.numel():
-        bad = targets[(targets != ignore_index) & ((targets < 0) | (targets >= C))]
-        if bad.numel():
-            raise ValueError(f"{name}: targets contains {int(bad[0])}, outside [0, {C}) and not ignore_index={ignore_index}")
+    check_class_ids(f"{name}: targets", targets, C, ignore_index)
 
 
 def _check_prob(name: str, value: float) -> None:

@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from .. import tree
 from ..checks import is_number
 from ..config import ModelConfig
+from ..layers.attention import qkv_sizes
 from ..model import Transformer
 from ..peft.lora import LoRA
 from ..peft.targets import Target, module_candidates
@@ -76,11 +77,6 @@ def _aam_maps(cfg) -> tuple[str, dict[str, tuple[str, bool]]]:
     return model_type, out
 
 
-def _qkv_split(cfg) -> list[int]:
-    hd = cfg.head_dim
-    return [cfg.n_heads * hd, cfg.n_kv_heads * hd, cfg.n_kv_heads * hd]
-
-
 def _to_file(spec: LoRA, adapters: Mapping, base_model: Any) -> tuple[dict[str, Tensor], list[str], bool]:
     """({module path: (A, B)} in the base model's names, target module list, fan_in_fan_out)."""
     ab = spec.check(adapters)
@@ -100,7 +96,7 @@ def _to_file(spec: LoRA, adapters: Mapping, base_model: Any) -> tuple[dict[str, 
             m = re.fullmatch(r"blocks\.(\d+)\.attn\.qkv", t.name)
             if m and model_type == "llama":
                 p = f"model.layers.{m.group(1)}.self_attn."
-                for proj, bb in zip(("q_proj", "k_proj", "v_proj"), b.split(_qkv_split(cfg), 0)):
+                for proj, bb in zip(("q_proj", "k_proj", "v_proj"), b.split(qkv_sizes(cfg.n_heads, cfg.n_kv_heads, cfg.head_dim), 0)):
                     modules[p + proj] = (a, bb)
                     fif.append(False)
             elif t.name in names:
