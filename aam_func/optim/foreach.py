@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..checks import is_number  # noqa: F401 (used here and by the optimizers as foreach.is_number)
+from ..checks import is_number
 from ..ops._util import transforms_active
 
 SCALAR_DTYPE = torch.float64  # dtype of step-dependent scalars (bias corrections, schedules)

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import init as initializers
-from ..checks import check_int, check_number
+from ..checks import check_choice, check_int, check_number
 from ..intercept import Client, Intercept, Use
 from ..layers.basic import dropout as _dropout
 from ..tree import Params, check_structure, flatten, unflatten
@@ -52,7 +52,6 @@ __all__ = [
     "init",
     "targets_of",
     "merged",
-    "merge",
     "unmerge",
     "call",
     "linear",
@@ -206,8 +205,6 @@ class LoRA:
         weight cannot drop the low-rank branch's input); use :meth:`apply`/:meth:`call`."""
         return self._apply_delta(params, adapters, 1.0)
 
-    merge = merged
-
     def unmerge(self, params: Mapping, adapters: Mapping) -> Mapping:
         """Inverse of :meth:`merge`: W' − s·B·A restores W up to float rounding."""
         return self._apply_delta(params, adapters, -1.0)
@@ -262,8 +259,7 @@ class LoRA:
         """``loss(adapters, batch, generator=None) = loss_fn(params ⊕ adapters, batch[, generator])``
         over frozen ``params``: differentiate it (or hand it to ``train.make_train_step``) wrt
         the adapters only. ``mode``: ``"factored"`` (dropout when ``train``) or ``"merged"``."""
-        if mode not in ("factored", "merged"):
-            raise ValueError(f"mode must be 'factored' or 'merged', got {mode!r}")
+        check_choice("mode", mode, ("factored", "merged"))
         if mode == "merged" and self.dropout > 0 and train:
             raise ValueError("LoRA dropout needs the factored form; use mode='factored' or dropout=0")
 
@@ -364,9 +360,6 @@ def init(target: Any, *, seed: int = 0, dtype: torch.dtype = torch.float32, **op
 
 def merged(spec: LoRA, params: Mapping, adapters: Mapping) -> Mapping:
     return spec.merged(params, adapters)
-
-
-merge = merged
 
 
 def unmerge(spec: LoRA, params: Mapping, adapters: Mapping) -> Mapping:
