@@ -147,8 +147,8 @@ def rope(
 ) -> Tensor:
     """Rotate channel pairs of x (batch, heads, seq, head_dim) by position-dependent angles.
 
-    Equals :func:`reference` (and ``aam_func.layers.positional.rope``, HF LLaMA's
-    ``apply_rotary_pos_emb`` for ``layout="half"``); the backward recomputes the angles from
+    Equals :func:`reference` (bitwise) and, for ``layout="half"``, HF LLaMA's
+    ``apply_rotary_pos_emb``; the backward recomputes the angles from
     ``positions`` instead of saving cos/sin tables. Positions carry no gradient.
     """
     positions, sc = _check(x, positions, base, layout, scaling)
