@@ -19,7 +19,7 @@ import math
 from numbers import Integral, Real
 from typing import Any, Iterable, Optional
 
-__all__ = ["ArgumentTypeError", "is_int", "is_number", "check_int", "check_number", "check_choice"]
+__all__ = ["ArgumentTypeError", "is_int", "is_number", "check_bool", "check_int", "check_number", "check_choice"]
 
 
 class ArgumentTypeError(TypeError, ValueError):
@@ -49,6 +49,14 @@ def _range_text(lo, hi, lo_open: bool, hi_open: bool) -> str:
     if hi is not None:
         return f" {'<' if hi_open else '<='} {_fmt(hi)}"
     return ""
+
+
+def check_bool(name: str, value: Any) -> bool:
+    """``value`` if it is a ``bool``; else an :class:`ArgumentTypeError` naming ``name`` (``1`` or
+    ``"yes"`` for a flag is a mistake, not True)."""
+    if not isinstance(value, bool):
+        raise ArgumentTypeError(f"{name} must be a bool, got {value!r}")
+    return value
 
 
 def check_int(name: str, value: Any, *, min: Optional[int] = None, max: Optional[int] = None,
@@ -90,5 +98,5 @@ def check_choice(name: str, value: Any, choices: Iterable) -> Any:
     """``value`` if it is one of ``choices``; else a ValueError listing them."""
     choices = tuple(choices)
     if isinstance(value, bool) or value not in choices:
-        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
     return value

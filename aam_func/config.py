@@ -14,14 +14,15 @@ from typing import Any, Optional
 
 from .checks import check_choice, check_int, check_number
 from .init import WEIGHT_INITS
-from .ops.attention import BACKENDS as ATTENTION_BACKENDS  # the op that dispatches owns the names
+# each tuple of names is owned by the code that dispatches on it; config re-exports them
+from .layers.attention import ATTENTION_TYPES
+from .layers.basic import NORMS
+from .layers.mlp import ACTIVATIONS
+from .ops.attention import BACKENDS as ATTENTION_BACKENDS
+from .ops.attention.masks import SPARSE_PATTERNS
+from .ops.rope import LAYOUTS as ROPE_LAYOUTS
 
-ATTENTION_TYPES = ("standard", "relative", "local", "sparse")
 POSITION_ENCODINGS = ("sinusoidal", "learnable", "rope", "none")
-NORMS = ("layernorm", "rmsnorm")
-ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu", "swiglu")
-ROPE_LAYOUTS = ("half", "interleaved")
-SPARSE_PATTERNS = ("strided", "fixed")
 
 
 @dataclass(frozen=True)

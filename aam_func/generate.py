@@ -175,8 +175,7 @@ def init_static_cache(model, batch: int, max_len: int, *, dtype: torch.dtype = t
     ``"mask"`` (batch, max_len) bool (True: not padding; slots not yet written are never read),
     ``"next_pos"`` (batch,) the next position per row, ``"length"`` 0-d: slots written so far."""
     c = model.cfg
-    if not (0 < max_len <= c.max_seq_len):
-        raise ValueError(f"max_len must be in [1, max_seq_len={c.max_seq_len}], got {max_len}")
+    check_int("max_len", max_len, min=1, max=c.max_seq_len)  # at most the model's max_seq_len
     shape = (batch, c.n_kv_heads, max_len, c.head_dim)
     return {
         "kv": [(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))

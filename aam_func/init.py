@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from .checks import ArgumentTypeError, is_int
+from .checks import ArgumentTypeError, check_choice, check_number, is_int
 
 __all__ = [
     "zeros",
@@ -100,8 +100,7 @@ def ones(shape: Shape, generator: torch.Generator | None = None, dtype: torch.dt
 
 
 def normal(shape: Shape, generator: torch.Generator, dtype=None, *, mean: float = 0.0, std: float = 1.0) -> Tensor:
-    if std < 0:
-        raise ValueError(f"std must be >= 0, got {std}")
+    check_number("std", std, min=0)
     return _fill(nn.init.normal_, shape, dtype, mean=mean, std=std, generator=generator)
 
 
@@ -131,11 +130,9 @@ def xavier_normal(shape: Shape, generator: torch.Generator, dtype=None, *, gain:
 
 
 def _check_kaiming(mode, nonlinearity):
-    if mode not in ("fan_in", "fan_out"):
-        raise ValueError(f"mode must be 'fan_in' or 'fan_out', got {mode!r}")
+    check_choice("mode", mode, ("fan_in", "fan_out"))
     known = ("linear", "conv1d", "conv2d", "conv3d", "sigmoid", "tanh", "relu", "leaky_relu", "selu")
-    if nonlinearity not in known:
-        raise ValueError(f"nonlinearity must be one of {known}, got {nonlinearity!r}")
+    check_choice("nonlinearity", nonlinearity, known)
 
 
 def _kaiming(fill_, what: str, shape: Shape, generator, dtype, a: float, mode: str, nonlinearity: str) -> Tensor:

@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .ops._util import values_inspectable
-from .checks import check_number
+from .ops.cross_entropy import REDUCTIONS, check_class_ids
+from .checks import check_choice, check_number
 
 __all__ = [
     "lm_loss",
@@ -31,15 +31,9 @@ __all__ = [
     "REDUCTIONS",
 ]
 
-REDUCTIONS = ("mean", "sum", "none")
 
 
 # ----------------------------------------------------------------------------- validation
-def _check_reduction(reduction: str) -> None:
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-
-
 def _check_class_inputs(name: str, logits: Tensor, targets: Tensor, ignore_index: int) -> None:
     if not isinstance(logits, Tensor) or not logits.is_floating_point():
         raise TypeError(f"{name}: logits must be a floating Tensor, got {getattr(logits, 'dtype', type(logits).__name__)}")
@@ -52,10 +46,7 @@ def _check_class_inputs(name: str, logits: Tensor, targets: Tensor, ignore_index
     C = logits.shape[-1]
     if C == 0:
         raise ValueError(f"{name}: logits have no classes (last dim 0)")
-    if values_inspectable() and targets.numel():
-        bad = targets[(targets != ignore_index) & ((targets < 0) | (targets >= C))]
-        if bad.numel():
-            raise ValueError(f"{name}: targets contains {int(bad[0])}, outside [0, {C}) and not ignore_index={ignore_index}")
+    check_class_ids(f"{name}: targets", targets, C, ignore_index)
 
 
 def _check_prob(name: str, value: float) -> None:
@@ -146,7 +137,7 @@ def focal_loss(
     log p comes from log_softmax in float32 and 1 − p_t = −expm1(log p_t), exact near p_t = 1.
     """
     _check_class_inputs("focal_loss", logits, targets, ignore_index)
-    _check_reduction(reduction)
+    check_choice("reduction", reduction, REDUCTIONS)
     _check_prob("label_smoothing", label_smoothing)
     check_number("focal_loss gamma", gamma, min=0)
     C = logits.shape[-1]
@@ -184,7 +175,7 @@ def label_smoothing_loss(
     """Cross-entropy against (1 − ε)·onehot + ε/C (Szegedy et al. 2016); equals
     ``F.cross_entropy(label_smoothing=ε)``, except that "mean" with every target ignored is 0."""
     _check_class_inputs("label_smoothing_loss", logits, targets, ignore_index)
-    _check_reduction(reduction)
+    check_choice("reduction", reduction, REDUCTIONS)
     _check_prob("smoothing", smoothing)
     logp = F.log_softmax(_acc(logits), dim=-1)
     valid = targets != ignore_index
@@ -274,7 +265,7 @@ def triplet_loss(
         )
     check_number("triplet_loss margin", margin, min=0)
     check_number("triplet_loss p", p, min=0, min_open=True, finite=False)
-    _check_reduction(reduction)
+    check_choice("reduction", reduction, REDUCTIONS)
     dist = lambda x, y: torch.linalg.vector_norm(x - y + eps, ord=p, dim=-1)  # noqa: E731
     d_ap, d_an = dist(anchor, positive), dist(anchor, negative)
     if swap:

@@ -37,7 +37,7 @@ from .layers import (
 )
 from .losses import lm_loss, shift_labels
 from .ops._util import values_inspectable
-from .ops.cross_entropy import linear_cross_entropy
+from .ops.cross_entropy import IGNORE_INDEX, check_class_ids, linear_cross_entropy
 from .ops.remat import remat
 from .tree import Params, check_structure, flatten, unflatten
 
@@ -362,12 +362,7 @@ class Transformer:
             raise TypeError(f"labels must be an integer tensor, got dtype {labels.dtype}")
         if tuple(labels.shape) != (B, T):
             raise ValueError(f"labels must have shape (batch, seq) = {(B, T)}, got {tuple(labels.shape)}")
-        if values_inspectable() and labels.numel():
-            bad = labels[(labels != -100) & ((labels < 0) | (labels >= self.cfg.vocab_size))]
-            if bad.numel():
-                raise ValueError(
-                    f"labels contains {int(bad[0])}, outside [0, vocab_size={self.cfg.vocab_size}) and not -100"
-                )
+        check_class_ids("labels", labels, self.cfg.vocab_size, IGNORE_INDEX, classes="vocab_size")
 
 
 def key_padding_mask(attention_mask: Optional[Tensor], batch: int, total: int, validate: bool = True) -> Optional[Tensor]:

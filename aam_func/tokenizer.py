@@ -19,7 +19,7 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-from .checks import is_int
+from .checks import check_int
 
 __all__ = ["Tokenizer", "TokenizerError", "EOS_TOKEN"]
 
@@ -85,8 +85,10 @@ class Tokenizer:
         from tokenizers import decoders, models, pre_tokenizers, trainers
         from transformers import PreTrainedTokenizerFast
 
-        if not is_int(vocab_size) or vocab_size < 257:
-            raise TokenizerError(f"vocab_size must be an integer >= 257 (256 bytes + eos), got {vocab_size!r}")
+        try:
+            check_int("vocab_size", vocab_size, min=257)
+        except ValueError as e:  # the CLI reports TokenizerError without a traceback
+            raise TokenizerError(f"{e} (256 bytes + eos)") from None
         raw = RawTokenizer(models.BPE())
         raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         raw.decoder = decoders.ByteLevel()

@@ -3,7 +3,7 @@ import math
 import numpy as np
 import pytest
 
-from aam_func.checks import ArgumentTypeError, check_choice, check_int, check_number, is_int, is_number
+from aam_func.checks import ArgumentTypeError, check_bool, check_choice, check_int, check_number, is_int, is_number
 
 
 def test_kinds_exclude_bool():
@@ -47,5 +47,12 @@ def test_check_number_ranges():
 
 def test_check_choice():
     assert check_choice("norm", "rms", ("layer", "rms")) == "rms"
-    with pytest.raises(ValueError, match=r"norm must be one of 'layer', 'rms'; got 'batch'"):
+    with pytest.raises(ValueError, match=r"norm must be one of 'layer', 'rms', got 'batch'"):
         check_choice("norm", "batch", ("layer", "rms"))
+
+
+def test_check_bool():
+    assert check_bool("nesterov", True) is True and check_bool("nesterov", False) is False
+    for bad in (1, 0, "yes", None, np.bool_(True)):
+        with pytest.raises(ArgumentTypeError, match=r"nesterov must be a bool, got"):
+            check_bool("nesterov", bad)

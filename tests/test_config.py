@@ -92,3 +92,19 @@ def test_attention_backends_and_weight_inits_have_one_owner():
 
     assert config.ATTENTION_BACKENDS is attention.BACKENDS
     assert config.WEIGHT_INITS is init.WEIGHT_INITS
+
+
+def test_config_name_tuples_are_their_owners():
+    """Each tuple of names a config field accepts is owned by the code that dispatches on it;
+    config re-exports the same object (losses re-exports cross_entropy's reductions likewise)."""
+    from aam_func import config, losses
+    from aam_func.layers import attention, basic, mlp
+    from aam_func.ops import cross_entropy, rope
+    from aam_func.ops.attention import masks
+
+    assert config.ACTIVATIONS is mlp.ACTIVATIONS
+    assert config.NORMS is basic.NORMS
+    assert config.ATTENTION_TYPES is attention.ATTENTION_TYPES
+    assert config.ROPE_LAYOUTS is rope.LAYOUTS
+    assert config.SPARSE_PATTERNS is masks.SPARSE_PATTERNS
+    assert losses.REDUCTIONS is cross_entropy.REDUCTIONS

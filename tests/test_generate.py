@@ -105,8 +105,10 @@ def test_static_cache_is_a_pure_tensor_tree_and_equals_the_full_forward():
     m6 = torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], 1)
     full = m.apply(p, ids, attention_mask=m6, position_ids=(m6.cumsum(1) - 1).clamp(min=0))["logits"][:, -1]
     torch.testing.assert_close(l2[:, -1], full, rtol=1e-5, atol=1e-5)
-    with pytest.raises(ValueError, match="max_len must be in"):
+    with pytest.raises(ValueError, match=r"max_len must be an int in \[1, 160\], got 161"):
         init_static_cache(m, 1, 161)
+    with pytest.raises(TypeError, match="max_len must be an int"):
+        init_static_cache(m, 1, 8.0)
 
 
 def test_sampling_and_eos_same_on_static_and_dynamic_cache():

@@ -58,6 +58,10 @@ def test_errors():
         init.kaiming_uniform((3, 3), g, nonlinearity="gelu")
     with pytest.raises(ValueError, match="a < b"):
         init.trunc_normal((3,), g, a=1, b=0)
+    with pytest.raises(ValueError, match="std must be a finite number >= 0, got -1"):
+        init.normal((3,), g, std=-1)
+    with pytest.raises(TypeError, match="std must be a finite number >= 0, got True"):  # used to mean std 1
+        init.normal((3,), g, std=True)
     with pytest.raises(ValueError, match="std"):
         init.normal((3,), g, std=-1)
     with pytest.raises(ValueError, match="seed"):

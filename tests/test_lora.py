@@ -416,3 +416,48 @@ def test_bad_input():
     dspec, _ = lora.init(params, targets="*.attn.qkv", rank=2, alpha=1, dropout=0.1)
     with pytest.raises(ValueError, match="factored"):
         dspec.loss(lambda p, b: 0, params, mode="merged")
+
+
+@pytest.mark.parametrize("first", ["aam_func.interop.peft", "aam_func.peft"])
+def test_peft_and_interop_peft_import_in_either_order(first):
+    """interop.peft builds on peft.lora while peft re-exports interop.peft's file functions: no
+    import cycle, whichever is loaded first. aam_func/__init__ (which loads peft first) is bypassed
+    with a bare package so the order under test is the real one."""
+    import subprocess
+    import sys
+
+    second = "aam_func.peft" if first == "aam_func.interop.peft" else "aam_func.interop.peft"
+    code = (
+        "import importlib, os, sys, types\n"
+        "pkg = types.ModuleType('aam_func'); pkg.__path__ = [os.path.join(sys.argv[1], 'aam_func')]\n"
+        "sys.modules['aam_func'] = pkg\n"
+        f"importlib.import_module({first!r}); importlib.import_module({second!r})\n"
+        "from aam_func.peft import save_pretrained, load_pretrained, AdapterFileError\n"
+        "from aam_func.interop import peft as owner\n"
+        "assert save_pretrained is owner.save_pretrained and AdapterFileError is owner.AdapterFileError\n"
+    )
+    root = os.path.dirname(os.path.dirname(os.path.abspath(af.__file__)))
+    proc = subprocess.run([sys.executable, "-c", code, root], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_peft_lazy_reexport_unknown_name():
+    import aam_func.peft as peft_pkg
+
+    with pytest.raises(AttributeError, match="no_such_name"):
+        peft_pkg.no_such_name
+    assert "save_pretrained" in dir(peft_pkg)
+
+
+def test_from_cli_args_rejects_non_int_rank_and_non_number_alpha():
+    """rank=2.7 used to become 2 and rank=True 1 (int()); alpha=True 1.0 (float())."""
+    params = af.Transformer(tiny()).init(seed=0)
+    for bad in (2.7, True, "4"):
+        with pytest.raises(TypeError, match=r"rank must be an int >= 1, got"):
+            lora.from_cli_args(params, rank=bad)
+    with pytest.raises(ValueError, match=r"rank must be an int >= 1, got 0"):
+        lora.from_cli_args(params, rank=0)
+    with pytest.raises(TypeError, match=r"alpha must be a finite number, got True"):
+        lora.from_cli_args(params, rank=4, alpha=True)
+    spec, _, _ = lora.from_cli_args(params, rank=4)
+    assert spec.rank == 4 and spec.alpha == 8.0

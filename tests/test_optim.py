@@ -606,6 +606,10 @@ def test_mismatched_trees_list_the_keys():
         (lambda: optim.warmup_cosine(1e-3, 10, 5), "total_steps"),
         (lambda: optim.join([optim.constant(1.0)], [3]), "len"),
         (lambda: optim.dynamic_loss_scale(optim.sgd(0.1), backoff_factor=2.0), "backoff_factor"),
+        # a bool is no number: init_scale=True used to pass as a scale of 1
+        (lambda: optim.dynamic_loss_scale(optim.sgd(0.1), init_scale=True), "init_scale must be a finite number > 0, got True"),
+        (lambda: optim.dynamic_loss_scale(optim.sgd(0.1), growth_factor=1.0), "growth_factor"),
+        (lambda: optim.dynamic_loss_scale(optim.sgd(0.1), backoff_factor=False), "backoff_factor"),
     ],
 )
 def test_bad_hyperparameters_raise_valueerror(make, match):

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from ..config import ModelConfig
+from ..layers.attention import qkv_sizes
 from ..model import Transformer
 from ..tree import Params, flatten, unflatten
 
@@ -250,13 +251,13 @@ def to_transformers(cfg: ModelConfig, params: Params, *, model: Any = None):
     else:
         for ours, theirs in llama_map(cfg):
             sd[theirs] = flat[ours].detach()
-        hd, H, Hkv = cfg.head_dim, cfg.n_heads, cfg.n_kv_heads
+        sizes = qkv_sizes(cfg.n_heads, cfg.n_kv_heads, cfg.head_dim)
         for i in range(cfg.n_layers):
             t = f"model.layers.{i}.self_attn."
-            q, k, v = flat[f"blocks.{i}.attn.qkv.weight"].detach().split([H * hd, Hkv * hd, Hkv * hd], 0)
+            q, k, v = flat[f"blocks.{i}.attn.qkv.weight"].detach().split(sizes, 0)
             sd[t + "q_proj.weight"], sd[t + "k_proj.weight"], sd[t + "v_proj.weight"] = q, k, v
             if cfg.bias:
-                qb, kb, vb = flat[f"blocks.{i}.attn.qkv.bias"].detach().split([H * hd, Hkv * hd, Hkv * hd], 0)
+                qb, kb, vb = flat[f"blocks.{i}.attn.qkv.bias"].detach().split(sizes, 0)
                 sd[t + "q_proj.bias"], sd[t + "k_proj.bias"], sd[t + "v_proj.bias"] = qb, kb, vb
         if cfg.tie_embeddings:
             sd["lm_head.weight"] = flat["embed.weight"].detach()

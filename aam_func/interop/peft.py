@@ -31,8 +31,12 @@ from torch import Tensor, nn
 
 from .. import tree
 from ..checks import is_number
+from ..config import ModelConfig
+from ..layers.attention import qkv_sizes
+from ..model import Transformer
 from ..peft.lora import LoRA
 from ..peft.targets import Target, module_candidates
+from . import hf
 
 __all__ = ["save_pretrained", "load_pretrained", "AdapterFileError", "CONFIG_FILE", "WEIGHTS_FILE"]
 
@@ -50,9 +54,6 @@ class AdapterFileError(ValueError):
 
 
 def _aam_cfg(base_model: Any):
-    from ..config import ModelConfig
-    from ..model import Transformer
-
     if isinstance(base_model, Transformer):
         return base_model.cfg
     if isinstance(base_model, ModelConfig):
@@ -63,8 +64,6 @@ def _aam_cfg(base_model: Any):
 def _aam_maps(cfg) -> tuple[str, dict[str, tuple[str, bool]]]:
     """(model_type, {our module name: (transformers module name, fan_in_fan_out)}) for Linear-like
     weights; LLaMA's fused qkv is handled separately."""
-    from . import hf
-
     model_type = hf.config_to_transformers(cfg).model_type
     out = {}
     if model_type == "gpt2":
@@ -78,11 +77,6 @@ def _aam_maps(cfg) -> tuple[str, dict[str, tuple[str, bool]]]:
     return model_type, out
 
 
-def _qkv_split(cfg) -> list[int]:
-    hd = cfg.head_dim
-    return [cfg.n_heads * hd, cfg.n_kv_heads * hd, cfg.n_kv_heads * hd]
-
-
 def _to_file(spec: LoRA, adapters: Mapping, base_model: Any) -> tuple[dict[str, Tensor], list[str], bool]:
     """({module path: (A, B)} in the base model's names, target module list, fan_in_fan_out)."""
     ab = spec.check(adapters)
@@ -90,8 +84,6 @@ def _to_file(spec: LoRA, adapters: Mapping, base_model: Any) -> tuple[dict[str, 
     modules: dict[str, tuple[Tensor, Tensor]] = {}
     fif = []
     if cfg is not None:
-        from ..model import Transformer
-
         shapes = tree.flatten(Transformer(cfg).param_shapes())
         model_type, names = _aam_maps(cfg)
         problems = []
@@ -104,7 +96,7 @@ def _to_file(spec: LoRA, adapters: Mapping, base_model: Any) -> tuple[dict[str, 
             m = re.fullmatch(r"blocks\.(\d+)\.attn\.qkv", t.name)
             if m and model_type == "llama":
                 p = f"model.layers.{m.group(1)}.self_attn."
-                for proj, bb in zip(("q_proj", "k_proj", "v_proj"), b.split(_qkv_split(cfg), 0)):
+                for proj, bb in zip(("q_proj", "k_proj", "v_proj"), b.split(qkv_sizes(cfg.n_heads, cfg.n_kv_heads, cfg.head_dim), 0)):
                     modules[p + proj] = (a, bb)
                     fif.append(False)
             elif t.name in names:
@@ -305,8 +297,6 @@ def _uncovered(cands: Mapping[str, Target], pairs: Mapping, target_modules) -> l
 
 
 def _load_aam(cfg, pairs: dict, config: dict, directory: str, common: dict) -> tuple[LoRA, dict]:
-    from ..model import Transformer
-
     shapes = tree.flatten(Transformer(cfg).param_shapes())
     model_type, names = _aam_maps(cfg)
     inverse = {theirs: ours for ours, (theirs, _) in names.items()}

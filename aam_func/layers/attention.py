@@ -18,12 +18,21 @@ from einops import rearrange
 from torch import Tensor
 
 from .. import init as initializers
+from ..checks import check_choice
 from ..ops.attention import RelativeBias, Sparsity, attention
 from ..ops.rope import rope
 from ..tree import Params
 from .basic import Linear
 
-__all__ = ["SelfAttention"]
+__all__ = ["SelfAttention", "ATTENTION_TYPES", "qkv_sizes"]
+
+ATTENTION_TYPES = ("standard", "relative", "local", "sparse")  # the module docstring says what each is
+
+
+def qkv_sizes(n_heads: int, n_kv_heads: int, head_dim: int) -> list[int]:
+    """How the fused qkv projection's output rows split into q, k and v: ``[H·hd, Hkv·hd, Hkv·hd]``
+    (grouped-query attention: Hkv key/value heads, each shared by H/Hkv query heads)."""
+    return [n_heads * head_dim, n_kv_heads * head_dim, n_kv_heads * head_dim]
 
 
 @dataclass(frozen=True)
@@ -50,10 +59,7 @@ class SelfAttention:
             raise ValueError(f"d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
         if self.kv_heads <= 0 or self.n_heads % self.kv_heads:
             raise ValueError(f"n_heads={self.n_heads} must be divisible by n_kv_heads={self.kv_heads}")
-        if self.attention_type not in ("standard", "relative", "local", "sparse"):
-            raise ValueError(
-                f"attention_type must be 'standard', 'relative', 'local' or 'sparse', got {self.attention_type!r}"
-            )
+        check_choice("attention_type", self.attention_type, ATTENTION_TYPES)
 
     @property
     def kv_heads(self) -> int:
@@ -63,9 +69,12 @@ class SelfAttention:
     def head_dim(self) -> int:
         return self.d_model // self.n_heads
 
+    @property
+    def qkv_sizes(self) -> list[int]:
+        return qkv_sizes(self.n_heads, self.kv_heads, self.head_dim)
+
     def _qkv(self) -> Linear:
-        out = (self.n_heads + 2 * self.kv_heads) * self.head_dim
-        return Linear(self.d_model, out, bias=self.bias, weight_init=self.weight_init, std=self.std)
+        return Linear(self.d_model, sum(self.qkv_sizes), bias=self.bias, weight_init=self.weight_init, std=self.std)
 
     def _out(self) -> Linear:
         return Linear(self.d_model, self.d_model, bias=self.bias, weight_init=self.weight_init, std=self.out_std)
@@ -152,9 +161,9 @@ class SelfAttention:
 
     def _project(self, params: Params, x: Tensor, positions: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """x (B, T, d_model) -> q (B, H, T, hd), k and v (B, Hkv, T, hd), RoPE applied."""
-        H, Hkv, hd = self.n_heads, self.kv_heads, self.head_dim
+        H, Hkv = self.n_heads, self.kv_heads
         qkv = self._qkv().apply(params["qkv"], x)  # (B, T, (H + 2 Hkv) hd)
-        q, k, v = qkv.split([H * hd, Hkv * hd, Hkv * hd], dim=-1)
+        q, k, v = qkv.split(self.qkv_sizes, dim=-1)
         q = rearrange(q, "b t (h d) -> b h t d", h=H)
         k = rearrange(k, "b t (h d) -> b h t d", h=Hkv)
         v = rearrange(v, "b t (h d) -> b h t d", h=Hkv)

@@ -9,9 +9,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import init as initializers
+from ..checks import check_choice
 from ..tree import Params
 
-__all__ = ["Linear", "Embedding", "LayerNorm", "RMSNorm", "make_norm", "dropout", "make_weight"]
+__all__ = ["Linear", "Embedding", "LayerNorm", "RMSNorm", "make_norm", "dropout", "make_weight", "NORMS"]
+
+NORMS = ("layernorm", "rmsnorm")  # what make_norm builds
 
 # the one owner of the named schemes is aam_func.init; layers call it under this name
 make_weight = initializers.weight
@@ -92,11 +95,8 @@ class RMSNorm:
 
 
 def make_norm(kind: str, dim: int, eps: float, bias: bool = True):
-    if kind == "layernorm":
-        return LayerNorm(dim, eps, bias)
-    if kind == "rmsnorm":
-        return RMSNorm(dim, eps)
-    raise ValueError(f"norm must be 'layernorm' or 'rmsnorm', got {kind!r}")
+    check_choice("norm", kind, NORMS)
+    return LayerNorm(dim, eps, bias) if kind == "layernorm" else RMSNorm(dim, eps)
 
 
 def dropout(x: Tensor, p: float, *, train: bool, generator: torch.Generator | None = None) -> Tensor:

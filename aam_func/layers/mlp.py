@@ -8,24 +8,24 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..checks import check_choice
 from ..tree import Params
 from .basic import Linear
 
-__all__ = ["MLP", "activation"]
+__all__ = ["MLP", "activation", "ACTIVATIONS"]
 
-ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu", "swiglu")
+ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu", "swiglu")  # MLP kinds; all but swiglu are activation()'s
 
 
 def activation(kind: str, x: Tensor) -> Tensor:
+    check_choice("activation", kind, ACTIVATIONS[:-1])  # swiglu is a gated MLP, not an activation
     if kind == "gelu":
         return F.gelu(x)
     if kind == "gelu_tanh":  # GPT-2's "gelu_new"
         return F.gelu(x, approximate="tanh")
     if kind == "relu":
         return F.relu(x)
-    if kind == "silu":
-        return F.silu(x)
-    raise ValueError(f"activation must be one of {ACTIVATIONS[:-1]}, got {kind!r}")
+    return F.silu(x)
 
 
 @dataclass(frozen=True)
@@ -45,8 +45,7 @@ class MLP:
     out_std: float = 0.02
 
     def __post_init__(self):
-        if self.kind not in ACTIVATIONS:
-            raise ValueError(f"mlp kind must be one of {ACTIVATIONS}, got {self.kind!r}")
+        check_choice("mlp kind", self.kind, ACTIVATIONS)
 
     def _layers(self):
         inner = dict(bias=self.bias, weight_init=self.weight_init, std=self.std)

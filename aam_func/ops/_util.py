@@ -19,8 +19,10 @@ def _levels(kind: str) -> int:
 
 
 def transforms_active() -> bool:
-    """True inside any torch.func transform (grad, vjp, jvp, vmap, functionalize)."""
-    return bool(torch._C._functorch.get_interpreter_stack())
+    """True inside any torch.func transform (grad, vjp, jvp, vmap, functionalize): the interpreter
+    stack is non-empty. Read through ``_are_functorch_transforms_active``, which answers the same
+    and which torch.compile can trace (``get_interpreter_stack`` is a graph break)."""
+    return torch._C._are_functorch_transforms_active()
 
 
 def forward_ad_active() -> bool:

@@ -41,9 +41,23 @@ from ..checks import check_choice, check_int, check_number
 from ._util import higher_order_active, transforms_active, values_inspectable, vmap_active
 from .registry import OpSpec, register
 
-__all__ = ["linear_cross_entropy", "reference", "REDUCTIONS"]
+__all__ = ["linear_cross_entropy", "reference", "check_class_ids", "REDUCTIONS", "IGNORE_INDEX"]
 
 REDUCTIONS = ("mean", "sum", "none")
+IGNORE_INDEX = -100  # the label that contributes no loss (PyTorch's and transformers' default)
+
+
+def check_class_ids(name: str, ids: Tensor, num_classes: int, ignore_index: int = IGNORE_INDEX, *,
+                    classes: str = "") -> None:
+    """Every id in ``ids`` is a class in ``[0, num_classes)`` or ``ignore_index``; else a
+    ValueError naming ``name`` and the first bad id. ``classes`` names the bound in the message
+    (``"vocab_size"`` -> ``[0, vocab_size=V)``). Reading the values is a device sync, so it is
+    skipped where they cannot be read (under vmap / torch.compile: ``_util.values_inspectable``)."""
+    if values_inspectable() and ids.numel():
+        bad = ids[(ids != ignore_index) & ((ids < 0) | (ids >= num_classes))]
+        if bad.numel():
+            bound = f"{classes}={num_classes}" if classes else f"{num_classes}"
+            raise ValueError(f"{name} contains {int(bad[0])}, outside [0, {bound}) and not ignore_index={ignore_index}")
 _CHUNK_ELEMENTS = 2**21  # default: a chunk's fp32 logits take ~8 MiB
 _GROUP_ELEMENTS = 2**23  # bf16/fp16: gradient rows held for one weight-gradient matmul (~16 MiB)
 
@@ -80,13 +94,7 @@ def _check(hidden, weight, targets, bias, ignore_index, label_smoothing, z_loss,
     check_choice("reduction", reduction, REDUCTIONS)
     check_int("chunk_size", chunk_size, min=1, allow_none=True)
     check_int("ignore_index", ignore_index)
-    V = weight.shape[0]
-    if values_inspectable() and targets.numel():
-        bad = targets[(targets != ignore_index) & ((targets < 0) | (targets >= V))]
-        if bad.numel():
-            raise ValueError(
-                f"targets contains {int(bad[0])}, outside [0, vocab={V}) and not ignore_index={ignore_index}"
-            )
+    check_class_ids("targets", targets, weight.shape[0], ignore_index, classes="vocab")
 
 
 # ----------------------------------------------------------------------------- chunk math

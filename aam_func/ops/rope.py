@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from .registry import OpSpec, register
-from ..checks import check_number, is_int
+from ..checks import check_choice, check_int, check_number, is_int
 
 __all__ = ["rope", "reference", "rope_cos_sin", "LAYOUTS"]
 
@@ -49,8 +49,7 @@ def _parse_scaling(scaling) -> Optional[tuple[str, float]]:
         kind, factor = scaling
     else:
         raise ValueError(f"rope scaling must be None, (kind, factor) or {{'type': kind, 'factor': f}}, got {scaling!r}")
-    if kind not in SCALINGS:
-        raise ValueError(f"rope scaling kind must be one of {SCALINGS}, got {kind!r}")
+    check_choice("rope scaling kind", kind, SCALINGS)
     return kind, check_number("rope scaling factor", factor, min=0, min_open=True)
 
 
@@ -62,13 +61,11 @@ def _check(x: Tensor, positions, base: float, layout: str, scaling) -> tuple[Ten
     d = x.shape[-1]
     if d % 2:
         raise ValueError(f"rope needs an even head_dim, got {d}")
-    if layout not in LAYOUTS:
-        raise ValueError(f"rope layout must be 'half' or 'interleaved', got {layout!r}")
+    check_choice("rope layout", layout, LAYOUTS)
     check_number("rope base", base, min=0, min_open=True)
     B, _, T, _ = x.shape
     if is_int(positions):
-        if positions < 0:
-            raise ValueError(f"rope position offset must be >= 0, got {positions}")
+        check_int("rope position offset", positions, min=0)
         positions = torch.arange(positions, positions + T, device=x.device)
     if not isinstance(positions, Tensor):
         raise TypeError(f"rope positions must be a Tensor or an int offset, got {type(positions).__name__}")
@@ -150,8 +147,8 @@ def rope(
 ) -> Tensor:
     """Rotate channel pairs of x (batch, heads, seq, head_dim) by position-dependent angles.
 
-    Equals :func:`reference` (and ``aam_func.layers.positional.rope``, HF LLaMA's
-    ``apply_rotary_pos_emb`` for ``layout="half"``); the backward recomputes the angles from
+    Equals :func:`reference` (bitwise) and, for ``layout="half"``, HF LLaMA's
+    ``apply_rotary_pos_emb``; the backward recomputes the angles from
     ``positions`` instead of saving cos/sin tables. Positions carry no gradient.
     """
     positions, sc = _check(x, positions, base, layout, scaling)

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from .. import tree
+from ..checks import is_number
 from . import base, foreach
 from .base import (
     GradientTransformation,
@@ -96,7 +97,7 @@ def _decay_flags(mask, names, leaves) -> list[bool]:
 def _can_fuse(gs, b1, b2, eps, eps_root) -> bool:
     """torch's fused multi-tensor Adam kernel applies: plain eager, Python-number
     hyperparameters, one device and floating leaves of the kernel's dtypes."""
-    if not (base.eager() and gs and all(foreach.is_number(x) for x in (b1, b2, eps)) and eps_root == 0):
+    if not (base.eager() and gs and all(is_number(x) for x in (b1, b2, eps)) and eps_root == 0):
         return False
     dev = gs[0].device
     return dev.type in ("cpu", "cuda") and all(
@@ -117,7 +118,7 @@ def _fused_direction(gs, mus, nus, count: Tensor, lr, b1, b2, eps):
     dev = gs[0].device
     # read, not written, by the kernel; on CUDA it reads the step through a device pointer
     steps = [count.to(device=dev, dtype=torch.float32)] * len(gs)
-    if foreach.is_number(lr):
+    if is_number(lr):
         lr_arg = lr
     elif dev.type == "cpu":
         lr_arg = lr.detach().to(torch.float64)
@@ -135,7 +136,7 @@ def _adam_family(learning_rate, b1, b2, eps, eps_root, weight_decay, mask, decou
     check_nonneg("eps", eps)
     check_nonneg("eps_root", eps_root)
     check_nonneg("weight_decay", weight_decay)
-    has_decay = not (foreach.is_number(weight_decay) and weight_decay == 0)
+    has_decay = not (is_number(weight_decay) and weight_decay == 0)
     if fused not in (None, True, False):
         raise TypeError(f"fused must be None, True or False, got {fused!r}")
 
@@ -218,12 +219,12 @@ def sgd(learning_rate=1e-3, momentum: float = 0.0, nesterov: bool = False, weigh
     check_nonneg("learning_rate", learning_rate, allow_schedule=True)
     check_beta("momentum", momentum)
     check_nonneg("weight_decay", weight_decay)
-    if nesterov and foreach.is_number(momentum) and momentum == 0:
+    if nesterov and is_number(momentum) and momentum == 0:
         raise ValueError("nesterov momentum needs momentum > 0, got momentum=0")
     parts = []
-    if not (foreach.is_number(weight_decay) and weight_decay == 0):
+    if not (is_number(weight_decay) and weight_decay == 0):
         parts.append(add_decayed_weights(weight_decay, mask))
-    if not (foreach.is_number(momentum) and momentum == 0):
+    if not (is_number(momentum) and momentum == 0):
         parts.append(trace(momentum, nesterov))
     parts.append(scale_by_learning_rate(learning_rate))
     return chain(*parts)
@@ -236,7 +237,7 @@ def lion(learning_rate=1e-4, b1: float = 0.9, b2: float = 0.99, weight_decay: fl
     check_nonneg("learning_rate", learning_rate, allow_schedule=True)
     check_nonneg("weight_decay", weight_decay)
     parts = [scale_by_lion(b1, b2)]
-    if not (foreach.is_number(weight_decay) and weight_decay == 0):
+    if not (is_number(weight_decay) and weight_decay == 0):
         parts.append(add_decayed_weights(weight_decay, mask))
     parts.append(scale_by_learning_rate(learning_rate))
     return chain(*parts)

@@ -15,13 +15,16 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..checks import is_number  # noqa: F401 (used here and by the optimizers as foreach.is_number)
+from ..checks import is_number
+from ..ops._util import transforms_active
 
 SCALAR_DTYPE = torch.float64  # dtype of step-dependent scalars (bias corrections, schedules)
 
 
 def use_foreach() -> bool:
-    return not torch._C._are_functorch_transforms_active()
+    """The fused ``torch._foreach_*`` kernels have no functorch batching/grad rules: use them only
+    outside torch.func transforms (ops._util owns the reading of the transform stack)."""
+    return not transforms_active()
 
 
 def as_scalar(x) -> Tensor:

@@ -12,6 +12,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from ..checks import check_bool, is_number
 from . import foreach
 from .base import (
     GradientTransformation,
@@ -107,7 +108,7 @@ def adam_moments(gs, mus, nus, b1, b2):
 def adam_denominator(nus, bc2: Tensor, eps, eps_root):
     """``sqrt(v / bc2 + eps_root) + eps``; with ``eps_root == 0`` in torch.optim's order:
     ``sqrt(v) / sqrt(bc2) + eps``."""
-    if foreach.is_number(eps_root) and eps_root == 0:
+    if is_number(eps_root) and eps_root == 0:
         denom = foreach.sqrt(nus)
         denom = foreach.div_(denom, torch.sqrt(bc2))
     else:
@@ -179,8 +180,7 @@ def trace(decay: float = 0.9, nesterov: bool = False) -> GradientTransformation:
     """Momentum, as torch.optim.SGD (dampening 0): ``b = decay b + g``;
     ``u = b``, or ``u = g + decay b`` with ``nesterov``. State ``{"trace": tree}``."""
     check_beta("decay", decay)
-    if not isinstance(nesterov, bool):
-        raise TypeError(f"nesterov must be a bool, got {nesterov!r}")
+    check_bool("nesterov", nesterov)
 
     init = _zeros_state("trace")
 

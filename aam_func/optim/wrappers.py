@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from .. import tree
-from ..checks import check_int
+from ..checks import check_int, check_number
 from . import foreach
 from .base import (
     GradientTransformation,
@@ -295,11 +295,9 @@ def dynamic_loss_scale(inner: GradientTransformation, init_scale: float = 2.0**1
     the scale by :func:`update_loss_scale`. Wrap it outermost.
     State ``{"loss_scale": float32, "good_steps": int64, "inner": ...}``."""
     check_transform("dynamic_loss_scale's inner", inner)
-    for name, v, lo in (("init_scale", init_scale, 0.0), ("growth_factor", growth_factor, 1.0)):
-        if not isinstance(v, Number) or not (v > lo):
-            raise ValueError(f"{name} must be a number > {lo}, got {v!r}")
-    if not isinstance(backoff_factor, Number) or not (0.0 < backoff_factor < 1.0):
-        raise ValueError(f"backoff_factor must be in (0, 1), got {backoff_factor!r}")
+    check_number("init_scale", init_scale, min=0, min_open=True)
+    check_number("growth_factor", growth_factor, min=1, min_open=True)
+    check_number("backoff_factor", backoff_factor, min=0, max=1, min_open=True, max_open=True)
     check_int("growth_interval", growth_interval, min=1)
 
     def init(params):

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import init as initializers
-from ..checks import check_int, check_number
+from ..checks import check_choice, check_int, check_number
 from ..intercept import Client, Intercept, Use
 from ..layers.basic import dropout as _dropout
 from ..tree import Params, check_structure, flatten, unflatten
@@ -52,7 +52,6 @@ __all__ = [
     "init",
     "targets_of",
     "merged",
-    "merge",
     "unmerge",
     "call",
     "linear",
@@ -206,8 +205,6 @@ class LoRA:
         weight cannot drop the low-rank branch's input); use :meth:`apply`/:meth:`call`."""
         return self._apply_delta(params, adapters, 1.0)
 
-    merge = merged
-
     def unmerge(self, params: Mapping, adapters: Mapping) -> Mapping:
         """Inverse of :meth:`merge`: W' − s·B·A restores W up to float rounding."""
         return self._apply_delta(params, adapters, -1.0)
@@ -262,8 +259,7 @@ class LoRA:
         """``loss(adapters, batch, generator=None) = loss_fn(params ⊕ adapters, batch[, generator])``
         over frozen ``params``: differentiate it (or hand it to ``train.make_train_step``) wrt
         the adapters only. ``mode``: ``"factored"`` (dropout when ``train``) or ``"merged"``."""
-        if mode not in ("factored", "merged"):
-            raise ValueError(f"mode must be 'factored' or 'merged', got {mode!r}")
+        check_choice("mode", mode, ("factored", "merged"))
         if mode == "merged" and self.dropout > 0 and train:
             raise ValueError("LoRA dropout needs the factored form; use mode='factored' or dropout=0")
 
@@ -366,9 +362,6 @@ def merged(spec: LoRA, params: Mapping, adapters: Mapping) -> Mapping:
     return spec.merged(params, adapters)
 
 
-merge = merged
-
-
 def unmerge(spec: LoRA, params: Mapping, adapters: Mapping) -> Mapping:
     return spec.unmerge(params, adapters)
 
@@ -399,9 +392,10 @@ def from_cli_args(
     comma-separated string is split."""
     if isinstance(targets, str):
         targets = [t.strip() for t in targets.split(",") if t.strip()]
+    rank = check_int("rank", rank, min=1)  # 2.7 or True is a mistake, not 2 or 1
+    alpha = check_number("alpha", 2 * rank if alpha is None else alpha)
     spec, adapters = init(
-        params, targets=list(targets or DEFAULT_CLI_TARGETS), rank=int(rank),
-        alpha=float(2 * rank if alpha is None else alpha), dropout=dropout, use_rslora=use_rslora, seed=seed,
+        params, targets=list(targets or DEFAULT_CLI_TARGETS), rank=rank, alpha=alpha, dropout=dropout, use_rslora=use_rslora, seed=seed,
     )
 
     def wrap_loss(loss_fn: Callable, *, train: bool = True) -> Callable:

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import init as initializers
-from ..checks import check_int
+from ..checks import check_choice, check_int
 from ..layers.basic import dropout as _dropout
 from ..tree import Params
 
@@ -60,8 +60,7 @@ def init(
     ``encoder_hidden_size`` defaults to ``d_model``."""
     check_int("d_model", d_model, min=1)
     check_int("num_virtual_tokens", num_virtual_tokens, min=1)
-    if encoder not in ENCODERS:
-        raise ValueError(f"encoder must be one of {ENCODERS}, got {encoder!r}")
+    check_choice("encoder", encoder, ENCODERS)
     h = d_model if encoder_hidden_size is None else check_int("encoder_hidden_size", encoder_hidden_size, min=1)
     g = initializers.generator(seed if generator is None else generator)
     params: Params = {"embedding": {"weight": initializers.normal((num_virtual_tokens, d_model), g)}}

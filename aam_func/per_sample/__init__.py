@@ -28,10 +28,9 @@ them: ``proofs/per_sample.md``.
 
 from . import attribution, batching, clip, dp, factors, ghost, route, vmap
 from .attribution import grad_dots, hvp, tracin
-from .batching import RANDOMNESS, batch_size
+from .batching import batch_size
 from .clip import CLIP_EPS, clip_factors, global_norms
 from .dp import DPInfo, dp_aggregate, dp_sgd, poisson_sample
-from .ghost import GHOST_CHUNK_FRACTION, GHOST_MIN_CHUNK
 from .route import METHODS, Clipped, clipped_sum, grads, losses, norms
 
 __all__ = [

@@ -14,15 +14,20 @@ from .. import tree
 from ..checks import check_number
 from ..tree import Params
 
-__all__ = ["CLIP_EPS", "global_norms", "clip_factors", "weighted_sum", "check_max_norm"]
+__all__ = ["CLIP_EPS", "squared_norms", "global_norms", "clip_factors", "weighted_sum", "check_max_norm"]
 
 CLIP_EPS = 1e-6  # w_i = min(1, C / (‖g_i‖ + eps)), as Opacus: keeps ‖w_i g_i‖ < C and no 0/0
 
 
+def squared_norms(per_example: Mapping) -> Tensor:
+    """(B,) float32 Σ over leaves of ‖x_i‖², for a tree whose leaves carry a leading batch dim."""
+    sq = [x.reshape(x.shape[0], -1).float().pow(2).sum(1) for x in tree.leaves(per_example)]
+    return torch.stack(sq).sum(0)
+
+
 def global_norms(per_example: Mapping) -> Tensor:
     """(B,) global L2 norms of a tree whose leaves carry a leading batch dim."""
-    sq = [x.reshape(x.shape[0], -1).float().pow(2).sum(1) for x in tree.leaves(per_example)]
-    return torch.stack(sq).sum(0).sqrt()
+    return squared_norms(per_example).sqrt()
 
 
 def clip_factors(norms: Tensor, max_norm: float) -> Tensor:

@@ -30,7 +30,7 @@ from .. import tree
 from ..intercept import Client, Intercept, Use
 from ..tree import Params
 from .batching import RANDOMNESS, batch_size, check_chunk, chunks, in_dims, per_example, slice_batch
-from .clip import clip_factors
+from .clip import clip_factors, squared_norms, weighted_sum
 from .factors import factors, ghost_sq_norms, ghost_weighted_grad, write_factors
 
 __all__ = ["GhostMismatch", "GhostUse", "Discovery", "discover", "ghost_pass", "ghost_grads", "ghost_norms_and_sum",
@@ -222,9 +222,9 @@ def ghost_norms_and_sum(loss_fn: Callable, params: Params, batch, max_norm: floa
     all_norms, all_losses, total = [], [], None
     for start, stop in chunks(B, chunk):
         loss, small_grads, uses = ghost_pass(loss_fn, params, slice_batch(batch, start, stop), d)
-        sq = torch.zeros(stop - start, device=loss.device)
-        for g in small_grads.values():
-            sq = sq + g.reshape(g.shape[0], -1).float().pow(2).sum(1)
+        # the materialised small grads' part of ‖g_i‖², then each ghost weight's ‖Σ_t δ_t a_tᵀ‖²
+        small = tree.unflatten(small_grads)  # {dotted name: (b, ...)} -> a tree, as clip's helpers take
+        sq = squared_norms(small) if small_grads else torch.zeros(stop - start, device=loss.device)
         for name, fs in uses.items():
             sq = sq + ghost_sq_norms(fs, tuple(flat[name].shape))
         n = sq.clamp(min=0).sqrt()
@@ -233,7 +233,7 @@ def ghost_norms_and_sum(loss_fn: Callable, params: Params, batch, max_norm: floa
         if want_sum:
             w = clip_factors(n, max_norm)
             part = {name: ghost_weighted_grad(fs, w, flat[name].shape, flat[name].dtype) for name, fs in uses.items()}
-            part.update({name: torch.tensordot(w.to(g.dtype), g, dims=1) for name, g in small_grads.items()})
+            part.update(tree.flatten(weighted_sum(w, small)))
             part = tree.unflatten({k: part[k] for k in flat})
             total = part if total is None else tree.map(torch.add, total, part)
     return torch.cat(all_norms), torch.cat(all_losses), total

@@ -23,7 +23,13 @@ from torch import Tensor
 
 from .masks import RelativeBias, Sparsity, dense_mask, query_positions, relative_logits
 
-__all__ = ["reference", "dense_bias", "sdpa", "xformers", "expand_kv"]
+__all__ = ["reference", "dense_bias", "sdpa", "xformers", "expand_kv", "softmax_scale"]
+
+
+def softmax_scale(head_dim: int, scale: Optional[float] = None):
+    """The factor on q·kᵀ: ``scale`` if given, else 1/sqrt(head_dim) (Vaswani et al. 2017;
+    what SDPA and xformers use when passed ``scale=None``)."""
+    return 1.0 / math.sqrt(head_dim) if scale is None else scale
 
 
 def expand_kv(k: Tensor, heads: int) -> Tensor:
@@ -53,7 +59,7 @@ def reference(
     probabilities (kept ones scaled by 1 / (1 − p)).
     """
     Tq, Tk, H = q.shape[2], k.shape[2], q.shape[1]
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    scale = softmax_scale(q.shape[-1], scale)
     k, v = expand_kv(k, H), expand_kv(v, H)
     q_pos = query_positions(Tq, Tk, q_offset, q.device)
     k_pos = torch.arange(Tk, device=q.device)
@@ -84,7 +90,7 @@ def dense_bias(q, k, v, *, causal, window, sparsity, scale):
     exp(−inf) = 0 and its gradient is 0 there)."""
     B, H, Tq, d = q.shape
     Tk = k.shape[2]
-    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    scale = softmax_scale(d, scale)
     k, v = expand_kv(k, H), expand_kv(v, H)
     q_pos = query_positions(Tq, Tk, None, q.device)
     ok = dense_mask(q_pos, torch.arange(Tk, device=q.device), None, causal=causal, window=window, sparsity=sparsity)

@@ -14,14 +14,13 @@ Derivations: proofs/attention.md.
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
 from torch import Tensor
 
 from ..registry import OpSpec, register
-from .dense import reference
+from .dense import reference, softmax_scale
 from .masks import RelativeBias, Sparsity
 from .tiles import Opts, RelativeTables, Tile, Tiling, accumulate, gather_last
 
@@ -250,7 +249,7 @@ def blockwise(
         max_distance=128 if rel is None else rel.max_distance,
         num_buckets=32 if rel is None else rel.num_buckets,
         bidirectional=True if rel is None else rel.bidirectional,
-        scale=1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale),
+        scale=float(softmax_scale(q.shape[-1], scale)),
         block_q=block_q,
         block_k=block_k,
     )

@@ -34,12 +34,14 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ...checks import check_int
+from ...checks import check_choice, check_int
 
 __all__ = [
     "Sparsity", "RelativeBias", "allowed_mask", "dense_mask", "query_positions", "t5_bucket",
-    "relative_logits", "check_relative_bias",
+    "relative_logits", "check_relative_bias", "SPARSE_PATTERNS",
 ]
+
+SPARSE_PATTERNS = ("strided", "fixed")  # the patterns a stride defines (a ModelConfig picks one)
 
 
 @dataclass(frozen=True)
@@ -53,9 +55,8 @@ class Sparsity:
     layout: Optional[Tensor] = None  # (q_blocks, k_blocks) bool, for "block"
 
     def __post_init__(self):
-        if self.pattern not in ("strided", "fixed", "block"):
-            raise ValueError(f"sparsity pattern must be 'strided', 'fixed' or 'block', got {self.pattern!r}")
-        if self.pattern in ("strided", "fixed"):
+        check_choice("sparsity pattern", self.pattern, SPARSE_PATTERNS + ("block",))
+        if self.pattern in SPARSE_PATTERNS:
             check_int("sparsity stride", self.stride, min=1)
         if self.pattern == "fixed":
             check_int("sparsity summary", self.summary, min=1, max=self.stride)
