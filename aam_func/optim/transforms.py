@@ -54,6 +54,18 @@ def _zeros_state(key: str) -> Callable:
     return init
 
 
+def _one_buffer(key: str, what: str, step: Callable) -> GradientTransformation:
+    """A transformation with one buffer per leaf under ``key`` (zeros at init):
+    ``updates, buffers = step(grads, buffers)`` over the leaves' lists."""
+
+    def update(grads, state, params=None):
+        names, gs = leaves_of(grads)
+        us, bufs = step(gs, aligned(names, state[key], what))
+        return build(names, us), {key: build(names, bufs)}
+
+    return GradientTransformation(_zeros_state(key), update)
+
+
 def scale(step_size) -> GradientTransformation:
     """``u = step_size * g``; no state. ``step_size`` is a number or a 0-d tensor."""
     if callable(step_size) and not isinstance(step_size, Tensor):
@@ -164,16 +176,10 @@ def scale_by_lion(b1: float = 0.9, b2: float = 0.99) -> GradientTransformation:
     check_beta("b1", b1)
     check_beta("b2", b2)
 
-    init = _zeros_state("mu")
+    def step(gs, mus):
+        return foreach.sign(foreach.lerp(mus, gs, 1 - b1)), foreach.lerp(mus, gs, 1 - b2)
 
-    def update(grads, state, params=None):
-        names, gs = leaves_of(grads)
-        mus = aligned(names, state["mu"], "lion state 'mu'")
-        us = foreach.sign(foreach.lerp(mus, gs, 1 - b1))
-        mus = foreach.lerp(mus, gs, 1 - b2)
-        return build(names, us), {"mu": build(names, mus)}
-
-    return GradientTransformation(init, update)
+    return _one_buffer("mu", "lion state 'mu'", step)
 
 
 def trace(decay: float = 0.9, nesterov: bool = False) -> GradientTransformation:
@@ -182,16 +188,11 @@ def trace(decay: float = 0.9, nesterov: bool = False) -> GradientTransformation:
     check_beta("decay", decay)
     check_bool("nesterov", nesterov)
 
-    init = _zeros_state("trace")
-
-    def update(grads, state, params=None):
-        names, gs = leaves_of(grads)
-        bufs = aligned(names, state["trace"], "trace state")
+    def step(gs, bufs):
         bufs = foreach.add_(foreach.mul(bufs, decay), gs)
-        us = foreach.add(gs, bufs, alpha=decay) if nesterov else bufs
-        return build(names, us), {"trace": build(names, bufs)}
+        return (foreach.add(gs, bufs, alpha=decay) if nesterov else bufs), bufs
 
-    return GradientTransformation(init, update)
+    return _one_buffer("trace", "trace state", step)
 
 
 def add_decayed_weights(weight_decay: float = 0.0, mask=None) -> GradientTransformation:
