@@ -18,7 +18,14 @@ Atomicity: everything is written into ``<dir>.tmp-<pid>`` and fsynced; then the 
 (if any) is renamed to ``<dir>.old-<pid>``, the new one renamed into place, and the old one
 removed. A process killed at any moment leaves either the previous or the new checkpoint
 complete; if it dies between the two renames, :func:`load_checkpoint` finds the previous one
-under its ``.old-*`` name, and the next save cleans up.
+under its ``.old-*`` name, and the next save cleans up. A write that fails (a full disk, a
+directory that is not writable) is a :class:`CheckpointError` and leaves no temporary behind.
+
+``keep=k`` keeps the ``k - 1`` previous checkpoints beside the new one as ``<dir>-<step>``
+(``checkpoint-300``), newest first, for a run that went wrong after them. A save refuses params
+or optimizer state holding inf/NaN (a diverged run never replaces a good checkpoint), and a load
+refuses non-floating, mixed-dtype or non-finite params and a ``trainer_state.json`` whose
+fields have the wrong types, each with the file and the leaf named.
 """
 
 from __future__ import annotations
@@ -31,14 +38,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+import torch
 from torch import Tensor
 
 from . import tree
-from .checks import is_int
+from .checks import check_int, is_int
 from .config import ModelConfig
 
 __all__ = ["CheckpointError", "Checkpoint", "save_checkpoint", "load_checkpoint", "resolve_checkpoint",
-           "restore_like", "FORMAT_VERSION"]
+           "restore_like", "kept_checkpoints", "FORMAT_VERSION"]
 
 FORMAT_VERSION = 1
 PARAMS_FILE = "params.safetensors"
@@ -116,9 +124,35 @@ def save_checkpoint(
     rng: Optional[Mapping[str, Tensor]] = None,
     tokenizer=None,
     train_state: Optional[Mapping[str, Any]] = None,
+    keep: int = 1,
 ) -> str:
-    """Write a checkpoint directory atomically (see the module docstring); returns its path."""
+    """Write a checkpoint directory atomically (see the module docstring); returns its path.
+    ``keep``: how many checkpoints to leave, this one included (the older as ``<dir>-<step>``)."""
+    check_int("keep", keep, min=1)
     directory = os.path.abspath(os.fspath(directory))
+    _check_finite(params, "params", directory)
+    if opt_state is not None:
+        _check_finite(opt_state, "optimizer state", directory)
+    from safetensors import SafetensorError
+
+    try:
+        _write_atomically(directory, cfg, params, step, opt_state, rng, tokenizer, train_state, keep)
+    except (OSError, SafetensorError) as e:  # a full disk, a read-only or vanished directory
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise CheckpointError(f"could not write the checkpoint {directory!r}: {reason}; the previous checkpoint, "
+                              "if any, is unchanged") from None
+    return directory
+
+
+def _check_finite(tree_: Mapping, what: str, directory: str) -> None:
+    """A CheckpointError naming the first leaf of ``tree_`` that holds inf or NaN."""
+    for name, leaf in tree.flatten(tree_).items():
+        if isinstance(leaf, Tensor) and leaf.is_floating_point() and not bool(torch.isfinite(leaf).all()):
+            raise CheckpointError(f"refusing to save the checkpoint {directory!r}: inf/NaN in its {what} "
+                                  f"(at {name!r}); the previous checkpoint, if any, is unchanged")
+
+
+def _write_atomically(directory, cfg, params, step, opt_state, rng, tokenizer, train_state, keep) -> None:
     parent = os.path.dirname(directory)
     os.makedirs(parent, exist_ok=True)
     _cleanup_stale(directory)
@@ -145,11 +179,47 @@ def save_checkpoint(
         os.rename(tmp, directory)
         _fsync_dir(parent)
         if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+            _retire(old, directory, keep)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return directory
+
+
+def _retire(old: str, directory: str, keep: int) -> None:
+    """The replaced checkpoint ``old``: removed, or (``keep`` > 1) kept as ``<directory>-<step>``
+    with at most ``keep - 1`` such copies, the oldest steps removed first."""
+    if keep > 1:
+        step = _step_of(old)
+        if step is not None:
+            kept = f"{directory}-{step}"
+            if os.path.exists(kept):
+                shutil.rmtree(kept, ignore_errors=True)
+            os.rename(old, kept)
+            old = None
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    for stale in kept_checkpoints(directory)[keep - 1:]:
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def _step_of(path: str) -> Optional[int]:
+    try:
+        with open(os.path.join(path, STATE_FILE), encoding="utf-8") as f:
+            step = json.load(f).get("step")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return step if is_int(step) and step >= 0 else None
+
+
+def kept_checkpoints(directory: str | os.PathLike) -> list[str]:
+    """The previous checkpoints kept beside ``directory`` (``<directory>-<step>``), newest step first."""
+    directory = os.path.abspath(os.fspath(directory))
+    found = []
+    for path in glob.glob(glob.escape(directory) + "-*"):
+        suffix = path[len(directory) + 1:]
+        if suffix.isdigit() and os.path.isdir(path):
+            found.append((int(suffix), path))
+    return [p for _, p in sorted(found, reverse=True)]
 
 
 def _cleanup_stale(directory: str) -> None:
@@ -226,6 +296,41 @@ def restore_like(template: Mapping, flat: Mapping[str, Tensor], *, what: str = "
     return tree.unflatten_like(template, flat)
 
 
+_STATE_TYPES = {"args": dict, "metrics": dict, "lora": dict, "init_from": str}
+
+
+def _check_state(state: dict, file: str) -> None:
+    """``trainer_state.json``'s format version and the types of the fields a run reads back."""
+    if state.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"checkpoint trainer state {file!r} has format_version "
+                              f"{state.get('format_version')!r}; this version of aam_func reads {FORMAT_VERSION}")
+    step = state.get("step")
+    if not is_int(step) or step < 0:
+        raise CheckpointError(f"checkpoint trainer state {file!r}: step must be an int >= 0, got {step!r}")
+    if "seed" in state and not is_int(state["seed"]):
+        raise CheckpointError(f"checkpoint trainer state {file!r}: seed must be an int, got {state['seed']!r}")
+    for key, kind in _STATE_TYPES.items():
+        if state.get(key) is not None and not isinstance(state[key], kind):
+            raise CheckpointError(f"checkpoint trainer state {file!r}: {key} must be a JSON "
+                                  f"{'object' if kind is dict else 'string'}, got {state[key]!r}")
+
+
+def _check_loaded_params(flat: Mapping[str, Tensor], file: str) -> None:
+    """Params are floating point, of one dtype, and finite (a diverged run's NaN weights, or an
+    int/half tensor in a float32 model, would otherwise fail late or evaluate to ``nan``)."""
+    dtypes = {}
+    for name, t in flat.items():
+        if not t.is_floating_point():
+            raise CheckpointError(f"checkpoint params {file!r}: {name!r} is {t.dtype}, expected a floating-point tensor")
+        dtypes.setdefault(t.dtype, name)
+    if len(dtypes) > 1:
+        found = ", ".join(f"{d} ({n!r})" for d, n in dtypes.items())
+        raise CheckpointError(f"checkpoint params {file!r} mix dtypes: {found}; expected one floating dtype")
+    for name, t in flat.items():
+        if not bool(torch.isfinite(t).all()):
+            raise CheckpointError(f"checkpoint params {file!r}: {name!r} holds inf/NaN (saved from a diverged run?)")
+
+
 def load_checkpoint(path: str | os.PathLike, *, opt_template: Optional[Mapping] = None,
                     load_optimizer: bool = True) -> Checkpoint:
     """Read and validate a checkpoint. Every problem (missing file, truncated tensors, invalid
@@ -234,9 +339,7 @@ def load_checkpoint(path: str | os.PathLike, *, opt_template: Optional[Mapping] 
 
     path = resolve_checkpoint(path)
     state = _read_json(os.path.join(path, STATE_FILE), "trainer state")
-    if state.get("format_version") != FORMAT_VERSION or not is_int(state.get("step")):
-        raise CheckpointError(f"checkpoint {path!r}: unsupported trainer_state.json "
-                              f"(format_version {state.get('format_version')!r}, expected {FORMAT_VERSION})")
+    _check_state(state, os.path.join(path, STATE_FILE))
     try:
         cfg = ModelConfig.from_dict(_read_json(os.path.join(path, CONFIG_FILE), "config"))
     except (TypeError, ValueError) as e:
@@ -244,6 +347,7 @@ def load_checkpoint(path: str | os.PathLike, *, opt_template: Optional[Mapping] 
             raise
         raise CheckpointError(f"checkpoint config {os.path.join(path, CONFIG_FILE)!r} is invalid: {e}") from None
     flat_params = _load_tensors(os.path.join(path, PARAMS_FILE), "params file")
+    _check_loaded_params(flat_params, os.path.join(path, PARAMS_FILE))
     try:
         model = Transformer(cfg)
         model.check_params(tree.unflatten(flat_params))

@@ -39,7 +39,8 @@ import torch
 from torch import Tensor
 
 from . import optim, tree
-from .checks import check_choice, check_int
+from .optim.base import cond
+from .checks import check_bool, check_choice, check_int
 from .losses import count_targets
 
 __all__ = ["make_lm_loss", "make_train_step", "make_eval_step", "evaluate", "PRECISIONS", "PRECISION_CHOICES",
@@ -198,9 +199,10 @@ def _accumulated_grads(grad_fn, params, batch, scale, generator, accumulate: int
     return tree.map(lambda x: x / accumulate, grads), torch.stack(losses).mean()
 
 
-def _logged(info: Mapping[str, bool], state, grads, scale, learning_rate) -> dict:
+def _logged(info: Mapping[str, bool], state, norm: Tensor, scale, learning_rate) -> dict:
     """``learning_rate`` and ``grad_norm`` of a step: read from the optimizer state where it
-    holds them (``info``), else the constant rate (NaN if none) and the unscaled gradients' norm."""
+    holds them (``info``), else the constant rate (NaN if none) and the unscaled gradients' norm
+    (``norm``: that of the possibly loss-scaled gradients)."""
     if info["lr"]:
         lr = optim.current_learning_rate(state).float()
     else:
@@ -208,7 +210,6 @@ def _logged(info: Mapping[str, bool], state, grads, scale, learning_rate) -> dic
     if info["norm"]:
         norm = optim.last_global_norm(state).float()
     else:
-        norm = optim.global_norm(grads)
         norm = (norm / scale if scale is not None else norm).float()
     return {"learning_rate": lr, "grad_norm": norm}
 
@@ -236,6 +237,7 @@ def make_train_step(
     grad_reduce: Optional[Callable] = None,
     loss_weight: Optional[Callable] = None,
     compile_optimizer: bool = True,
+    skip_nonfinite: bool = True,
 ):
     """A pure ``step(params, opt_state, batch, generator=None) -> (params, opt_state, metrics)``.
 
@@ -244,7 +246,11 @@ def make_train_step(
     tensors (no host sync): ``loss`` (mean over micro-batches, unscaled), ``learning_rate`` (from
     an :func:`optim.inject_hyperparams` state, else the constant ``learning_rate`` given here, else
     NaN), ``grad_norm`` (global L2 norm of the averaged, unscaled gradients before clipping),
-    ``tokens`` (non-padding input tokens in the batch); with fp16 also ``loss_scale``.
+    ``tokens`` (non-padding input tokens in the batch), ``skipped`` (a 0-d bool: the loss or a
+    gradient was inf/NaN and the step changed nothing); with fp16 also ``loss_scale``.
+    ``skip_nonfinite`` (fp32/bf16; fp16's loss scaler always skips such steps): a step whose loss
+    or gradients are not finite returns ``params`` and ``opt_state`` unchanged instead of
+    spreading NaN into every parameter; ``False`` applies every update as computed.
     ``step.init(params)`` builds the matching optimizer state. ``loss_scale`` passes keyword
     arguments to :func:`optim.dynamic_loss_scale` (fp16 only). ``grad_reduce`` combines the
     gradients of data-parallel processes (module docstring); ``loss_weight(batch)`` is the weight
@@ -255,6 +261,7 @@ def make_train_step(
     """
     check_choice("precision", precision, PRECISIONS)
     check_int("accumulate", accumulate, min=1)
+    check_bool("skip_nonfinite", skip_nonfinite)
     optimizer = _with_loss_scale(optimizer, precision, loss_scale)
     info: dict[str, bool] = {}
 
@@ -282,9 +289,20 @@ def make_train_step(
         if reduce_fn is not None:
             red = reduce_fn({"grads": grads, "loss": loss, "weight": weight_fn(batch), "tokens": tokens})
             grads, loss, tokens = red["grads"], red["loss"], red["tokens"]
-        updates, new_state = update_fn(grads, opt_state, params)
-        new_params = apply_fn(params, updates)
-        metrics = {"loss": loss, **_logged(info, new_state, grads, scale, learning_rate), "tokens": tokens}
+        # a gradient norm that overflows float32 makes clipping (and Adam's moments) meaningless too
+        norm = optim.global_norm(grads)
+        finite = torch.isfinite(loss) & torch.isfinite(norm)
+
+        def apply():
+            updates, new_state = update_fn(grads, opt_state, params)
+            return apply_fn(params, updates), new_state
+
+        if skip_nonfinite and precision != "fp16":  # fp16: the loss scaler skips (and backs off) itself
+            new_params, new_state = cond(finite, apply, lambda: (params, opt_state))
+        else:
+            new_params, new_state = apply()
+        metrics = {"loss": loss, **_logged(info, new_state, norm, scale, learning_rate), "tokens": tokens,
+                   "skipped": ~finite}
         if precision == "fp16":
             metrics["loss_scale"] = opt_state["loss_scale"]
         return new_params, new_state, metrics

@@ -73,7 +73,7 @@ def test_cli_defaults_are_the_run_config_defaults():
     """The parser reads its defaults from RunConfig: parsing ``train`` alone gives RunConfig()."""
     args = cli.build_parser().parse_args(["train"])
     assert RunConfig.from_flags(vars(args)) == RunConfig()
-    assert set(RunConfig().saved_args()) == set(vars(args)) - {"command", "resume"}
+    assert set(RunConfig().saved_args()) == set(vars(args)) - {"command", "resume", "overwrite"}
 
 
 def test_from_flags_with_init_from_leaves_the_checkpoints_settings_open():

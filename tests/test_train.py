@@ -53,7 +53,7 @@ def test_step_is_pure_and_learns():
         losses.append(float(m["loss"]))
     assert not _equal(new_p, params)
     assert losses[-1] < losses[0] - 0.5
-    assert set(m) == {"loss", "learning_rate", "grad_norm", "tokens"}
+    assert set(m) == {"loss", "learning_rate", "grad_norm", "tokens", "skipped"}
     assert int(m["tokens"]) == batch["input_ids"].numel()
 
 

@@ -8,8 +8,9 @@ printing; the training run itself is :mod:`aam_func.run`.
 
 Bad input (a missing or empty corpus, a non-UTF-8 file, a sequence length above the model's
 maximum, a tokenizer that is not available offline, a corrupted checkpoint) is one line
-``error: ...`` on stderr and exit status 2, never a traceback. Ctrl-C during training saves a
-checkpoint and exits with status 130.
+``error: ...`` on stderr and exit status 2, never a traceback. Ctrl-C, SIGTERM or SIGHUP during
+training save a checkpoint and exit with the conventional status 128 + the signal's number (130,
+143, 129). docs/reliability.md says what a run guarantees.
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ def _user_errors() -> tuple:
 def main(argv: Optional[list[str]] = None) -> int:
     from ..distributed import DistributedError
     from ..run import PeerFailed
+    from ..run.signals import exit_status
 
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
@@ -69,6 +71,6 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.stdout.flush()
         os._exit(1)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:  # a stop signal before the run could save anything
         print("interrupted", file=sys.stderr)
-        return 130
+        return exit_status(getattr(e, "signum", None))

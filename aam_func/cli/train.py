@@ -9,6 +9,7 @@ import sys
 from ..config import ATTENTION_BACKENDS, ATTENTION_TYPES, POSITION_ENCODINGS
 from ..peft.lora import DEFAULT_CLI_TARGETS
 from ..run.config import PRECISION_FLAG_CHOICES, RunConfig
+from ..run.signals import exit_status, ignoring_stop_signals
 from ..run.config import default as field_default
 from .args import field_type
 
@@ -75,7 +76,14 @@ def _run(t, default) -> None:
     r.add_argument("--eval-every", type=field_type("eval_every"), default=default("eval_every"), help="evaluate every N steps (0: only at the end)")
     r.add_argument("--eval-batches", type=field_type("eval_batches"), default=default("eval_batches"), help="cap on validation batches per evaluation; default: all")
     r.add_argument("--save-every", type=field_type("save_every"), default=default("save_every"), help="checkpoint every N steps (0: at the end and on Ctrl-C)")
+    r.add_argument("--keep-checkpoints", type=field_type("keep_checkpoints"), default=default("keep_checkpoints"),
+                   metavar="K", help="checkpoints kept: the newest as checkpoint/, the K-1 before it as checkpoint-STEP/")
+    r.add_argument("--max-skipped-steps", type=field_type("max_skipped_steps"), default=default("max_skipped_steps"),
+                   metavar="N", help="steps with an inf/NaN loss or gradient are skipped; after more than N in a row "
+                                     "the run saves and stops")
     r.add_argument("--output-dir", default=default("output_dir"), help="run directory: checkpoint/, tokenizer/, cache/, metrics.jsonl")
+    r.add_argument("--overwrite", action="store_true", default=default("overwrite"),
+                   help="replace the run already in --output-dir (its checkpoints, adapters and metrics)")
     r.add_argument("--resume", nargs="?", const="", default=default("resume"), metavar="CHECKPOINT",
                    help="continue from a checkpoint (default: the one in --output-dir); --steps is the total")
     r.add_argument("--stop-after", type=field_type("stop_after"), default=default("stop_after"), metavar="N",
@@ -115,9 +123,12 @@ def cmd_train(args: argparse.Namespace, argv: list[str]) -> int:
     from .. import run
 
     cfg = RunConfig.from_flags(vars(args), given_flags(argv[1:]))
-    result = run.train(cfg, log=run.console, progress=True)
+    with ignoring_stop_signals() as stopping:
+        result = run.train(cfg, log=run.console, progress=True)
+        stopping.set(result.interrupted)
     if not result.interrupted:
         return 0
+    status = exit_status(result.signal)
     if result.is_main and result.adapter_dir is not None:
         print(f"\ninterrupted at step {result.step}: merged weights saved to {result.checkpoint_dir}, adapters to "
               f"{result.adapter_dir} (a LoRA run cannot be resumed; fine-tune further with --init-from "
@@ -127,4 +138,4 @@ def cmd_train(args: argparse.Namespace, argv: list[str]) -> int:
         print(f"\ninterrupted at step {result.step}: checkpoint saved to {result.checkpoint_dir} "
               f"(continue with: {launch} train --output-dir {args.output_dir} --resume --steps {args.steps})",
               file=sys.stderr, flush=True)
-    return 130
+    return status

@@ -16,6 +16,7 @@ the field, or the flag where a combination of flags is at fault.
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -24,7 +25,7 @@ from ..checks import check_choice, check_int, check_number
 from ..config import ATTENTION_BACKENDS, ATTENTION_TYPES, POSITION_ENCODINGS
 from ..train import PRECISION_CHOICES
 
-__all__ = ["RunConfig", "RunError", "RESUMED_FIELDS", "SHAPE_FIELDS", "INT_MINIMUM", "NUMBER_RANGE",
+__all__ = ["RunConfig", "RunError", "RESUMED_FIELDS", "RESUME_FREE", "RESUME_ADJUSTABLE", "SHAPE_FIELDS", "INT_MINIMUM", "NUMBER_RANGE",
            "PRECISION_FLAG_CHOICES", "attention_backend", "flag", "default"]
 
 # the CLI offers every choice of train.PRECISION_CHOICES except "mixed" (the guide's config flag)
@@ -34,8 +35,11 @@ PRECISION_FLAG_CHOICES = tuple(c for c in PRECISION_CHOICES if c != "mixed")
 INT_MINIMUM = {
     "vocab_size": 1, "d_model": 1, "n_layers": 1, "n_heads": 1, "d_ff": 1, "max_seq_len": 1, "steps": 1,
     "batch_size": 1, "seq_len": 1, "accumulate": 1, "warmup_steps": 0, "eval_every": 0, "eval_batches": 1,
-    "save_every": 0, "stop_after": 1, "sample_tokens": 0, "log_every": 1, "lora_rank": 1,
+    "save_every": 0, "stop_after": 1, "sample_tokens": 0, "log_every": 1, "lora_rank": 1, "keep_checkpoints": 1,
+    "max_skipped_steps": 0,
 }
+# torch.manual_seed takes any int of 64 bits; the run's dropout streams hash the seed as one
+SEED_RANGE = (-(2**63), 2**64 - 1)
 # (min, max, min open, finite) of each real-valued field; max None: no upper bound. Every one is
 # finite: infinity means nothing for a rate, a decay, a norm bound, a fraction or a LoRA alpha, and
 # dist_timeout's datetime.timedelta cannot hold it (an unbounded wait is not offered either)
@@ -45,13 +49,20 @@ NUMBER_RANGE = {
     "dist_timeout": (0.0, None, True, True), "lora_alpha": (0.0, None, True, True),
     "lora_dropout": (0.0, 0.99, False, True),
 }
-# what --resume takes from the checkpoint's saved arguments (the run's identity); every other
-# field (steps, eval/log/save cadence, stop_after, sample length, device ...) comes from the flags
+# what --resume takes from the checkpoint's saved arguments (the run's identity and, unless given
+# again, its optimisation settings); every other field (steps, eval/log/save cadence, stop_after,
+# sample length, device ...) comes from the flags
 RESUMED_FIELDS = ("data", "text_field", "val_fraction", "seq_len", "batch_size", "accumulate", "lr", "warmup_steps",
                   "weight_decay", "max_grad_norm", "seed", "precision")
 # settings that shape the params or the vocabulary: --init-from takes them from its checkpoint
 SHAPE_FIELDS = ("d_model", "n_layers", "n_heads", "d_ff", "max_seq_len", "attention_type", "position_encoding",
                 "tokenizer", "vocab_size")
+# what --resume takes from the flags: how long and how the run goes on, never what it is
+RESUME_FREE = ("steps", "eval_every", "eval_batches", "save_every", "keep_checkpoints", "max_skipped_steps",
+               "output_dir", "resume", "stop_after", "sample_tokens", "log_every", "device", "dist_timeout", "compile")
+# resumed from the checkpoint unless given explicitly: the knobs a diverged run is resumed with
+# (the optimizer is rebuilt from them; the run is no longer the uninterrupted one's)
+RESUME_ADJUSTABLE = ("lr", "warmup_steps", "weight_decay", "max_grad_norm", "precision")
 _LORA_OPTIONS = ("lora_alpha", "lora_targets", "lora_dropout")
 _NONE_FROM_CHECKPOINT = ("seq_len", "dropout", "gradient_checkpointing")
 
@@ -114,8 +125,11 @@ class RunConfig:
     eval_every: int = 200
     eval_batches: Optional[int] = None
     save_every: int = 0
+    keep_checkpoints: int = 2
+    max_skipped_steps: int = 10
     output_dir: str = "runs/default"
     resume: Optional[str] = None
+    overwrite: bool = False
     stop_after: Optional[int] = None
     sample_tokens: int = 64
     log_every: Optional[int] = None
@@ -127,6 +141,9 @@ class RunConfig:
     lora_alpha: Optional[float] = None
     lora_targets: Optional[str] = None
     lora_dropout: float = 0.0
+    # the fields the user set (the CLI's flags given); None: those that differ from their
+    # default. --resume refuses a set field that would change the resumed run (for_resume)
+    explicit: Optional[frozenset] = dataclasses.field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         try:
@@ -158,7 +175,7 @@ class RunConfig:
     def _check_fields(self) -> None:
         for name, lo in INT_MINIMUM.items():
             check_int(name, getattr(self, name), min=lo, allow_none=default(name) is None or name == "seq_len")
-        check_int("seed", self.seed)
+        check_int("seed", self.seed, min=SEED_RANGE[0], max=SEED_RANGE[1])
         for name, (lo, hi, lo_open, finite) in NUMBER_RANGE.items():
             check_number(name, getattr(self, name), min=lo, max=hi, min_open=lo_open, finite=finite,
                          allow_none=default(name) is None or name == "dropout")
@@ -167,7 +184,7 @@ class RunConfig:
         if self.attention_backend is not None:
             check_choice("attention_backend", self.attention_backend, ATTENTION_BACKENDS)
         check_choice("precision", self.precision, PRECISION_FLAG_CHOICES)
-        for name in ("compile", "gradient_checkpointing"):
+        for name in ("compile", "gradient_checkpointing", "overwrite"):
             value = getattr(self, name)
             if not isinstance(value, bool) and not (value is None and name == "gradient_checkpointing"):
                 raise ValueError(f"{name} must be a bool, got {value!r}")
@@ -195,7 +212,7 @@ class RunConfig:
                 raise RunError(f"{', '.join(lora_flags)} only apply with --lora-rank")
         if kwargs.get("init_from") is not None:
             kwargs.update({k: None for k in (*_NONE_FROM_CHECKPOINT, "attention_backend") if k not in given})
-        cfg = cls(**kwargs)
+        cfg = cls(**kwargs, explicit=frozenset(given & fields))
         if cfg.init_from is not None:
             shape = [flag(k) for k in SHAPE_FIELDS if k in given]
             if shape:
@@ -211,10 +228,36 @@ class RunConfig:
             raise RunError(f"checkpoint {checkpoint.path} was written by a LoRA fine-tune (--lora-rank), which cannot "
                            "be resumed; its params are the merged weights: start a new run from it with --init-from")
         saved = checkpoint.train_state.get("args", {})
-        resumed = dataclasses.replace(self, **{k: saved[k] for k in RESUMED_FIELDS if k in saved})
+        self._check_resume_flags(saved, checkpoint.path)
+        adjusted = self.explicit_fields() & set(RESUME_ADJUSTABLE)
+        try:
+            resumed = dataclasses.replace(self, **{k: saved[k] for k in RESUMED_FIELDS if k in saved and k not in adjusted})
+        except RunError as e:
+            raise RunError(f"checkpoint {checkpoint.path}: its saved training arguments are invalid: {e}") from None
         if resumed.steps <= checkpoint.step:
             raise RunError(f"the checkpoint is already at step {checkpoint.step}; ask for more --steps than that")
         return resumed
+
+    def explicit_fields(self) -> frozenset:
+        """The fields the user set: ``explicit`` when given (the CLI's flags), else those whose
+        value differs from their default."""
+        if self.explicit is not None:
+            return self.explicit
+        return frozenset(f.name for f in dataclasses.fields(self)
+                         if f.name != "explicit" and getattr(self, f.name) != f.default)
+
+    def _check_resume_flags(self, saved: Mapping[str, Any], path: str) -> None:
+        """A field set explicitly with --resume: those of :data:`RESUME_FREE` and
+        :data:`RESUME_ADJUSTABLE` are honoured; any other whose value differs from the one the
+        checkpoint was trained with is refused, by name (nothing is ignored silently)."""
+        changed = []
+        for name in sorted(self.explicit_fields() - set(RESUME_FREE) - set(RESUME_ADJUSTABLE)):
+            if name in saved and not _same_setting(name, getattr(self, name), saved[name]):
+                changed.append(f"{flag(name)} {getattr(self, name)!r} (the run has {saved[name]!r})")
+        if changed:
+            raise RunError(f"--resume continues the run in {path} with its own settings; these flags would change "
+                           f"it: {'; '.join(changed)}. Drop them, or start a new run (--init-from {path} for its "
+                           f"weights). With --resume you may change: {', '.join(flag(n) for n in RESUME_FREE + RESUME_ADJUSTABLE)}")
 
     def for_init_from(self, checkpoint) -> "RunConfig":
         """This config starting from ``checkpoint`` (``init_from``): ``seq_len`` None becomes the
@@ -242,8 +285,16 @@ class RunConfig:
         return min(warmup, self.steps)
 
     def saved_args(self) -> dict:
-        """What a checkpoint stores as ``train_state["args"]``: every field but ``resume``."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "resume"}
+        """What a checkpoint stores as ``train_state["args"]``: every field but ``resume``,
+        ``overwrite`` and ``explicit``."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if f.name not in ("resume", "explicit", "overwrite")}
+
+
+def _same_setting(name: str, value: Any, saved: Any) -> bool:
+    if name in ("data", "tokenizer") and isinstance(value, str) and isinstance(saved, str):
+        return os.path.abspath(value) == os.path.abspath(saved)
+    return value == saved
 
 
 def default(name: str) -> Any:

@@ -33,6 +33,7 @@ def save_run(run: Run, step: int, trainable: dict, opt_state: dict, metrics: dic
             opt_state=None if spec is not None else opt_state, step=step, rng={"torch": torch.get_rng_state()},
             tokenizer=run.tokenizer,
             train_state={"args": cfg.saved_args(), "metrics": metrics, "seed": cfg.seed, **extra},
+            keep=cfg.keep_checkpoints,
         )
         if spec is not None:
             save_adapters(spec, trainable, run.adapter_dir, run.model, log=run.log if announce_adapters else None)

@@ -6,7 +6,6 @@ lines go to the run's ``log`` (silent by default), the bar only with ``progress`
 
 from __future__ import annotations
 
-import math
 import os
 import sys
 import time
@@ -22,18 +21,21 @@ from ..train import evaluate as evaluate_batches
 from .config import RunConfig, RunError
 from .output import write_metrics
 from .saving import save_run
+from .signals import StopSignals
 from .state import Run
 
-__all__ = ["RunResult", "loop", "SAMPLE_PROMPT"]
+__all__ = ["RunResult", "Diverged", "loop", "SAMPLE_PROMPT"]
 
 SAMPLE_PROMPT = "The "  # what the sample printed at the end continues
 
 
 @dataclass(frozen=True)
 class RunResult:
-    """How a run ended. ``interrupted``: stopped by Ctrl-C (or SIGTERM under torchrun) after
-    ``step`` steps, with the checkpoint saved there; ``metrics``: the last loss, learning rate,
-    grad norm and held-out loss/perplexity; ``params``: the model's params (merged with LoRA)."""
+    """How a run ended. ``interrupted``: stopped by a signal (Ctrl-C, SIGTERM, SIGHUP) after
+    ``step`` steps, with the checkpoint saved there; ``signal``: which one (None for a
+    KeyboardInterrupt raised otherwise); ``metrics``: the last loss, learning rate, grad norm,
+    held-out loss/perplexity and the count of skipped (non-finite) steps; ``params``: the model's
+    params (merged with LoRA)."""
 
     config: RunConfig
     step: int
@@ -44,6 +46,16 @@ class RunResult:
     adapter_dir: Optional[str]
     is_main: bool
     world_size: int
+    signal: Optional[int] = None
+
+
+class Diverged(RunError):
+    """More than ``--max-skipped-steps`` steps in a row had an inf/NaN loss or gradient. The run
+    stopped at ``step``; the checkpoint there holds the params of the last finite step."""
+
+    def __init__(self, message: str, step: int):
+        super().__init__(message)
+        self.step = step
 
 
 class _Progress:
@@ -63,13 +75,18 @@ class _Progress:
         return self.tok_per_s
 
 
-def loop(run: Run, *, progress: bool = False) -> RunResult:
+def loop(run: Run, *, progress: bool = False, signals: Optional[StopSignals] = None) -> RunResult:
     """Train ``run`` from ``run.start`` to ``config.steps`` (or ``stop_after`` steps of it).
-    ``progress``: a tqdm bar on stderr when it is a terminal (``aam-func train`` asks for it)."""
+    ``progress``: a tqdm bar on stderr when it is a terminal (``aam-func train`` asks for it).
+    ``signals``: the installed stop handlers (:func:`aam_func.run.signals.stop_on_signals`;
+    :func:`aam_func.run.train` installs them): checkpoints are then written without being cut
+    short by a signal. A step whose loss or gradients are not finite changes nothing and is
+    counted; more than ``max_skipped_steps`` in a row save and raise :class:`Diverged`."""
     cfg = run.config
     trainable, opt_state, step = run.trainable, run.opt_state, run.start
     os.makedirs(run.output_dir, exist_ok=True)
-    last: dict = {"baseline_perplexity": run.baseline}
+    guard = signals if signals is not None else StopSignals()  # not installed: deferral only
+    last: dict = {"baseline_perplexity": run.baseline, "skipped_steps": 0}
     announced = []  # the adapters' location is said once, at the first save
     if cfg.init_from is not None and run.start == 0:  # where fine-tuning starts from
         ev = _evaluate(run, trainable, last, 0)
@@ -78,31 +95,68 @@ def loop(run: Run, *, progress: bool = False) -> RunResult:
     progress = _Progress(run, end, show_bar=progress)
 
     def save(at: int, sync: bool = True) -> None:
-        save_run(run, at, trainable, opt_state, last, sync=sync, announce_adapters=not announced)
+        with guard.deferred():
+            save_run(run, at, trainable, opt_state, last, sync=sync, announce_adapters=not announced)
         announced.append(True)
 
+    streak = 0  # non-finite steps in a row
     try:
         while step < end:
             trainable, opt_state, m = _step(run, trainable, opt_state, step)
             step += 1
-            _report(run, progress, m, step, end, last)
+            streak = _count_skip(run, m, step, streak, last)
+            if streak > cfg.max_skipped_steps:
+                progress.bar.close()
+                save(step)
+                raise Diverged(_divergence_message(run, m, step, streak), step)
+            _report(run, progress, m, step, end, last, skipped=streak > 0)
             if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
                 ev = _evaluate(run, trainable, last, step)
                 run.log(f"step {step}: val loss {ev['loss']:.4f}, perplexity {ev['perplexity']:.2f} "
                         f"(unigram baseline {run.baseline:.1f})")
             if cfg.save_every and step % cfg.save_every == 0 and step < end:
                 save(step)
-    except KeyboardInterrupt:
+        progress.bar.close()
+        _finish(run, trainable, step, last, save)
+    except KeyboardInterrupt as e:
         progress.bar.close()
         if run.dist is not None:
             run.dist.stopping = True
         # rank 0 alone saves (its params are the replicated state after `step` steps); no
         # collective here: the other ranks are stopping too, or are gone
         save(step, sync=False)
-        return _result(run, step, True, last, trainable)
-    progress.bar.close()
-    _finish(run, trainable, step, last, save)
+        return _result(run, step, True, last, trainable, signum=getattr(e, "signum", None))
     return _result(run, step, False, last, trainable)
+
+
+def _count_skip(run: Run, m: dict, step: int, streak: int, last: dict) -> int:
+    """The new count of non-finite steps in a row after ``step`` (0 when it was finite); a skipped
+    step is said in the log and ``metrics.jsonl``."""
+    if not bool(m["skipped"]):
+        return 0
+    streak += 1
+    last["skipped_steps"] += 1
+    budget = run.config.max_skipped_steps
+    run.log(f"step {step}: the loss ({float(m['loss']):.4g}) or a gradient is not finite; step skipped, params "
+            f"unchanged ({streak} in a row, at most {budget} allowed)")
+    if run.is_main:
+        write_metrics(run.metrics_path, {"step": step, "skipped": True, "skipped_in_a_row": streak})
+    return streak
+
+
+def _divergence_message(run: Run, m: dict, step: int, streak: int) -> str:
+    """Why the run stopped, with the advice that fits its precision."""
+    cfg = run.config
+    advice = {
+        "fp32": f"lower --lr (now {cfg.lr:g}) or --max-grad-norm, or raise --warmup-steps",
+        "bf16": f"lower --lr (now {cfg.lr:g}) or --max-grad-norm, or raise --warmup-steps; bf16 has float32's "
+                "range, so --precision fp32 helps only where rounding is at fault",
+        "fp16": f"the fp16 loss scale fell to {float(m.get('loss_scale', float('nan'))):g}: use --precision bf16 or "
+                f"fp32 (float16 overflows above 65504), or lower --lr (now {cfg.lr:g})",
+    }[cfg.precision]
+    return (f"the loss or gradients were not finite for {streak} steps in a row (up to step {step}; "
+            f"--max-skipped-steps {cfg.max_skipped_steps}); the checkpoint in {run.checkpoint_dir} holds the "
+            f"params of the last finite step. To go on from it: {advice}, with --resume")
 
 
 def _step(run: Run, trainable, opt_state, step: int):
@@ -115,15 +169,14 @@ def _step(run: Run, trainable, opt_state, step: int):
     return run.train_step(trainable, opt_state, batch)
 
 
-def _report(run: Run, progress: _Progress, m: dict, step: int, end: int, last: dict) -> None:
+def _report(run: Run, progress: _Progress, m: dict, step: int, end: int, last: dict, skipped: bool) -> None:
     """Loss, learning rate and throughput into ``last``, the bar and ``metrics.jsonl`` every 10
-    steps (and at the first and last), a progress line every ``log_every`` steps off a terminal."""
+    steps (and at the first and last; a skipped step's record is :func:`_count_skip`'s), a
+    progress line every ``log_every`` steps off a terminal."""
     progress.tokens += int(m["tokens"])
     log_now = not progress.use_bar and (step % progress.log_every == 0 or step == end)
-    if step % 10 == 0 or step == end or step - run.start <= 1 or log_now:
+    if not skipped and (step % 10 == 0 or step == end or step - run.start <= 1 or log_now):
         loss = float(m["loss"])  # the global loss: the same on every rank
-        if not math.isfinite(loss):
-            raise RunError(f"the loss became {loss} at step {step}; lower --lr or use --precision fp32")
         tok_per_s = progress.rate()
         last.update(step=step, loss=loss, learning_rate=float(m["learning_rate"]), grad_norm=float(m["grad_norm"]))
         progress.bar.set_postfix(loss=f"{loss:.3f}", lr=f"{last['learning_rate']:.2e}", tok_s=f"{tok_per_s:,.0f}")
@@ -131,7 +184,7 @@ def _report(run: Run, progress: _Progress, m: dict, step: int, end: int, last: d
             write_metrics(run.metrics_path, {"step": step, "loss": loss, "learning_rate": last["learning_rate"],
                                              "grad_norm": last["grad_norm"], "tokens_per_s": tok_per_s})
     progress.bar.update(1)
-    if log_now:
+    if log_now and not skipped:
         run.log(f"step {step}/{run.config.steps}  loss {last.get('loss', float('nan')):.4f}  "
                 f"lr {last.get('learning_rate', 0):.2e}  {progress.tok_per_s:,.0f} tok/s")
 
@@ -172,7 +225,7 @@ def _finish(run: Run, trainable, step: int, last: dict, save) -> None:
         run.log("sample:\n" + run.tokenizer.decode(ids[0]))
 
 
-def _result(run: Run, step: int, interrupted: bool, last: dict, trainable) -> RunResult:
+def _result(run: Run, step: int, interrupted: bool, last: dict, trainable, signum: Optional[int] = None) -> RunResult:
     return RunResult(config=run.config, step=step, interrupted=interrupted, metrics=dict(last),
                      params=run.weights(trainable), checkpoint_dir=run.checkpoint_dir, adapter_dir=run.adapter_dir,
-                     is_main=run.is_main, world_size=run.world_size)
+                     is_main=run.is_main, world_size=run.world_size, signal=signum)
