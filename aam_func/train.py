@@ -17,6 +17,10 @@
   multiplied by the state's scale before differentiation, and steps with inf/NaN gradients are
   skipped while the scale backs off.
 
+Non-finite steps: with ``skip_nonfinite=True`` (the default) a step whose loss or gradient norm
+is inf/NaN returns ``params`` and ``opt_state`` unchanged (``metrics["skipped"]``) instead of
+spreading NaN into every parameter (fp16's loss scaler always skips such steps, and backs off).
+
 ``accumulate=k`` splits each batch into ``k`` equal micro-batches along dim 0 and averages
 their gradients before one optimizer update (equal to the full batch for a mean loss over
 equal-sized micro-batches). ``compile=True`` wraps the whole step (grads, clipping, optimizer)
@@ -214,6 +218,36 @@ def _logged(info: Mapping[str, bool], state, norm: Tensor, scale, learning_rate)
     return {"learning_rate": lr, "grad_norm": norm}
 
 
+def _grad_fn(loss_fn: Callable, precision: str) -> Callable:
+    """``(params, batch, scale, generator) -> (grads, loss)``: the gradient of the loss computed
+    under ``precision``'s autocast, times the fp16 loss ``scale`` (None: unscaled)."""
+
+    def differentiated(params, batch, scale, generator):
+        device_type = batch["input_ids"].device.type
+        with autocast(precision, device_type):
+            loss = loss_fn(params, batch, generator) if generator is not None else loss_fn(params, batch)
+        loss = loss.float()
+        scaled = loss * scale if scale is not None else loss
+        return scaled, loss.detach()
+
+    return torch.func.grad(differentiated, has_aux=True)
+
+
+def _update(update_fn, apply_fn, grads, loss, opt_state, params, guard: bool):
+    """``(new_params, new_state, grad_norm, finite)``: the optimizer's step, or with ``guard`` and
+    an inf/NaN loss or gradient norm, ``params`` and ``opt_state`` unchanged. A norm that overflows
+    float32 counts as non-finite: clipping (and Adam's moments) would be meaningless after it."""
+    norm = optim.global_norm(grads)
+    finite = torch.isfinite(loss) & torch.isfinite(norm)
+
+    def step():
+        updates, new_state = update_fn(grads, opt_state, params)
+        return apply_fn(params, updates), new_state
+
+    new_params, new_state = cond(finite, step, lambda: (params, opt_state)) if guard else step()
+    return new_params, new_state, norm, finite
+
+
 def _with_loss_scale(optimizer, precision: str, loss_scale: Optional[dict]):
     """``optimizer`` wrapped in the dynamic loss scaler for fp16; unchanged otherwise."""
     if not isinstance(optimizer, optim.GradientTransformation):
@@ -246,11 +280,9 @@ def make_train_step(
     tensors (no host sync): ``loss`` (mean over micro-batches, unscaled), ``learning_rate`` (from
     an :func:`optim.inject_hyperparams` state, else the constant ``learning_rate`` given here, else
     NaN), ``grad_norm`` (global L2 norm of the averaged, unscaled gradients before clipping),
-    ``tokens`` (non-padding input tokens in the batch), ``skipped`` (a 0-d bool: the loss or a
-    gradient was inf/NaN and the step changed nothing); with fp16 also ``loss_scale``.
-    ``skip_nonfinite`` (fp32/bf16; fp16's loss scaler always skips such steps): a step whose loss
-    or gradients are not finite returns ``params`` and ``opt_state`` unchanged instead of
-    spreading NaN into every parameter; ``False`` applies every update as computed.
+    ``tokens`` (non-padding input tokens in the batch), ``skipped`` (inf/NaN loss or gradients:
+    with ``skip_nonfinite`` the step returned ``params`` and ``opt_state`` unchanged, see the
+    module docstring); with fp16 also ``loss_scale``.
     ``step.init(params)`` builds the matching optimizer state. ``loss_scale`` passes keyword
     arguments to :func:`optim.dynamic_loss_scale` (fp16 only). ``grad_reduce`` combines the
     gradients of data-parallel processes (module docstring); ``loss_weight(batch)`` is the weight
@@ -264,16 +296,7 @@ def make_train_step(
     check_bool("skip_nonfinite", skip_nonfinite)
     optimizer = _with_loss_scale(optimizer, precision, loss_scale)
     info: dict[str, bool] = {}
-
-    def differentiated(params, batch, scale, generator):
-        device_type = batch["input_ids"].device.type
-        with autocast(precision, device_type):
-            loss = loss_fn(params, batch, generator) if generator is not None else loss_fn(params, batch)
-        loss = loss.float()
-        scaled = loss * scale if scale is not None else loss
-        return scaled, loss.detach()
-
-    grad_fn = torch.func.grad(differentiated, has_aux=True)
+    grad_fn = _grad_fn(loss_fn, precision)
     # compile=True traces the whole step, optimizer included, unless compile_optimizer=False
     eager_optimizer = compile and not compile_optimizer
     apply_fn = torch.compiler.disable(optim.apply_updates) if eager_optimizer else optim.apply_updates
@@ -289,18 +312,8 @@ def make_train_step(
         if reduce_fn is not None:
             red = reduce_fn({"grads": grads, "loss": loss, "weight": weight_fn(batch), "tokens": tokens})
             grads, loss, tokens = red["grads"], red["loss"], red["tokens"]
-        # a gradient norm that overflows float32 makes clipping (and Adam's moments) meaningless too
-        norm = optim.global_norm(grads)
-        finite = torch.isfinite(loss) & torch.isfinite(norm)
-
-        def apply():
-            updates, new_state = update_fn(grads, opt_state, params)
-            return apply_fn(params, updates), new_state
-
-        if skip_nonfinite and precision != "fp16":  # fp16: the loss scaler skips (and backs off) itself
-            new_params, new_state = cond(finite, apply, lambda: (params, opt_state))
-        else:
-            new_params, new_state = apply()
+        guard = skip_nonfinite and precision != "fp16"  # fp16: the loss scaler skips (and backs off) itself
+        new_params, new_state, norm, finite = _update(update_fn, apply_fn, grads, loss, opt_state, params, guard)
         metrics = {"loss": loss, **_logged(info, new_state, norm, scale, learning_rate), "tokens": tokens,
                    "skipped": ~finite}
         if precision == "fp16":

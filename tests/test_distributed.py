@@ -217,13 +217,14 @@ def test_dead_or_stalled_rank_ends_the_others_with_a_clear_error(tmp_path, corpu
     assert waited < 60
 
 
-def test_sigterm_from_torchrun_saves_on_rank_0_and_exits_130(tmp_path, corpus, single):
-    """torchrun turns Ctrl-C into SIGTERM for its workers: rank 0 saves, every rank exits 130."""
+def test_sigterm_from_torchrun_saves_on_rank_0_and_exits_143(tmp_path, corpus, single):
+    """torchrun turns Ctrl-C into SIGTERM for its workers: rank 0 saves, every rank exits with
+    SIGTERM's conventional status 143 (128 + 15)."""
     procs = _start_training(tmp_path, corpus, single, timeout_s=30)
     for p in procs:
         os.kill(p.pid, signal.SIGTERM)
     results = _finish(procs, timeout=60)
-    assert [c for c, _, _ in results] == [130, 130], [e[-1500:] for _, _, e in results]
+    assert [c for c, _, _ in results] == [143, 143], [e[-1500:] for _, _, e in results]
     assert "interrupted at step" in results[0][2] and "torchrun --nproc-per-node 2 -m aam_func train" in results[0][2]
     assert "interrupted" not in results[1][2]
     import json

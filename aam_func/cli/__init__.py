@@ -63,6 +63,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     except _user_errors() as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # the machine at fault (a full disk, a file that vanished): one line too
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"error: {where}{e.strerror or e}", file=sys.stderr)
+        return 2
     except PeerFailed as e:  # rank 0 said why
         return 130 if e.interrupted else 2
     except DistributedError as e:
