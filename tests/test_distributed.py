@@ -143,10 +143,11 @@ def test_torchrun_two_processes_equal_one_process_and_save_once(tmp_path, corpus
     out, log = tmp_path / "two", tmp_path / "saves.log"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", WORKER, "cli",
            "train", "--data", str(corpus), "--steps", "10", "--batch-size", "8", "--output-dir", str(out),
-           "--tokenizer", str(single / "tokenizer"), "--log-every", "5", *TINY]
+           "--tokenizer", str(single / "tokenizer"), "--log-every", "5", "--log-to", "tensorboard", *TINY]
     r = subprocess.run(cmd, cwd=ROOT, env=_env(SAVE_LOG=log), capture_output=True, text=True, timeout=PROC_TIMEOUT)
     assert r.returncode == 0, r.stderr[-3000:]
     assert log.read_text().split("\n") == ["0 10", ""]  # rank 0 wrote the checkpoint, once
+    assert len(os.listdir(out / "tensorboard")) == 1  # and the only event file
     assert r.stdout.count("checkpoint:") == 1 and r.stdout.count("step 10/10") == 1  # rank 0 logs
     assert "data parallel over 2 processes (gloo), 4 rows each" in r.stdout
     _assert_same_params(_params(out), _params(single))

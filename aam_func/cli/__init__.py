@@ -1,9 +1,10 @@
-"""``aam-func train | generate | eval`` (also ``python -m aam_func``): argument parsing and
+"""``aam-func train | generate | eval | plot`` (also ``python -m aam_func``): argument parsing and
 printing; the training run itself is :mod:`aam_func.run`.
 
     aam-func train                                   # a small GPT on Python's reference text, ~1 min on 2 cores
     aam-func generate --checkpoint runs/default --prompt "The with statement" --max-new-tokens 64 --seed 0
     aam-func eval --checkpoint runs/default [--data notes/]
+    aam-func plot runs/default runs/other --metric loss,val_loss --output curves.png
     aam-func train --init-from runs/default --data notes/ --lora-rank 8 --output-dir runs/notes-lora
 
 Bad input (a missing or empty corpus, a non-UTF-8 file, a sequence length above the model's
@@ -22,6 +23,7 @@ from typing import Optional
 
 from . import eval as eval_command
 from . import generate as generate_command
+from . import plot as plot_command
 from . import train as train_command
 from .args import CLIError
 
@@ -30,15 +32,16 @@ __all__ = ["main", "build_parser", "CLIError"]
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="aam-func", description="Train, sample from and evaluate small GPTs with aam_func.")
-    sub = p.add_subparsers(dest="command", required=True, metavar="{train,generate,eval}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{train,generate,eval,plot}")
     train_command.add_parser(sub)
     generate_command.add_parser(sub)
     eval_command.add_parser(sub)
+    plot_command.add_parser(sub)
     return p
 
 
 _COMMANDS = {"train": train_command.cmd_train, "generate": generate_command.cmd_generate,
-             "eval": eval_command.cmd_eval}
+             "eval": eval_command.cmd_eval, "plot": plot_command.cmd_plot}
 
 
 def _user_errors() -> tuple:

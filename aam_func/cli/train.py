@@ -9,6 +9,7 @@ import sys
 from ..config import ATTENTION_BACKENDS, ATTENTION_TYPES, POSITION_ENCODINGS
 from ..peft.lora import DEFAULT_CLI_TARGETS
 from ..run.config import PRECISION_FLAG_CHOICES, RunConfig
+from ..run.output import LOG_TO_CHOICES
 from ..run.signals import exit_status, ignoring_stop_signals
 from ..run.config import default as field_default
 from .args import field_type
@@ -84,6 +85,8 @@ def _run(t, default) -> None:
     r.add_argument("--output-dir", default=default("output_dir"), help="run directory: checkpoint/, tokenizer/, cache/, metrics.jsonl")
     r.add_argument("--overwrite", action="store_true", default=default("overwrite"),
                    help="replace the run already in --output-dir (its checkpoints, adapters and metrics)")
+    r.add_argument("--log-to", choices=LOG_TO_CHOICES, default=default("log_to"),
+                   help="metrics.jsonl is always written; tensorboard adds event files in OUTPUT_DIR/tensorboard")
     r.add_argument("--resume", nargs="?", const="", default=default("resume"), metavar="CHECKPOINT",
                    help="continue from a checkpoint (default: the one in --output-dir); --steps is the total")
     r.add_argument("--stop-after", type=field_type("stop_after"), default=default("stop_after"), metavar="N",

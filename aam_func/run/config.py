@@ -24,6 +24,7 @@ from typing import Any, Optional
 from ..checks import check_choice, check_int, check_number
 from ..config import ATTENTION_BACKENDS, ATTENTION_TYPES, POSITION_ENCODINGS
 from ..train import PRECISION_CHOICES
+from .output import LOG_TO_CHOICES
 
 __all__ = ["RunConfig", "RunError", "RESUMED_FIELDS", "RESUME_FREE", "RESUME_ADJUSTABLE", "SHAPE_FIELDS", "INT_MINIMUM", "NUMBER_RANGE",
            "PRECISION_FLAG_CHOICES", "attention_backend", "flag", "default"]
@@ -59,7 +60,8 @@ SHAPE_FIELDS = ("d_model", "n_layers", "n_heads", "d_ff", "max_seq_len", "attent
                 "tokenizer", "vocab_size")
 # what --resume takes from the flags: how long and how the run goes on, never what it is
 RESUME_FREE = ("steps", "eval_every", "eval_batches", "save_every", "keep_checkpoints", "max_skipped_steps",
-               "output_dir", "resume", "stop_after", "sample_tokens", "log_every", "device", "dist_timeout", "compile")
+               "output_dir", "resume", "stop_after", "sample_tokens", "log_every", "device", "dist_timeout", "compile",
+               "log_to")
 # resumed from the checkpoint unless given explicitly: the knobs a diverged run is resumed with
 # (the optimizer is rebuilt from them; the run is no longer the uninterrupted one's)
 RESUME_ADJUSTABLE = ("lr", "warmup_steps", "weight_decay", "max_grad_norm", "precision")
@@ -130,6 +132,7 @@ class RunConfig:
     output_dir: str = "runs/default"
     resume: Optional[str] = None
     overwrite: bool = False
+    log_to: str = "jsonl"
     stop_after: Optional[int] = None
     sample_tokens: int = 64
     log_every: Optional[int] = None
@@ -184,6 +187,7 @@ class RunConfig:
         if self.attention_backend is not None:
             check_choice("attention_backend", self.attention_backend, ATTENTION_BACKENDS)
         check_choice("precision", self.precision, PRECISION_FLAG_CHOICES)
+        check_choice("log_to", self.log_to, LOG_TO_CHOICES)
         for name in ("compile", "gradient_checkpointing", "overwrite"):
             value = getattr(self, name)
             if not isinstance(value, bool) and not (value is None and name == "gradient_checkpointing"):

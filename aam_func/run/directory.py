@@ -7,7 +7,8 @@
   ``flock``, a lock whose PID no longer runs on this host is taken over instead.
 - A directory that already holds a run (a checkpoint or ``metrics.jsonl``) is continued with
   ``--resume`` or replaced with ``--overwrite``; a fresh run into it is refused with both
-  commands. ``--overwrite`` removes the run's checkpoints, adapters and metrics, nothing else.
+  commands. ``--overwrite`` removes the run's checkpoints, adapters and metrics (and TensorBoard
+  logs), nothing else.
 - On ``--resume``, records of ``metrics.jsonl`` past the checkpoint's step (steps a killed run
   took after its last save, which the resumed run takes again) are dropped, so the file holds
   each step once.
@@ -27,6 +28,7 @@ from typing import Optional
 
 from ..checkpoint import kept_checkpoints, resolve_checkpoint, CheckpointError
 from .config import RunConfig, RunError
+from .output import TENSORBOARD_DIR
 
 try:
     import fcntl
@@ -36,7 +38,7 @@ except ImportError:  # pragma: no cover - Windows: the PID check alone
 __all__ = ["claim", "LOCK_FILE", "holds_run", "trim_metrics"]
 
 LOCK_FILE = ".lock"
-_RUN_FILES = ("checkpoint", "metrics.jsonl", "adapter")
+_RUN_FILES = ("checkpoint", "metrics.jsonl", "adapter", TENSORBOARD_DIR)
 
 
 @contextlib.contextmanager

@@ -19,7 +19,7 @@ from ..generate import generate
 from ..train import dropout_generator
 from ..train import evaluate as evaluate_batches
 from .config import RunConfig, RunError
-from .output import write_metrics
+from .output import MetricsLog, peak_memory_mb
 from .saving import save_run
 from .signals import StopSignals
 from .state import Run
@@ -86,10 +86,21 @@ def loop(run: Run, *, progress: bool = False, signals: Optional[StopSignals] = N
     trainable, opt_state, step = run.trainable, run.opt_state, run.start
     os.makedirs(run.output_dir, exist_ok=True)
     guard = signals if signals is not None else StopSignals()  # not installed: deferral only
+    sink = MetricsLog(run.output_dir, log_to=cfg.log_to, writes=run.is_main, start=run.start,
+                      config=cfg.saved_args(), log=run.log)
+    try:
+        return _loop(run, trainable, opt_state, step, progress, guard, sink)
+    finally:
+        sink.close()
+
+
+def _loop(run: Run, trainable, opt_state, step: int, progress: bool, guard: StopSignals, sink: MetricsLog):
+    """:func:`loop`'s steps, evaluations and saves, its records going to ``sink``."""
+    cfg = run.config
     last: dict = {"baseline_perplexity": run.baseline, "skipped_steps": 0}
     announced = []  # the adapters' location is said once, at the first save
     if cfg.init_from is not None and run.start == 0:  # where fine-tuning starts from
-        ev = _evaluate(run, trainable, last, 0)
+        ev = _evaluate(run, sink, trainable, last, 0)
         run.log(f"step 0: val loss {ev['loss']:.4f}, perplexity {ev['perplexity']:.2f} (the --init-from weights)")
     end = cfg.steps if cfg.stop_after is None else min(cfg.steps, run.start + cfg.stop_after)
     progress = _Progress(run, end, show_bar=progress)
@@ -104,20 +115,20 @@ def loop(run: Run, *, progress: bool = False, signals: Optional[StopSignals] = N
         while step < end:
             trainable, opt_state, m = _step(run, trainable, opt_state, step)
             step += 1
-            streak = _count_skip(run, m, step, streak, last)
+            streak = _count_skip(run, sink, m, step, streak, last)
             if streak > cfg.max_skipped_steps:
                 progress.bar.close()
                 save(step)
                 raise Diverged(_divergence_message(run, m, step, streak), step)
-            _report(run, progress, m, step, end, last, skipped=streak > 0)
+            _report(run, sink, progress, m, step, end, last, skipped=streak > 0)
             if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
-                ev = _evaluate(run, trainable, last, step)
+                ev = _evaluate(run, sink, trainable, last, step)
                 run.log(f"step {step}: val loss {ev['loss']:.4f}, perplexity {ev['perplexity']:.2f} "
                         f"(unigram baseline {run.baseline:.1f})")
             if cfg.save_every and step % cfg.save_every == 0 and step < end:
                 save(step)
         progress.bar.close()
-        _finish(run, trainable, step, last, save)
+        _finish(run, sink, trainable, step, last, save)
     except KeyboardInterrupt as e:
         progress.bar.close()
         if run.dist is not None:
@@ -129,7 +140,7 @@ def loop(run: Run, *, progress: bool = False, signals: Optional[StopSignals] = N
     return _result(run, step, False, last, trainable)
 
 
-def _count_skip(run: Run, m: dict, step: int, streak: int, last: dict) -> int:
+def _count_skip(run: Run, sink: MetricsLog, m: dict, step: int, streak: int, last: dict) -> int:
     """The new count of non-finite steps in a row after ``step`` (0 when it was finite); a skipped
     step is said in the log and ``metrics.jsonl``."""
     if not bool(m["skipped"]):
@@ -139,8 +150,7 @@ def _count_skip(run: Run, m: dict, step: int, streak: int, last: dict) -> int:
     budget = run.config.max_skipped_steps
     run.log(f"step {step}: the loss ({float(m['loss']):.4g}) or a gradient is not finite; step skipped, params "
             f"unchanged ({streak} in a row, at most {budget} allowed)")
-    if run.is_main:
-        write_metrics(run.metrics_path, {"step": step, "skipped": True, "skipped_in_a_row": streak})
+    sink.record({"step": step, "skipped": True, "skipped_in_a_row": streak, "skipped_steps": last["skipped_steps"]})
     return streak
 
 
@@ -169,7 +179,8 @@ def _step(run: Run, trainable, opt_state, step: int):
     return run.train_step(trainable, opt_state, batch)
 
 
-def _report(run: Run, progress: _Progress, m: dict, step: int, end: int, last: dict, skipped: bool) -> None:
+def _report(run: Run, sink: MetricsLog, progress: _Progress, m: dict, step: int, end: int, last: dict,
+            skipped: bool) -> None:
     """Loss, learning rate and throughput into ``last``, the bar and ``metrics.jsonl`` every 10
     steps (and at the first and last; a skipped step's record is :func:`_count_skip`'s), a
     progress line every ``log_every`` steps off a terminal."""
@@ -180,9 +191,10 @@ def _report(run: Run, progress: _Progress, m: dict, step: int, end: int, last: d
         tok_per_s = progress.rate()
         last.update(step=step, loss=loss, learning_rate=float(m["learning_rate"]), grad_norm=float(m["grad_norm"]))
         progress.bar.set_postfix(loss=f"{loss:.3f}", lr=f"{last['learning_rate']:.2e}", tok_s=f"{tok_per_s:,.0f}")
-        if run.is_main:
-            write_metrics(run.metrics_path, {"step": step, "loss": loss, "learning_rate": last["learning_rate"],
-                                             "grad_norm": last["grad_norm"], "tokens_per_s": tok_per_s})
+        sink.record({"step": step, "loss": loss, "learning_rate": last["learning_rate"],
+                     "grad_norm": last["grad_norm"], "grad_norm_clipped": min(last["grad_norm"], run.config.max_grad_norm),
+                     "tokens_per_s": tok_per_s, "skipped_steps": last["skipped_steps"],
+                     "memory_mb": peak_memory_mb(run.device)})
     progress.bar.update(1)
     if log_now and not skipped:
         run.log(f"step {step}/{run.config.steps}  loss {last.get('loss', float('nan')):.4f}  "
@@ -197,20 +209,19 @@ def evaluate(run: Run, trainable) -> dict:
     return run.dist.evaluate(run.eval_step, trainable, batches)
 
 
-def _evaluate(run: Run, trainable, last: dict, step: int) -> dict:
+def _evaluate(run: Run, sink: MetricsLog, trainable, last: dict, step: int) -> dict:
     """:func:`evaluate`, recorded in ``last`` and (rank 0) ``metrics.jsonl``."""
     ev = evaluate(run, trainable)
     last.update(val_loss=ev["loss"], val_perplexity=ev["perplexity"])
-    if run.is_main:
-        write_metrics(run.metrics_path, {"step": step, "val_loss": ev["loss"], "val_perplexity": ev["perplexity"]})
+    sink.record({"step": step, "val_loss": ev["loss"], "val_perplexity": ev["perplexity"]})
     return ev
 
 
-def _finish(run: Run, trainable, step: int, last: dict, save) -> None:
+def _finish(run: Run, sink: MetricsLog, trainable, step: int, last: dict, save) -> None:
     """The final evaluation and checkpoint, their lines, and a sample once the run is complete."""
     cfg = run.config
     last["step"] = step
-    ev = _evaluate(run, trainable, last, step)
+    ev = _evaluate(run, sink, trainable, last, step)
     save(step)
     elapsed = time.perf_counter() - run.t_start
     run.log(f"step {step}: held-out loss {ev['loss']:.4f}, perplexity {ev['perplexity']:.2f} "
