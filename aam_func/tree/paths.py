@@ -78,6 +78,16 @@ class Flat(dict):
     __slots__ = ("spec", "order")
 
 
+# a Flat is itself a tree (a dict node; it unflattens to a plain dict), so it can be passed on
+pytree.register_pytree_node(
+    Flat,
+    lambda d: (list(d.values()), list(d.keys())),
+    lambda values, keys: dict(zip(keys, values)),
+    serialized_type_name="aam_func.tree.Flat",
+    flatten_with_keys_fn=lambda d: ([(pytree.MappingKey(k), v) for k, v in d.items()], list(d.keys())),
+)
+
+
 def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
     """Any tree -> ``{"a.b.weight": leaf}`` in flatten order (``state_dict`` names for dicts)."""
     ns, ls, spec = paths(tree)
