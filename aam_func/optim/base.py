@@ -15,7 +15,6 @@ from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import torch
-import torch.utils._pytree as pytree
 from torch import Tensor
 
 from .. import tree
@@ -113,7 +112,7 @@ def build(names: list[str], values: list[Any]) -> Any:
         full: list[Any] = [None] * names.size
         for i, v in zip(names.positions, values):
             full[i] = v
-        return pytree.tree_unflatten(full, names.spec)
+        return tree.rebuild(full, names.spec)
     return tree.unflatten(dict(zip(names, values)))
 
 

@@ -19,13 +19,13 @@ from torch import Tensor
 
 from .io import load, save, tensors_of
 from .ops import cast, map, merge, partition, select, selector, subset, to, zeros_like
-from .paths import (SEP, Flat, check_structure, count, flatten, is_leaf, leaves, names, paths, structure_diff,
-                    unflatten, unflatten_like)
+from .paths import (SEP, DictSpec, Flat, check_structure, count, flatten, is_leaf, leaves, names, paths, rebuild,
+                    structure_diff, unflatten, unflatten_like)
 
 Params = dict[str, Union[Tensor, "Params"]]
 
 __all__ = [
-    "Params", "SEP", "Flat", "is_leaf", "paths", "flatten", "unflatten", "unflatten_like", "map", "leaves", "names",
+    "Params", "SEP", "Flat", "DictSpec", "rebuild", "is_leaf", "paths", "flatten", "unflatten", "unflatten_like", "map", "leaves", "names",
     "count", "partition", "merge", "select", "selector", "subset", "cast", "to", "zeros_like", "check_structure",
     "structure_diff", "save", "load", "tensors_of",
 ]

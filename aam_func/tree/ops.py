@@ -17,7 +17,7 @@ import torch
 import torch.utils._pytree as pytree
 from torch import Tensor
 
-from .paths import SEP, _part, flatten, is_leaf, paths, structure_diff
+from .paths import SEP, _part, flatten, is_leaf, paths, rebuild, structure_diff
 
 __all__ = ["map", "select", "selector", "subset", "partition", "merge", "cast", "to", "zeros_like"]
 
@@ -40,7 +40,7 @@ def map(fn: Callable[..., Any], tree: Any, *rest: Any, names: bool = False) -> A
             continue
         args = [leaf] + [o[name] for o in others]
         out.append(fn(name, *args) if names else fn(*args))
-    return pytree.tree_unflatten(out, spec)
+    return rebuild(out, spec)
 
 
 Selector = Union[str, Iterable[str], Callable[[str, Any], bool], Any]
@@ -112,7 +112,7 @@ def subset(tree: Any, keep: Callable[[str, Any], bool] | Iterable[str]) -> Any:
         keep = lambda name, leaf: name in wanted  # noqa: E731
     ns, ls, spec = paths(tree)
     marked = [leaf if keep(n, leaf) else _DROP for n, leaf in zip(ns, ls)]
-    out = _prune(pytree.tree_unflatten(marked, spec))
+    out = _prune(rebuild(marked, spec))
     return None if out is _DROP else out
 
 
