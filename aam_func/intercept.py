@@ -9,7 +9,8 @@ the given objects: ``is``, not equality) in the weight slot of
 - ``F.linear(x, W, b)``          weight (out, in): nn.Linear, aam_func's Linear
 - ``torch.addmm(b, x, W)``       weight (in, out): transformers' GPT-2 ``Conv1D`` (no beta/alpha/out)
 - ``F.embedding(ids, W, ...)``   a table lookup (``use.padding_idx``; ``use.plain`` is False with
-                                 max_norm / scale_grad_by_freq / sparse)
+                                 max_norm / scale_grad_by_freq; ``sparse`` only changes the
+                                 layout of the gradient, not its values)
 
 is a *recognised use*: the client's :meth:`Client.linear` / :meth:`Client.embedding` receives a
 :class:`Use` and returns the op's result (``use.run()`` computes it as written). A watched tensor
@@ -187,9 +188,8 @@ class Intercept(TorchFunctionMode):
             return None
         padding_idx, plain = None, True
         if kind == "embedding":
-            # renormalised, frequency-scaled or sparse: the weight gradient is not a plain row scatter
-            plain = not (bound.get("max_norm") is not None or bound.get("scale_grad_by_freq", False)
-                         or bound.get("sparse", False))
+            # renormalised or frequency-scaled: the weight gradient is not a plain row scatter
+            plain = not (bound.get("max_norm") is not None or bound.get("scale_grad_by_freq", False))
             padding_idx = bound.get("padding_idx")
             if padding_idx is not None and padding_idx < 0:
                 padding_idx += weight.shape[0]

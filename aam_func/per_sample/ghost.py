@@ -32,6 +32,7 @@ from ..tree import Params
 from .batching import RANDOMNESS, batch_size, check_chunk, chunks, in_dims, per_example, slice_batch
 from .clip import clip_factors, squared_norms, weighted_sum
 from .factors import factors, ghost_sq_norms, ghost_weighted_grad, write_factors
+from .lookups import ExactLookups
 
 __all__ = ["GhostMismatch", "GhostUse", "Discovery", "discover", "ghost_pass", "ghost_grads", "ghost_norms_and_sum",
            "GHOST_CHUNK_FRACTION", "GHOST_MIN_CHUNK"]
@@ -62,8 +63,8 @@ class Discovery:
 
 
 class _Recorder(Client):
-    """Discovery: records each recognised use; a weight used any other way, or by a renormalised /
-    frequency-scaled / sparse embedding, is marked for the exact route."""
+    """Discovery: records each recognised use; a weight used any other way, or by a
+    frequency-scaled embedding, is marked for the exact route."""
 
     def __init__(self):
         self.uses: list[GhostUse] = []
@@ -95,7 +96,7 @@ def _candidates(params: Params) -> dict[str, Tensor]:
 def discover(loss_fn: Callable, params: Params, batch) -> Discovery:
     """Run the loss on the first example and sort the weights into ghost and exact ones."""
     rec = _Recorder()
-    with torch.no_grad(), Intercept(_candidates(params), rec):
+    with torch.no_grad(), ExactLookups(), Intercept(_candidates(params), rec):
         loss_fn(params, slice_batch(batch, 0, 1))
     ghost = frozenset({u.name for u in rec.uses} - rec.others)
     return Discovery(tuple(rec.uses), frozenset(rec.others), ghost, tuple(u for u in rec.uses if u.name in ghost))
@@ -104,9 +105,7 @@ def discover(loss_fn: Callable, params: Params, batch) -> Discovery:
 class _Prober(Client):
     """The ghost pass (under vmap): each use of a ghost weight gets its zero probe added and its
     input kept, in discovery's order; a different order or shape is a :class:`GhostMismatch`.
-    An exact-route table read with ``padding_idx`` is rewritten as a plain lookup whose padding
-    positions are detached: functorch's backward of an embedding with a *batched* weight keeps
-    the padding row of the first example only."""
+    Every lookup (of any table) also passes through :class:`.lookups.ExactLookups` below it."""
 
     def __init__(self, d: Discovery, probes: list):
         self.d, self.probes, self.inputs, self.k = d, probes, [], 0
@@ -114,13 +113,7 @@ class _Prober(Client):
     def linear(self, use: Use) -> Tensor:
         return self._probe(use) if use.key in self.d.ghost else use.run()
 
-    def embedding(self, use: Use) -> Tensor:
-        if use.key in self.d.ghost:
-            return self._probe(use)
-        if use.padding_idx is None:
-            return use.run()
-        out = use.run(padding_idx=None)
-        return torch.where((use.input == use.padding_idx).unsqueeze(-1), out.detach(), out)
+    embedding = linear
 
     def _probe(self, use: Use) -> Tensor:
         k, uses = self.k, self.d.ghost_uses
@@ -157,7 +150,7 @@ def ghost_pass(loss_fn: Callable, params: Params, batch, d: Discovery):
     def one(small_p, probe_list, example):
         prober = _Prober(d, probe_list)
         tables = {n: v for n, v in small_p.items() if v.dim() == 2 and v.is_floating_point()}
-        with Intercept({**big, **tables}, prober):
+        with ExactLookups(), Intercept({**big, **tables}, prober):
             loss = per_one(tree.unflatten({n: small_p[n] if n in small_p else big[n] for n in flat}), example)
         if prober.k != len(d.ghost_uses):
             raise GhostMismatch(
