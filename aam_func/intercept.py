@@ -8,11 +8,14 @@ the given objects: ``is``, not equality) in the weight slot of
 
 - ``F.linear(x, W, b)``          weight (out, in): nn.Linear, aam_func's Linear
 - ``torch.addmm(b, x, W)``       weight (in, out): transformers' GPT-2 ``Conv1D`` (no beta/alpha/out)
+- ``F.conv1d/conv2d(x, W, ...)`` weight (out, in/groups, *kernel): nn.Conv1d / nn.Conv2d
+                                 (``Client.conv``; by default an other use of W)
 - ``F.embedding(ids, W, ...)``   a table lookup (``use.padding_idx``; ``use.plain`` is False with
                                  max_norm / scale_grad_by_freq; ``sparse`` only changes the
                                  layout of the gradient, not its values)
 
-is a *recognised use*: the client's :meth:`Client.linear` / :meth:`Client.embedding` receives a
+is a *recognised use*: the client's :meth:`Client.linear` / :meth:`Client.embedding` /
+:meth:`Client.conv` receives a
 :class:`Use` and returns the op's result (``use.run()`` computes it as written). A watched tensor
 anywhere else is an *other use*: another slot of those ops (``F.linear(W, V)``: W is an input
 there) or any other function, method or property (``W.t()``, ``W @ x``, ``W[ids]``, ``W.T``).
@@ -57,27 +60,33 @@ _EMBEDDING_ARGS = ("input", "weight", "padding_idx", "max_norm", "norm_type", "s
 _LINEAR_ARGS = ("input", "weight", "bias")
 _ADDMM_ARGS = ("input", "mat1", "mat2")
 _ADDMM_ALL = _ADDMM_ARGS + ("beta", "alpha", "out")
+_CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
 _RECOGNISED = {  # func: (kind, its parameter names, the weight's slot)
     F.linear: ("linear", _LINEAR_ARGS, "weight"),
     torch.addmm: ("addmm", _ADDMM_ALL, "mat2"),
     F.embedding: ("embedding", _EMBEDDING_ARGS, "weight"),
+    F.conv1d: ("conv", _CONV_ARGS, "weight"),
+    F.conv2d: ("conv", _CONV_ARGS, "weight"),
 }
 
 
 @dataclass(frozen=True)
 class Use:
     """One recognised use of a watched weight. ``kind``: ``"linear"`` (``F.linear``, weight
-    (out, in)), ``"addmm"`` (weight (in, out)) or ``"embedding"``. ``input``: x for the linear
-    kinds, the ids for an embedding. ``padding_idx`` (embedding only): the row that receives no
-    gradient, in [0, V), or None."""
+    (out, in)), ``"addmm"`` (weight (in, out)), ``"embedding"`` or ``"conv"`` (``F.conv1d`` /
+    ``F.conv2d``, weight (out, in/groups, *kernel); ``options`` holds its stride, padding,
+    dilation and groups). ``input``: x for the linear kinds and conv, the ids for an embedding.
+    ``padding_idx`` (embedding only): the row that receives no gradient, in [0, V), or None.
+    ``plain`` is False for an embedding with max_norm / scale_grad_by_freq and a grouped conv."""
 
-    kind: str
+    kind: str  # "linear", "addmm", "embedding" or "conv"
     key: Hashable
     weight: Tensor
     input: Tensor
     bias: Optional[Tensor] = None
     padding_idx: Optional[int] = None
     plain: bool = True
+    options: dict = field(default_factory=dict)
     _func: Any = field(default=None, repr=False)
     _args: dict = field(default_factory=dict, repr=False)
     _weight_slot: str = field(default="weight", repr=False)
@@ -102,6 +111,11 @@ class Client:
     def embedding(self, use: Use) -> Tensor:
         """A recognised plain ``F.embedding`` use: return its result."""
         return use.run()
+
+    def conv(self, use: Use) -> Tensor:
+        """A recognised ``F.conv1d`` / ``F.conv2d`` use; by default an other use of its weight
+        (a client that knows nothing of convolutions sees the weight as it sees any op)."""
+        return use.run(self.other(use.key, use.weight))
 
     def other(self, key: Hashable, tensor: Tensor) -> Tensor:
         """Any other use of the watched ``tensor`` named ``key``: the tensor the op sees instead."""
@@ -195,17 +209,23 @@ class Intercept(TorchFunctionMode):
                 padding_idx += weight.shape[0]
         elif kind == "addmm" and set(bound) != set(_ADDMM_ARGS):
             return None  # beta / alpha / out change what addmm computes
+        options = {}
+        if kind == "conv":
+            options = {k: bound.get(k, d) for k, d in (("stride", 1), ("padding", 0), ("dilation", 1), ("groups", 1))}
+            plain = options["groups"] == 1
         rest = {k: self._others(v) for k, v in bound.items() if k != slot}
         x = rest.get("mat1" if kind == "addmm" else "input")
         bias = rest.get("input" if kind == "addmm" else "bias")
-        return Use(kind, key, weight, x, bias, padding_idx, plain, func, {**rest, slot: weight}, slot)
+        return Use(kind, key, weight, x, bias, padding_idx, plain, options, func, {**rest, slot: weight}, slot)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func in _RECOGNISED:
             use = self._recognise(func, args, kwargs)
             if use is not None:
-                return self._client.embedding(use) if use.kind == "embedding" else self._client.linear(use)
+                if use.kind == "embedding":
+                    return self._client.embedding(use)
+                return self._client.conv(use) if use.kind == "conv" else self._client.linear(use)
         elif _is_harmless(func):
             return func(*args, **kwargs)
         if self._any_watched(args) or self._any_watched(kwargs):

@@ -20,14 +20,14 @@ Two routes compute norms, clipped sums and (``grads``) full per-example gradient
   ``F.embedding`` by weight identity); a weight used any other way takes the exact route inside
   the same pass.
 
-The rest: :mod:`.batching` (batch size, slices, chunks), :mod:`.lookups` (every table lookup
-made exact under vmap, both routes), :mod:`.clip` (norms, clip factors),
+The rest: :mod:`.batching` (batch size, slices, chunks), :mod:`.exact_ops` (lookups made exact and
+batch-mixing layers refused, both routes), :mod:`.paths` (params as any pytree), :mod:`.clip` (norms, clip factors),
 :mod:`.route` (the public functions and the choice of route), :mod:`.dp` (DP-SGD),
 :mod:`.attribution` (hvp, gradient inner products, TracIn). Derivations and the tests that check
 them: ``proofs/per_sample.md``.
 """
 
-from . import attribution, batching, clip, dp, factors, ghost, lookups, route, vmap
+from . import attribution, batching, clip, dp, exact_ops, factors, ghost, paths, route, vmap
 from .attribution import grad_dots, hvp, tracin
 from .batching import batch_size
 from .clip import CLIP_EPS, clip_factors, global_norms
