@@ -23,6 +23,10 @@ The client's :meth:`Client.other` is told its key and returns the tensor the op 
 place. Metadata reads (:data:`HARMLESS_PROPERTIES`, :data:`HARMLESS_METHODS`: ``.shape``,
 ``.dtype``, ``.size()``, ...) are not uses: they pass through without asking the client.
 
+``ops=`` (optional) replaces every call of ``F.embedding`` / ``F.batch_norm`` in the context,
+watched or not, recognised uses' ``use.run()`` included: per-example work makes lookups exact
+under vmap and refuses batch-mixing layers with it (``aam_func.per_sample.exact_ops``).
+
 Clients (one object each, its state its own):
 
 - LoRA's factored path (``peft.lora``): a recognised linear use of a target adds
@@ -43,7 +47,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["Intercept", "Client", "Use", "HARMLESS_PROPERTIES", "HARMLESS_METHODS"]
+__all__ = ["Intercept", "Client", "Use", "HARMLESS_PROPERTIES", "HARMLESS_METHODS", "OP_ARGS"]
 
 # Property reads that give no function of the tensor's values. Not ``.T``/``.mT``/``.data``/``.real``:
 # those are values (a use of the weight).
@@ -61,6 +65,9 @@ _LINEAR_ARGS = ("input", "weight", "bias")
 _ADDMM_ARGS = ("input", "mat1", "mat2")
 _ADDMM_ALL = _ADDMM_ARGS + ("beta", "alpha", "out")
 _CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+_BATCH_NORM_ARGS = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
+# the functions ``Intercept(ops=...)`` can replace, with their parameter names
+OP_ARGS = {F.embedding: _EMBEDDING_ARGS, F.batch_norm: _BATCH_NORM_ARGS}
 _RECOGNISED = {  # func: (kind, its parameter names, the weight's slot)
     F.linear: ("linear", _LINEAR_ARGS, "weight"),
     torch.addmm: ("addmm", _ADDMM_ALL, "mat2"),
@@ -143,10 +150,20 @@ def _is_harmless(func) -> bool:
 
 class Intercept(TorchFunctionMode):
     """The mode: ``watched`` maps the client's keys to tensors; see the module docstring.
-    Two keys for one tensor object are an error (a use could not be told apart)."""
+    Two keys for one tensor object are an error (a use could not be told apart).
 
-    def __init__(self, watched: Mapping[Hashable, Tensor], client: Client):
+    ``ops`` (optional) maps a torch function to ``impl(func, kwargs) -> result`` that replaces
+    *every* call of it inside the context, watched or not, recognised uses' ``use.run()``
+    included (kwargs: the call's arguments by parameter name, for the functions of
+    :data:`OP_ARGS`). Per-example work uses it to make lookups exact under vmap and to refuse
+    batch-mixing layers (``aam_func.per_sample.exact_ops``)."""
+
+    def __init__(self, watched: Mapping[Hashable, Tensor], client: Client, ops: Optional[Mapping] = None):
         super().__init__()
+        for f in ops or {}:
+            if f not in OP_ARGS:
+                raise ValueError(f"ops: {f!r} is not one of the functions Intercept can replace ({list(OP_ARGS)})")
+        self._ops = dict(ops or {})
         table: dict[int, tuple[Hashable, Tensor]] = {}
         for key, t in watched.items():
             if id(t) in table:
@@ -216,7 +233,17 @@ class Intercept(TorchFunctionMode):
         rest = {k: self._others(v) for k, v in bound.items() if k != slot}
         x = rest.get("mat1" if kind == "addmm" else "input")
         bias = rest.get("input" if kind == "addmm" else "bias")
-        return Use(kind, key, weight, x, bias, padding_idx, plain, options, func, {**rest, slot: weight}, slot)
+        run = func if func not in self._ops else (lambda **kw: self._run(func, (), kw))
+        return Use(kind, key, weight, x, bias, padding_idx, plain, options, run, {**rest, slot: weight}, slot)
+
+    def _run(self, func, args, kwargs):
+        """The call as the context runs it: through ``ops`` when ``func`` has a replacement."""
+        impl = self._ops.get(func)
+        if impl is not None:
+            bound = _bind(OP_ARGS[func], args, kwargs)
+            if bound is not None:
+                return impl(func, bound)
+        return func(*args, **kwargs)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -230,4 +257,4 @@ class Intercept(TorchFunctionMode):
             return func(*args, **kwargs)
         if self._any_watched(args) or self._any_watched(kwargs):
             args, kwargs = self._others(args), self._others(kwargs)
-        return func(*args, **kwargs)
+        return self._run(func, args, kwargs)

@@ -104,3 +104,23 @@ def test_conv_uses_are_recognised_with_their_options_and_default_to_other_uses()
     with Intercept({"w2": w2}, base):
         F.conv2d(x2, w2)
     assert base.events == [("other", "w2")]
+
+
+def test_ops_replace_every_call_watched_or_not_and_only_known_functions():
+    w, v = torch.randn(5, 3), torch.randn(5, 3)
+    ids = torch.tensor([[0, 4, 2]])
+    calls = []
+
+    def doubled(func, bound):
+        calls.append(bound["weight"] is w)
+        return 2 * func(**bound)
+
+    log = Log()
+    with Intercept({"w": w}, log, ops={F.embedding: doubled}):
+        a = F.embedding(ids, w, padding_idx=0)  # a recognised use: use.run() goes through ops too
+        b = F.embedding(ids, v)  # not watched
+    torch.testing.assert_close(a, 2 * F.embedding(ids, w))
+    torch.testing.assert_close(b, 2 * F.embedding(ids, v))
+    assert calls == [True, False] and log.events == [("embedding", "w", 0, True)]
+    with pytest.raises(ValueError, match="ops: .*not one of the functions"):
+        Intercept({}, Client(), ops={F.linear: doubled})

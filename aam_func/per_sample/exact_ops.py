@@ -1,8 +1,9 @@
 """The ops of a per-example pass made exact under vmap, or refused by name (both routes).
 
-``ExactOps`` is a ``TorchFunctionMode`` entered around each per-example pass (the ghost route's
-discovery and pass, the vmap route's chunks). It sees every call, whatever the tensors (a
-parameter, or a table computed from parameters or from the example), and acts on two:
+:func:`exact_ops` gives the replacements that :class:`aam_func.intercept.Intercept` (``ops=``)
+applies to *every* call of two functions inside each per-example pass (the ghost route's
+discovery and pass, the vmap route's chunks), whatever the tensors (a parameter, or a table
+computed from parameters or from the example):
 
 ``F.embedding``
   - ``padding_idx=p``: looks up without it and detaches the positions that read row p. Same
@@ -39,14 +40,11 @@ import torch
 import torch.nn.functional as F
 import torch.utils._pytree as pytree
 from torch import Tensor
-from torch.overrides import TorchFunctionMode
 
+from ..intercept import Client, Intercept
 from .paths import leaf_names
 
-__all__ = ["ExactOps", "exact_ops", "explained", "batch_norm_error", "param_names"]
-
-_EMBEDDING = ("input", "weight", "padding_idx", "max_norm", "norm_type", "scale_grad_by_freq", "sparse")
-_BATCH_NORM = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
+__all__ = ["exact_ops", "in_exact_ops", "explained", "batch_norm_error", "param_names"]
 
 
 def batch_norm_error(name: Optional[str], kind: str = "BatchNorm") -> ValueError:
@@ -60,26 +58,6 @@ def batch_norm_error(name: Optional[str], kind: str = "BatchNorm") -> ValueError
     )
 
 
-class ExactOps(TorchFunctionMode):
-    """See the module docstring. ``names`` maps ``id(tensor)`` to the dotted name of each param
-    the pass was given (to name a refused layer)."""
-
-    def __init__(self, names: Optional[Mapping[int, str]] = None):
-        super().__init__()
-        self._names = dict(names or {})
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is F.embedding and len(args) <= len(_EMBEDDING):
-            return _lookup(func, dict(zip(_EMBEDDING, args), **kwargs))
-        if func is F.batch_norm and len(args) <= len(_BATCH_NORM):
-            bound = dict(zip(_BATCH_NORM, args), **kwargs)
-            if bound.get("training", False):
-                name = self._names.get(id(bound.get("weight")))
-                raise batch_norm_error(name.rsplit(".", 1)[0] if name and "." in name else name)
-        return func(*args, **kwargs)
-
-
 def _lookup(func, bound: dict) -> Tensor:
     if bound.get("max_norm") is not None:
         raise ValueError(
@@ -88,6 +66,7 @@ def _lookup(func, bound: dict) -> Tensor:
             "next reads). Renormalise the table once before the step (torch.embedding_renorm_ under "
             "torch.no_grad()) and look up with max_norm=None"
         )
+    bound = dict(bound)
     padding_idx = bound.pop("padding_idx", None)
     bound["sparse"] = False
     out = func(**bound)
@@ -98,16 +77,30 @@ def _lookup(func, bound: dict) -> Tensor:
     return torch.where((bound["input"] == padding_idx).unsqueeze(-1), out.detach(), out)
 
 
+def exact_ops(names: Optional[Mapping[int, str]] = None) -> dict:
+    """The ``Intercept(ops=...)`` replacements; ``names`` maps ``id(tensor)`` to the dotted name
+    of each param the pass was given (to name a refused layer)."""
+    names = dict(names or {})
+
+    def batch_norm(func, bound: dict) -> Tensor:
+        if bound.get("training", False):
+            name = names.get(id(bound.get("weight")))
+            raise batch_norm_error(name.rsplit(".", 1)[0] if name and "." in name else name)
+        return func(**bound)
+
+    return {F.embedding: _lookup, F.batch_norm: batch_norm}
+
+
 def param_names(params) -> dict[int, str]:
     """``id(leaf) -> dotted name`` for the tensor leaves of a params pytree."""
     return {id(v): n for n, v in zip(leaf_names(params), pytree.tree_leaves(params)) if isinstance(v, Tensor)}
 
 
-def exact_ops(fn):
-    """``fn(params, ...)`` run inside :class:`ExactOps` (the params' names known to it)."""
+def in_exact_ops(fn):
+    """``fn(params, ...)`` run with :func:`exact_ops` in force (the params' names known to it)."""
 
     def wrapped(params, *args, **kwargs):
-        with ExactOps(param_names(params)):
+        with Intercept({}, Client(), ops=exact_ops(param_names(params))):
             return fn(params, *args, **kwargs)
 
     return wrapped
@@ -116,8 +109,8 @@ def exact_ops(fn):
 def explained(fn):
     """``fn(loss_fn, params, batch, ...)`` whose transform errors are explained where possible: on a
     ``RuntimeError`` (an in-place buffer update under vmap, a BatchNorm's counter, comes before its
-    ``F.batch_norm``), the loss runs once on the first example under :class:`ExactOps` without
-    transforms; a refusal found there (the layer named) is raised from the original error."""
+    ``F.batch_norm``), the loss runs once on the first example with :func:`exact_ops` in force and
+    no transform; a refusal found there (the layer named) is raised from the original error."""
 
     def wrapped(loss_fn, params, batch, *args, **kwargs):
         try:
@@ -126,8 +119,8 @@ def explained(fn):
             from .batching import slice_batch
 
             try:
-                with torch.no_grad(), ExactOps(param_names(params)):
-                    loss_fn(params, slice_batch(batch, 0, 1))
+                with torch.no_grad():
+                    in_exact_ops(loss_fn)(params, slice_batch(batch, 0, 1))
             except ValueError as refusal:
                 raise refusal from err
             except Exception:  # noqa: BLE001 - the original error is the one to report

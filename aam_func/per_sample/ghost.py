@@ -32,11 +32,11 @@ from ..tree import Params
 from .batching import RANDOMNESS, batch_size, check_chunk, chunks, in_dims, per_example, slice_batch
 from .clip import clip_factors, squared_norms, weighted_sum
 from .factors import factors, ghost_sq_norms, ghost_weighted_grad, write_factors
-from .exact_ops import ExactOps, param_names
+from .exact_ops import exact_ops, param_names
 from .paths import named_leaves
 
 __all__ = ["GhostMismatch", "GhostUse", "Discovery", "discover", "ghost_pass", "ghost_grads", "ghost_norms_and_sum",
-           "GHOST_CHUNK_FRACTION", "GHOST_MIN_CHUNK"]
+           "GHOST_CHUNK_FRACTION", "GHOST_MIN_CHUNK", "GHOST_CHUNK_ELEMENTS"]
 
 
 class GhostMismatch(RuntimeError):
@@ -99,7 +99,7 @@ def _candidates(params) -> dict[str, Tensor]:
 def discover(loss_fn: Callable, params: Params, batch) -> Discovery:
     """Run the loss on the first example and sort the weights into ghost and exact ones."""
     rec = _Recorder()
-    with torch.no_grad(), ExactOps(param_names(params)), Intercept(_candidates(params), rec):
+    with torch.no_grad(), Intercept(_candidates(params), rec, ops=exact_ops(param_names(params))):
         loss_fn(params, slice_batch(batch, 0, 1))
     ghost = frozenset({u.name for u in rec.uses} - rec.others)
     return Discovery(tuple(rec.uses), frozenset(rec.others), ghost, tuple(u for u in rec.uses if u.name in ghost))
@@ -108,7 +108,7 @@ def discover(loss_fn: Callable, params: Params, batch) -> Discovery:
 class _Prober(Client):
     """The ghost pass (under vmap): each use of a ghost weight gets its zero probe added and its
     input kept, in discovery's order; a different order or shape is a :class:`GhostMismatch`.
-    Every call also passes through :class:`.exact_ops.ExactOps` below it."""
+    Every lookup and batch norm runs through :func:`.exact_ops.exact_ops` (``ops=``)."""
 
     def __init__(self, d: Discovery, probes: list):
         self.d, self.probes, self.inputs, self.k = d, probes, [], 0
@@ -154,7 +154,7 @@ def ghost_pass(loss_fn: Callable, params: Params, batch, d: Discovery):
         prober = _Prober(d, probe_list)
         tables = {n: v for n, v in small_p.items() if 2 <= v.dim() <= 4 and v.is_floating_point()}
         inner = rebuild({n: small_p[n] if n in small_p else big[n] for n in flat})
-        with ExactOps(param_names(inner)), Intercept({**big, **tables}, prober):
+        with Intercept({**big, **tables}, prober, ops=exact_ops(param_names(inner))):
             loss = per_one(inner, example)
         if prober.k != len(d.ghost_uses):
             raise GhostMismatch(
@@ -179,9 +179,12 @@ def ghost_pass(loss_fn: Callable, params: Params, batch, d: Discovery):
 # The default chunk keeps one chunk's work (activations, output gradients, the exact-route
 # leaves' per-example gradients) near this fraction of the result's size, with at least
 # GHOST_MIN_CHUNK examples per chunk (each chunk's vmap and function-mode setup costs about as
-# much as one example's backward on small models).
+# much as one example's backward on small models), and never splits a batch whose whole work
+# fits in GHOST_CHUNK_ELEMENTS elements (64 MiB of float32): small models (a CNN) then run one
+# vmapped pass instead of many, each paying that setup.
 GHOST_CHUNK_FRACTION = 0.15
 GHOST_MIN_CHUNK = 2
+GHOST_CHUNK_ELEMENTS = 1 << 24
 
 
 def _ghost_chunk(d: Discovery, flat, B: int) -> int:
@@ -189,9 +192,9 @@ def _ghost_chunk(d: Discovery, flat, B: int) -> int:
     estimated as four times the recorded uses' outputs (activations, output gradients, softmax
     and friends), against the per-example result size (all parameters)."""
     n_params = sum(v.numel() for v in flat.values() if isinstance(v, Tensor))
-    per_use = sum(math.prod(u.shape) for u in d.uses)
-    chunk = int(GHOST_CHUNK_FRACTION * B * n_params / max(1, 4 * per_use))
-    return max(1, min(B, max(GHOST_MIN_CHUNK, chunk)))
+    per_example = max(1, 4 * sum(math.prod(u.shape) for u in d.uses))
+    chunk = int(GHOST_CHUNK_FRACTION * B * n_params / per_example)
+    return max(1, min(B, max(GHOST_MIN_CHUNK, chunk, GHOST_CHUNK_ELEMENTS // per_example)))
 
 
 def ghost_grads(loss_fn: Callable, params: Params, batch, chunk_size: Optional[int], d: Discovery) -> Params:

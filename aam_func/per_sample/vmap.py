@@ -15,7 +15,7 @@ from torch.func import grad, grad_and_value, vmap
 
 from .batching import RANDOMNESS, batch_size, check_chunk, chunks, in_dims, per_example, slice_batch
 from .clip import clip_factors, global_norms, weighted_sum
-from .exact_ops import exact_ops, explained
+from .exact_ops import explained, in_exact_ops
 
 __all__ = ["vmap_grads", "vmap_losses", "vmap_norms_and_sum"]
 
@@ -25,7 +25,7 @@ def vmap_grads(loss_fn: Callable, params, batch, chunk_size, argnums):
     """Per-example gradients w.r.t. ``argnums`` of ``(params, example)``, chunk by chunk."""
     B = batch_size(batch)
     chunk = check_chunk(chunk_size, B)
-    per = vmap(grad(exact_ops(per_example(loss_fn)), argnums=argnums), in_dims=(None, in_dims(batch)), randomness=RANDOMNESS)
+    per = vmap(grad(in_exact_ops(per_example(loss_fn)), argnums=argnums), in_dims=(None, in_dims(batch)), randomness=RANDOMNESS)
     if chunk >= B:
         return per(params, batch)
     out_leaves, out_spec = None, None
@@ -46,7 +46,7 @@ def vmap_losses(loss_fn: Callable, params, batch, chunk: int) -> Tensor:
     B = batch_size(batch)
     if B == 0:
         return torch.zeros(0)
-    per = vmap(exact_ops(per_example(loss_fn)), in_dims=(None, in_dims(batch)), randomness=RANDOMNESS)
+    per = vmap(in_exact_ops(per_example(loss_fn)), in_dims=(None, in_dims(batch)), randomness=RANDOMNESS)
     return torch.cat([per(params, slice_batch(batch, a, b)) for a, b in chunks(B, chunk)])
 
 
@@ -54,7 +54,7 @@ def vmap_losses(loss_fn: Callable, params, batch, chunk: int) -> Tensor:
 def vmap_norms_and_sum(loss_fn: Callable, params, batch, max_norm: float, chunk: int, want_sum: bool):
     """(norms (B,), losses (B,), Σ_i clip_C(g_i) or None) from each chunk's full per-example grads."""
     B = batch_size(batch)
-    per = vmap(grad_and_value(exact_ops(per_example(loss_fn))), in_dims=(None, in_dims(batch)), randomness=RANDOMNESS)
+    per = vmap(grad_and_value(in_exact_ops(per_example(loss_fn))), in_dims=(None, in_dims(batch)), randomness=RANDOMNESS)
     all_norms, all_losses, total = [], [], None
     for start, stop in chunks(B, chunk):
         g, loss = per(params, slice_batch(batch, start, stop))
