@@ -261,3 +261,20 @@ def test_a_non_tensor_leaf_is_an_error_naming_its_path():
     for call in (ps.grads, ps.norms, lambda *a: ps.clipped_sum(*a, 1.0), ps.losses):
         with pytest.raises(TypeError, match=r"params leaf 'blocks\.1\.w' is a float, expected a tensor"):
             call(lambda p, b: b["x"].sum(), params, {"x": torch.zeros(2, 2)})
+
+
+@pytest.mark.slow  # ~2 s of work, but 20-30 s measured on the shared machine (imports under load)
+def test_cnn_dp_example_runs_and_reports_accuracy_and_epsilon(monkeypatch, capsys):
+    pytest.importorskip("sklearn")
+    import importlib.util
+    import pathlib
+    import sys
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "examples" / "cnn_dp.py"
+    spec = importlib.util.spec_from_file_location("cnn_dp_example", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    monkeypatch.setattr(sys, "argv", ["cnn_dp.py", "--epochs", "0.1", "--batch-size", "32"])
+    example.main()
+    out = capsys.readouterr().out
+    assert "5 steps" in out and "final test accuracy" in out and "ε=4.00" in out
