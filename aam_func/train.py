@@ -161,8 +161,19 @@ def _count_tokens(batch: Mapping[str, Tensor]) -> Tensor:
     mask = batch.get("attention_mask")
     if mask is not None:
         return mask.sum().to(torch.int64)
-    ids = batch["input_ids"]
+    ids = batch.get("input_ids")
+    if ids is None:  # not an LM batch (a module's own inputs): its rows
+        return batch_targets(batch)
     return torch.tensor(ids.numel(), dtype=torch.int64, device=ids.device)
+
+
+def _device_type(batch: Mapping[str, Any]) -> str:
+    ids = batch.get("input_ids")
+    if not isinstance(ids, Tensor):
+        ids = next((v for v in batch.values() if isinstance(v, Tensor)), None)
+    if ids is None:
+        raise ValueError(f"batch holds no tensor (keys: {sorted(batch)})")
+    return ids.device.type
 
 
 def _split(batch: Mapping[str, Any], k: int) -> list[dict]:
@@ -185,17 +196,21 @@ def _state_has(state: Mapping, suffix: str) -> bool:
     return any(n == suffix or n.endswith("." + suffix) for n in tree.flatten(state))
 
 
-def _accumulated_grads(grad_fn, params, batch, scale, generator, accumulate: int):
-    """Mean gradient and mean loss over ``accumulate`` equal micro-batches of ``batch``."""
+def _accumulated_grads(grad_fn, params, batch, scale, generator, accumulate: int, buffers=None):
+    """Mean gradient and mean loss over ``accumulate`` equal micro-batches of ``batch`` (and the
+    buffers after the last one, threaded through them in order, when ``buffers`` is given)."""
     micro = [batch] if accumulate == 1 else _split(batch, accumulate)
     grads, losses = None, []
     for mb in micro:
-        g, loss = grad_fn(params, mb, scale, generator)
+        if buffers is None:
+            g, loss = grad_fn(params, mb, scale, generator)
+        else:
+            g, (loss, buffers) = grad_fn(params, mb, scale, generator, buffers)
         grads = g if grads is None else tree.map(torch.add, grads, g)
         losses.append(loss)
     if accumulate == 1:
-        return grads, losses[0]
-    return tree.map(lambda x: x / accumulate, grads), torch.stack(losses).mean()
+        return grads, losses[0], buffers
+    return tree.map(lambda x: x / accumulate, grads), torch.stack(losses).mean(), buffers
 
 
 def _logged(info: Mapping[str, bool], state, grads, scale, learning_rate) -> dict:
@@ -236,8 +251,16 @@ def make_train_step(
     grad_reduce: Optional[Callable] = None,
     loss_weight: Optional[Callable] = None,
     compile_optimizer: bool = True,
+    with_buffers: bool = False,
 ):
     """A pure ``step(params, opt_state, batch, generator=None) -> (params, opt_state, metrics)``.
+
+    ``params`` may be any tree (nested dicts, a flat ``named_parameters()`` dict, a list ...); the
+    new params come back in its form. ``batch`` is a dict of tensors (an LM batch has
+    ``input_ids``; any other dict counts its rows as tokens). ``with_buffers`` trains a module with
+    buffers (:func:`aam_func.nn.functionalize`): ``loss_fn(params, buffers, batch[, generator]) ->
+    (loss, new_buffers)`` and ``step(params, buffers, opt_state, batch, generator=None) ->
+    (params, buffers, opt_state, metrics)``.
 
     ``loss_fn(params, batch)`` returns a scalar mean loss; a step called with a ``generator``
     (dropout) calls ``loss_fn(params, batch, generator)``. ``metrics`` holds 0-d
@@ -258,13 +281,16 @@ def make_train_step(
     optimizer = _with_loss_scale(optimizer, precision, loss_scale)
     info: dict[str, bool] = {}
 
-    def differentiated(params, batch, scale, generator):
-        device_type = batch["input_ids"].device.type
-        with autocast(precision, device_type):
-            loss = loss_fn(params, batch, generator) if generator is not None else loss_fn(params, batch)
+    def differentiated(params, batch, scale, generator, *buffers):
+        extra = (generator,) if generator is not None else ()
+        with autocast(precision, _device_type(batch)):
+            if with_buffers:
+                loss, new_buffers = loss_fn(params, *buffers, batch, *extra)
+            else:
+                loss = loss_fn(params, batch, *extra)
         loss = loss.float()
         scaled = loss * scale if scale is not None else loss
-        return scaled, loss.detach()
+        return scaled, ((loss.detach(), new_buffers) if with_buffers else loss.detach())
 
     grad_fn = torch.func.grad(differentiated, has_aux=True)
     # compile=True traces the whole step, optimizer included, unless compile_optimizer=False
@@ -275,9 +301,9 @@ def make_train_step(
     reduce_fn = torch.compiler.disable(grad_reduce) if (compile and grad_reduce is not None) else grad_reduce
     weight_fn = loss_weight or batch_targets
 
-    def step(params, opt_state, batch, generator: Optional[torch.Generator] = None):
+    def step(params, opt_state, batch, generator: Optional[torch.Generator] = None, buffers=None):
         scale = opt_state["loss_scale"] if precision == "fp16" else None
-        grads, loss = _accumulated_grads(grad_fn, params, batch, scale, generator, accumulate)
+        grads, loss, buffers = _accumulated_grads(grad_fn, params, batch, scale, generator, accumulate, buffers)
         tokens = _count_tokens(batch)
         if reduce_fn is not None:
             red = reduce_fn({"grads": grads, "loss": loss, "weight": weight_fn(batch), "tokens": tokens})
@@ -287,23 +313,35 @@ def make_train_step(
         metrics = {"loss": loss, **_logged(info, new_state, grads, scale, learning_rate), "tokens": tokens}
         if precision == "fp16":
             metrics["loss_scale"] = opt_state["loss_scale"]
-        return new_params, new_state, metrics
+        return (new_params, new_state, metrics) if buffers is None else (new_params, new_state, metrics, buffers)
 
     run = torch.compile(step) if compile else step
 
-    def train_step(params, opt_state, batch, generator: Optional[torch.Generator] = None):
+    def call(params, opt_state, batch, generator, buffers=None):
         if not info:  # once, eagerly (before any tracing): which logged values the state holds
             info["lr"] = _state_has(opt_state, "hyperparams.learning_rate")
             info["norm"] = _state_has(opt_state, "global_norm")
         if precision == "fp16" and "loss_scale" not in opt_state:
             raise ValueError("precision='fp16' needs the optimizer state from step.init(params) "
                              "(it holds the dynamic loss scale)")
+        if buffers is not None:
+            return run(params, opt_state, batch, generator, buffers)
         return run(params, opt_state, batch, generator) if generator is not None else run(params, opt_state, batch)
 
-    train_step.init = optimizer.init
-    train_step.optimizer = optimizer
-    train_step.precision = precision
-    return train_step
+    def train_step(params, opt_state, batch, generator: Optional[torch.Generator] = None):
+        return call(params, opt_state, batch, generator)
+
+    def train_step_with_buffers(params, buffers, opt_state, batch, generator: Optional[torch.Generator] = None):
+        if buffers is None:
+            raise ValueError("with_buffers=True: pass the module's buffers (functionalize's third value; {} if none)")
+        new_params, new_state, metrics, new_buffers = call(params, opt_state, batch, generator, buffers)
+        return new_params, new_buffers, new_state, metrics
+
+    out = train_step_with_buffers if with_buffers else train_step
+    out.init = optimizer.init
+    out.optimizer = optimizer
+    out.precision = precision
+    return out
 
 
 def make_eval_step(loss_fn: Callable, *, precision: str = "fp32", compile: bool = False):

@@ -42,8 +42,12 @@ def test_unflatten_flatten_property(shapes):
 
 
 def test_bad_keys():
-    with pytest.raises(ValueError, match="without '.'"):
-        tree.flatten({"a.b": torch.zeros(1)})
+    # dotted keys are names of their own (a flat named_parameters() dict); a clash is an error
+    assert list(tree.flatten({"a.b": torch.zeros(1)})) == ["a.b"]
+    with pytest.raises(ValueError, match="several leaves named 'a.b'"):
+        tree.flatten({"a.b": torch.zeros(1), "a": {"b": torch.zeros(1)}})
+    with pytest.raises(ValueError, match="non-empty"):
+        tree.flatten({"": torch.zeros(1)})
     with pytest.raises(ValueError, match="conflict"):
         tree.unflatten({"a": torch.zeros(1), "a.b": torch.zeros(1)})
 

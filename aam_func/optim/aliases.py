@@ -29,6 +29,7 @@ from .transforms import (
     adam_denominator,
     adam_init,
     adam_moments,
+    adam_state,
     bias_corrections,
     lr_at,
     add_decayed_weights,
@@ -79,16 +80,15 @@ def decay_mask(params: Mapping, *, decay: Iterable[str] = (), no_decay: Iterable
 
 
 def _decay_flags(mask, names, leaves) -> list[bool]:
+    """Which leaves decay: ``mask`` is a bool tree of any form (looked up by dotted name), a
+    predicate ``(name, leaf)`` or globs on dotted names (:func:`aam_func.tree.selector`)."""
     if mask is None:
         return [True] * len(names)
-    if isinstance(mask, Mapping):
-        flat = tree.flatten(mask)
-        missing = [n for n in names if n not in flat]
-        if missing:
-            raise ValueError("weight-decay mask has no entry for: " + ", ".join(missing))
-        return [bool(flat[n]) for n in names]
-    sel = tree.flatten(tree.select(build(names, leaves), mask))
-    return [sel[n] for n in names]
+    try:
+        pred = tree.selector(mask)
+        return [bool(pred(n, x)) for n, x in zip(names, leaves)]
+    except ValueError as e:
+        raise ValueError(f"weight-decay mask does not cover the params: {e}") from None
 
 
 # ----------------------------------------------------------------------------- adam family
@@ -142,13 +142,12 @@ def _adam_family(learning_rate, b1, b2, eps, eps_root, weight_decay, mask, decou
 
     def update(grads, state, params=None):
         names, gs = leaves_of(grads)
-        mus = aligned(names, state["mu"], "adam state 'mu'")
-        nus = aligned(names, state["nu"], "adam state 'nu'")
-        lr = lr_at(learning_rate, state["count"])
-        count = state["count"] + 1
+        mus, nus, count = adam_state(names, gs, state)
+        lr = lr_at(learning_rate, count)
+        count = count + 1
         bc1, bc2 = bias_corrections(count, b1, b2)
         if has_decay:
-            ps = aligned(names, params, "params")
+            ps = aligned(names, params, "params", like=gs)
             flags = _decay_flags(mask, names, ps)
             dec = [i for i, f in enumerate(flags) if f]
             if not decoupled and dec:  # torch.optim.Adam's L2: g <- g + wd * p

@@ -36,7 +36,7 @@ def as_scalar(x) -> Tensor:
 
 def mul(xs, s):
     """``x * s`` for each x; s a scalar or a list of tensors."""
-    if use_foreach():
+    if use_foreach() and xs:
         return torch._foreach_mul(xs, s)
     if isinstance(s, list):
         return [x * y for x, y in zip(xs, s)]
@@ -45,7 +45,7 @@ def mul(xs, s):
 
 def mul_(xs, s):
     """In place, only on buffers the caller has just allocated."""
-    if use_foreach():
+    if use_foreach() and xs:
         torch._foreach_mul_(xs, s)
         return xs
     return mul(xs, s)
@@ -53,7 +53,7 @@ def mul_(xs, s):
 
 def add(xs, ys, alpha=1.0):
     """``x + alpha * y``."""
-    if use_foreach():
+    if use_foreach() and xs:
         if is_number(alpha):
             return torch._foreach_add(xs, ys, alpha=alpha)
         return torch._foreach_add(xs, torch._foreach_mul(ys, alpha))
@@ -61,7 +61,7 @@ def add(xs, ys, alpha=1.0):
 
 
 def add_(xs, ys, alpha=1.0):
-    if use_foreach():
+    if use_foreach() and xs:
         if is_number(alpha):
             torch._foreach_add_(xs, ys, alpha=alpha)
         else:
@@ -71,14 +71,14 @@ def add_(xs, ys, alpha=1.0):
 
 
 def add_scalar_(xs, s):
-    if use_foreach():
+    if use_foreach() and xs:
         torch._foreach_add_(xs, s)
         return xs
     return [x + s for x in xs]
 
 
 def div(xs, ys):
-    if use_foreach():
+    if use_foreach() and xs:
         return torch._foreach_div(xs, ys)
     if isinstance(ys, list):
         return [x / y for x, y in zip(xs, ys)]
@@ -86,7 +86,7 @@ def div(xs, ys):
 
 
 def div_(xs, s):
-    if use_foreach():
+    if use_foreach() and xs:
         torch._foreach_div_(xs, s)
         return xs
     return div(xs, s)
@@ -94,14 +94,14 @@ def div_(xs, s):
 
 def lerp(xs, ys, w):
     """``x + w * (y - x)``."""
-    if use_foreach():
+    if use_foreach() and xs:
         return torch._foreach_lerp(xs, ys, w)
     return [torch.lerp(x, y, w if is_number(w) else w.to(x.dtype)) for x, y in zip(xs, ys)]
 
 
 def addcmul_(xs, ys, zs, value):
     """``x + value * y * z`` in place (on fresh buffers only)."""
-    if use_foreach():
+    if use_foreach() and xs:
         if is_number(value):
             torch._foreach_addcmul_(xs, ys, zs, value)
         else:
@@ -112,7 +112,7 @@ def addcmul_(xs, ys, zs, value):
 
 def addcdiv_(xs, ys, zs, value):
     """``x + value * y / z`` in place (on fresh buffers only)."""
-    if use_foreach():
+    if use_foreach() and xs:
         if is_number(value):
             torch._foreach_addcdiv_(xs, ys, zs, value)
         elif not torch.compiler.is_compiling():
@@ -125,26 +125,26 @@ def addcdiv_(xs, ys, zs, value):
 
 
 def sqrt(xs):
-    if use_foreach():
+    if use_foreach() and xs:
         return torch._foreach_sqrt(xs)
     return [torch.sqrt(x) for x in xs]
 
 
 def sqrt_(xs):
-    if use_foreach():
+    if use_foreach() and xs:
         torch._foreach_sqrt_(xs)
         return xs
     return sqrt(xs)
 
 
 def sign(xs):
-    if use_foreach():
+    if use_foreach() and xs:
         return torch._foreach_sign(xs)
     return [torch.sign(x) for x in xs]
 
 
 def clamp(xs, lo, hi):
-    if use_foreach():
+    if use_foreach() and xs:
         out = torch._foreach_clamp_min(xs, lo)
         torch._foreach_clamp_max_(out, hi)
         return out

@@ -95,7 +95,7 @@ def warmup_cosine(
     """
     peak, end = _number("peak_value", peak_value, nonneg=True), _number("end_value", end_value, nonneg=True)
     w = _count("warmup_steps", warmup_steps)
-    total = _count("total_steps", total_steps)
+    total = _count("total_steps", total_steps, positive=True)  # 0 steps: no schedule to run
     if total < w:
         raise ValueError(f"total_steps ({total}) must be >= warmup_steps ({w})")
     c = _number("num_cycles", num_cycles, nonneg=True)
@@ -118,7 +118,7 @@ def warmup_linear(peak_value: float, warmup_steps: int, total_steps: int, end_va
     (``transformers.get_linear_schedule_with_warmup`` when ``end_value == 0``)."""
     peak, end = _number("peak_value", peak_value, nonneg=True), _number("end_value", end_value, nonneg=True)
     w = _count("warmup_steps", warmup_steps)
-    total = _count("total_steps", total_steps)
+    total = _count("total_steps", total_steps, positive=True)  # 0 steps: no schedule to run
     if total < w:
         raise ValueError(f"total_steps ({total}) must be >= warmup_steps ({w})")
 

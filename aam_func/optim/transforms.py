@@ -12,7 +12,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from ..checks import check_bool, is_number
+from ..checks import check_bool, check_number, is_number
 from . import foreach
 from .base import (
     GradientTransformation,
@@ -20,6 +20,7 @@ from .base import (
     build,
     check_beta,
     check_nonneg,
+    entry,
     leaves_of,
     step_counter,
 )
@@ -48,7 +49,7 @@ def _zeros_state(key: str) -> Callable:
     """``init(params) -> {key: zeros like params}``: the state of a one-buffer transformation."""
 
     def init(params):
-        names, ps = leaves_of(params)
+        names, ps = leaves_of(params, "params")
         return {key: build(names, foreach.zeros_like(ps))}
 
     return init
@@ -60,7 +61,7 @@ def _one_buffer(key: str, what: str, step: Callable) -> GradientTransformation:
 
     def update(grads, state, params=None):
         names, gs = leaves_of(grads)
-        us, bufs = step(gs, aligned(names, state[key], what))
+        us, bufs = step(gs, aligned(names, entry(state, key, what), what, like=gs, same_dtype=True))
         return build(names, us), {key: build(names, bufs)}
 
     return GradientTransformation(_zeros_state(key), update)
@@ -130,9 +131,21 @@ def adam_denominator(nus, bc2: Tensor, eps, eps_root):
     return foreach.add_scalar_(denom, eps)
 
 
+def adam_state(names, gs, state) -> tuple[list[Tensor], list[Tensor], Tensor]:
+    """``(mu leaves, nu leaves, count)`` of an Adam state, each moment leaf checked against its
+    gradient's shape and dtype before any kernel reads it (a state of other shapes would make
+    the fused kernel read or write out of bounds)."""
+    mus = aligned(names, entry(state, "mu", "adam state"), "adam state 'mu'", like=gs, same_dtype=True)
+    nus = aligned(names, entry(state, "nu", "adam state"), "adam state 'nu'", like=gs, same_dtype=True)
+    count = entry(state, "count", "adam state")
+    if not isinstance(count, Tensor) or count.dim() != 0 or count.is_floating_point():
+        raise ValueError(f"adam state 'count' must be a 0-d integer tensor, got {count!r}")
+    return mus, nus, count
+
+
 def adam_init(params):
     """Adam's state: ``{"count": 0, "mu": zeros like params, "nu": zeros like params}``."""
-    names, ps = leaves_of(params)
+    names, ps = leaves_of(params, "params")
     return {
         "count": step_counter(),
         "mu": build(names, foreach.zeros_like(ps)),
@@ -155,9 +168,8 @@ def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, eps_roo
 
     def update(grads, state, params=None):
         names, gs = leaves_of(grads)
-        mus = aligned(names, state["mu"], "adam state 'mu'")
-        nus = aligned(names, state["nu"], "adam state 'nu'")
-        count = state["count"] + 1
+        mus, nus, count = adam_state(names, gs, state)
+        count = count + 1
         bc1, bc2 = bias_corrections(count, b1, b2)
         mus, nus = adam_moments(gs, mus, nus, b1, b2)
         denom = adam_denominator(nus, bc2, eps, eps_root)
@@ -203,7 +215,7 @@ def add_decayed_weights(weight_decay: float = 0.0, mask=None) -> GradientTransfo
 
     def update(grads, state, params=None):
         names, gs = leaves_of(grads)
-        ps = aligned(names, params, "params")
+        ps = aligned(names, params, "params", like=gs)
         us = foreach.add(gs, ps, alpha=weight_decay)
         return build(names, us), state
 
@@ -218,8 +230,10 @@ def add_decayed_weights(weight_decay: float = 0.0, mask=None) -> GradientTransfo
 def clip_by_global_norm(max_norm: float) -> GradientTransformation:
     """As ``torch.nn.utils.clip_grad_norm_``: ``n = sqrt(sum ||g||^2)``,
     ``u = g * min(1, max_norm / (n + 1e-6))``. State ``{"global_norm": n}`` holds the norm
-    before clipping, for logging (read it with :func:`aam_func.optim.last_global_norm`)."""
-    check_nonneg("max_norm", max_norm)
+    before clipping, for logging (read it with :func:`aam_func.optim.last_global_norm`).
+    ``max_norm`` must be > 0 (0 would zero every update: leave the clipping out instead)."""
+    if not isinstance(max_norm, Tensor):
+        check_number("max_norm", max_norm, min=0, min_open=True)
 
     def init(params):
         return {"global_norm": torch.zeros((), dtype=torch.float32)}

@@ -19,6 +19,7 @@ from .base import (
     build,
     check_transform,
     cond,
+    entry,
     leaves_of,
     set_to_zero,
     step_counter,
@@ -42,29 +43,41 @@ __all__ = [
 ]
 
 
-def _selection(mask, t: Mapping) -> dict[str, bool]:
-    """``{name: selected}`` for the leaves of ``t`` from a bool tree, predicate or globs."""
+def _selection(mask, t) -> dict[str, bool]:
+    """``{name: selected}`` for the tensor leaves of ``t`` (any tree) from a bool tree of any
+    form, a predicate or globs on dotted names."""
     try:
-        return tree.flatten(tree.select(t, mask))
+        pred = tree.selector(mask)
+        return {n: bool(pred(n, x)) for n, x in tree.flatten(t).items() if x is not None}
     except ValueError as e:
         raise ValueError(f"mask does not cover the tree: {e}") from None
+
+
+def _joined(grads, parts) -> object:
+    """The updates of ``parts`` (trees of disjoint leaves) in ``grads``' form, by name."""
+    names, gs = leaves_of(grads)
+    merged = {}
+    for part in parts:
+        merged.update({n: x for n, x in tree.flatten(part).items() if x is not None})
+    missing = [n for n in names if n not in merged]
+    if missing:
+        raise ValueError("inner transformations returned no update for: " + ", ".join(missing))
+    return build(names, [merged[n] for n in names])
 
 
 def masked(inner: GradientTransformation, mask) -> GradientTransformation:
     """Apply ``inner`` to the selected leaves only; the others pass through unchanged.
 
-    ``mask``: a tree of bools, a predicate ``(name, leaf) -> bool`` or glob patterns on dotted
-    names. ``inner`` sees (and keeps state for) the selected subtree only.
+    ``mask``: a tree of bools (any form), a predicate ``(name, leaf) -> bool`` or glob patterns on
+    dotted names. ``inner`` sees (and keeps state for) the selected subtree only
+    (:func:`aam_func.tree.subset`: dicts without the other keys, sequences with ``None`` there).
     State ``{"inner": inner_state}``.
     """
     check_transform("masked's inner", inner)
 
     def split(t, sel):
-        flat = tree.flatten(t)
-        return (
-            tree.unflatten({n: v for n, v in flat.items() if sel[n]}),
-            tree.unflatten({n: v for n, v in flat.items() if not sel[n]}),
-        )
+        return (tree.subset(t, lambda n, x: x is not None and sel[n]),
+                tree.subset(t, lambda n, x: x is not None and not sel[n]))
 
     def init(params):
         sel = _selection(mask, params)
@@ -75,28 +88,27 @@ def masked(inner: GradientTransformation, mask) -> GradientTransformation:
         g_in, g_out = split(grads, sel)
         p_in = None if params is None else split(params, _selection(mask, params))[0]
         u_in, s_in = inner.update(g_in, substate(state, "inner"), p_in)
-        names = list(tree.flatten(grads))
-        merged = {**tree.flatten(u_in), **tree.flatten(g_out)}
-        return tree.unflatten({n: merged[n] for n in names}), {"inner": s_in}
+        return _joined(grads, [u_in, g_out]), {"inner": s_in}
 
     return GradientTransformation(init, update)
 
 
 def partition(transforms: Mapping[str, GradientTransformation], labels) -> GradientTransformation:
-    """A transformation per label: ``labels`` is a tree of label strings or a function
-    ``(name, leaf) -> label``; each leaf is updated by ``transforms[its label]``.
-    State ``{label: state of that label's transformation}``."""
+    """A transformation per label: ``labels`` is a tree of label strings (any form, looked up by
+    dotted name) or a function ``(name, leaf) -> label``; each leaf is updated by
+    ``transforms[its label]``. State ``{label: state of that label's transformation}``."""
     if not isinstance(transforms, Mapping) or not transforms:
         raise TypeError(f"partition needs a non-empty dict label -> GradientTransformation, got {transforms!r}")
     for k, t in transforms.items():
         check_transform(f"partition's transforms[{k!r}]", t)
 
     def label_of(t):
+        names = [n for n, x in tree.flatten(t).items() if x is not None]
         if callable(labels) and not isinstance(labels, Mapping):
-            out = {n: labels(n, x) for n, x in tree.flatten(t).items()}
+            flat_t = tree.flatten(t)
+            out = {n: labels(n, flat_t[n]) for n in names}
         else:
             flat = tree.flatten(labels)
-            names = list(tree.flatten(t))
             missing = [n for n in names if n not in flat]
             if missing:
                 raise ValueError("partition labels have no entry for: " + ", ".join(missing))
@@ -107,7 +119,7 @@ def partition(transforms: Mapping[str, GradientTransformation], labels) -> Gradi
         return out
 
     def sub(t, lab, key):
-        return tree.unflatten({n: v for n, v in tree.flatten(t).items() if lab[n] == key})
+        return tree.subset(t, lambda n, x: x is not None and lab[n] == key)
 
     def init(params):
         lab = label_of(params)
@@ -115,12 +127,12 @@ def partition(transforms: Mapping[str, GradientTransformation], labels) -> Gradi
 
     def update(grads, state, params=None):
         lab = label_of(grads)
-        merged, new_state = {}, {}
+        parts, new_state = [], {}
         for k, t in transforms.items():
             p = None if params is None else sub(params, lab, k)
             u, new_state[k] = t.update(sub(grads, lab, k), substate(state, k), p)
-            merged.update(tree.flatten(u))
-        return tree.unflatten({n: merged[n] for n in tree.flatten(grads)}), new_state
+            parts.append(u)
+        return _joined(grads, parts), new_state
 
     return GradientTransformation(init, update)
 
@@ -143,12 +155,13 @@ def multi_steps(inner: GradientTransformation, every_k: int, use_grad_mean: bool
     check_int("every_k", every_k, min=1)
 
     def init(params):
-        names, ps = leaves_of(params)
+        names, ps = leaves_of(params, "params")
         return {"mini_step": step_counter(), "acc": build(names, foreach.zeros_like(ps)), "inner": inner.init(params)}
 
     def update(grads, state, params=None):
         names, gs = leaves_of(grads)
-        acc = foreach.add(aligned(names, state["acc"], "multi_steps state 'acc'"), gs)
+        acc = foreach.add(aligned(names, entry(state, "acc", "multi_steps state"), "multi_steps state 'acc'",
+                                  like=gs, same_dtype=True), gs)
         mini = state["mini_step"] + 1
         emit = mini >= every_k
         inner_state = substate(state, "inner")

@@ -44,7 +44,7 @@ from ..checks import check_choice, check_int, check_number
 from ..intercept import Client, Intercept, Use
 from ..layers.basic import dropout as _dropout
 from ..tree import Params, check_structure, flatten, unflatten
-from .targets import Target, TargetSpec, conv1d_type, is_flat, module_candidates, targets_of
+from .targets import Target, TargetSpec, conv1d_type, module_candidates, targets_of
 
 __all__ = [
     "LoRA",
@@ -154,8 +154,8 @@ class LoRA:
         """The expected adapter structure (a tree of shapes)."""
         flat = {}
         for t in self.targets:
-            flat[t.name + ".lora_A"] = (self.rank, t.in_features)
-            flat[t.name + ".lora_B"] = (t.out_features, self.rank)
+            flat[t.name + ".lora_A"] = torch.Size((self.rank, t.in_features))
+            flat[t.name + ".lora_B"] = torch.Size((t.out_features, self.rank))
         return unflatten(flat)
 
     def check(self, adapters: Mapping) -> dict[str, tuple[Tensor, Tensor]]:
@@ -179,8 +179,7 @@ class LoRA:
 
     def _apply_delta(self, params: Mapping, adapters: Mapping, sign: float) -> Mapping:
         ab = self.check(adapters)
-        nested = not is_flat(params)
-        flat = flatten(params) if nested else dict(params)
+        flat = flatten(params)  # any form; unflatten gives that form back (same keys)
         problems = []
         for t in self.targets:
             key = t.name + ".weight"
@@ -196,11 +195,11 @@ class LoRA:
             w = flat[key]
             d = self.delta(t, *ab[t.name])
             flat[key] = w + sign * d.to(w.dtype)
-        return unflatten(flat) if nested else flat
+        return unflatten(flat)
 
     def merged(self, params: Mapping, adapters: Mapping) -> Mapping:
         """Effective params: every target weight W becomes W + s·B·A (Conv1D: + (s·B·A)ᵀ).
-        Nested Params give nested Params, a flat ``state_dict``-style mapping a flat dict.
+        Params come back in their own form (nested, a flat ``named_parameters()`` dict, ...).
         Pure and differentiable wrt both arguments. LoRA dropout does not apply here (a merged
         weight cannot drop the low-rank branch's input); use :meth:`apply`/:meth:`call`."""
         return self._apply_delta(params, adapters, 1.0)
@@ -275,11 +274,13 @@ class LoRA:
 
 def _weights_of(base: Any, targets: Iterable[Target]) -> dict[str, Tensor]:
     """The target weight tensors of Params or an nn.Module (the very objects its forward uses)."""
-    from ..nn import Bound
+    from ..nn import Bound, Functional
 
     out, missing = {}, []
     if isinstance(base, Bound):
         base = base.params()
+    if isinstance(base, Functional):
+        base = base.params
     if isinstance(base, nn.Module):
         for t in targets:
             try:
@@ -288,8 +289,8 @@ def _weights_of(base: Any, targets: Iterable[Target]) -> dict[str, Tensor]:
                 missing.append(t.name + ".weight")
                 continue
             out[t.name] = w
-    elif isinstance(base, Mapping):
-        flat = flatten(base) if not is_flat(base) else base
+    elif base is not None and not isinstance(base, Tensor):
+        flat = flatten(base)
         for t in targets:
             w = flat.get(t.name + ".weight")
             if w is None:
@@ -391,11 +392,15 @@ def from_cli_args(
     ``2·rank``; ``targets`` to the attention projections (``*.attn.qkv``, ``*.attn.out``); a
     comma-separated string is split."""
     if isinstance(targets, str):
+        given = targets
         targets = [t.strip() for t in targets.split(",") if t.strip()]
+        if not targets:  # "," or " " would otherwise fall back to the default targets silently
+            raise ValueError(f"LoRA targets {given!r} name no target; give comma-separated globs or names "
+                             f"such as {','.join(DEFAULT_CLI_TARGETS)!r}, or leave them out for that default")
     rank = check_int("rank", rank, min=1)  # 2.7 or True is a mistake, not 2 or 1
     alpha = check_number("alpha", 2 * rank if alpha is None else alpha)
     spec, adapters = init(
-        params, targets=list(targets or DEFAULT_CLI_TARGETS), rank=rank, alpha=alpha, dropout=dropout, use_rslora=use_rslora, seed=seed,
+        params, targets=list(DEFAULT_CLI_TARGETS if targets is None else targets), rank=rank, alpha=alpha, dropout=dropout, use_rslora=use_rslora, seed=seed,
     )
 
     def wrap_loss(loss_fn: Callable, *, train: bool = True) -> Callable:

@@ -53,9 +53,9 @@ def is_flat(params: Mapping) -> bool:
     return not any(isinstance(v, Mapping) for v in params.values())
 
 
-def _params_candidates(params: Mapping, fan_in_fan_out) -> list[Target]:
-    """Every 2-D floating ``*.weight`` of a Params tree (nested or flat) as a candidate target."""
-    flat = flatten(params) if not is_flat(params) else dict(params)
+def _params_candidates(params: Any, fan_in_fan_out) -> list[Target]:
+    """Every 2-D floating ``*.weight`` of a Params tree (any form: nested, flat, ...) as a candidate."""
+    flat = flatten(params)
     out = []
     for key, w in flat.items():
         if not (key.endswith(".weight") and isinstance(w, Tensor) and w.dim() == 2 and w.is_floating_point()):
@@ -107,18 +107,22 @@ def _name_matches(name: str, pattern: str) -> bool:
 
 
 def targets_of(target: Any, targets: TargetSpec, *, fan_in_fan_out=False) -> tuple[Target, ...]:
-    """The :class:`Target` s of ``target`` (Params, a flat state_dict-style mapping, or an
-    ``nn.Module``) that ``targets`` selects: globs / plain names, or a predicate over weight
+    """The :class:`Target` s of ``target`` (Params of any tree form such as a flat
+    ``named_parameters()`` dict, an ``nn.Module``, or :func:`aam_func.nn.functionalize`'s result) that ``targets`` selects: globs / plain names, or a predicate over weight
     names (``"blocks.0.attn.qkv.weight"``). Selecting nothing is a ``ValueError`` that lists the
     available names. ``fan_in_fan_out`` (Params only: True or globs) marks (in, out) weights."""
+    from ..nn import Functional
+
+    if isinstance(target, Functional):  # nn.functionalize(module): its module says which layers are linear
+        target = target.apply.module
     if isinstance(target, nn.Module):
         cands = module_candidates(target)
         what = f"{type(target).__name__} (nn.Linear / Conv1D submodules)"
-    elif isinstance(target, Mapping):
+    elif isinstance(target, Tensor) or not any(isinstance(x, Tensor) for x in flatten(target).values()):
+        raise TypeError(f"LoRA target must be Params or a torch.nn.Module (Params: a tree of tensors of any form), got {type(target).__name__}")
+    else:
         cands = _params_candidates(target, fan_in_fan_out)
         what = "params (2-D *.weight leaves)"
-    else:
-        raise TypeError(f"LoRA target must be Params or a torch.nn.Module, got {type(target).__name__}")
     if callable(targets) and not isinstance(targets, (str, Mapping)):
         chosen = [t for t in cands if targets(t.name + ".weight")]
         desc = "the targets predicate"
