@@ -38,11 +38,10 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-import torch.utils._pytree as pytree
 from torch import Tensor
 
+from .. import tree
 from ..intercept import Client, Intercept
-from .paths import leaf_names
 
 __all__ = ["exact_ops", "in_exact_ops", "explained", "batch_norm_error", "param_names"]
 
@@ -93,7 +92,8 @@ def exact_ops(names: Optional[Mapping[int, str]] = None) -> dict:
 
 def param_names(params) -> dict[int, str]:
     """``id(leaf) -> dotted name`` for the tensor leaves of a params pytree."""
-    return {id(v): n for n, v in zip(leaf_names(params), pytree.tree_leaves(params)) if isinstance(v, Tensor)}
+    names, leaves, _ = tree.paths(params)
+    return {id(v): n for n, v in zip(names, leaves) if isinstance(v, Tensor)}
 
 
 def in_exact_ops(fn):
