@@ -278,3 +278,25 @@ def test_cnn_dp_example_runs_and_reports_accuracy_and_epsilon(monkeypatch, capsy
     example.main()
     out = capsys.readouterr().out
     assert "5 steps" in out and "final test accuracy" in out and "ε=4.00" in out
+
+
+def test_nn_functionalize_pieces_work_with_every_route_and_batchnorm_is_refused_there_too():
+    from aam_func import nn as afnn
+
+    model = cnn()
+    apply, params, buffers = afnn.functionalize(model)
+    loss = lambda p, b: F.cross_entropy(apply(p, buffers, b["x"])[0], b["y"])  # noqa: E731
+    batch = _digits_like()
+    ref = _loop(_module_loss(model), _params(model), batch)
+    for method in ("auto", "vmap"):
+        got = ps.grads(loss, params, batch, method=method)
+        for i in range(B):
+            assert _max_diff({k: v[i] for k, v in got.items()}, ref[i]) <= 1e-5, method
+    torch.testing.assert_close(ps.norms(loss, params, batch), _norms(ref), rtol=1e-5, atol=1e-6)
+    bn = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(144, 10))
+    apply, params, buffers = afnn.functionalize(bn)
+    loss = lambda p, b: F.cross_entropy(apply(p, buffers, b["x"])[0], b["y"])  # noqa: E731
+    for method in ("ghost", "vmap"):
+        with pytest.raises(ValueError, match=r"BatchNorm layer '1' .*GroupNorm"):
+            ps.clipped_sum(loss, params, batch, 1.0, method=method)
+    assert int(buffers["1.num_batches_tracked"]) == 0  # the caller's buffers are never written
