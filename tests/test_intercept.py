@@ -96,9 +96,9 @@ def test_conv_uses_are_recognised_with_their_options_and_default_to_other_uses()
     plain2 = {"stride": 2, "padding": 1, "dilation": 1, "groups": 1}
     plain1 = {"stride": 1, "padding": "same", "dilation": 2, "groups": 1}
     assert log.events == [("conv", "w2", plain2, True), ("conv", "w1", plain1, True), ("other", "w1")]
-    grouped = Convs()
-    with Intercept({"g": torch.randn(6, 2, 3, 3)}, grouped) as mode:
-        F.conv2d(torch.randn(1, 6, 5, 5), mode._table[next(iter(mode._table))][1], groups=3)
+    grouped, wg = Convs(), torch.randn(6, 2, 3, 3)
+    with Intercept({"g": wg}, grouped):
+        F.conv2d(torch.randn(1, 6, 5, 5), wg, groups=3)
     assert grouped.events == [("conv", "g", {"stride": 1, "padding": 0, "dilation": 1, "groups": 3}, False)]
     base = Log()  # a client without conv(): the conv weight is an other use
     with Intercept({"w2": w2}, base):

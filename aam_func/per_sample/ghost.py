@@ -31,8 +31,8 @@ from ..intercept import Client, Intercept, Use
 from ..tree import Params
 from .batching import RANDOMNESS, batch_size, check_chunk, chunks, in_dims, per_example, slice_batch
 from .clip import clip_factors, squared_norms, weighted_sum
-from .factors import factors, ghost_sq_norms, ghost_weighted_grad, write_factors
 from .exact_ops import exact_ops, param_names
+from .factors import factors, ghost_sq_norms, ghost_weighted_grad, write_factors
 from .paths import named_leaves
 
 __all__ = ["GhostMismatch", "GhostUse", "Discovery", "discover", "ghost_pass", "ghost_grads", "ghost_norms_and_sum",

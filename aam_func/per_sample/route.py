@@ -23,8 +23,8 @@ from torch import Tensor
 from ..checks import check_choice
 from .batching import batch_size, check_chunk
 from .clip import check_max_norm
-from .paths import flat_problem
 from .ghost import GhostMismatch, discover, ghost_grads, ghost_norms_and_sum
+from .paths import flat_problem
 from .vmap import vmap_grads, vmap_losses, vmap_norms_and_sum
 
 __all__ = ["METHODS", "grads", "losses", "norms", "Clipped", "clipped_sum", "check_method"]
