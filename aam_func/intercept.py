@@ -8,16 +8,24 @@ the given objects: ``is``, not equality) in the weight slot of
 
 - ``F.linear(x, W, b)``          weight (out, in): nn.Linear, aam_func's Linear
 - ``torch.addmm(b, x, W)``       weight (in, out): transformers' GPT-2 ``Conv1D`` (no beta/alpha/out)
+- ``F.conv1d/conv2d(x, W, ...)`` weight (out, in/groups, *kernel): nn.Conv1d / nn.Conv2d
+                                 (``Client.conv``; by default an other use of W)
 - ``F.embedding(ids, W, ...)``   a table lookup (``use.padding_idx``; ``use.plain`` is False with
-                                 max_norm / scale_grad_by_freq / sparse)
+                                 max_norm / scale_grad_by_freq; ``sparse`` only changes the
+                                 layout of the gradient, not its values)
 
-is a *recognised use*: the client's :meth:`Client.linear` / :meth:`Client.embedding` receives a
+is a *recognised use*: the client's :meth:`Client.linear` / :meth:`Client.embedding` /
+:meth:`Client.conv` receives a
 :class:`Use` and returns the op's result (``use.run()`` computes it as written). A watched tensor
 anywhere else is an *other use*: another slot of those ops (``F.linear(W, V)``: W is an input
 there) or any other function, method or property (``W.t()``, ``W @ x``, ``W[ids]``, ``W.T``).
 The client's :meth:`Client.other` is told its key and returns the tensor the op sees in its
 place. Metadata reads (:data:`HARMLESS_PROPERTIES`, :data:`HARMLESS_METHODS`: ``.shape``,
 ``.dtype``, ``.size()``, ...) are not uses: they pass through without asking the client.
+
+``ops=`` (optional) replaces every call of ``F.embedding`` / ``F.batch_norm`` in the context,
+watched or not, recognised uses' ``use.run()`` included: per-example work makes lookups exact
+under vmap and refuses batch-mixing layers with it (``aam_func.per_sample.exact_ops``).
 
 Clients (one object each, its state its own):
 
@@ -39,7 +47,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["Intercept", "Client", "Use", "HARMLESS_PROPERTIES", "HARMLESS_METHODS"]
+__all__ = ["Intercept", "Client", "Use", "HARMLESS_PROPERTIES", "HARMLESS_METHODS", "OP_ARGS"]
 
 # Property reads that give no function of the tensor's values. Not ``.T``/``.mT``/``.data``/``.real``:
 # those are values (a use of the weight).
@@ -56,27 +64,36 @@ _EMBEDDING_ARGS = ("input", "weight", "padding_idx", "max_norm", "norm_type", "s
 _LINEAR_ARGS = ("input", "weight", "bias")
 _ADDMM_ARGS = ("input", "mat1", "mat2")
 _ADDMM_ALL = _ADDMM_ARGS + ("beta", "alpha", "out")
+_CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+_BATCH_NORM_ARGS = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
+# the functions ``Intercept(ops=...)`` can replace, with their parameter names
+OP_ARGS = {F.embedding: _EMBEDDING_ARGS, F.batch_norm: _BATCH_NORM_ARGS}
 _RECOGNISED = {  # func: (kind, its parameter names, the weight's slot)
     F.linear: ("linear", _LINEAR_ARGS, "weight"),
     torch.addmm: ("addmm", _ADDMM_ALL, "mat2"),
     F.embedding: ("embedding", _EMBEDDING_ARGS, "weight"),
+    F.conv1d: ("conv", _CONV_ARGS, "weight"),
+    F.conv2d: ("conv", _CONV_ARGS, "weight"),
 }
 
 
 @dataclass(frozen=True)
 class Use:
     """One recognised use of a watched weight. ``kind``: ``"linear"`` (``F.linear``, weight
-    (out, in)), ``"addmm"`` (weight (in, out)) or ``"embedding"``. ``input``: x for the linear
-    kinds, the ids for an embedding. ``padding_idx`` (embedding only): the row that receives no
-    gradient, in [0, V), or None."""
+    (out, in)), ``"addmm"`` (weight (in, out)), ``"embedding"`` or ``"conv"`` (``F.conv1d`` /
+    ``F.conv2d``, weight (out, in/groups, *kernel); ``options`` holds its stride, padding,
+    dilation and groups). ``input``: x for the linear kinds and conv, the ids for an embedding.
+    ``padding_idx`` (embedding only): the row that receives no gradient, in [0, V), or None.
+    ``plain`` is False for an embedding with max_norm / scale_grad_by_freq and a grouped conv."""
 
-    kind: str
+    kind: str  # "linear", "addmm", "embedding" or "conv"
     key: Hashable
     weight: Tensor
     input: Tensor
     bias: Optional[Tensor] = None
     padding_idx: Optional[int] = None
     plain: bool = True
+    options: dict = field(default_factory=dict)
     _func: Any = field(default=None, repr=False)
     _args: dict = field(default_factory=dict, repr=False)
     _weight_slot: str = field(default="weight", repr=False)
@@ -101,6 +118,11 @@ class Client:
     def embedding(self, use: Use) -> Tensor:
         """A recognised plain ``F.embedding`` use: return its result."""
         return use.run()
+
+    def conv(self, use: Use) -> Tensor:
+        """A recognised ``F.conv1d`` / ``F.conv2d`` use; by default an other use of its weight
+        (a client that knows nothing of convolutions sees the weight as it sees any op)."""
+        return use.run(self.other(use.key, use.weight))
 
     def other(self, key: Hashable, tensor: Tensor) -> Tensor:
         """Any other use of the watched ``tensor`` named ``key``: the tensor the op sees instead."""
@@ -128,10 +150,20 @@ def _is_harmless(func) -> bool:
 
 class Intercept(TorchFunctionMode):
     """The mode: ``watched`` maps the client's keys to tensors; see the module docstring.
-    Two keys for one tensor object are an error (a use could not be told apart)."""
+    Two keys for one tensor object are an error (a use could not be told apart).
 
-    def __init__(self, watched: Mapping[Hashable, Tensor], client: Client):
+    ``ops`` (optional) maps a torch function to ``impl(func, kwargs) -> result`` that replaces
+    *every* call of it inside the context, watched or not, recognised uses' ``use.run()``
+    included (kwargs: the call's arguments by parameter name, for the functions of
+    :data:`OP_ARGS`). Per-example work uses it to make lookups exact under vmap and to refuse
+    batch-mixing layers (``aam_func.per_sample.exact_ops``)."""
+
+    def __init__(self, watched: Mapping[Hashable, Tensor], client: Client, ops: Optional[Mapping] = None):
         super().__init__()
+        for f in ops or {}:
+            if f not in OP_ARGS:
+                raise ValueError(f"ops: {f!r} is not one of the functions Intercept can replace ({list(OP_ARGS)})")
+        self._ops = dict(ops or {})
         table: dict[int, tuple[Hashable, Tensor]] = {}
         for key, t in watched.items():
             if id(t) in table:
@@ -187,27 +219,42 @@ class Intercept(TorchFunctionMode):
             return None
         padding_idx, plain = None, True
         if kind == "embedding":
-            # renormalised, frequency-scaled or sparse: the weight gradient is not a plain row scatter
-            plain = not (bound.get("max_norm") is not None or bound.get("scale_grad_by_freq", False)
-                         or bound.get("sparse", False))
+            # renormalised or frequency-scaled: the weight gradient is not a plain row scatter
+            plain = not (bound.get("max_norm") is not None or bound.get("scale_grad_by_freq", False))
             padding_idx = bound.get("padding_idx")
             if padding_idx is not None and padding_idx < 0:
                 padding_idx += weight.shape[0]
         elif kind == "addmm" and set(bound) != set(_ADDMM_ARGS):
             return None  # beta / alpha / out change what addmm computes
+        options = {}
+        if kind == "conv":
+            options = {k: bound.get(k, d) for k, d in (("stride", 1), ("padding", 0), ("dilation", 1), ("groups", 1))}
+            plain = options["groups"] == 1
         rest = {k: self._others(v) for k, v in bound.items() if k != slot}
         x = rest.get("mat1" if kind == "addmm" else "input")
         bias = rest.get("input" if kind == "addmm" else "bias")
-        return Use(kind, key, weight, x, bias, padding_idx, plain, func, {**rest, slot: weight}, slot)
+        run = func if func not in self._ops else (lambda **kw: self._run(func, (), kw))
+        return Use(kind, key, weight, x, bias, padding_idx, plain, options, run, {**rest, slot: weight}, slot)
+
+    def _run(self, func, args, kwargs):
+        """The call as the context runs it: through ``ops`` when ``func`` has a replacement."""
+        impl = self._ops.get(func)
+        if impl is not None:
+            bound = _bind(OP_ARGS[func], args, kwargs)
+            if bound is not None:
+                return impl(func, bound)
+        return func(*args, **kwargs)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func in _RECOGNISED:
             use = self._recognise(func, args, kwargs)
             if use is not None:
-                return self._client.embedding(use) if use.kind == "embedding" else self._client.linear(use)
+                if use.kind == "embedding":
+                    return self._client.embedding(use)
+                return self._client.conv(use) if use.kind == "conv" else self._client.linear(use)
         elif _is_harmless(func):
             return func(*args, **kwargs)
         if self._any_watched(args) or self._any_watched(kwargs):
             args, kwargs = self._others(args), self._others(kwargs)
-        return func(*args, **kwargs)
+        return self._run(func, args, kwargs)

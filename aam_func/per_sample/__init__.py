@@ -13,20 +13,26 @@ Two routes compute norms, clipped sums and (``grads``) full per-example gradient
 
 - ``"vmap"`` (:mod:`.vmap`): ``vmap(grad)`` over chunks of ``chunk_size`` examples; only one
   chunk of per-example gradients exists at a time.
-- ``"ghost"`` (:mod:`.ghost`, the default): no per-example gradient of a linear or embedding
-  weight is ever formed; each use of such a weight leaves factors (inputs x, output gradients g)
-  from which norms, clipped sums and per-example gradients follow (:mod:`.factors`). The uses
-  are found by :class:`aam_func.intercept.Intercept` (``F.linear``, ``torch.addmm``,
-  ``F.embedding`` by weight identity); a weight used any other way takes the exact route inside
-  the same pass.
+- ``"ghost"`` (:mod:`.ghost`, the default): no per-example gradient of a linear, embedding or
+  conv weight is ever formed; each use of such a weight leaves factors (inputs x or a conv's
+  input patches, output gradients g) from which norms, clipped sums and per-example gradients
+  follow (:mod:`.factors`). The uses are found by :class:`aam_func.intercept.Intercept`
+  (``F.linear``, ``torch.addmm``, ``F.embedding``, ``F.conv1d`` / ``F.conv2d`` with groups 1, by
+  weight identity); a weight used any other way takes the exact route inside the same pass.
 
-The rest: :mod:`.batching` (batch size, slices, chunks), :mod:`.clip` (norms, clip factors),
+``params`` is any pytree (a nested dict, an ``nn.Module``'s ``named_parameters()`` dict, a list,
+...); results come back in its structure. A module is used through
+``torch.func.functional_call(module, params, args)`` inside ``loss_fn``; a BatchNorm in training
+mode (it mixes the examples) is refused by name (:mod:`.exact_ops`).
+
+The rest: :mod:`.batching` (batch size, slices, chunks), :mod:`.exact_ops` (lookups made exact and
+batch-mixing layers refused, both routes), :mod:`.paths` (params as any pytree), :mod:`.clip` (norms, clip factors),
 :mod:`.route` (the public functions and the choice of route), :mod:`.dp` (DP-SGD),
 :mod:`.attribution` (hvp, gradient inner products, TracIn). Derivations and the tests that check
-them: ``proofs/per_sample.md``.
+them: ``proofs/per_sample.md`` and ``proofs/ghost_modules.md``.
 """
 
-from . import attribution, batching, clip, dp, factors, ghost, route, vmap
+from . import attribution, batching, clip, dp, exact_ops, factors, ghost, paths, route, vmap
 from .attribution import grad_dots, hvp, tracin
 from .batching import batch_size
 from .clip import CLIP_EPS, clip_factors, global_norms

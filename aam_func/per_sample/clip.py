@@ -5,27 +5,24 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
 import torch
+import torch.utils._pytree as pytree
 from torch import Tensor
 
-from .. import tree
 from ..checks import check_number
-from ..tree import Params
 
 __all__ = ["CLIP_EPS", "squared_norms", "global_norms", "clip_factors", "weighted_sum", "check_max_norm"]
 
 CLIP_EPS = 1e-6  # w_i = min(1, C / (‖g_i‖ + eps)), as Opacus: keeps ‖w_i g_i‖ < C and no 0/0
 
 
-def squared_norms(per_example: Mapping) -> Tensor:
-    """(B,) float32 Σ over leaves of ‖x_i‖², for a tree whose leaves carry a leading batch dim."""
-    sq = [x.reshape(x.shape[0], -1).float().pow(2).sum(1) for x in tree.leaves(per_example)]
+def squared_norms(per_example) -> Tensor:
+    """(B,) float32 Σ over leaves of ‖x_i‖², for a pytree whose leaves carry a leading batch dim."""
+    sq = [x.reshape(x.shape[0], -1).float().pow(2).sum(1) for x in pytree.tree_leaves(per_example)]
     return torch.stack(sq).sum(0)
 
 
-def global_norms(per_example: Mapping) -> Tensor:
+def global_norms(per_example) -> Tensor:
     """(B,) global L2 norms of a tree whose leaves carry a leading batch dim."""
     return squared_norms(per_example).sqrt()
 
@@ -35,9 +32,9 @@ def clip_factors(norms: Tensor, max_norm: float) -> Tensor:
     return (max_norm / (norms + CLIP_EPS)).clamp(max=1.0)
 
 
-def weighted_sum(weights: Tensor, per_example: Mapping) -> Params:
-    """Σ_i w_i g_i over the leading dim of every leaf."""
-    return tree.map(lambda x: torch.tensordot(weights.to(x.dtype), x, dims=1), per_example)
+def weighted_sum(weights: Tensor, per_example):
+    """Σ_i w_i g_i over the leading dim of every leaf (the same pytree structure)."""
+    return pytree.tree_map(lambda x: torch.tensordot(weights.to(x.dtype), x, dims=1), per_example)
 
 
 def check_max_norm(max_norm) -> float:

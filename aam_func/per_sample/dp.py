@@ -13,9 +13,9 @@ from collections.abc import Callable
 from typing import NamedTuple, Optional
 
 import torch
+import torch.utils._pytree as pytree
 from torch import Tensor
 
-from .. import tree
 from ..checks import check_int, check_number
 from ..optim import GradientTransformation, apply_updates
 from ..tree import Params
@@ -46,7 +46,7 @@ def _noisy_mean(total: Params, B: int, max_norm: float, sigma: float, expected: 
             x = x + std * torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
         return x / denom
 
-    return tree.map(one, total)
+    return pytree.tree_map(one, total)
 
 
 def dp_aggregate(
@@ -68,15 +68,15 @@ def dp_aggregate(
         return {"count": torch.zeros((), dtype=torch.int64), "seed": torch.tensor(seed, dtype=torch.int64)}
 
     def update(grads, state, params=None):
-        B = {x.shape[0] for x in tree.leaves(grads)}
+        B = {x.shape[0] for x in pytree.tree_leaves(grads)}
         if len(B) != 1:
             raise ValueError(f"dp_aggregate needs per-example grads with one leading batch size, got sizes {sorted(B)}")
         B = B.pop()
         count = int(state["count"])
-        leaves = tree.leaves(grads)
+        leaves = pytree.tree_leaves(grads)
         device = leaves[0].device if leaves else torch.device("cpu")  # the noise is drawn where the grads live
         g = torch.Generator(device=device).manual_seed(hash((int(state["seed"]), count)) & ((1 << 63) - 1))
-        total = weighted_sum(clip_factors(global_norms(grads), max_norm), grads) if B else tree.map(lambda x: x.sum(0), grads)
+        total = weighted_sum(clip_factors(global_norms(grads), max_norm), grads) if B else pytree.tree_map(lambda x: x.sum(0), grads)
         out = _noisy_mean(total, B, max_norm, sigma, expected, g)
         return out, {"count": state["count"] + 1, "seed": state["seed"]}
 

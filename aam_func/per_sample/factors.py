@@ -7,23 +7,62 @@ A use's factors are ``(L, L_is_ids, R)`` with shapes (B, N, ·), or (B, N) ids f
 - ``torch.addmm`` (weight (in, out)): L = x, R = g          (the transpose of the above)
 - ``F.embedding`` (weight (V, d)):    L = onehot(ids) as ids, R = g, with the rows of g at
   ``padding_idx`` zeroed (that row receives no gradient)
+- ``F.conv1d/2d`` (weight (out, C, *k), groups 1): L = g at each output position (B, L, out),
+  R = the input's patches ``unfold(x)`` (B, L, C·∏k); the weight read as (out, C·∏k)
 
-Derivation: ``proofs/per_sample.md`` §2-3b.
+Derivation: ``proofs/per_sample.md`` §2-3b, ``proofs/ghost_modules.md`` (conv).
 """
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["factors", "gram", "ghost_sq_norms", "ghost_weighted_grad", "write_factors"]
+__all__ = ["factors", "gram", "ghost_sq_norms", "ghost_weighted_grad", "write_factors", "matrix_shape", "patches"]
 
 
-def factors(kind: str, x: Tensor, g: Tensor, padding_idx: Optional[int] = None) -> tuple:
-    """One use's (L, L_is_ids, R) from its input ``x`` and output gradient ``g`` (B, 1, ..., ·)."""
+def matrix_shape(shape) -> tuple[int, int]:
+    """A weight's shape read as the matrix its uses multiply by: (out, in·∏kernel) for a conv."""
+    return int(shape[0]), int(math.prod(shape[1:]))
+
+
+def _pairs(v, nd: int) -> tuple:
+    return tuple(v) if isinstance(v, (tuple, list)) else (v,) * nd
+
+
+def patches(x: Tensor, kernel: tuple, options: dict) -> Tensor:
+    """(M, C·∏k, L) input patches of a conv (``F.unfold``) for x (M, C, *spatial), 1-D or 2-D,
+    with the conv's stride, dilation and padding (ints, tuples, "valid" or "same")."""
+    nd = len(kernel)
+    stride, dilation = _pairs(options["stride"], nd), _pairs(options["dilation"], nd)
+    padding = options["padding"]
+    if padding == "valid":
+        padding = 0
+    if padding == "same":  # torch pads total d·(k-1), the extra one on the right
+        sides = [(d * (k - 1) // 2, d * (k - 1) - d * (k - 1) // 2) for k, d in zip(kernel, dilation)]
+    else:
+        sides = [(p, p) for p in _pairs(padding, nd)]
+    x = F.pad(x, [s for pair in reversed(sides) for s in pair])
+    if nd == 1:
+        x, kernel, stride, dilation = x.unsqueeze(2), (1,) + kernel, (1,) + stride, (1,) + dilation
+    return F.unfold(x, kernel, dilation=dilation, stride=stride)
+
+
+def factors(kind: str, x: Tensor, g: Tensor, padding_idx: Optional[int] = None, options: Optional[dict] = None,
+            kernel: tuple = ()) -> tuple:
+    """One use's (L, L_is_ids, R) from its input ``x`` and output gradient ``g`` (B, 1, ..., ·);
+    a conv's ``options`` (stride, padding, dilation) and ``kernel`` size make its patches."""
     B = g.shape[0]
+    if kind == "conv":
+        nd = len(kernel)
+        x = x.reshape(-1, *x.shape[-(nd + 1):])  # (B·n, C, *spatial): n = 1 for a batch of one
+        U = patches(x, kernel, options)
+        g = g.reshape(x.shape[0], g.shape[-(nd + 1)], -1)  # (B·n, out, L)
+        return g.transpose(1, 2).reshape(B, -1, g.shape[1]), False, U.transpose(1, 2).reshape(B, -1, U.shape[1])
     g = g.reshape(B, -1, g.shape[-1])
     if kind == "embedding":
         ids = x.reshape(B, -1)
@@ -52,7 +91,7 @@ def ghost_sq_norms(weight_uses: list, weight_shape) -> Tensor:
         for j in range(i, len(weight_uses)):
             L2, ids2, R2 = weight_uses[j]
             n1 = R1.shape[1]
-            out_dim, in_dim = weight_shape
+            out_dim, in_dim = matrix_shape(weight_shape)
             if i == j and not ids1 and n1 * n1 * (out_dim + in_dim) > n1 * out_dim * in_dim:
                 # cheaper to form this use's per-example gradient once: (B, out, in)
                 G = torch.bmm(L1.float().transpose(1, 2), R1.float())
@@ -67,7 +106,7 @@ def ghost_sq_norms(weight_uses: list, weight_shape) -> Tensor:
 
 def ghost_weighted_grad(weight_uses: list, w: Tensor, shape, dtype) -> Tensor:
     """Σ_i w_i G_i for one weight: a matmul per linear use, an index_add per embedding use."""
-    out = torch.zeros(shape, dtype=torch.float32, device=w.device)
+    out = torch.zeros(matrix_shape(shape), dtype=torch.float32, device=w.device)
     for L, ids, R in weight_uses:
         if ids:  # embedding: rows L (ids) receive w_i · R
             Rw = (R.float() * w[:, None, None]).reshape(-1, R.shape[-1])
@@ -75,7 +114,7 @@ def ghost_weighted_grad(weight_uses: list, w: Tensor, shape, dtype) -> Tensor:
         else:  # linear: Σ_i w_i Σ_t L_t R_tᵀ
             Lw = (L.float() * w[:, None, None]).reshape(-1, L.shape[-1])
             out.addmm_(Lw.t(), R.float().reshape(-1, R.shape[-1]))
-    return out.to(dtype)
+    return out.reshape(shape).to(dtype)
 
 
 def write_factors(dst: Tensor, weight_uses: list) -> None:
@@ -85,6 +124,7 @@ def write_factors(dst: Tensor, weight_uses: list) -> None:
     no linear use wrote first). For a tied embedding/LM head this is one bmm and one index_add,
     not a zero fill, an index_add and a (V, d) read-modify-write per example."""
     b, rows = dst.shape[0], dst.shape[1]
+    dst = dst.view(b, *matrix_shape(dst.shape[1:]))  # a conv's (b, out, C, *k) as (b, out, C·∏k)
     written = False
     for L, ids, R in weight_uses:
         if ids:

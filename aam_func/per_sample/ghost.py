@@ -23,18 +23,20 @@ from dataclasses import dataclass
 from typing import NamedTuple, Optional
 
 import torch
+import torch.utils._pytree as pytree
 from torch import Tensor
 from torch.func import vjp, vmap
 
-from .. import tree
 from ..intercept import Client, Intercept, Use
 from ..tree import Params
 from .batching import RANDOMNESS, batch_size, check_chunk, chunks, in_dims, per_example, slice_batch
 from .clip import clip_factors, squared_norms, weighted_sum
+from .exact_ops import exact_ops, param_names
 from .factors import factors, ghost_sq_norms, ghost_weighted_grad, write_factors
+from .paths import named_leaves
 
 __all__ = ["GhostMismatch", "GhostUse", "Discovery", "discover", "ghost_pass", "ghost_grads", "ghost_norms_and_sum",
-           "GHOST_CHUNK_FRACTION", "GHOST_MIN_CHUNK"]
+           "GHOST_CHUNK_FRACTION", "GHOST_MIN_CHUNK", "GHOST_CHUNK_ELEMENTS"]
 
 
 class GhostMismatch(RuntimeError):
@@ -43,10 +45,11 @@ class GhostMismatch(RuntimeError):
 
 class GhostUse(NamedTuple):
     name: str  # dotted parameter name of the weight
-    kind: str  # "linear", "addmm" or "embedding" (aam_func.intercept.Use.kind)
+    kind: str  # "linear", "addmm", "embedding" or "conv" (aam_func.intercept.Use.kind)
     shape: tuple  # the op's output shape for one example (batch of one)
     dtype: torch.dtype
     padding_idx: Optional[int] = None  # an embedding's row that receives no gradient
+    options: Optional[dict] = None  # a conv's stride, padding, dilation, groups
 
 
 @dataclass(frozen=True)
@@ -62,8 +65,8 @@ class Discovery:
 
 
 class _Recorder(Client):
-    """Discovery: records each recognised use; a weight used any other way, or by a renormalised /
-    frequency-scaled / sparse embedding, is marked for the exact route."""
+    """Discovery: records each recognised use; a weight used any other way, by a
+    frequency-scaled embedding or by a grouped conv, is marked for the exact route."""
 
     def __init__(self):
         self.uses: list[GhostUse] = []
@@ -72,22 +75,23 @@ class _Recorder(Client):
     def _record(self, use: Use) -> Tensor:
         out = use.run()
         if use.plain:
-            self.uses.append(GhostUse(use.key, use.kind, tuple(out.shape), out.dtype, use.padding_idx))
+            self.uses.append(GhostUse(use.key, use.kind, tuple(out.shape), out.dtype, use.padding_idx, use.options))
         else:
             self.others.add(use.key)
         return out
 
-    linear = embedding = _record
+    linear = embedding = conv = _record
 
     def other(self, key, tensor):
         self.others.add(key)
         return tensor
 
 
-def _candidates(params: Params) -> dict[str, Tensor]:
-    """The 2-D floating leaves, except tensors that appear under two names (exact route)."""
-    flat = tree.flatten(params)
-    cands = {n: v for n, v in flat.items() if isinstance(v, Tensor) and v.dim() == 2 and v.is_floating_point()}
+def _candidates(params) -> dict[str, Tensor]:
+    """The 2-D (linear, embedding) and 3-/4-D (conv) floating leaves, except tensors that appear
+    under two names (exact route)."""
+    flat, _ = named_leaves(params)
+    cands = {n: v for n, v in flat.items() if isinstance(v, Tensor) and 2 <= v.dim() <= 4 and v.is_floating_point()}
     count = Counter(id(v) for v in cands.values())
     return {n: v for n, v in cands.items() if count[id(v)] == 1}
 
@@ -95,7 +99,7 @@ def _candidates(params: Params) -> dict[str, Tensor]:
 def discover(loss_fn: Callable, params: Params, batch) -> Discovery:
     """Run the loss on the first example and sort the weights into ghost and exact ones."""
     rec = _Recorder()
-    with torch.no_grad(), Intercept(_candidates(params), rec):
+    with torch.no_grad(), Intercept(_candidates(params), rec, ops=exact_ops(param_names(params))):
         loss_fn(params, slice_batch(batch, 0, 1))
     ghost = frozenset({u.name for u in rec.uses} - rec.others)
     return Discovery(tuple(rec.uses), frozenset(rec.others), ghost, tuple(u for u in rec.uses if u.name in ghost))
@@ -104,9 +108,7 @@ def discover(loss_fn: Callable, params: Params, batch) -> Discovery:
 class _Prober(Client):
     """The ghost pass (under vmap): each use of a ghost weight gets its zero probe added and its
     input kept, in discovery's order; a different order or shape is a :class:`GhostMismatch`.
-    An exact-route table read with ``padding_idx`` is rewritten as a plain lookup whose padding
-    positions are detached: functorch's backward of an embedding with a *batched* weight keeps
-    the padding row of the first example only."""
+    Every lookup and batch norm runs through :func:`.exact_ops.exact_ops` (``ops=``)."""
 
     def __init__(self, d: Discovery, probes: list):
         self.d, self.probes, self.inputs, self.k = d, probes, [], 0
@@ -114,13 +116,7 @@ class _Prober(Client):
     def linear(self, use: Use) -> Tensor:
         return self._probe(use) if use.key in self.d.ghost else use.run()
 
-    def embedding(self, use: Use) -> Tensor:
-        if use.key in self.d.ghost:
-            return self._probe(use)
-        if use.padding_idx is None:
-            return use.run()
-        out = use.run(padding_idx=None)
-        return torch.where((use.input == use.padding_idx).unsqueeze(-1), out.detach(), out)
+    embedding = conv = linear
 
     def _probe(self, use: Use) -> Tensor:
         k, uses = self.k, self.d.ghost_uses
@@ -146,7 +142,7 @@ def ghost_pass(loss_fn: Callable, params: Params, batch, d: Discovery):
     """One forward + one activation-only backward: per-example losses, exact per-example grads
     of the non-ghost params, and per ghost weight the (L, ids, R) factors of each use."""
     B = batch_size(batch)
-    flat = tree.flatten(params)
+    flat, rebuild = named_leaves(params)
     small = {n: v for n, v in flat.items() if n not in d.ghost}
     big = {n: v for n, v in flat.items() if n in d.ghost}
     small_b = {n: v.expand((B,) + tuple(v.shape)) for n, v in small.items()}
@@ -156,9 +152,10 @@ def ghost_pass(loss_fn: Callable, params: Params, batch, d: Discovery):
 
     def one(small_p, probe_list, example):
         prober = _Prober(d, probe_list)
-        tables = {n: v for n, v in small_p.items() if v.dim() == 2 and v.is_floating_point()}
-        with Intercept({**big, **tables}, prober):
-            loss = per_one(tree.unflatten({n: small_p[n] if n in small_p else big[n] for n in flat}), example)
+        tables = {n: v for n, v in small_p.items() if 2 <= v.dim() <= 4 and v.is_floating_point()}
+        inner = rebuild({n: small_p[n] if n in small_p else big[n] for n in flat})
+        with Intercept({**big, **tables}, prober, ops=exact_ops(param_names(inner))):
+            loss = per_one(inner, example)
         if prober.k != len(d.ghost_uses):
             raise GhostMismatch(
                 f"per-example control flow differs from the first example: {prober.k} linear/embedding uses, "
@@ -174,16 +171,20 @@ def ghost_pass(loss_fn: Callable, params: Params, batch, d: Discovery):
     uses: dict[str, list] = {}
     for use, x, g in zip(d.ghost_uses, inputs, probe_grads):
         # x, g: (B, 1, ..., features); the per-example batch of one is dim 1
-        uses.setdefault(use.name, []).append(factors(use.kind, x, g, use.padding_idx))
+        kernel = tuple(flat[use.name].shape[2:])
+        uses.setdefault(use.name, []).append(factors(use.kind, x, g, use.padding_idx, use.options, kernel))
     return loss.detach(), small_grads, uses
 
 
 # The default chunk keeps one chunk's work (activations, output gradients, the exact-route
 # leaves' per-example gradients) near this fraction of the result's size, with at least
 # GHOST_MIN_CHUNK examples per chunk (each chunk's vmap and function-mode setup costs about as
-# much as one example's backward on small models).
+# much as one example's backward on small models), and never splits a batch whose whole work
+# fits in GHOST_CHUNK_ELEMENTS elements (64 MiB of float32): small models (a CNN) then run one
+# vmapped pass instead of many, each paying that setup.
 GHOST_CHUNK_FRACTION = 0.15
 GHOST_MIN_CHUNK = 2
+GHOST_CHUNK_ELEMENTS = 1 << 24
 
 
 def _ghost_chunk(d: Discovery, flat, B: int) -> int:
@@ -191,15 +192,15 @@ def _ghost_chunk(d: Discovery, flat, B: int) -> int:
     estimated as four times the recorded uses' outputs (activations, output gradients, softmax
     and friends), against the per-example result size (all parameters)."""
     n_params = sum(v.numel() for v in flat.values() if isinstance(v, Tensor))
-    per_use = sum(math.prod(u.shape) for u in d.uses)
-    chunk = int(GHOST_CHUNK_FRACTION * B * n_params / max(1, 4 * per_use))
-    return max(1, min(B, max(GHOST_MIN_CHUNK, chunk)))
+    per_example = max(1, 4 * sum(math.prod(u.shape) for u in d.uses))
+    chunk = int(GHOST_CHUNK_FRACTION * B * n_params / per_example)
+    return max(1, min(B, max(GHOST_MIN_CHUNK, chunk, GHOST_CHUNK_ELEMENTS // per_example)))
 
 
 def ghost_grads(loss_fn: Callable, params: Params, batch, chunk_size: Optional[int], d: Discovery) -> Params:
     """Full per-example gradients from the ghost pass, chunk by chunk, into a preallocated result."""
     B = batch_size(batch)
-    flat = tree.flatten(params)
+    flat, rebuild = named_leaves(params)
     chunk = check_chunk(chunk_size, B) if chunk_size is not None else _ghost_chunk(d, flat, B)
     out = {n: v.new_empty((B,) + tuple(v.shape)) for n, v in flat.items()}
     for start, stop in chunks(B, chunk):
@@ -211,19 +212,19 @@ def ghost_grads(loss_fn: Callable, params: Params, batch, chunk_size: Optional[i
             name, fs = uses.popitem()
             write_factors(out[name][start:stop], fs)
             del fs
-    return tree.unflatten(out)
+    return rebuild(out)
 
 
 def ghost_norms_and_sum(loss_fn: Callable, params: Params, batch, max_norm: float, chunk: int, want_sum: bool):
     """(norms (B,), losses (B,), Σ_i clip_C(g_i) or None) from the ghost pass, chunk by chunk."""
     B = batch_size(batch)
     d = discover(loss_fn, params, batch)
-    flat = tree.flatten(params)
+    flat, rebuild = named_leaves(params)
     all_norms, all_losses, total = [], [], None
     for start, stop in chunks(B, chunk):
         loss, small_grads, uses = ghost_pass(loss_fn, params, slice_batch(batch, start, stop), d)
         # the materialised small grads' part of ‖g_i‖², then each ghost weight's ‖Σ_t δ_t a_tᵀ‖²
-        small = tree.unflatten(small_grads)  # {dotted name: (b, ...)} -> a tree, as clip's helpers take
+        small = small_grads  # {dotted name: (b, ...)}
         sq = squared_norms(small) if small_grads else torch.zeros(stop - start, device=loss.device)
         for name, fs in uses.items():
             sq = sq + ghost_sq_norms(fs, tuple(flat[name].shape))
@@ -233,7 +234,7 @@ def ghost_norms_and_sum(loss_fn: Callable, params: Params, batch, max_norm: floa
         if want_sum:
             w = clip_factors(n, max_norm)
             part = {name: ghost_weighted_grad(fs, w, flat[name].shape, flat[name].dtype) for name, fs in uses.items()}
-            part.update(tree.flatten(weighted_sum(w, small)))
-            part = tree.unflatten({k: part[k] for k in flat})
-            total = part if total is None else tree.map(torch.add, total, part)
+            part.update(weighted_sum(w, small))
+            part = rebuild(part)
+            total = part if total is None else pytree.tree_map(torch.add, total, part)
     return torch.cat(all_norms), torch.cat(all_losses), total

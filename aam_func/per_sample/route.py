@@ -1,10 +1,15 @@
 """The public per-example computations and the choice of route for each (``method``).
 
 - ``"vmap"`` (:mod:`.vmap`): ``vmap(grad)`` over chunks; exact for any loss.
-- ``"ghost"`` (:mod:`.ghost`): no per-example gradient of a linear / embedding weight is formed.
+- ``"ghost"`` (:mod:`.ghost`): no per-example gradient of a linear / embedding / conv weight is
+  formed.
 - ``"auto"`` (``grads`` only): ghost for gradients w.r.t. params when some weight is used only
-  by ``F.linear`` / ``torch.addmm`` / ``F.embedding``; else, or if the examples run different
-  op sequences, vmap.
+  by ``F.linear`` / ``torch.addmm`` / ``F.embedding`` / ``F.conv1d`` / ``F.conv2d``; else, or if
+  the examples run different op sequences, vmap.
+
+``params`` is any pytree (:mod:`.paths`): a nested dict, a ``named_parameters()`` dict, a list,
+... ; results come back in its structure. For an ``nn.Module``, write the loss over
+``torch.func.functional_call(module, params, args)``.
 """
 
 from __future__ import annotations
@@ -15,12 +20,11 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from .. import tree
 from ..checks import check_choice
-from ..tree import Params
 from .batching import batch_size, check_chunk
 from .clip import check_max_norm
 from .ghost import GhostMismatch, discover, ghost_grads, ghost_norms_and_sum
+from .paths import flat_problem
 from .vmap import vmap_grads, vmap_losses, vmap_norms_and_sum
 
 __all__ = ["METHODS", "grads", "losses", "norms", "Clipped", "clipped_sum", "check_method"]
@@ -34,7 +38,7 @@ def check_method(method: str) -> str:
 
 def grads(
     loss_fn: Callable,
-    params: Params,
+    params,
     batch,
     *,
     chunk_size: Optional[int] = None,
@@ -58,6 +62,7 @@ def grads(
     ``argnums`` as in ``torch.func.grad`` over ``(params, batch)``: 0 for params, 1 for the
     example's own tensors (input saliency), (0, 1) for both (these use ``"vmap"``).
     """
+    params, loss_fn, restore = flat_problem(loss_fn, params)
     B = batch_size(batch)
     check_choice("method", method, ("auto",) + METHODS)
     check_chunk(chunk_size, B)
@@ -69,22 +74,27 @@ def grads(
         d = discover(loss_fn, params, batch)
         if method == "ghost" or d.ghost:
             try:
-                return ghost_grads(loss_fn, params, batch, chunk_size, d)
+                return restore(ghost_grads(loss_fn, params, batch, chunk_size, d))
             except GhostMismatch:
                 if method == "ghost":
                     raise
-    return vmap_grads(loss_fn, params, batch, chunk_size, argnums)
+    out = vmap_grads(loss_fn, params, batch, chunk_size, argnums)
+    if argnums == 0:
+        return restore(out)
+    return (restore(out[0]), *out[1:]) if isinstance(argnums, tuple) and argnums[0] == 0 else out
 
 
-def losses(loss_fn: Callable, params: Params, batch, *, chunk_size: Optional[int] = None) -> Tensor:
+def losses(loss_fn: Callable, params, batch, *, chunk_size: Optional[int] = None) -> Tensor:
     """(B,) per-example losses ``loss_fn(params, batch[i:i+1])`` (a vmapped forward)."""
+    params, loss_fn, _ = flat_problem(loss_fn, params)
     B = batch_size(batch)
     return vmap_losses(loss_fn, params, batch, check_chunk(chunk_size, B))
 
 
-def norms(loss_fn: Callable, params: Params, batch, *, chunk_size: Optional[int] = None, method: str = "ghost") -> Tensor:
+def norms(loss_fn: Callable, params, batch, *, chunk_size: Optional[int] = None, method: str = "ghost") -> Tensor:
     """(B,) per-example global L2 gradient norms ‖∇ loss_i‖, without keeping all per-example
     gradients (``"vmap"``: one chunk at a time; ``"ghost"``: none for linear/embedding weights)."""
+    params, loss_fn, _ = flat_problem(loss_fn, params)
     B = batch_size(batch)
     chunk = check_chunk(chunk_size, B)
     check_method(method)
@@ -95,17 +105,17 @@ def norms(loss_fn: Callable, params: Params, batch, *, chunk_size: Optional[int]
 
 
 class Clipped(NamedTuple):
-    """``sum``: Σ_i min(1, C/‖g_i‖) g_i (Params); ``norms``: (B,) ‖g_i‖ before clipping;
+    """``sum``: Σ_i min(1, C/‖g_i‖) g_i (the params' structure); ``norms``: (B,) ‖g_i‖ before clipping;
     ``losses``: (B,) per-example losses."""
 
-    sum: Params
+    sum: object  # the params' structure
     norms: Tensor
     losses: Tensor
 
 
 def clipped_sum(
     loss_fn: Callable,
-    params: Params,
+    params,
     batch,
     max_norm: float,
     *,
@@ -116,12 +126,13 @@ def clipped_sum(
 
     An empty batch gives a zero sum (a Poisson-sampled batch may be empty).
     """
+    params, loss_fn, restore = flat_problem(loss_fn, params)
     max_norm = check_max_norm(max_norm)
     B = batch_size(batch)
     chunk = check_chunk(chunk_size, B)
     check_method(method)
     if B == 0:
-        return Clipped(tree.zeros_like(params), torch.zeros(0), torch.zeros(0))
+        return Clipped(restore({n: torch.zeros_like(v) for n, v in params.items()}), torch.zeros(0), torch.zeros(0))
     impl = ghost_norms_and_sum if method == "ghost" else vmap_norms_and_sum
     n, l, total = impl(loss_fn, params, batch, max_norm, chunk, True)
-    return Clipped(total, n, l)
+    return Clipped(restore(total), n, l)

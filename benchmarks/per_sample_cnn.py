@@ -1,0 +1,120 @@
+"""Per-example gradients and the DP-SGD step on a small CNN (an nn.Module), against Opacus and
+a non-private step, in one process.
+
+Model: examples/cnn_dp.py's CNN (Conv2d 1→16 + GroupNorm + Conv2d 16→32 + GroupNorm + Linear
+128→10, 8×8 inputs), float32, CPU. Cases (each at every --batch):
+
+  ours_grads      aam_func.per_sample.grads (method "auto" = ghost: conv / linear weights from
+                  their factors, GroupNorm affine and biases exact through vmap)
+  ours_grads_vmap per_sample.grads(method="vmap")
+  opacus_hooks    Opacus GradSampleModule (hooks): forward, backward of the summed loss, every
+                  parameter's grad_sample
+  nonprivate      torch.func.grad of the batch loss + the Adam update (aam_func.optim)
+  dp_step         per_sample.dp_sgd step (ghost norms, clipped sum, noise, the same Adam update)
+
+Printed ratios: ours_grads / opacus_hooks (goal ≤ 0.7) and dp_step / nonprivate (goal ≤ 1.5).
+The cases run round-robin (interleaved) --reps times after a warm-up; medians and minima are
+printed, because the CPU may be shared (use the minimum when outside load hits most rounds).
+
+    OMP_NUM_THREADS=1 python benchmarks/per_sample_cnn.py              # batch 64, 15 rounds
+    python benchmarks/per_sample_cnn.py --batch 32 64 128 --reps 9
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "examples"))
+
+from aam_func import optim, per_sample as ps  # noqa: E402
+from cnn_dp import cnn  # noqa: E402
+
+
+def cases(batch_size: int) -> dict:
+    torch.manual_seed(0)
+    model = cnn()
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    g = torch.Generator().manual_seed(1)
+    batch = {"x": torch.randn(batch_size, 1, 8, 8, generator=g), "y": torch.randint(0, 10, (batch_size,), generator=g)}
+
+    def loss_fn(p, b):
+        return F.cross_entropy(functional_call(model, p, (b["x"],)), b["y"])
+
+    opt = optim.adam(1e-3)
+    state = opt.init({k.replace(".", "_"): v for k, v in params.items()})  # optim takes nested dicts today
+    flat_key = {k: k.replace(".", "_") for k in params}
+
+    def nonprivate():
+        grads = torch.func.grad(loss_fn)(params, batch)
+        updates, _ = opt.update({flat_key[k]: v for k, v in grads.items()}, state)
+        return optim.apply_updates({flat_key[k]: v for k, v in params.items()}, updates)
+
+    step = ps.dp_sgd(lambda p, b: loss_fn({k: p[flat_key[k]] for k in params}, b), opt, max_norm=1.0,
+                     noise_multiplier=1.0, expected_batch_size=batch_size)
+    noise = torch.Generator().manual_seed(2)
+    nested = {flat_key[k]: v for k, v in params.items()}
+
+    out = {
+        "ours_grads": lambda: ps.grads(loss_fn, params, batch),
+        "ours_grads_vmap": lambda: ps.grads(loss_fn, params, batch, method="vmap"),
+        "nonprivate": nonprivate,
+        "dp_step": lambda: step(nested, state, batch, noise),
+    }
+    try:
+        from opacus import GradSampleModule
+    except ImportError:  # the opacus extra
+        print("opacus not installed: opacus_hooks skipped")
+        return out
+    gsm = GradSampleModule(copy.deepcopy(model), loss_reduction="sum")
+
+    def opacus_hooks():
+        for p in gsm.parameters():
+            p.grad, p.grad_sample = None, None
+        F.cross_entropy(gsm(batch["x"]), batch["y"], reduction="sum").backward()
+        return [p.grad_sample for p in gsm.parameters()]
+
+    out["opacus_hooks"] = opacus_hooks
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batch", type=int, nargs="+", default=[64])
+    ap.add_argument("--reps", type=int, default=15)
+    args = ap.parse_args()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    for B in args.batch:
+        fns = cases(B)
+        for f in fns.values():
+            f()  # warm-up
+        times = {k: [] for k in fns}
+        for _ in range(args.reps):
+            for k, f in fns.items():
+                t = time.perf_counter()
+                f()
+                times[k].append(time.perf_counter() - t)
+        med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+        low = {k: min(v) * 1e3 for k, v in times.items()}
+        print(f"\nbatch {B} ({args.reps} rounds): median ms (min)")
+        for k in fns:
+            print(f"  {k:16s} {med[k]:8.2f}  ({low[k]:.2f})")
+        if "opacus_hooks" in fns:
+            print(f"  ours_grads / opacus_hooks  {med['ours_grads'] / med['opacus_hooks']:.2f}x median, "
+                  f"{low['ours_grads'] / low['opacus_hooks']:.2f}x min   (goal <= 0.7)")
+        print(f"  dp_step / nonprivate       {med['dp_step'] / med['nonprivate']:.2f}x median, "
+              f"{low['dp_step'] / low['nonprivate']:.2f}x min   (goal <= 1.5)")
+
+
+if __name__ == "__main__":
+    main()
