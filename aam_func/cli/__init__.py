@@ -21,6 +21,7 @@ from typing import Optional
 
 from . import eval as eval_command
 from . import generate as generate_command
+from . import prepare as prepare_command
 from . import train as train_command
 from .args import CLIError
 
@@ -29,15 +30,16 @@ __all__ = ["main", "build_parser", "CLIError"]
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="aam-func", description="Train, sample from and evaluate small GPTs with aam_func.")
-    sub = p.add_subparsers(dest="command", required=True, metavar="{train,generate,eval}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{train,generate,eval,prepare}")
     train_command.add_parser(sub)
     generate_command.add_parser(sub)
     eval_command.add_parser(sub)
+    prepare_command.add_parser(sub)
     return p
 
 
 _COMMANDS = {"train": train_command.cmd_train, "generate": generate_command.cmd_generate,
-             "eval": eval_command.cmd_eval}
+             "eval": eval_command.cmd_eval, "prepare": prepare_command.cmd_prepare}
 
 
 def _user_errors() -> tuple:

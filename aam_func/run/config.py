@@ -127,6 +127,10 @@ class RunConfig:
     lora_alpha: Optional[float] = None
     lora_targets: Optional[str] = None
     lora_dropout: float = 0.0
+    # prepared data (docs/data.md): where --data is prepared (default <output_dir>/data), and the
+    # checksum the prepared data must have (recorded by preparation, checked on resume and eval)
+    prepared: Optional[str] = None
+    data_checksum: Optional[str] = None
 
     def __post_init__(self) -> None:
         try:
@@ -174,7 +178,7 @@ class RunConfig:
         for name in ("text_field", "output_dir", "device"):
             if not isinstance(getattr(self, name), str):
                 raise ValueError(f"{name} must be a str, got {getattr(self, name)!r}")
-        for name in ("data", "tokenizer", "resume", "init_from", "lora_targets"):
+        for name in ("data", "tokenizer", "resume", "init_from", "lora_targets", "prepared", "data_checksum"):
             if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
                 raise ValueError(f"{name} must be a str or None, got {getattr(self, name)!r}")
 
