@@ -105,15 +105,16 @@ def _read_text(path: str) -> str:
 
 
 def _iter_jsonl(path: str, text_field: str) -> Iterator[str]:
-    lineno = 0
     try:
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
+        with open(path, "rb") as f:
+            for lineno, raw in enumerate(f, 1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise DataError(f"{path}:{lineno}: not UTF-8 text (byte {e.start} of the line: "
+                                    f"{raw[e.start:e.start + 1]!r}); convert it to UTF-8") from None
                 if line.strip():
                     yield _jsonl_text(path, lineno, line, text_field)
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}:{lineno + 1}: not UTF-8 text (byte {e.start} of a read block); convert it to UTF-8"
-                        ) from None
     except OSError as e:
         raise DataError(f"cannot read {path}: {e.strerror or e}") from None
 
