@@ -37,7 +37,7 @@ times = []
 def log(line):
     if line.startswith("step 1/") and not times:
         times.append(time.perf_counter() - t0)
-cfg = run.RunConfig(data=sys.argv[1], output_dir=sys.argv[2], steps=3, stop_after=1, eval_every=0, eval_batches=2,
+cfg = run.RunConfig(data=sys.argv[1] or None, output_dir=sys.argv[2], steps=3, stop_after=1, eval_every=0, eval_batches=2,
                     sample_tokens=0, log_every=1)
 run.loop(run.prepare(cfg, "cpu", log=log))
 print("FIRST_STEP", times[0])

@@ -121,11 +121,12 @@ def test_run_records_absolute_data_and_checksum_and_checks_them(prepared, tmp_pa
     """The stored --data path is absolute (resume/eval from elsewhere read the same corpus); the
     checkpoint records the prepared data's checksum; changed data is refused on resume and eval."""
     src = tmp_path / "src"
-    import shutil
-
-    shutil.copytree(prepared / "src", src)
+    src.mkdir()
+    for name in sorted(os.listdir(prepared / "src"))[:12]:
+        (src / name).write_text((prepared / "src" / name).read_text(encoding="utf-8"), encoding="utf-8")
     monkeypatch.chdir(tmp_path)
-    cfg = RunConfig(data="src", output_dir=str(tmp_path / "run"), stop_after=1, **TINY)
+    cfg = RunConfig(data="src", output_dir=str(tmp_path / "run"), stop_after=1,
+                    tokenizer=str(prepared / "p" / "tokenizer"), **TINY)  # no BPE to train
     run.loop(run.prepare(cfg, "cpu"))
     args = json.loads((tmp_path / "run" / "checkpoint" / "trainer_state.json").read_text())["args"]
     pd = open_prepared(tmp_path / "run" / "data")
@@ -142,3 +143,16 @@ def test_run_records_absolute_data_and_checksum_and_checks_them(prepared, tmp_pa
     with pytest.raises(DataError, match=r"as recorded for this run"):
         run.prepare(RunConfig(data=str(prepared / "p"), data_checksum="0" * 64, output_dir=str(tmp_path / "x"),
                               **TINY), "cpu")
+
+
+def test_run_data_prepares_raw_files_where_asked_and_reads_prepared_directories(prepared, tmp_path):
+    from aam_func.run.preparation import run_data
+
+    tok = open_prepared(prepared / "p").load_tokenizer()
+    common = dict(vocab_size=300, text_field="text", val_fraction=0.1)
+    tok2, pd = run_data(str(prepared / "src"), str(tmp_path / "elsewhere"), str(tmp_path / "out"), tok, **common)
+    assert pd.path == str(tmp_path / "elsewhere") and not (tmp_path / "out").exists() and tok2 is tok
+    tok3, pd2 = run_data(str(tmp_path / "elsewhere"), None, str(tmp_path / "out"), None, **common)
+    assert pd2.path == pd.path and tok3.vocab_size == tok.vocab_size  # a prepared directory: its own tokenizer
+    _, pd3 = run_data(str(prepared / "src"), None, str(tmp_path / "out"), tok, expected=pd.checksum, **common)
+    assert pd3.path == str(tmp_path / "out" / "data") and pd3.checksum == pd.checksum  # default place, same data

@@ -51,11 +51,15 @@ class TrainingData:
 
 
 def training_data(path: str, *, seq_len: int, batch_rows: int, eval_rows: int, seed: int, rank: int = 0,
-                  world_size: int = 1, device=None, verify: bool = False) -> TrainingData:
+                  world_size: int = 1, device=None, verify: bool = False, checksum=None) -> TrainingData:
     """The prepared directory ``path`` as a run reads it: blocks of ``seq_len`` tokens, global
     batches of ``batch_rows`` (this rank reads its share), and at most ``eval_rows`` held-out
-    blocks spread evenly over the held-out split (all of them when fewer)."""
+    blocks spread evenly over the held-out split (all of them when fewer). ``checksum``: the
+    data's that rank 0 prepared (another process may see another filesystem)."""
     pd = open_prepared(path, verify=verify)
+    if checksum is not None and pd.checksum != checksum:
+        raise DataError(f"{path}: the prepared data here has checksum {pd.checksum[:16]}, not {checksum[:16]} as on "
+                        "rank 0; every process must see the same prepared directory")
     train = ShardBlocks(pd.train, seq_len, what="training split")
     val = ShardBlocks(pd.val, seq_len, what="validation split").spread(eval_rows)
     counts = pd.counts()

@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import time
 from collections.abc import Iterator
 from typing import Callable, Optional
@@ -84,7 +85,8 @@ class _Progress:
     def __init__(self, total: int, progress: bool, log: Optional[Callable[[str], None]]):
         from tqdm import tqdm
 
-        self.bar = tqdm(total=total, unit="doc", desc="prepare", dynamic_ncols=True, disable=not progress)
+        self.bar = tqdm(total=total, unit="doc", desc="prepare", dynamic_ncols=True,
+                        disable=not (progress and sys.stderr.isatty()))
         self.log, self.tokens, self.docs, self.t0, self.last_log = log, 0, 0, time.perf_counter(), time.perf_counter()
 
     def update(self, docs: int, tokens: int) -> None:
@@ -172,7 +174,8 @@ def prepare_corpus(data, output, *, tokenizer=None, vocab_size: int = 4096, text
     :func:`~aam_func.data.corpus_files`) into the directory ``output`` and return it opened
     (:class:`~aam_func.data.PreparedData`). ``tokenizer``: the :class:`~aam_func.tokenizer.Tokenizer`
     to use, else a byte-level BPE of ``vocab_size`` is trained on the training documents.
-    ``log`` hears a line at the end (and every 30 s); ``progress`` shows a bar with tokens/s.
+    ``log`` hears a line at the end (and every 30 s); ``progress`` shows a bar with tokens/s
+    (on a terminal).
     See the module docstring for reuse and atomicity."""
     _check("shard_tokens", shard_tokens, min=1)
     output = os.path.abspath(os.fspath(output))

@@ -99,7 +99,7 @@ def build_run(prepared, sources, device, dctx, say: Log, t_start: float) -> Run:
     rows = cfg.batch_size * cfg.accumulate
     main = dctx is None or dctx.is_main
     data = training_data(prepared.data_dir, seq_len=cfg.seq_len, batch_rows=rows, seed=cfg.seed, rank=rank,
-                         world_size=world, device=device,
+                         world_size=world, device=device, checksum=cfg.data_checksum,
                          eval_rows=(cfg.eval_batches or DEFAULT_EVAL_BATCHES) * cfg.batch_size)
     loader, val_blocks = data.loader, data.val_blocks
     baseline = data.baseline if main else float("nan")
