@@ -16,6 +16,7 @@ process measured by ``/usr/bin/time`` (peak RSS):
 """
 
 import argparse
+import hashlib
 import json
 import os
 import subprocess
@@ -78,11 +79,48 @@ def anchor_rate(tok: Tokenizer, corpus: str, max_docs: int = 4000) -> float:
     return n / (time.perf_counter() - t0)
 
 
+def replicate(prepared: str, out: str, times: int) -> None:
+    """A prepared directory holding ``times`` copies of ``prepared``'s training shards (hard links,
+    same sha256s) and its held-out ones: the size of a ``times``-larger corpus for the training
+    measurements, without preparing one (not a corpus anyone would train on)."""
+    import numpy as np
+
+    from aam_func.data.shards import index_checksum
+
+    index = json.load(open(os.path.join(prepared, "index.json")))
+    os.makedirs(out, exist_ok=True)
+    shards = []
+    for k in range(times):
+        for s in index["splits"]["train"]["shards"]:
+            name = f"copy{k}-{s['file']}"
+            if not os.path.exists(os.path.join(out, name)):
+                os.link(os.path.join(prepared, s["file"]), os.path.join(out, name))
+            shards.append({**s, "file": name})
+    for s in index["splits"]["val"]["shards"]:
+        if not os.path.exists(os.path.join(out, s["file"])):
+            os.link(os.path.join(prepared, s["file"]), os.path.join(out, s["file"]))
+    counts = np.fromfile(os.path.join(prepared, "counts.bin"), dtype="<u8").reshape(2, -1)
+    counts[0] *= times
+    counts.tofile(os.path.join(out, "counts.bin"))
+    if not os.path.exists(os.path.join(out, "tokenizer")):
+        import shutil
+
+        shutil.copytree(os.path.join(prepared, "tokenizer"), os.path.join(out, "tokenizer"))
+    train = index["splits"]["train"]
+    index["splits"]["train"] = {"documents": train["documents"] * times, "tokens": train["tokens"] * times,
+                                "shards": shards}
+    index["counts"]["sha256"] = hashlib.sha256(counts.tobytes()).hexdigest()
+    index["checksum"] = index_checksum(index)
+    json.dump(index, open(os.path.join(out, "index.json"), "w"))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sizes", default="40", help="corpus sizes in MB, comma-separated")
     p.add_argument("--vocab-size", type=int, default=8192)
     p.add_argument("--workdir", default=None, help="default: a temporary directory (removed)")
+    p.add_argument("--replica", type=int, default=0,
+                   help="also measure training on N copies of the last corpus's shards (replicate())")
     args = p.parse_args()
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     with tempfile.TemporaryDirectory() as tmp:
@@ -115,6 +153,14 @@ def main() -> None:
                   f"{train_rss / 2**20:.0f} MB (reference + {(train_rss - ref_rss) / 2**20:.0f} MB); "
                   f"first step after {first:.1f}s", flush=True)
             os.remove(corpus)
+        if args.replica:
+            mb = rows[-1][0]
+            big = os.path.join(work, f"replica-{args.replica}x{mb}mb")
+            replicate(os.path.join(work, f"prepared-{mb}mb"), big, args.replica)
+            _, rss, out = timed([sys.executable, "-c", _FIRST_STEP, big, os.path.join(work, "run-replica")], env)
+            print(f"{args.replica} x {mb} MB replica ({rows[-1][2] * args.replica:,} tokens, no preparation): training "
+                  f"peak RSS {rss / 2**20:.0f} MB (reference + {(rss - ref_rss) / 2**20:.0f} MB); first step after "
+                  f"{float(out.split()[-1]):.1f}s", flush=True)
         print(f"load average {os.getloadavg()[0]:.1f} at the end")
         print("\n| corpus | tokens | prepare tok/s | encode_batch tok/s | ratio | prepare peak RSS | train peak RSS "
               "(reference + extra) | first step |")
