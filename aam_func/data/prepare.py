@@ -189,8 +189,9 @@ def prepare_corpus(data, output, *, tokenizer=None, vocab_size: int = 4096, text
                 if log is not None:
                     log(f"prepared data: {output} (reused: same inputs and tokenizer)")
                 return pd
-        except DataError:
-            pass  # damaged or other inputs: prepared again
+        except DataError as e:  # damaged, or made with another tokenizer: prepared again
+            if log is not None:
+                log(f"preparing {output} again: {e}")
     os.makedirs(os.path.dirname(output) or ".", exist_ok=True)
     _clean_stale(output)
     tmp = f"{output}.tmp-{os.getpid()}"
