@@ -1,4 +1,4 @@
-"""Corpora, split, tokenize-once cache, packing and the step-indexed loader."""
+"""Corpora, split, packing and the step-indexed loader (token shards: test_shards_*.py, test_prepare_*.py)."""
 
 import json
 
@@ -50,7 +50,7 @@ def test_bad_inputs(tmp_path):
     with pytest.raises(DataError, match=r"latin1.txt is not UTF-8"):
         load_corpus(tmp_path / "latin1.txt")
     (tmp_path / "d").mkdir()
-    with pytest.raises(DataError, match="no .txt, .md or .jsonl"):
+    with pytest.raises(DataError, match="holds no .txt, .md, .jsonl or .parquet"):
         load_corpus(tmp_path / "d")
     (tmp_path / "x.csv").write_text("a,b", encoding="utf-8")
     with pytest.raises(DataError, match="expected a .txt"):
@@ -96,20 +96,12 @@ def test_loader_is_a_seeded_function_of_the_step():
         BlockLoader(blocks, 11)
 
 
-def test_tokenize_once_cache(tmp_path, monkeypatch):
+def test_tokenize_documents_in_memory():
     docs = ["alpha beta gamma", "delta epsilon"] * 5
     tok = Tokenizer.train_bpe(docs, vocab_size=300)
-    ids = data.tokenize_documents(docs, tok, cache_dir=tmp_path)
+    ids = data.tokenize_documents(docs, tok)
     assert ids.dtype == torch.int64 and (ids == tok.eos_token_id).sum() == len(docs)
-    assert len(list(tmp_path.glob("tokens-*.pt"))) == 1
-
-    def boom(*a, **k):
-        raise AssertionError("tokenized again")
-
-    monkeypatch.setattr(tok, "encode_batch", boom)
-    assert torch.equal(data.tokenize_documents(docs, tok, cache_dir=tmp_path), ids)
-    with pytest.raises(AssertionError, match="tokenized again"):
-        data.tokenize_documents(docs + ["new"], tok, cache_dir=tmp_path)
+    assert tok.decode(ids.tolist(), skip_special_tokens=False) == "".join(d + "<|endoftext|>" for d in docs)
 
 
 def test_unigram_perplexity():

@@ -24,6 +24,7 @@ from typing import Optional
 from . import eval as eval_command
 from . import generate as generate_command
 from . import plot as plot_command
+from . import prepare as prepare_command
 from . import train as train_command
 from .args import CLIError
 
@@ -32,16 +33,17 @@ __all__ = ["main", "build_parser", "CLIError"]
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="aam-func", description="Train, sample from and evaluate small GPTs with aam_func.")
-    sub = p.add_subparsers(dest="command", required=True, metavar="{train,generate,eval,plot}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{train,generate,eval,prepare,plot}")
     train_command.add_parser(sub)
     generate_command.add_parser(sub)
     eval_command.add_parser(sub)
+    prepare_command.add_parser(sub)
     plot_command.add_parser(sub)
     return p
 
 
 _COMMANDS = {"train": train_command.cmd_train, "generate": generate_command.cmd_generate,
-             "eval": eval_command.cmd_eval, "plot": plot_command.cmd_plot}
+             "eval": eval_command.cmd_eval, "prepare": prepare_command.cmd_prepare, "plot": plot_command.cmd_plot}
 
 
 def _user_errors() -> tuple:

@@ -7,6 +7,7 @@ import argparse
 import sys
 
 from ..config import ATTENTION_BACKENDS, ATTENTION_TYPES, POSITION_ENCODINGS
+from ..data import DEFAULT_EVAL_BATCHES
 from ..peft.lora import DEFAULT_CLI_TARGETS
 from ..run.config import PRECISION_FLAG_CHOICES, RunConfig
 from ..run.output import LOG_TO_CHOICES
@@ -36,7 +37,9 @@ def add_arguments(t: argparse.ArgumentParser, *, defaults: bool = True) -> None:
 
 def _data_and_model(t, default) -> None:
     d = t.add_argument_group("data")
-    d.add_argument("--data", default=default("data"), help="a .txt/.md/.jsonl file or a folder; default: the embedded corpus (pydoc_data.topics)")
+    d.add_argument("--data", default=default("data"), help="a .txt/.md/.jsonl/.parquet file, a folder of them, or a prepared directory (aam-func prepare); default: the embedded corpus (pydoc_data.topics)")
+    d.add_argument("--prepared", default=default("prepared"), metavar="DIR", help="where --data is prepared into token shards (reused when it matches); default: OUTPUT_DIR/data")
+    d.add_argument("--data-checksum", default=default("data_checksum"), metavar="SHA256", help="refuse to train unless the prepared data has this checksum (recorded in checkpoints)")
     d.add_argument("--text-field", default=default("text_field"), help="the text field of .jsonl records")
     d.add_argument("--val-fraction", type=field_type("val_fraction"), default=default("val_fraction"), help="held-out share of the corpus")
     d.add_argument("--tokenizer", default=default("tokenizer"), help="a local tokenizer directory or a cached model name; default: train a byte-level BPE on the corpus")
@@ -75,14 +78,14 @@ def _optimisation(t, default) -> None:
 def _run(t, default) -> None:
     r = t.add_argument_group("run")
     r.add_argument("--eval-every", type=field_type("eval_every"), default=default("eval_every"), help="evaluate every N steps (0: only at the end)")
-    r.add_argument("--eval-batches", type=field_type("eval_batches"), default=default("eval_batches"), help="cap on validation batches per evaluation; default: all")
+    r.add_argument("--eval-batches", type=field_type("eval_batches"), default=default("eval_batches"), help=f"validation batches per evaluation (a fixed set spread over the held-out split); default: {DEFAULT_EVAL_BATCHES}")
     r.add_argument("--save-every", type=field_type("save_every"), default=default("save_every"), help="checkpoint every N steps (0: at the end and on Ctrl-C)")
     r.add_argument("--keep-checkpoints", type=field_type("keep_checkpoints"), default=default("keep_checkpoints"),
                    metavar="K", help="checkpoints kept: the newest as checkpoint/, the K-1 before it as checkpoint-STEP/")
     r.add_argument("--max-skipped-steps", type=field_type("max_skipped_steps"), default=default("max_skipped_steps"),
                    metavar="N", help="steps with an inf/NaN loss or gradient are skipped; after more than N in a row "
                                      "the run saves and stops")
-    r.add_argument("--output-dir", default=default("output_dir"), help="run directory: checkpoint/, tokenizer/, cache/, metrics.jsonl")
+    r.add_argument("--output-dir", default=default("output_dir"), help="run directory: checkpoint/, tokenizer/, data/ (prepared shards), metrics.jsonl")
     r.add_argument("--overwrite", action="store_true", default=default("overwrite"),
                    help="replace the run already in --output-dir (its checkpoints, adapters and metrics)")
     r.add_argument("--log-to", choices=LOG_TO_CHOICES, default=default("log_to"),

@@ -144,6 +144,10 @@ class RunConfig:
     lora_alpha: Optional[float] = None
     lora_targets: Optional[str] = None
     lora_dropout: float = 0.0
+    # prepared data (docs/data.md): where --data is prepared (default <output_dir>/data), and the
+    # checksum the prepared data must have (recorded by preparation, checked on resume and eval)
+    prepared: Optional[str] = None
+    data_checksum: Optional[str] = None
     # the fields the user set (the CLI's flags given); None: those that differ from their
     # default. --resume refuses a set field that would change the resumed run (for_resume)
     explicit: Optional[frozenset] = dataclasses.field(default=None, compare=False, repr=False)
@@ -195,7 +199,7 @@ class RunConfig:
         for name in ("text_field", "output_dir", "device"):
             if not isinstance(getattr(self, name), str):
                 raise ValueError(f"{name} must be a str, got {getattr(self, name)!r}")
-        for name in ("data", "tokenizer", "resume", "init_from", "lora_targets"):
+        for name in ("data", "tokenizer", "resume", "init_from", "lora_targets", "prepared", "data_checksum"):
             if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
                 raise ValueError(f"{name} must be a str or None, got {getattr(self, name)!r}")
 
@@ -296,7 +300,7 @@ class RunConfig:
 
 
 def _same_setting(name: str, value: Any, saved: Any) -> bool:
-    if name in ("data", "tokenizer") and isinstance(value, str) and isinstance(saved, str):
+    if name in ("data", "tokenizer", "prepared") and isinstance(value, str) and isinstance(saved, str):
         return os.path.abspath(value) == os.path.abspath(saved)
     return value == saved
 

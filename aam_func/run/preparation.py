@@ -5,6 +5,11 @@ tokenize), shared with the other ranks as one frozen :class:`Prepared`, then the
 
     run = prepare(RunConfig(steps=100, output_dir="runs/x"), "cpu", log=print)
     result = loop(run)
+
+The corpus becomes token shards (:func:`aam_func.data.prepare_corpus`) in ``--prepared`` or
+``<output-dir>/data``, reused when it was prepared from the same inputs and tokenizer; ``--data``
+may also be a prepared directory. The prepared data's checksum is recorded in the config (so in
+checkpoints) and checked on resume and evaluation (:func:`run_data`).
 """
 
 from __future__ import annotations
@@ -13,32 +18,31 @@ import dataclasses
 import os
 import time
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
-from torch import Tensor
 
 from ..checkpoint import CheckpointError, load_checkpoint
 from ..config import ModelConfig
-from ..data import load_split, tokenize_documents
+from ..data import DataError, is_prepared_dir, open_prepared, prepare_corpus
 from ..tokenizer import Tokenizer
 from ..train import resolve_precision
 from .config import RunConfig, RunError, attention_backend
 from .output import Log
 from .state import build_run, setup_lora
 
-__all__ = ["Prepared", "PeerFailed", "prepare", "load_init_checkpoint"]
+__all__ = ["Prepared", "PeerFailed", "prepare", "load_init_checkpoint", "run_data"]
 
 
 @dataclass(frozen=True)
 class Prepared:
     """What every rank needs from rank 0's preparation: the resolved config (resume and
-    --init-from applied, precision resolved for the device), the model config and the token ids."""
+    --init-from applied, precision resolved for the device, the data's checksum recorded), the
+    model config and the prepared data directory (token shards, opened by every rank)."""
 
     config: RunConfig
     model_config: ModelConfig
-    train_ids: Tensor
-    val_ids: Tensor
+    data_dir: str
 
 
 @dataclass(frozen=True)
@@ -110,18 +114,47 @@ def _prepare_main(cfg: RunConfig, device, world: int, say: Log) -> tuple[Prepare
         if cfg.lora_rank is not None:  # validate rank/targets here, on rank 0, before any training work
             setup_lora(cfg, init.params)
     cfg = dataclasses.replace(cfg, precision=resolve_precision(cfg.precision, device))
-    train_docs, val_docs = load_split(cfg.data, cfg.text_field, cfg.val_fraction)
-    tok = _tokenizer(cfg, resumed if resumed is not None else init, train_docs, os.path.join(out_dir, "tokenizer"), say)
+    source = resumed if resumed is not None else init
+    tok = _tokenizer(cfg, source)
+    expected = cfg.data_checksum
+    if resumed is not None:
+        saved = resumed.train_state.get("args", {})
+        cfg = dataclasses.replace(cfg, prepared=cfg.prepared or saved.get("prepared"))
+        expected = saved.get("data_checksum") or expected
+    tok, pd = run_data(cfg.data, cfg.prepared, out_dir, tok, vocab_size=cfg.vocab_size, text_field=cfg.text_field,
+                       val_fraction=cfg.val_fraction, expected=expected, log=say)
+    tok.save(os.path.join(out_dir, "tokenizer"))
+    cfg = dataclasses.replace(cfg, data=None if cfg.data is None else os.path.abspath(cfg.data),
+                              prepared=None if cfg.prepared is None else os.path.abspath(cfg.prepared),
+                              data_checksum=pd.checksum)
     model_config = _model_config(cfg, resumed, init, tok, device)
     if tok.vocab_size > model_config.vocab_size:
         raise RunError(f"the tokenizer has {tok.vocab_size} tokens but the model embeds only {model_config.vocab_size}")
     if cfg.seq_len > model_config.max_seq_len:
         raise RunError(f"--seq-len {cfg.seq_len} is above the model's maximum sequence length "
                        f"{model_config.max_seq_len} (raise --max-seq-len or lower --seq-len)")
-    cache = os.path.join(out_dir, "cache")  # tokenized once
-    prepared = Prepared(cfg, model_config, tokenize_documents(train_docs, tok, cache_dir=cache),
-                        tokenize_documents(val_docs, tok, cache_dir=cache))
-    return prepared, Sources(resumed=resumed, init=init, tokenizer=tok)
+    return Prepared(cfg, model_config, pd.path), Sources(resumed=resumed, init=init, tokenizer=tok)
+
+
+def run_data(data: Optional[str], prepared: Optional[str], out_dir: str, tokenizer, *, vocab_size: int,
+             text_field: str, val_fraction: float, expected: Optional[str] = None, log: Optional[Log] = None):
+    """``(tokenizer, PreparedData)`` of a run: ``data`` itself when it is a prepared directory
+    (verified, and made with ``tokenizer`` when one is given), else ``data`` (None: the embedded
+    corpus) prepared into ``prepared`` or ``<out_dir>/data`` (reused when it matches). Without a
+    ``tokenizer``, the prepared directory's (a BPE trained there when it is new). ``expected``:
+    the checksum the data must have (a resumed checkpoint's, or --data-checksum)."""
+    if is_prepared_dir(data):
+        pd = open_prepared(data, tokenizer=tokenizer)
+        if log is not None:
+            log(f"prepared data: {pd.path}")
+    else:
+        target = prepared if prepared is not None else os.path.join(out_dir, "data")
+        pd = prepare_corpus(data, target, tokenizer=tokenizer, vocab_size=vocab_size, text_field=text_field,
+                            val_fraction=val_fraction, log=log)
+    if expected is not None and pd.checksum != expected:
+        raise DataError(f"{os.path.join(pd.path, 'index.json')}: the data's checksum is {pd.checksum[:16]}, not "
+                        f"{expected[:16]} as recorded for this run: the corpus or its prepared shards changed since")
+    return (tokenizer if tokenizer is not None else pd.load_tokenizer()), pd
 
 
 def load_init_checkpoint(path: str):
@@ -137,23 +170,17 @@ def load_init_checkpoint(path: str):
     return init
 
 
-def _tokenizer(cfg: RunConfig, source, train_docs, tok_dir: str, say: Callable[[str], None]):
-    """From the checkpoint (resumed or --init-from), a user directory/name, or trained on the
-    training documents; saved in the run directory either way."""
-    t0 = time.perf_counter()
+def _tokenizer(cfg: RunConfig, source):
+    """From the checkpoint (resumed or --init-from) or a user directory/name; None: the prepared
+    data's (trained on its training documents when it is prepared anew)."""
     if source is not None:
         try:
-            tok = source.load_tokenizer()
+            return source.load_tokenizer()
         except CheckpointError as e:
             raise RunError(str(e)) from None
-    elif cfg.tokenizer is not None:
-        tok = Tokenizer.load(cfg.tokenizer)
-    else:
-        tok = Tokenizer.train_bpe(train_docs, cfg.vocab_size)
-        say(f"trained a byte-level BPE tokenizer ({tok.vocab_size} tokens) in {time.perf_counter() - t0:.1f}s "
-            f"-> {tok_dir}")
-    tok.save(tok_dir)
-    return tok
+    if cfg.tokenizer is not None:
+        return Tokenizer.load(cfg.tokenizer)
+    return None
 
 
 def _model_config(cfg: RunConfig, resumed, init, tok, device) -> ModelConfig:

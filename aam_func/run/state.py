@@ -11,7 +11,7 @@ import torch
 
 from .. import optim, tree
 from ..checkpoint import load_checkpoint
-from ..data import BlockLoader, pack, unigram_perplexity
+from ..data import DEFAULT_EVAL_BATCHES, training_data
 from ..model import Transformer
 from ..peft import lora as peft_lora
 from ..train import make_eval_step, make_lm_loss, make_train_step, needs_dropout_generator
@@ -96,13 +96,14 @@ def build_run(prepared, sources, device, dctx, say: Log, t_start: float) -> Run:
     cfg, mcfg = prepared.config, prepared.model_config
     rank, world = (0, 1) if dctx is None else (dctx.rank, dctx.world_size)
     model = Transformer(mcfg)
-    train_blocks = pack(prepared.train_ids, cfg.seq_len, what="training split").to(device)
-    val_blocks = pack(prepared.val_ids, cfg.seq_len, what="validation split").to(device)
     rows = cfg.batch_size * cfg.accumulate
-    loader = BlockLoader(train_blocks, rows, seed=cfg.seed, rank=rank, world_size=world)
     main = dctx is None or dctx.is_main
-    baseline = unigram_perplexity(prepared.train_ids, prepared.val_ids, mcfg.vocab_size) if main else float("nan")
-    say(f"corpus: {prepared.train_ids.numel():,} training tokens, {prepared.val_ids.numel():,} held out; "
+    data = training_data(prepared.data_dir, seq_len=cfg.seq_len, batch_rows=rows, seed=cfg.seed, rank=rank,
+                         world_size=world, device=device, checksum=cfg.data_checksum,
+                         eval_rows=(cfg.eval_batches or DEFAULT_EVAL_BATCHES) * cfg.batch_size)
+    loader, val_blocks = data.loader, data.val_blocks
+    baseline = data.baseline if main else float("nan")
+    say(f"corpus: {data.train_tokens:,} training tokens, {data.val_tokens:,} held out ({prepared.data_dir}); "
         f"{len(loader)} batches of {rows}x{cfg.seq_len} per epoch; unigram baseline perplexity {baseline:.1f}")
     state = _state(cfg, model, sources, device, dctx, say)
     init_path = None  # rank 0's: the --init-from checkpoint, which a resumed full fine-tune keeps as its origin
