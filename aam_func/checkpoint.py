@@ -162,9 +162,10 @@ def _write_atomically(directory, cfg, params, step, opt_state, rng, tokenizer, t
     os.makedirs(tmp)
     try:
         _write_json(cfg.to_dict(), os.path.join(tmp, CONFIG_FILE))
-        _save_tensors(tree.flatten(params), os.path.join(tmp, PARAMS_FILE), {"format": "aam_func.params"})
+        _save_tensors(tree.tensors_of(params, "params"), os.path.join(tmp, PARAMS_FILE), {"format": "aam_func.params"})
         if opt_state is not None:
-            _save_tensors(tree.flatten(opt_state), os.path.join(tmp, OPTIMIZER_FILE), {"format": "aam_func.optimizer"})
+            _save_tensors(tree.tensors_of(opt_state, "optimizer state"), os.path.join(tmp, OPTIMIZER_FILE),
+                          {"format": "aam_func.optimizer"})
         if rng:
             _save_tensors({k: v for k, v in rng.items()}, os.path.join(tmp, RNG_FILE))
         if tokenizer is not None:
