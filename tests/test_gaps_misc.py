@@ -101,3 +101,13 @@ def test_remat_saves_memory_under_a_single_grad():
     plain, rematted = _saved_bytes(deep, x), _saved_bytes(af.remat(deep), x)
     assert rematted <= x.numel() * x.element_size() < plain / 4, (rematted, plain)  # only the input is kept
     torch.testing.assert_close(grad(lambda x: af.remat(deep)(x).sum())(x), grad(lambda x: deep(x).sum())(x))
+
+
+def test_clip_factors_keep_every_clipped_norm_within_the_bound():
+    C = 1.0
+    n = torch.tensor([0.0, 0.5, C, C * (1 + 1e-7), 10 * C])
+    w = per_sample.clip_factors(n, C)
+    assert ((w > 0) & (w <= 1)).all()
+    assert w[0] == 1 and w[1] == 1  # nothing to clip: a zero norm too
+    assert (w * n <= C).all()  # ‖w_i g_i‖ ≤ C, just above the bound too
+    torch.testing.assert_close(w[-1], torch.tensor(C / (10 * C + per_sample.CLIP_EPS)))
