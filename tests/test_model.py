@@ -1,4 +1,6 @@
-"""The Transformer spec: shapes, causality, padding, gradients, transforms, init, bad input."""
+"""The Transformer spec: shapes, loss, gradients, transforms, caches, bad input. (Causality, padding
+and batch invariance, vmap == loop and init determinism: tests/test_model_properties.py, through
+the public aam_func.testing checks.)"""
 
 import pytest
 import torch
@@ -46,45 +48,6 @@ def test_logits_shape_and_finite(cfg_seed, batch, seq):
     assert torch.isfinite(out["logits"]).all() and torch.isfinite(out["loss"])
 
 
-@given(configs, st.integers(2, 12), st.data())
-def test_causality(cfg_seed, seq, data):
-    cfg, seed = cfg_seed
-    m = af.Transformer(cfg)
-    p = m.init(seed=seed)
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, cfg.vocab_size, (1, seq), generator=g)
-    t = data.draw(st.integers(0, seq - 2))
-    changed = ids.clone()
-    changed[0, t + 1 :] = torch.randint(0, cfg.vocab_size, (seq - t - 1,), generator=g)
-    a, b = m.apply(p, ids)["logits"], m.apply(p, changed)["logits"]
-    assert torch.allclose(a[:, : t + 1], b[:, : t + 1], atol=1e-5)
-
-
-@given(configs, st.integers(1, 6), st.integers(2, 10), st.booleans())
-def test_padding_does_not_change_others(cfg_seed, n_pad, seq, left):
-    cfg, seed = cfg_seed
-    if cfg.attention_type == "sparse" and cfg.sparse_pattern == "fixed":
-        left = False  # block-aligned patterns count sequence indices: documented, pad on the right
-    m = af.Transformer(cfg)
-    p = m.init(seed=seed)
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, cfg.vocab_size, (1, seq), generator=g)
-    pads = torch.randint(0, cfg.vocab_size, (1, n_pad), generator=g)
-    padded = torch.cat([pads, ids], 1) if left else torch.cat([ids, pads], 1)
-    mask = torch.ones_like(padded)
-    if left:
-        mask[:, :n_pad] = 0
-        # real tokens keep their positions 0..seq-1 (as a generation loop would pass them)
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)
-        out = m.apply(p, padded, attention_mask=mask, position_ids=pos)["logits"][:, n_pad:]
-    else:
-        mask[:, seq:] = 0
-        out = m.apply(p, padded, attention_mask=mask)["logits"][:, :seq]
-    ref = m.apply(p, ids)["logits"]
-    assert torch.allclose(out, ref, atol=1e-5)
-    assert torch.isfinite(m.apply(p, padded, attention_mask=mask)["logits"]).all()
-
-
 def test_padding_is_excluded_from_loss():
     cfg = tiny()
     m = af.Transformer(cfg)
@@ -126,20 +89,6 @@ def test_every_leaf_gets_gradient(variant):
     assert tree.flatten(g).keys() == tree.flatten(p).keys()
 
 
-@pytest.mark.parametrize("variant", ["gpt2", "llama", "relative"])
-def test_per_sample_grads_equal_loop(variant):
-    cfg = tiny(**VARIANTS[variant])
-    m = af.Transformer(cfg)
-    p = m.init(seed=0)
-    ids = torch.randint(0, cfg.vocab_size, (3, 10), generator=torch.Generator().manual_seed(1))
-    loss = lambda p, x: m.apply(p, x[None], labels=x[None])["loss"]  # noqa: E731
-    batched = vmap(grad(loss), in_dims=(None, 0))(p, ids)
-    for i in range(3):
-        single = grad(loss)(p, ids[i])
-        for n, t in tree.flatten(single).items():
-            assert torch.allclose(tree.flatten(batched)[n][i], t, atol=1e-5), n
-
-
 @pytest.mark.parametrize("variant", ["gpt2", "llama", "local"])
 def test_jvp_matches_finite_differences(variant):
     cfg = tiny(**VARIANTS[variant])
@@ -154,17 +103,6 @@ def test_jvp_matches_finite_differences(variant):
     plus = f(tree.map(lambda a, b: a + eps * b, p, v))
     minus = f(tree.map(lambda a, b: a - eps * b, p, v))
     assert torch.allclose(tangent, (plus - minus) / (2 * eps), rtol=1e-5, atol=1e-8)
-
-
-def test_init_deterministic_by_seed():
-    m = af.Transformer(tiny())
-    a, b, c = m.init(seed=5), m.init(seed=5), m.init(seed=6)
-    assert all(torch.equal(x, y) for x, y in zip(tree.leaves(a), tree.leaves(b)))
-    assert any(not torch.equal(x, y) for x, y in zip(tree.leaves(a), tree.leaves(c)) if x.dim() >= 2)
-    g = torch.Generator().manual_seed(5)
-    assert all(torch.equal(x, y) for x, y in zip(tree.leaves(a), tree.leaves(m.init(generator=g))))
-    with pytest.raises(ValueError, match="exactly one"):
-        m.init()
 
 
 def test_dropout_train_is_seeded_and_eval_is_deterministic():
