@@ -24,6 +24,8 @@ from .checks import check_int
 __all__ = ["Tokenizer", "TokenizerError", "EOS_TOKEN"]
 
 EOS_TOKEN = "<|endoftext|>"
+# the longest run of non-space characters the trained BPE sees as one word (see Tokenizer.train_bpe)
+MAX_WORD = 256
 
 
 class TokenizerError(ValueError):
@@ -82,7 +84,7 @@ class Tokenizer:
         """Train a GPT-2-style byte-level BPE on ``texts`` (no unknown tokens: every byte is in the
         vocabulary) with one special token, ``<|endoftext|>`` (eos, bos and pad)."""
         from tokenizers import Tokenizer as RawTokenizer
-        from tokenizers import decoders, models, pre_tokenizers, trainers
+        from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
         from transformers import PreTrainedTokenizerFast
 
         try:
@@ -90,7 +92,13 @@ class Tokenizer:
         except ValueError as e:  # the CLI reports TokenizerError without a traceback
             raise TokenizerError(f"{e} (256 bytes + eos)") from None
         raw = RawTokenizer(models.BPE())
-        raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        # a run of more than MAX_WORD non-space characters is cut into pieces of at most that many
+        # first: BPE training costs grows with the longest word, and 2 MB without a space (minified
+        # code, base64) would otherwise train for minutes; no word of ordinary text is that long
+        raw.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(rf"\S{{{MAX_WORD}}}"), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False),
+        ])
         raw.decoder = decoders.ByteLevel()
         trainer = trainers.BpeTrainer(
             vocab_size=vocab_size,

@@ -379,3 +379,29 @@ def test_a_full_disk_during_a_checkpoint_is_one_error_line_and_leaves_nothing_be
     after = load_file(out / "checkpoint" / "params.safetensors")
     assert all(torch.equal(before[k], after[k]) for k in before)
     _no_temporaries(out)
+
+
+def test_bpe_training_cuts_words_longer_than_max_word():
+    """Item 11: 2 MB of text without whitespace made BPE training run for minutes (its cost
+    grows with the longest word). Runs longer than MAX_WORD are cut before training; ordinary
+    text pre-tokenizes exactly as before."""
+    from tokenizers import pre_tokenizers
+
+    from aam_func.tokenizer import MAX_WORD, Tokenizer
+
+    tok = Tokenizer.train_bpe(["a" * 200_000, "hello world " * 50], 300)
+    pieces = tok.hf.backend_tokenizer.pre_tokenizer.pre_tokenize_str("b" * (2 * MAX_WORD + 7) + " next")
+    assert [len(p) for p, _ in pieces] == [MAX_WORD, MAX_WORD, 7, len("Ġnext")]
+    text = "The with statement: def f(x): return x ** 2  # a comment, (parens) and 3.14"
+    plain = pre_tokenizers.ByteLevel(add_prefix_space=False).pre_tokenize_str(text)
+    assert tok.hf.backend_tokenizer.pre_tokenizer.pre_tokenize_str(text) == plain
+    assert tok.decode(tok(text)["input_ids"][0]) == text
+
+
+def test_a_fifo_or_a_device_as_data_is_one_error_line(tmp_path, capsys):
+    """Item 11: --data /dev/zero ran out of memory and a FIFO hung the run."""
+    fifo = tmp_path / "pipe.txt"
+    os.mkfifo(fifo)
+    for data in (str(fifo), "/dev/zero"):
+        _error(capsys, ["train", "--data", data, "--output-dir", str(tmp_path / "run"), *TINY, "--steps", "1"],
+               data, "expected a .txt, .md, .jsonl or .parquet file or a folder")
