@@ -402,6 +402,7 @@ def test_a_fifo_or_a_device_as_data_is_one_error_line(tmp_path, capsys):
     """Item 11: --data /dev/zero ran out of memory and a FIFO hung the run."""
     fifo = tmp_path / "pipe.txt"
     os.mkfifo(fifo)
-    for data in (str(fifo), "/dev/zero"):
-        _error(capsys, ["train", "--data", data, "--output-dir", str(tmp_path / "run"), *TINY, "--steps", "1"],
-               data, "expected a .txt, .md, .jsonl or .parquet file or a folder")
+    _error(capsys, ["train", "--data", str(fifo), "--output-dir", str(tmp_path / "run"), *TINY, "--steps", "1"],
+           str(fifo), "is not a regular file (a pipe, device or socket)")
+    _error(capsys, ["train", "--data", "/dev/zero", "--output-dir", str(tmp_path / "run"), *TINY, "--steps", "1"],
+           "/dev/zero", "expected a .txt, .md, .jsonl or .parquet file or a folder")
