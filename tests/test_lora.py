@@ -50,6 +50,7 @@ def gpt2(n_embd=16, n_layer=2, vocab=53):
 
 @given(st.integers(1, 9), st.integers(1, 9), st.integers(1, 9), st.integers(1, 4), st.booleans(),
        st.booleans(), st.integers(0, 2**16))
+@example(fan_in=1, fan_out=6, rank_raw=1, batch=3, fif=True, rslora=False, seed=1)  # outputs near 50 (thorough)
 def test_linear_merged_factored_unmerge(fan_in, fan_out, rank_raw, batch, fif, rslora, seed):
     rank = 1 + rank_raw % min(fan_in, fan_out)
     g = torch.Generator().manual_seed(seed)
@@ -75,10 +76,13 @@ def test_linear_merged_factored_unmerge(fan_in, fan_out, rank_raw, batch, fif, r
     merged = spec.merged(params, ad)
     delta = s * B @ A
     assert maxdiff(merged["lin"]["weight"], w + (delta.t() if fif else delta)) <= 1e-5
-    assert maxdiff(apply(merged, x), spec.apply(apply, params, ad, x)) <= 1e-5
+    ref = apply(merged, x)
+    # float32 rounding of outputs as large as ~50 (drawn by the thorough profile) exceeds 1e-5
+    tol = 1e-5 * max(1.0, float(ref.abs().max()))
+    assert maxdiff(ref, spec.apply(apply, params, ad, x)) <= tol
     # the pure op agrees as well
     y = lora.linear(x, w, params["lin"]["bias"], A, B, s, fan_in_fan_out=fif)
-    assert maxdiff(y, apply(merged, x)) <= 1e-5
+    assert maxdiff(y, ref) <= tol
     assert maxdiff(spec.unmerge(merged, ad)["lin"]["weight"], w) <= 1e-6
     assert merged["lin"]["bias"] is params["lin"]["bias"]
 
