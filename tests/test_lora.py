@@ -9,7 +9,7 @@ import warnings
 
 import pytest
 import torch
-from hypothesis import given, strategies as st
+from hypothesis import example, given, strategies as st
 from torch import nn
 from torch.func import grad, vmap
 
