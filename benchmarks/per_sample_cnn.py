@@ -17,13 +17,14 @@ Model: examples/cnn_dp.py's CNN (Conv2d 1→16 + GroupNorm + Conv2d 16→32 + Gr
 Printed ratios: ours_grads / opacus_hooks (goal ≤ 0.7), dp_step / nonprivate (goal ≤ 1.5) and
 fwd_bwd / opacus_hooks (how much of Opacus's time a plain forward + backward already takes).
 --phases also times the ghost route's parts, interleaved the same way: discovery (the loss on
-the first example), the vmapped pass (forward with probes, backward, factors), and ghost_grads
-(the pass and the write of the factors into the result), each also as the route ran before
-biases and GroupNorm affine were factored (``*_rest_vmapped``: those leaves expanded to
-(B, ...) and differentiated through the vmapped pass).
+the first example), the vmapped pass (forward with probes, backward that gives the factors and
+the exact per-example gradients of the other leaves) and ghost_grads (the pass and the write of
+the factors into the result).
 
 The cases run round-robin (interleaved) --reps times after a warm-up; medians and minima are
-printed, because the CPU may be shared (use the minimum when outside load hits most rounds).
+printed, with the ratios of medians, of minima and the median of per-round ratios (each round
+runs every case back to back, so its ratio sees the same outside load: the steadiest figure
+when the CPU is shared).
 
     OMP_NUM_THREADS=1 python benchmarks/per_sample_cnn.py              # batch 64, 15 rounds
     python benchmarks/per_sample_cnn.py --batch 32 64 128 --reps 9
@@ -34,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import dataclasses
 import os
 import statistics
 import sys
@@ -112,21 +112,15 @@ def phases(batch_size: int) -> dict:
 
     _, params, batch, loss_fn = problem(batch_size)
     d = ghost.discover(loss_fn, params, batch)
-    # the route before biases and norm affine were factored: they go expanded through the vmapped pass
-    d_rest = dataclasses.replace(d, norms=frozenset(), biases=frozenset(),
-                                 ghost_uses=tuple(u._replace(bias=None) for u in d.ghost_uses if u.name in d.ghost))
-
     return {
         "discover": lambda: ghost.discover(loss_fn, params, batch),
         "pass": lambda: ghost.ghost_pass(loss_fn, params, batch, d),
-        "pass_rest_vmapped": lambda: ghost.ghost_pass(loss_fn, params, batch, d_rest),
         "ghost_grads": lambda: ghost.ghost_grads(loss_fn, params, batch, None, d),
-        "ghost_grads_rest_vmapped": lambda: ghost.ghost_grads(loss_fn, params, batch, None, d_rest),
     }
 
 
-def timed(fns: dict, reps: int) -> tuple[dict, dict]:
-    """Median and minimum ms of each function, run round-robin ``reps`` times after a warm-up."""
+def timed(fns: dict, reps: int) -> dict:
+    """{case: [seconds per round]}: each function run round-robin ``reps`` times after a warm-up."""
     for f in fns.values():
         f()
     times = {k: [] for k in fns}
@@ -135,7 +129,15 @@ def timed(fns: dict, reps: int) -> tuple[dict, dict]:
             t = time.perf_counter()
             f()
             times[k].append(time.perf_counter() - t)
-    return ({k: statistics.median(v) * 1e3 for k, v in times.items()}, {k: min(v) * 1e3 for k, v in times.items()})
+    return times
+
+
+RATIOS = (  # (numerator, denominator, note)
+    ("ours_grads", "opacus_hooks", "goal <= 0.7"),
+    ("ours_grads_vmap", "opacus_hooks", "the vmap route"),
+    ("fwd_bwd", "opacus_hooks", "no per-example work"),
+    ("dp_step", "nonprivate", "goal <= 1.5"),
+)
 
 
 def main():
@@ -149,17 +151,17 @@ def main():
         fns = cases(B)
         if args.phases:
             fns.update(phases(B))
-        med, low = timed(fns, args.reps)
+        times = timed(fns, args.reps)
         print(f"\nbatch {B} ({args.reps} rounds): median ms (min)")
-        for k in fns:
-            print(f"  {k:16s} {med[k]:8.2f}  ({low[k]:.2f})")
-        if "opacus_hooks" in fns:
-            print(f"  ours_grads / opacus_hooks  {med['ours_grads'] / med['opacus_hooks']:.2f}x median, "
-                  f"{low['ours_grads'] / low['opacus_hooks']:.2f}x min   (goal <= 0.7)")
-            print(f"  fwd_bwd / opacus_hooks     {med['fwd_bwd'] / med['opacus_hooks']:.2f}x median, "
-                  f"{low['fwd_bwd'] / low['opacus_hooks']:.2f}x min   (no per-example work)")
-        print(f"  dp_step / nonprivate       {med['dp_step'] / med['nonprivate']:.2f}x median, "
-              f"{low['dp_step'] / low['nonprivate']:.2f}x min   (goal <= 1.5)")
+        for k, v in times.items():
+            print(f"  {k:16s} {statistics.median(v) * 1e3:8.2f}  ({min(v) * 1e3:.2f})")
+        print("  ratios: of medians, of minima, median of the per-round ratios")
+        for num, den, note in RATIOS:
+            if num in times and den in times:
+                a, b = times[num], times[den]
+                per_round = statistics.median(x / y for x, y in zip(a, b))
+                print(f"  {num + ' / ' + den:32s} {statistics.median(a) / statistics.median(b):.2f}x  "
+                      f"{min(a) / min(b):.2f}x  {per_round:.2f}x   ({note})")
 
 
 if __name__ == "__main__":

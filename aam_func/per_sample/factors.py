@@ -10,12 +10,7 @@ A use's factors are ``(L, L_is_ids, R)`` with shapes (B, N, ·), or (B, N) ids f
 - ``F.conv1d/2d`` (weight (out, C, *k), groups 1): L = g at each output position (B, L, out),
   R = the input's patches ``unfold(x)`` (B, L, C·∏k); the weight read as (out, C·∏k)
 
-Biases and norm affine weights are not kept as factors: their per-example gradients are small
-and exact from the same probed use (:func:`bias_grad`: the output gradient summed over the
-positions; :func:`norm_weight_grad`: the normalised input, recomputed, times it, summed).
-
-Derivation: ``proofs/per_sample.md`` §2-3b, ``proofs/ghost_modules.md`` (conv §1, biases and
-norms §2).
+Derivation: ``proofs/per_sample.md`` §2-3b, ``proofs/ghost_modules.md`` (conv).
 """
 
 from __future__ import annotations
@@ -27,8 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["factors", "gram", "ghost_sq_norms", "ghost_weighted_grad", "write_factors", "matrix_shape", "patches",
-           "feature_shape", "bias_grad", "norm_weight_grad"]
+__all__ = ["factors", "gram", "ghost_sq_norms", "ghost_weighted_grad", "write_factors", "matrix_shape", "patches"]
 
 
 def matrix_shape(shape) -> tuple[int, int]:
@@ -77,52 +71,6 @@ def factors(kind: str, x: Tensor, g: Tensor, padding_idx: Optional[int] = None, 
         return ids, True, g
     x = x.reshape(B, -1, x.shape[-1])
     return (x, False, g) if kind == "addmm" else (g, False, x)
-
-
-def _norm_shape(options: dict) -> tuple:
-    ns = options["normalized_shape"]
-    return (int(ns),) if isinstance(ns, int) else tuple(ns)
-
-
-def feature_shape(use, out: Tensor) -> tuple:
-    """The shape a bias of this recognised use (``aam_func.intercept.Use``) adds to its output
-    ``out``: the output features of a linear / addmm, the output channels of a conv (dim
-    -(nd+1)) or a group norm (dim 1), a layer norm's normalized_shape."""
-    if use.kind == "layer_norm":
-        return _norm_shape(use.options)
-    if use.kind == "group_norm":
-        return (int(out.shape[1]),)
-    if use.kind == "conv":
-        return (int(out.shape[-(use.weight.dim() - 1)]),)
-    return (int(out.shape[-1]),)
-
-
-def bias_grad(kind: str, x: Tensor, g: Tensor, options: dict, nd: int = 0) -> Tensor:
-    """(B, *bias shape) per-example bias gradients of a use from its output gradient ``g``
-    (B, ...): g summed over every position the bias is broadcast to (``nd``: a conv's spatial dims)."""
-    B = g.shape[0]
-    if kind == "layer_norm":
-        ns = _norm_shape(options)
-        return g.reshape(B, -1, *ns).sum(1)
-    if kind == "group_norm":
-        return g.reshape(B, g.shape[1], g.shape[2], -1).sum((1, 3))
-    if kind == "conv":
-        return g.reshape(B, -1, g.shape[g.dim() - nd - 1], math.prod(g.shape[g.dim() - nd:])).sum((1, 3))
-    return g.reshape(B, -1, g.shape[-1]).sum(1)
-
-
-def norm_weight_grad(kind: str, x: Tensor, g: Tensor, options: dict) -> Tensor:
-    """(B, *weight shape) per-example gradients of a norm's affine weight: the normalised input
-    x̂ (recomputed from the kept input ``x`` (B, ...) with the use's groups / shape and eps) times
-    the output gradient ``g``, summed over every position but the weight's own."""
-    B = x.shape[0]
-    if kind == "layer_norm":
-        ns = _norm_shape(options)
-        xh = F.layer_norm(x, ns, eps=options["eps"])
-        return (xh * g).reshape(B, -1, *ns).sum(1)
-    # group norm: each example's input is (n, C, *); normalise its n rows over their groups
-    xh = F.group_norm(x.reshape(-1, *x.shape[2:]), options["num_groups"], eps=options["eps"]).reshape(x.shape)
-    return (xh * g).reshape(B, x.shape[1], x.shape[2], -1).sum((1, 3))
 
 
 def gram(a: Tensor, a_ids: bool, b: Tensor, b_ids: bool) -> Tensor:

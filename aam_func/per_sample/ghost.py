@@ -27,12 +27,12 @@ import torch.utils._pytree as pytree
 from torch import Tensor
 from torch.func import vjp, vmap
 
-from ..intercept import NORM_KINDS, Client, Intercept, Use
+from ..intercept import Client, Intercept, Use
 from ..tree import Params
 from .batching import RANDOMNESS, batch_size, check_chunk, chunks, in_dims, per_example, slice_batch
 from .clip import clip_factors, squared_norms, weighted_sum
 from .exact_ops import exact_ops, param_names
-from .factors import bias_grad, factors, feature_shape, ghost_sq_norms, ghost_weighted_grad, norm_weight_grad, write_factors
+from .factors import factors, ghost_sq_norms, ghost_weighted_grad, write_factors
 from .paths import named_leaves
 
 __all__ = ["GhostMismatch", "GhostUse", "Discovery", "discover", "ghost_pass", "ghost_grads", "ghost_norms_and_sum",
@@ -49,37 +49,24 @@ class GhostUse(NamedTuple):
     shape: tuple  # the op's output shape for one example (batch of one)
     dtype: torch.dtype
     padding_idx: Optional[int] = None  # an embedding's row that receives no gradient
-    options: Optional[dict] = None  # a conv's stride, padding, dilation, groups; a norm's shape and eps
-    bias: Optional[str] = None  # the dotted name of a bias param of this use, factored with it
+    options: Optional[dict] = None  # a conv's stride, padding, dilation, groups
 
 
 @dataclass(frozen=True)
 class Discovery:
     """What one run on the first example found: every recognised use in call order (``uses``),
-    the params also used otherwise (``other``: exact route), the factored linear / embedding /
-    conv weights (``ghost``), the factored GroupNorm / LayerNorm affine weights (``norms``) and
-    biases (``biases``: each only the bias of uses of factored weights), and the uses the pass
-    probes (``ghost_uses``: those of ``ghost`` and ``norms``)."""
+    the weights also used otherwise (``other``: exact route), and the rest (``ghost``) with their
+    uses (``ghost_uses``)."""
 
     uses: tuple
     other: frozenset
     ghost: frozenset
     ghost_uses: tuple
-    norms: frozenset = frozenset()
-    biases: frozenset = frozenset()
-
-    @property
-    def factored(self) -> frozenset:
-        """Every param whose per-example gradient comes from the probed uses (not expanded)."""
-        return self.ghost | self.norms | self.biases
 
 
 class _Recorder(Client):
-    """Discovery: records each recognised use (with its watched bias); a weight used any other
-    way, by a frequency-scaled embedding or by a grouped conv, is marked for the exact route, and
-    so is a bias of such a use or one whose shape is not the output's feature shape."""
-
-    bias_uses = True
+    """Discovery: records each recognised use; a weight used any other way, by a
+    frequency-scaled embedding or by a grouped conv, is marked for the exact route."""
 
     def __init__(self):
         self.uses: list[GhostUse] = []
@@ -87,18 +74,13 @@ class _Recorder(Client):
 
     def _record(self, use: Use) -> Tensor:
         out = use.run()
-        if use.plain and (use.kind in NORM_KINDS or use.weight.dim() >= 2):
-            bias = use.bias_key
-            if bias is not None and tuple(use.bias.shape) != feature_shape(use, out):
-                self.others.add(bias)
-                bias = None
-            self.uses.append(GhostUse(use.key, use.kind, tuple(out.shape), out.dtype, use.padding_idx, use.options,
-                                      bias))
+        if use.plain:
+            self.uses.append(GhostUse(use.key, use.kind, tuple(out.shape), out.dtype, use.padding_idx, use.options))
         else:
-            self.others.update(k for k in (use.key, use.bias_key) if k is not None)
+            self.others.add(use.key)
         return out
 
-    linear = embedding = conv = norm = _record
+    linear = embedding = conv = _record
 
     def other(self, key, tensor):
         self.others.add(key)
@@ -106,10 +88,10 @@ class _Recorder(Client):
 
 
 def _candidates(params) -> dict[str, Tensor]:
-    """The 1-D (biases, norm affine), 2-D (linear, embedding) and 3-/4-D (conv) floating leaves,
-    except tensors that appear under two names (exact route)."""
+    """The 2-D (linear, embedding) and 3-/4-D (conv) floating leaves, except tensors that appear
+    under two names (exact route)."""
     flat, _ = named_leaves(params)
-    cands = {n: v for n, v in flat.items() if isinstance(v, Tensor) and 1 <= v.dim() <= 4 and v.is_floating_point()}
+    cands = {n: v for n, v in flat.items() if isinstance(v, Tensor) and 2 <= v.dim() <= 4 and v.is_floating_point()}
     count = Counter(id(v) for v in cands.values())
     return {n: v for n, v in cands.items() if count[id(v)] == 1}
 
@@ -119,54 +101,27 @@ def discover(loss_fn: Callable, params: Params, batch) -> Discovery:
     rec = _Recorder()
     with torch.no_grad(), Intercept(_candidates(params), rec, ops=exact_ops(param_names(params))):
         loss_fn(params, slice_batch(batch, 0, 1))
-    biases = {u.bias for u in rec.uses if u.bias is not None}
-    others = rec.others | (biases & {u.name for u in rec.uses})  # a weight that is also a bias: exact
-    norm_kind = {u.name: u.kind in NORM_KINDS for u in rec.uses}
-    others |= {u.name for u in rec.uses if norm_kind[u.name] != (u.kind in NORM_KINDS)}  # both kinds: exact
-    weights = {u.name for u in rec.uses} - others
-    ghost = frozenset(n for n in weights if not norm_kind[n])
-    norms = frozenset(weights - ghost)
-    # a bias is factored when it is used only as the bias of probed uses
-    biases = frozenset(biases - others - {u.bias for u in rec.uses if u.name not in weights})
-    return Discovery(tuple(rec.uses), frozenset(others), ghost, tuple(u for u in rec.uses if u.name in weights),
-                     norms, biases)
+    ghost = frozenset({u.name for u in rec.uses} - rec.others)
+    return Discovery(tuple(rec.uses), frozenset(rec.others), ghost, tuple(u for u in rec.uses if u.name in ghost))
 
 
 class _Prober(Client):
-    """The ghost pass (under vmap): each use of a ghost or norm weight gets its zero probe added
-    and its input kept, in discovery's order; a different order, shape or bias, or any other use
-    of a factored param, is a :class:`GhostMismatch`. Every lookup and batch norm runs through
-    :func:`.exact_ops.exact_ops` (``ops=``)."""
-
-    bias_uses = True
+    """The ghost pass (under vmap): each use of a ghost weight gets its zero probe added and its
+    input kept, in discovery's order; a different order or shape is a :class:`GhostMismatch`.
+    Every lookup and batch norm runs through :func:`.exact_ops.exact_ops` (``ops=``)."""
 
     def __init__(self, d: Discovery, probes: list):
         self.d, self.probes, self.inputs, self.k = d, probes, [], 0
-        self.probed = d.ghost | d.norms
 
     def linear(self, use: Use) -> Tensor:
-        if use.key in self.probed:
-            return self._probe(use)
-        if use.bias_key is not None:
-            self.other(use.bias_key, use.bias)
-        return use.run()
+        return self._probe(use) if use.key in self.d.ghost else use.run()
 
-    embedding = conv = norm = linear
-
-    def other(self, key, tensor):
-        if key in self.d.factored:
-            raise GhostMismatch(f"per-example control flow differs from the first example: {key!r} is used in a "
-                                "way the first example did not use it; use method='vmap'")
-        return tensor
+    embedding = conv = linear
 
     def _probe(self, use: Use) -> Tensor:
         k, uses = self.k, self.d.ghost_uses
         want = uses[k] if k < len(uses) else None
-        got_bias = use.bias_key if use.bias_key in self.d.biases else None
-        if use.bias_key is not None and got_bias is None:
-            self.other(use.bias_key, use.bias)
-        if want is None or (want.name, want.kind, want.padding_idx, want.bias if want.bias in self.d.biases else None) \
-                != (use.key, use.kind, use.padding_idx, got_bias):
+        if want is None or (want.name, want.kind, want.padding_idx) != (use.key, use.kind, use.padding_idx):
             expected = f"{want.kind}({want.name!r})" if want else "no further use"
             raise GhostMismatch(
                 f"per-example control flow differs from the first example: use #{k} is {use.kind}({use.key!r}), "
@@ -188,8 +143,8 @@ def ghost_pass(loss_fn: Callable, params: Params, batch, d: Discovery):
     of the non-ghost params, and per ghost weight the (L, ids, R) factors of each use."""
     B = batch_size(batch)
     flat, rebuild = named_leaves(params)
-    small = {n: v for n, v in flat.items() if n not in d.factored}
-    big = {n: v for n, v in flat.items() if n in d.factored}
+    small = {n: v for n, v in flat.items() if n not in d.ghost}
+    big = {n: v for n, v in flat.items() if n in d.ghost}
     small_b = {n: v.expand((B,) + tuple(v.shape)) for n, v in small.items()}
     device = next(iter(big.values())).device if big else None  # the probes live where the outputs do
     probes = [torch.zeros((), dtype=u.dtype, device=device).expand((B,) + u.shape) for u in d.ghost_uses]
@@ -213,21 +168,11 @@ def ghost_pass(loss_fn: Callable, params: Params, batch, d: Discovery):
     # called once: retain_graph=False lets autograd free each saved activation as its node
     # runs (vjp_fn keeps the whole graph by default), which lowers the chunk's peak
     small_grads, probe_grads = vjp_fn(torch.ones_like(loss), retain_graph=False)
-    small_grads, uses = dict(small_grads), {}
-
-    def add(name, g):  # a factored norm weight's or bias's per-example gradient, summed over its uses
-        g = g.to(flat[name].dtype)
-        small_grads[name] = small_grads[name] + g if name in small_grads else g
-
+    uses: dict[str, list] = {}
     for use, x, g in zip(d.ghost_uses, inputs, probe_grads):
         # x, g: (B, 1, ..., features); the per-example batch of one is dim 1
-        if use.kind in NORM_KINDS:
-            add(use.name, norm_weight_grad(use.kind, x, g, use.options))
-        else:
-            kernel = tuple(flat[use.name].shape[2:])
-            uses.setdefault(use.name, []).append(factors(use.kind, x, g, use.padding_idx, use.options, kernel))
-        if use.bias in d.biases:
-            add(use.bias, bias_grad(use.kind, x, g, use.options, flat[use.name].dim() - 2))
+        kernel = tuple(flat[use.name].shape[2:])
+        uses.setdefault(use.name, []).append(factors(use.kind, x, g, use.padding_idx, use.options, kernel))
     return loss.detach(), small_grads, uses
 
 
