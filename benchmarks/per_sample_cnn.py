@@ -11,13 +11,24 @@ Model: examples/cnn_dp.py's CNN (Conv2d 1→16 + GroupNorm + Conv2d 16→32 + Gr
                   parameter's grad_sample
   nonprivate      torch.func.grad of the batch loss + the Adam update (aam_func.optim)
   dp_step         per_sample.dp_sgd step (ghost norms, clipped sum, noise, the same Adam update)
+  fwd_bwd         torch.func.grad of the batch loss alone: one batched forward and backward with
+                  no per-example work, the floor any per-example route sits above
 
-Printed ratios: ours_grads / opacus_hooks (goal ≤ 0.7) and dp_step / nonprivate (goal ≤ 1.5).
+Printed ratios: ours_grads / opacus_hooks (goal ≤ 0.7), dp_step / nonprivate (goal ≤ 1.5) and
+fwd_bwd / opacus_hooks (how much of Opacus's time a plain forward + backward already takes).
+--phases also times the ghost route's parts, interleaved the same way: discovery (the loss on
+the first example), the vmapped pass (forward with probes, backward that gives the factors and
+the exact per-example gradients of the other leaves) and ghost_grads (the pass and the write of
+the factors into the result).
+
 The cases run round-robin (interleaved) --reps times after a warm-up; medians and minima are
-printed, because the CPU may be shared (use the minimum when outside load hits most rounds).
+printed, with the ratios of medians, of minima and the median of per-round ratios (each round
+runs every case back to back, so its ratio sees the same outside load: the steadiest figure
+when the CPU is shared).
 
     OMP_NUM_THREADS=1 python benchmarks/per_sample_cnn.py              # batch 64, 15 rounds
     python benchmarks/per_sample_cnn.py --batch 32 64 128 --reps 9
+    OMP_NUM_THREADS=1 python benchmarks/per_sample_cnn.py --phases --reps 21
 """
 
 from __future__ import annotations
@@ -41,7 +52,8 @@ from aam_func import optim, per_sample as ps  # noqa: E402
 from cnn_dp import cnn  # noqa: E402
 
 
-def cases(batch_size: int) -> dict:
+def problem(batch_size: int):
+    """(model, params, batch, loss_fn): the CNN, its named_parameters() dict, a random batch."""
     torch.manual_seed(0)
     model = cnn()
     params = {k: v.detach() for k, v in model.named_parameters()}
@@ -51,6 +63,11 @@ def cases(batch_size: int) -> dict:
     def loss_fn(p, b):
         return F.cross_entropy(functional_call(model, p, (b["x"],)), b["y"])
 
+    return model, params, batch, loss_fn
+
+
+def cases(batch_size: int) -> dict:
+    model, params, batch, loss_fn = problem(batch_size)
     opt = optim.adam(1e-3)
     state = opt.init({k.replace(".", "_"): v for k, v in params.items()})  # optim takes nested dicts today
     flat_key = {k: k.replace(".", "_") for k in params}
@@ -70,6 +87,7 @@ def cases(batch_size: int) -> dict:
         "ours_grads_vmap": lambda: ps.grads(loss_fn, params, batch, method="vmap"),
         "nonprivate": nonprivate,
         "dp_step": lambda: step(nested, state, batch, noise),
+        "fwd_bwd": lambda: torch.func.grad(loss_fn)(params, batch),
     }
     try:
         from opacus import GradSampleModule
@@ -88,32 +106,62 @@ def cases(batch_size: int) -> dict:
     return out
 
 
+def phases(batch_size: int) -> dict:
+    """The ghost route's parts on the same problem (see the module docstring)."""
+    from aam_func.per_sample import ghost
+
+    _, params, batch, loss_fn = problem(batch_size)
+    d = ghost.discover(loss_fn, params, batch)
+    return {
+        "discover": lambda: ghost.discover(loss_fn, params, batch),
+        "pass": lambda: ghost.ghost_pass(loss_fn, params, batch, d),
+        "ghost_grads": lambda: ghost.ghost_grads(loss_fn, params, batch, None, d),
+    }
+
+
+def timed(fns: dict, reps: int) -> dict:
+    """{case: [seconds per round]}: each function run round-robin ``reps`` times after a warm-up."""
+    for f in fns.values():
+        f()
+    times = {k: [] for k in fns}
+    for _ in range(reps):
+        for k, f in fns.items():
+            t = time.perf_counter()
+            f()
+            times[k].append(time.perf_counter() - t)
+    return times
+
+
+RATIOS = (  # (numerator, denominator, note)
+    ("ours_grads", "opacus_hooks", "goal <= 0.7"),
+    ("ours_grads_vmap", "opacus_hooks", "the vmap route"),
+    ("fwd_bwd", "opacus_hooks", "no per-example work"),
+    ("dp_step", "nonprivate", "goal <= 1.5"),
+)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batch", type=int, nargs="+", default=[64])
     ap.add_argument("--reps", type=int, default=15)
+    ap.add_argument("--phases", action="store_true", help="also time the ghost route's parts")
     args = ap.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     for B in args.batch:
         fns = cases(B)
-        for f in fns.values():
-            f()  # warm-up
-        times = {k: [] for k in fns}
-        for _ in range(args.reps):
-            for k, f in fns.items():
-                t = time.perf_counter()
-                f()
-                times[k].append(time.perf_counter() - t)
-        med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
-        low = {k: min(v) * 1e3 for k, v in times.items()}
+        if args.phases:
+            fns.update(phases(B))
+        times = timed(fns, args.reps)
         print(f"\nbatch {B} ({args.reps} rounds): median ms (min)")
-        for k in fns:
-            print(f"  {k:16s} {med[k]:8.2f}  ({low[k]:.2f})")
-        if "opacus_hooks" in fns:
-            print(f"  ours_grads / opacus_hooks  {med['ours_grads'] / med['opacus_hooks']:.2f}x median, "
-                  f"{low['ours_grads'] / low['opacus_hooks']:.2f}x min   (goal <= 0.7)")
-        print(f"  dp_step / nonprivate       {med['dp_step'] / med['nonprivate']:.2f}x median, "
-              f"{low['dp_step'] / low['nonprivate']:.2f}x min   (goal <= 1.5)")
+        for k, v in times.items():
+            print(f"  {k:16s} {statistics.median(v) * 1e3:8.2f}  ({min(v) * 1e3:.2f})")
+        print("  ratios: of medians, of minima, median of the per-round ratios")
+        for num, den, note in RATIOS:
+            if num in times and den in times:
+                a, b = times[num], times[den]
+                per_round = statistics.median(x / y for x, y in zip(a, b))
+                print(f"  {num + ' / ' + den:32s} {statistics.median(a) / statistics.median(b):.2f}x  "
+                      f"{min(a) / min(b):.2f}x  {per_round:.2f}x   ({note})")
 
 
 if __name__ == "__main__":
