@@ -13,7 +13,7 @@ import torch
 from aam_func import cli, run
 from aam_func.data import (BlockLoader, DataError, ShardBlocks, eval_batches, open_prepared, pack, prepare_corpus,
                            training_data)
-from aam_func.run import RunConfig
+from aam_func.run import RunConfig, RunError
 from aam_func.tokenizer import Tokenizer
 
 TINY = dict(d_model=16, n_layers=1, n_heads=2, seq_len=16, batch_size=4, vocab_size=300, sample_tokens=0,
@@ -135,9 +135,12 @@ def test_run_records_absolute_data_and_checksum_and_checks_them(prepared, tmp_pa
     ev = run.evaluate_checkpoint(str(tmp_path / "run"))
     assert ev["data"] == f"the held-out split of {src}"
 
+    # "src" from this other directory is another corpus: --resume refuses it by name
+    with pytest.raises(RunError, match=r"--data 'src' \(the run has '.*src'\)"):
+        run.prepare(dataclasses.replace(cfg, stop_after=None, resume=""), "cpu")
     (src / "00.txt").write_text("the corpus changed " * 50, encoding="utf-8")
     with pytest.raises(DataError, match=r"data's checksum is .* as recorded for this run"):
-        run.prepare(dataclasses.replace(cfg, stop_after=None, resume=""), "cpu")
+        run.prepare(dataclasses.replace(cfg, data=str(src), stop_after=None, resume=""), "cpu")
     with pytest.raises(DataError, match=r"data's checksum is .* as recorded for this run"):
         run.evaluate_checkpoint(str(tmp_path / "run"))
     with pytest.raises(DataError, match=r"as recorded for this run"):

@@ -26,6 +26,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from ..processes import pid_alive
 from .corpus import (MIN_DOCS_FOR_DOCUMENT_SPLIT, SPLIT_SEED, DataError, _check, corpus_files, cut_document,
                      default_corpus, iter_documents, split_indices)
 from .shards import (FORMAT, INDEX, SPLITS, VERSION, ShardWriter, dtype_for, file_sha256, index_checksum,
@@ -129,18 +130,8 @@ def _clean_stale(output: str) -> None:
         for tag in (".tmp-", ".old-"):
             if name.startswith(base + tag) and name[len(base + tag):].isdigit():
                 pid = int(name[len(base + tag):])
-                if pid != os.getpid() and not _alive(pid):
+                if pid != os.getpid() and not pid_alive(pid):
                     shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _publish(tmp: str, output: str) -> None:

@@ -26,7 +26,8 @@ import shutil
 import socket
 from typing import Optional
 
-from ..checkpoint import kept_checkpoints, resolve_checkpoint, CheckpointError
+from ..checkpoint import CheckpointError, kept_checkpoints, resolve_checkpoint
+from ..processes import pid_alive
 from .config import RunConfig, RunError
 from .output import TENSORBOARD_DIR
 
@@ -107,19 +108,8 @@ def _try_lock(fd: int, path: str) -> bool:
             if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
                 raise
     holder = _read_holder(path)  # no flock here: the recorded PID decides
-    return not (holder.get("host") == socket.gethostname() and _alive(holder.get("pid")))
-
-
-def _alive(pid) -> bool:
-    if not isinstance(pid, int) or pid <= 0 or pid == os.getpid():
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    pid = holder.get("pid")
+    return not (holder.get("host") == socket.gethostname() and pid != os.getpid() and pid_alive(pid))
 
 
 def _read_holder(path: str) -> dict:
