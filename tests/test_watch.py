@@ -97,3 +97,18 @@ def test_only_the_writing_rank_writes(tmp_path):
     log.record({"step": 1, "loss": 1.0})
     log.close()
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("stdout_tty,stderr_tty,bar", [(True, True, True), (False, True, False), (True, False, False)])
+def test_the_bar_only_when_stdout_is_a_terminal(monkeypatch, stdout_tty, stderr_tty, bar):
+    """`aam-func train > log.txt` keeps the plain progress lines in the file (no bar on stderr)."""
+    from types import SimpleNamespace
+
+    from aam_func.run.training import _Progress
+
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: stdout_tty, raising=False)
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: stderr_tty, raising=False)
+    run = SimpleNamespace(is_main=True, start=0, config=SimpleNamespace(log_every=None))
+    progress = _Progress(run, 10, show_bar=True)
+    progress.bar.close()
+    assert progress.use_bar is bar

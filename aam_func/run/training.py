@@ -59,10 +59,13 @@ class Diverged(RunError):
 
 
 class _Progress:
-    """The bar (asked for, rank 0, on a terminal) and the throughput window between logged steps."""
+    """The bar (asked for, rank 0, stdout and stderr terminals) and the throughput window between
+    logged steps."""
 
     def __init__(self, run: Run, end: int, show_bar: bool):
-        self.use_bar = show_bar and sys.stderr.isatty() and run.is_main
+        # the bar (on stderr) only when stdout is a terminal too: output redirected to a file
+        # keeps the plain progress lines, grep-able
+        self.use_bar = show_bar and sys.stdout.isatty() and sys.stderr.isatty() and run.is_main
         self.log_every = run.config.log_every or max(1, (end - run.start) // 10)
         self.bar = tqdm(total=end - run.start, initial=0, desc="train", unit="step", dynamic_ncols=True,
                         disable=not self.use_bar)
