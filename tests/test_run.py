@@ -185,6 +185,7 @@ def test_the_library_is_silent_unless_asked(tmp_path, corpus, capsys, monkeypatc
     import sys
 
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)  # a terminal: the bar needs both
     cfg = RunConfig(**TINY, data=str(corpus), steps=2, output_dir=str(tmp_path / "quiet"))
     result = run.loop(run.prepare(cfg, "cpu"))
     assert result.step == 2 and capsys.readouterr() == ("", "")
