@@ -406,3 +406,17 @@ def test_a_fifo_or_a_device_as_data_is_one_error_line(tmp_path, capsys):
            str(fifo), "is not a regular file (a pipe, device or socket)")
     _error(capsys, ["train", "--data", "/dev/zero", "--output-dir", str(tmp_path / "run"), *TINY, "--steps", "1"],
            "/dev/zero", "expected a .txt, .md, .jsonl or .parquet file or a folder")
+
+
+def test_a_full_disk_while_preparing_the_data_is_one_error_line_and_leaves_nothing_behind(tmp_path, corpus):
+    """Item 11: a full disk while the token data was written used to leave a temporary behind."""
+    out = tmp_path / "run"
+    script = tmp_path / "full.py"
+    script.write_text(_FULL_DISK)
+    r = subprocess.run([sys.executable, str(script), "100000", "train", "--data", str(corpus), "--output-dir", str(out),
+                        *TINY, "--steps", "1"], capture_output=True, text=True, env=_env(), cwd=ROOT, timeout=300)
+    assert r.returncode == 2, r.stderr
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in r.stderr, r.stderr
+    leftovers = [p for p in out.rglob("*") if ".tmp-" in p.name]
+    assert not leftovers, leftovers
