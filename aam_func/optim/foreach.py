@@ -93,8 +93,10 @@ def div_(xs, s):
 
 
 def lerp(xs, ys, w):
-    """``x + w * (y - x)``."""
-    if use_foreach() and xs:
+    """``x + w * (y - x)``. Under ``torch.compile`` a tensor ``w`` (a scheduled or injected
+    ``1 - b1``) takes the per-leaf form: dynamo cannot trace ``_foreach_lerp`` with a tensor weight,
+    and the graph break it caused could not be resumed inside the optimizer."""
+    if use_foreach() and xs and (is_number(w) or not torch.compiler.is_compiling()):
         return torch._foreach_lerp(xs, ys, w)
     return [torch.lerp(x, y, w if is_number(w) else w.to(x.dtype)) for x, y in zip(xs, ys)]
 
