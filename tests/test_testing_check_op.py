@@ -115,9 +115,58 @@ def test_compile_checks_pass_and_report_graph_breaks():
     assert any("graph break" in n for n in report["compile"].notes)
 
 
+def _drops_custom_backward(backend):
+    from aam_func.testing._op_checks import _compile_drops_custom_backward
+
+    return _compile_drops_custom_backward(backend)
+
+
 @pytest.mark.slow
 def test_compile_checks_inductor():
-    assert check_op(Softplus, reference, samples, checks=["compile", "compile_grad"], compile_samples=2).ok
+    """Sample 2 holds x = 0, where softplus's forward autograd (clamp's 1 + abs's 0) is not the
+    op's rule sigmoid(0) = 1/2. A torch whose compile(grad) drops the custom backward
+    (pytorch/pytorch#193279; torch 2.13 does) is caught there, and the report says why."""
+    report = check_op(Softplus, reference, samples, checks=["compile", "compile_grad"], compile_samples=2,
+                      raise_on_failure=False)
+    assert report["compile"].passed, str(report)
+    if _drops_custom_backward("inductor"):
+        assert _failed(report) == ["compile_grad"], str(report)
+        assert "pytorch/pytorch#193279" in report["compile_grad"].detail
+        assert "sample 1:" in report["compile_grad"].detail and "first at (2,)" in report["compile_grad"].detail
+    else:
+        assert report.ok, str(report)
+
+
+class StraightThrough(torch.autograd.Function):
+    """round(x) with the identity as its backward: the forward's own autograd (zero) is not the
+    op's gradient, so a compile(grad) that differentiates the forward gives the wrong answer."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x):
+        return torch.round(x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, g):
+        return g
+
+
+def test_compile_grad_names_the_dropped_backward():
+    """check_op's compile_grad compares compiled grad with the reference's gradient; when it
+    differs because torch dropped the op's backward, the failure says so."""
+    ste_samples = [((torch.tensor([0.2, 1.7, -2.4], dtype=torch.float64).requires_grad_(),), {})]
+    report = check_op(StraightThrough, lambda x: x + (torch.round(x) - x).detach(), ste_samples,
+                      checks=["compile_grad"], compile_backend="aot_eager", raise_on_failure=False)
+    if _drops_custom_backward("aot_eager"):
+        assert _failed(report) == ["compile_grad"]
+        assert "drops the custom backward" in report["compile_grad"].detail
+    else:
+        assert report.ok, str(report)
 
 
 @pytest.mark.parametrize(
