@@ -13,6 +13,12 @@ the given objects: ``is``, not equality) in the weight slot of
 - ``F.embedding(ids, W, ...)``   a table lookup (``use.padding_idx``; ``use.plain`` is False with
                                  max_norm / scale_grad_by_freq; ``sparse`` only changes the
                                  layout of the gradient, not its values)
+- ``F.group_norm(x, G, W, b, eps)`` / ``F.layer_norm(x, shape, W, b, eps)``: a norm's affine
+                                 weight (``Client.norm``; by default an other use of W)
+
+A client whose ``bias_uses`` is True is also told of a watched tensor in the *bias* slot of a
+recognised use (``F.linear`` / conv / norm ``bias``, ``torch.addmm``'s ``input``): ``use.bias_key``
+names it and the op sees the tensor itself. Otherwise (the default) that bias is an other use.
 
 is a *recognised use*: the client's :meth:`Client.linear` / :meth:`Client.embedding` /
 :meth:`Client.conv` receives a
@@ -47,7 +53,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["Intercept", "Client", "Use", "HARMLESS_PROPERTIES", "HARMLESS_METHODS", "OP_ARGS"]
+__all__ = ["Intercept", "Client", "Use", "HARMLESS_PROPERTIES", "HARMLESS_METHODS", "OP_ARGS", "NORM_KINDS"]
 
 # Property reads that give no function of the tensor's values. Not ``.T``/``.mT``/``.data``/``.real``:
 # those are values (a use of the weight).
@@ -65,6 +71,8 @@ _LINEAR_ARGS = ("input", "weight", "bias")
 _ADDMM_ARGS = ("input", "mat1", "mat2")
 _ADDMM_ALL = _ADDMM_ARGS + ("beta", "alpha", "out")
 _CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+_GROUP_NORM_ARGS = ("input", "num_groups", "weight", "bias", "eps")
+_LAYER_NORM_ARGS = ("input", "normalized_shape", "weight", "bias", "eps")
 _BATCH_NORM_ARGS = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
 # the functions ``Intercept(ops=...)`` can replace, with their parameter names
 OP_ARGS = {F.embedding: _EMBEDDING_ARGS, F.batch_norm: _BATCH_NORM_ARGS}
@@ -74,7 +82,10 @@ _RECOGNISED = {  # func: (kind, its parameter names, the weight's slot)
     F.embedding: ("embedding", _EMBEDDING_ARGS, "weight"),
     F.conv1d: ("conv", _CONV_ARGS, "weight"),
     F.conv2d: ("conv", _CONV_ARGS, "weight"),
+    F.group_norm: ("group_norm", _GROUP_NORM_ARGS, "weight"),
+    F.layer_norm: ("layer_norm", _LAYER_NORM_ARGS, "weight"),
 }
+NORM_KINDS = frozenset({"group_norm", "layer_norm"})
 
 
 @dataclass(frozen=True)
@@ -84,9 +95,11 @@ class Use:
     ``F.conv2d``, weight (out, in/groups, *kernel); ``options`` holds its stride, padding,
     dilation and groups). ``input``: x for the linear kinds and conv, the ids for an embedding.
     ``padding_idx`` (embedding only): the row that receives no gradient, in [0, V), or None.
-    ``plain`` is False for an embedding with max_norm / scale_grad_by_freq and a grouped conv."""
+    ``plain`` is False for an embedding with max_norm / scale_grad_by_freq and a grouped conv.
+    ``"group_norm"`` / ``"layer_norm"``: a norm's affine weight; ``options`` holds num_groups or
+    normalized_shape, and eps. ``bias_key``: the watched bias's key (clients with ``bias_uses``)."""
 
-    kind: str  # "linear", "addmm", "embedding" or "conv"
+    kind: str  # "linear", "addmm", "embedding", "conv", "group_norm" or "layer_norm"
     key: Hashable
     weight: Tensor
     input: Tensor
@@ -94,6 +107,7 @@ class Use:
     padding_idx: Optional[int] = None
     plain: bool = True
     options: dict = field(default_factory=dict)
+    bias_key: Optional[Hashable] = None
     _func: Any = field(default=None, repr=False)
     _args: dict = field(default_factory=dict, repr=False)
     _weight_slot: str = field(default="weight", repr=False)
@@ -111,6 +125,8 @@ class Use:
 class Client:
     """What a watcher does at the uses of its tensors; the defaults change nothing."""
 
+    bias_uses = False  # True: a watched bias of a recognised use is passed as use.bias_key
+
     def linear(self, use: Use) -> Tensor:
         """A recognised ``F.linear`` / ``torch.addmm`` use (``use.kind``): return its result."""
         return use.run()
@@ -122,6 +138,11 @@ class Client:
     def conv(self, use: Use) -> Tensor:
         """A recognised ``F.conv1d`` / ``F.conv2d`` use; by default an other use of its weight
         (a client that knows nothing of convolutions sees the weight as it sees any op)."""
+        return use.run(self.other(use.key, use.weight))
+
+    def norm(self, use: Use) -> Tensor:
+        """A recognised ``F.group_norm`` / ``F.layer_norm`` use of its affine weight; by default an
+        other use of it."""
         return use.run(self.other(use.key, use.weight))
 
     def other(self, key: Hashable, tensor: Tensor) -> Tensor:
@@ -230,11 +251,18 @@ class Intercept(TorchFunctionMode):
         if kind == "conv":
             options = {k: bound.get(k, d) for k, d in (("stride", 1), ("padding", 0), ("dilation", 1), ("groups", 1))}
             plain = options["groups"] == 1
-        rest = {k: self._others(v) for k, v in bound.items() if k != slot}
+        elif kind == "group_norm":
+            options = {"num_groups": bound.get("num_groups"), "eps": bound.get("eps", 1e-5)}
+        elif kind == "layer_norm":
+            options = {"normalized_shape": bound.get("normalized_shape"), "eps": bound.get("eps", 1e-5)}
+        bias_slot = "input" if kind == "addmm" else "bias"
+        bias_key = self._key(bound.get(bias_slot)) if self._client.bias_uses and kind != "embedding" else None
+        rest = {k: v if k == bias_slot and bias_key is not None else self._others(v)
+                for k, v in bound.items() if k != slot}
         x = rest.get("mat1" if kind == "addmm" else "input")
-        bias = rest.get("input" if kind == "addmm" else "bias")
         run = func if func not in self._ops else (lambda **kw: self._run(func, (), kw))
-        return Use(kind, key, weight, x, bias, padding_idx, plain, options, run, {**rest, slot: weight}, slot)
+        return Use(kind, key, weight, x, rest.get(bias_slot), padding_idx, plain, options, bias_key, run,
+                   {**rest, slot: weight}, slot)
 
     def _run(self, func, args, kwargs):
         """The call as the context runs it: through ``ops`` when ``func`` has a replacement."""
@@ -252,6 +280,8 @@ class Intercept(TorchFunctionMode):
             if use is not None:
                 if use.kind == "embedding":
                     return self._client.embedding(use)
+                if use.kind in NORM_KINDS:
+                    return self._client.norm(use)
                 return self._client.conv(use) if use.kind == "conv" else self._client.linear(use)
         elif _is_harmless(func):
             return func(*args, **kwargs)

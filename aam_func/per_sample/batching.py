@@ -58,8 +58,15 @@ def in_dims(batch):
 
 
 def per_example(loss_fn: Callable) -> Callable:
-    """``loss_fn`` on one example (vmap strips the batch dim; we put a batch of one back)."""
-    return lambda params, example: loss_fn(params, map_batch(lambda x: x.unsqueeze(0), example))
+    """``loss_fn`` on one example (vmap strips the batch dim; we put a batch of one back). A
+    loss that returns per-example losses (shape (1,) on a batch of one, as ``method="batched"``
+    wants) gives its one value as a scalar, so one ``loss_fn`` serves every route."""
+
+    def one(params, example):
+        loss = loss_fn(params, map_batch(lambda x: x.unsqueeze(0), example))
+        return loss.reshape(()) if isinstance(loss, Tensor) and tuple(loss.shape) == (1,) else loss
+
+    return one
 
 
 def check_chunk(chunk_size: Optional[int], B: int) -> int:

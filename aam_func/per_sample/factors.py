@@ -10,7 +10,12 @@ A use's factors are ``(L, L_is_ids, R)`` with shapes (B, N, ·), or (B, N) ids f
 - ``F.conv1d/2d`` (weight (out, C, *k), groups 1): L = g at each output position (B, L, out),
   R = the input's patches ``unfold(x)`` (B, L, C·∏k); the weight read as (out, C·∏k)
 
-Derivation: ``proofs/per_sample.md`` §2-3b, ``proofs/ghost_modules.md`` (conv).
+Biases and norm affine weights are not kept as factors: their per-example gradients are small
+and exact from the same probed use (:func:`bias_grad`: the output gradient summed over the
+positions; :func:`norm_weight_grad`: the normalised input, recomputed, times it, summed).
+
+Derivation: ``proofs/per_sample.md`` §2-3b, ``proofs/ghost_modules.md`` (conv §1, biases and
+norms §2).
 """
 
 from __future__ import annotations
@@ -22,7 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["factors", "gram", "ghost_sq_norms", "ghost_weighted_grad", "write_factors", "matrix_shape", "patches"]
+__all__ = ["factors", "gram", "ghost_sq_norms", "ghost_weighted_grad", "write_factors", "matrix_shape", "patches",
+           "feature_shape", "bias_grad", "norm_weight_grad"]
 
 
 def matrix_shape(shape) -> tuple[int, int]:
@@ -73,15 +79,66 @@ def factors(kind: str, x: Tensor, g: Tensor, padding_idx: Optional[int] = None, 
     return (x, False, g) if kind == "addmm" else (g, False, x)
 
 
+def _norm_shape(options: dict) -> tuple:
+    ns = options["normalized_shape"]
+    return (int(ns),) if isinstance(ns, int) else tuple(ns)
+
+
+def feature_shape(use, out: Tensor) -> tuple:
+    """The shape a bias of this recognised use (``aam_func.intercept.Use``) adds to its output
+    ``out``: the output features of a linear / addmm, the output channels of a conv (dim
+    -(nd+1)) or a group norm (dim 1), a layer norm's normalized_shape."""
+    if use.kind == "layer_norm":
+        return _norm_shape(use.options)
+    if use.kind == "group_norm":
+        return (int(out.shape[1]),)
+    if use.kind == "conv":
+        return (int(out.shape[-(use.weight.dim() - 1)]),)
+    return (int(out.shape[-1]),)
+
+
+def bias_grad(kind: str, x: Tensor, g: Tensor, options: dict, nd: int = 0) -> Tensor:
+    """(B, *bias shape) per-example bias gradients of a use from its output gradient ``g``
+    (B, ...): g summed over every position the bias is broadcast to (``nd``: a conv's spatial dims)."""
+    B = g.shape[0]
+    if kind == "layer_norm":
+        ns = _norm_shape(options)
+        return g.reshape(B, -1, *ns).sum(1)
+    if kind == "group_norm":
+        return g.reshape(B, g.shape[1], g.shape[2], -1).sum((1, 3))
+    if kind == "conv":
+        return g.reshape(B, -1, g.shape[g.dim() - nd - 1], math.prod(g.shape[g.dim() - nd:])).sum((1, 3))
+    return g.reshape(B, -1, g.shape[-1]).sum(1)
+
+
+def norm_weight_grad(kind: str, x: Tensor, g: Tensor, options: dict) -> Tensor:
+    """(B, *weight shape) per-example gradients of a norm's affine weight: the normalised input
+    x̂ (recomputed from the kept input ``x`` (B, ...) with the use's groups / shape and eps) times
+    the output gradient ``g``, summed over every position but the weight's own."""
+    B = x.shape[0]
+    if kind == "layer_norm":
+        ns = _norm_shape(options)
+        xh = F.layer_norm(x, ns, eps=options["eps"])
+        return (xh * g).reshape(B, -1, *ns).sum(1)
+    # group norm: each example's input is (n, C, *); normalise its n rows over their groups
+    xh = F.group_norm(x.reshape(-1, *x.shape[2:]), options["num_groups"], eps=options["eps"]).reshape(x.shape)
+    return (xh * g).reshape(B, x.shape[1], x.shape[2], -1).sum((1, 3))
+
+
 def gram(a: Tensor, a_ids: bool, b: Tensor, b_ids: bool) -> Tensor:
     """(B, Na, Nb) inner products of rows: dense (B, N, D) or one-hot given by ids (B, N)."""
     if a_ids and b_ids:
         return (a[:, :, None] == b[:, None, :]).float()
     if a_ids:  # onehot(a_t) · b_s = b_s[a_t]
-        return torch.gather(b.float(), 2, a[:, None, :].expand(-1, b.shape[1], -1)).transpose(1, 2)
+        return torch.gather(_acc(b), 2, a[:, None, :].expand(-1, b.shape[1], -1)).transpose(1, 2)
     if b_ids:
         return gram(b, True, a, False).transpose(1, 2)
-    return torch.bmm(a.float(), b.float().transpose(1, 2))
+    return torch.bmm(_acc(a), _acc(b).transpose(1, 2))
+
+
+def _acc(x: Tensor) -> Tensor:
+    """x in the accumulation dtype: float32 for half types, float64 kept (no silent downgrade)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
 def ghost_sq_norms(weight_uses: list, weight_shape) -> Tensor:
@@ -94,7 +151,7 @@ def ghost_sq_norms(weight_uses: list, weight_shape) -> Tensor:
             out_dim, in_dim = matrix_shape(weight_shape)
             if i == j and not ids1 and n1 * n1 * (out_dim + in_dim) > n1 * out_dim * in_dim:
                 # cheaper to form this use's per-example gradient once: (B, out, in)
-                G = torch.bmm(L1.float().transpose(1, 2), R1.float())
+                G = torch.bmm(_acc(L1).transpose(1, 2), _acc(R1))
                 term = G.pow(2).sum((1, 2))
             else:
                 term = (gram(L1, ids1, L2, ids2) * gram(R1, False, R2, False)).sum((1, 2))
@@ -106,14 +163,16 @@ def ghost_sq_norms(weight_uses: list, weight_shape) -> Tensor:
 
 def ghost_weighted_grad(weight_uses: list, w: Tensor, shape, dtype) -> Tensor:
     """Σ_i w_i G_i for one weight: a matmul per linear use, an index_add per embedding use."""
-    out = torch.zeros(matrix_shape(shape), dtype=torch.float32, device=w.device)
+    acc = torch.promote_types(dtype, torch.float32)
+    out = torch.zeros(matrix_shape(shape), dtype=acc, device=w.device)
+    w = w.to(acc)
     for L, ids, R in weight_uses:
         if ids:  # embedding: rows L (ids) receive w_i · R
-            Rw = (R.float() * w[:, None, None]).reshape(-1, R.shape[-1])
+            Rw = (R.to(acc) * w[:, None, None]).reshape(-1, R.shape[-1])
             out.index_add_(0, L.reshape(-1), Rw)
         else:  # linear: Σ_i w_i Σ_t L_t R_tᵀ
-            Lw = (L.float() * w[:, None, None]).reshape(-1, L.shape[-1])
-            out.addmm_(Lw.t(), R.float().reshape(-1, R.shape[-1]))
+            Lw = (L.to(acc) * w[:, None, None]).reshape(-1, L.shape[-1])
+            out.addmm_(Lw.t(), R.to(acc).reshape(-1, R.shape[-1]))
     return out.reshape(shape).to(dtype)
 
 

@@ -228,7 +228,7 @@ def ghost_norms_and_sum(loss_fn: Callable, params: Params, batch, max_norm: floa
         sq = squared_norms(small) if small_grads else torch.zeros(stop - start, device=loss.device)
         for name, fs in uses.items():
             sq = sq + ghost_sq_norms(fs, tuple(flat[name].shape))
-        n = sq.clamp(min=0).sqrt()
+        n = sq.clamp(min=0).sqrt().float()  # float32 norms on every route (clip.squared_norms)
         all_norms.append(n)
         all_losses.append(loss)
         if want_sum:

@@ -3,6 +3,9 @@
 - ``"vmap"`` (:mod:`.vmap`): ``vmap(grad)`` over chunks; exact for any loss.
 - ``"ghost"`` (:mod:`.ghost`): no per-example gradient of a linear / embedding / conv weight is
   formed.
+- ``"batched"`` (:mod:`.batched`): one ordinary batched forward and backward, no vmap, for a
+  ``loss_fn`` that returns the (B,) per-example losses of independent examples (the caller's
+  word, as Opacus's ``loss_reduction``); about the cost of a training step.
 - ``"auto"`` (``grads`` only): ghost for gradients w.r.t. params when some weight is used only
   by ``F.linear`` / ``torch.addmm`` / ``F.embedding`` / ``F.conv1d`` / ``F.conv2d``; else, or if
   the examples run different op sequences, vmap.
@@ -21,6 +24,7 @@ import torch
 from torch import Tensor
 
 from ..checks import check_choice
+from .batched import batched_grads, batched_norms_and_sum
 from .batching import batch_size, check_chunk
 from .clip import check_max_norm
 from .ghost import GhostMismatch, discover, ghost_grads, ghost_norms_and_sum
@@ -29,7 +33,10 @@ from .vmap import vmap_grads, vmap_losses, vmap_norms_and_sum
 
 __all__ = ["METHODS", "grads", "losses", "norms", "Clipped", "clipped_sum", "check_method"]
 
-METHODS = ("ghost", "vmap")
+METHODS = ("ghost", "vmap", "batched")
+
+
+_IMPL = {"ghost": ghost_norms_and_sum, "vmap": vmap_norms_and_sum, "batched": batched_norms_and_sum}
 
 
 def check_method(method: str) -> str:
@@ -55,6 +62,9 @@ def grads(
       per-example gradients from the same backward. Only one chunk's activations live at once;
       ``chunk_size=None`` picks a chunk that keeps them small next to the result.
     - ``"vmap"``: ``vmap(grad)`` over chunks of ``chunk_size`` (None: the whole batch at once).
+    - ``"batched"``: one batched forward and backward (no vmap) for a ``loss_fn`` returning the
+      (B,) per-example losses of independent, batch-first examples (:mod:`.batched`); it refuses
+      by name any parameter it has no per-example formula for.
     - ``"auto"`` (default): ``"ghost"`` for gradients w.r.t. params (``argnums=0``) when some
       weight is used only by ``F.linear`` / ``F.embedding``; otherwise, or if the examples run
       different op sequences, ``"vmap"``.
@@ -68,8 +78,10 @@ def grads(
     check_chunk(chunk_size, B)
     if B == 0:
         raise ValueError("batch is empty (batch size 0); there are no per-example gradients to compute")
-    if method == "ghost" and argnums != 0:
-        raise ValueError("method='ghost' computes gradients w.r.t. params only (argnums=0); use method='vmap'")
+    if method in ("ghost", "batched") and argnums != 0:
+        raise ValueError(f"method={method!r} computes gradients w.r.t. params only (argnums=0); use method='vmap'")
+    if method == "batched":
+        return restore(batched_grads(loss_fn, params, batch, chunk_size))
     if method != "vmap" and argnums == 0:
         d = discover(loss_fn, params, batch)
         if method == "ghost" or d.ghost:
@@ -100,8 +112,7 @@ def norms(loss_fn: Callable, params, batch, *, chunk_size: Optional[int] = None,
     check_method(method)
     if B == 0:
         return torch.zeros(0)
-    impl = ghost_norms_and_sum if method == "ghost" else vmap_norms_and_sum
-    return impl(loss_fn, params, batch, float("inf"), chunk, False)[0]
+    return _IMPL[method](loss_fn, params, batch, float("inf"), chunk, False)[0]
 
 
 class Clipped(NamedTuple):
@@ -133,6 +144,5 @@ def clipped_sum(
     check_method(method)
     if B == 0:
         return Clipped(restore({n: torch.zeros_like(v) for n, v in params.items()}), torch.zeros(0), torch.zeros(0))
-    impl = ghost_norms_and_sum if method == "ghost" else vmap_norms_and_sum
-    n, l, total = impl(loss_fn, params, batch, max_norm, chunk, True)
+    n, l, total = _IMPL[method](loss_fn, params, batch, max_norm, chunk, True)
     return Clipped(restore(total), n, l)
