@@ -37,6 +37,8 @@ Clients (one object each, its state its own):
 
 - LoRA's factored path (``peft.lora``): a recognised linear use of a target adds
   ``s·(x·Aᵀ)·Bᵀ``; any other use sees the merged weight ``W + s·B·A``.
+- The batched per-example route (``per_sample.batched``, ``bias_uses``): a zero probe on every
+  recognised use's output (norms and biases included); any other use of a parameter is refused.
 - Ghost clipping (``per_sample.ghost``): discovery records each recognised use and marks the
   weights of other uses (and of non-plain embeddings) for the exact route; the ghost pass adds a
   zero probe to each recognised use's output and keeps its input.

@@ -11,6 +11,9 @@ Model: examples/cnn_dp.py's CNN (Conv2d 1→16 + GroupNorm + Conv2d 16→32 + Gr
                   parameter's grad_sample
   nonprivate      torch.func.grad of the batch loss + the Adam update (aam_func.optim)
   dp_step         per_sample.dp_sgd step (ghost norms, clipped sum, noise, the same Adam update)
+  ours_grads_batched  per_sample.grads(method="batched") on the (B,) per-example losses
+                  (reduction="none"): one batched forward and backward to probes, no vmap
+  dp_step_batched per_sample.dp_sgd(method="batched") on those losses: the same step otherwise
   fwd_bwd         torch.func.grad of the batch loss alone: one batched forward and backward with
                   no per-example work, the floor any per-example route sits above
 
@@ -66,6 +69,11 @@ def problem(batch_size: int):
     return model, params, batch, loss_fn
 
 
+def example_losses(model):
+    """The (B,) per-example losses the batched route takes (reduction="none")."""
+    return lambda p, b: F.cross_entropy(functional_call(model, p, (b["x"],)), b["y"], reduction="none")
+
+
 def cases(batch_size: int) -> dict:
     model, params, batch, loss_fn = problem(batch_size)
     opt = optim.adam(1e-3)
@@ -82,8 +90,13 @@ def cases(batch_size: int) -> dict:
     noise = torch.Generator().manual_seed(2)
     nested = {flat_key[k]: v for k, v in params.items()}
 
+    per_ex = example_losses(model)
+    step_b = ps.dp_sgd(lambda p, b: per_ex({k: p[flat_key[k]] for k in params}, b), opt, max_norm=1.0,
+                       noise_multiplier=1.0, expected_batch_size=batch_size, method="batched")
     out = {
         "ours_grads": lambda: ps.grads(loss_fn, params, batch),
+        "ours_grads_batched": lambda: ps.grads(per_ex, params, batch, method="batched"),
+        "dp_step_batched": lambda: step_b(nested, state, batch, noise),
         "ours_grads_vmap": lambda: ps.grads(loss_fn, params, batch, method="vmap"),
         "nonprivate": nonprivate,
         "dp_step": lambda: step(nested, state, batch, noise),
@@ -119,22 +132,30 @@ def phases(batch_size: int) -> dict:
     }
 
 
-def timed(fns: dict, reps: int) -> dict:
-    """{case: [seconds per round]}: each function run round-robin ``reps`` times after a warm-up."""
+CLOCKS = {"wall": time.perf_counter, "cpu": time.thread_time}
+
+
+def timed(fns: dict, reps: int, clock: str = "wall") -> dict:
+    """{case: [seconds per round]}: each function run round-robin ``reps`` times after a warm-up.
+    ``clock="cpu"``: this thread's CPU time (with one thread, torch's kernels and the CPU
+    autograd engine run on it), which other processes' load does not inflate as it does wall time."""
+    now = CLOCKS[clock]
     for f in fns.values():
         f()
     times = {k: [] for k in fns}
     for _ in range(reps):
         for k, f in fns.items():
-            t = time.perf_counter()
+            t = now()
             f()
-            times[k].append(time.perf_counter() - t)
+            times[k].append(now() - t)
     return times
 
 
 RATIOS = (  # (numerator, denominator, note)
     ("ours_grads", "opacus_hooks", "goal <= 0.7"),
     ("ours_grads_vmap", "opacus_hooks", "the vmap route"),
+    ("ours_grads_batched", "opacus_hooks", "the batched route; goal <= 0.7"),
+    ("dp_step_batched", "nonprivate", "the batched route; goal <= 1.5"),
     ("fwd_bwd", "opacus_hooks", "no per-example work"),
     ("dp_step", "nonprivate", "goal <= 1.5"),
 )
@@ -145,13 +166,15 @@ def main():
     ap.add_argument("--batch", type=int, nargs="+", default=[64])
     ap.add_argument("--reps", type=int, default=15)
     ap.add_argument("--phases", action="store_true", help="also time the ghost route's parts")
+    ap.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
+                    help="wall time, or this thread's CPU time (steadier on a shared machine; use with OMP_NUM_THREADS=1)")
     args = ap.parse_args()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.clock} clock")
     for B in args.batch:
         fns = cases(B)
         if args.phases:
             fns.update(phases(B))
-        times = timed(fns, args.reps)
+        times = timed(fns, args.reps, args.clock)
         print(f"\nbatch {B} ({args.reps} rounds): median ms (min)")
         for k, v in times.items():
             print(f"  {k:16s} {statistics.median(v) * 1e3:8.2f}  ({min(v) * 1e3:.2f})")
