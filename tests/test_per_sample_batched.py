@@ -183,3 +183,11 @@ def test_one_loss_serves_every_route():
     """A (B,)-returning loss works on the ghost and vmap routes too (a batch of one gives (1,))."""
     _, params, batch, losses = _problem("tokens", B=3)
     _close(per_sample.grads(losses, params, batch, method="ghost"), per_sample.grads(losses, params, batch, method="vmap"))
+
+
+def test_batchnorm_in_training_mode_is_refused_by_name():
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.Flatten(), nn.Linear(2 * 6 * 6, 3)).train()
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    batch = (torch.randn(4, 1, 8, 8), torch.randint(0, 3, (4,)))
+    with pytest.raises(ValueError, match=r"BatchNorm layer '1'.*GroupNorm"):
+        per_sample.grads(_module_losses(model, "cnn"), params, batch, method="batched")

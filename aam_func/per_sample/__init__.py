@@ -9,7 +9,7 @@ batch of one: ``loss_i = loss_fn(params, batch[i:i+1])``.
     n = per_sample.norms(loss, params, batch)                   # (B,) global L2 norms
     c = per_sample.clipped_sum(loss, params, batch, max_norm=1.0)   # Σ_i min(1, C/‖g_i‖) g_i
 
-Two routes compute norms, clipped sums and (``grads``) full per-example gradients:
+Three routes compute norms, clipped sums and (``grads``) full per-example gradients:
 
 - ``"vmap"`` (:mod:`.vmap`): ``vmap(grad)`` over chunks of ``chunk_size`` examples; only one
   chunk of per-example gradients exists at a time.
@@ -19,6 +19,11 @@ Two routes compute norms, clipped sums and (``grads``) full per-example gradient
   follow (:mod:`.factors`). The uses are found by :class:`aam_func.intercept.Intercept`
   (``F.linear``, ``torch.addmm``, ``F.embedding``, ``F.conv1d`` / ``F.conv2d`` with groups 1, by
   weight identity); a weight used any other way takes the exact route inside the same pass.
+- ``"batched"`` (:mod:`.batched`, opt-in): for a ``loss_fn`` that returns the (B,) per-example
+  losses of independent, batch-first examples (the caller's word, as Opacus's
+  ``loss_reduction``), one ordinary batched forward and backward with no vmap — about the cost
+  of a training step; a parameter it has no formula for is refused by name
+  (:class:`BatchedUnsupported`). A loss written that way serves the other routes too.
 
 ``params`` is any pytree (a nested dict, an ``nn.Module``'s ``named_parameters()`` dict, a list,
 ...); results come back in its structure. A module is used through
@@ -32,8 +37,9 @@ batch-mixing layers refused, both routes), :mod:`.paths` (params as any pytree),
 them: ``proofs/per_sample.md`` and ``proofs/ghost_modules.md``.
 """
 
-from . import attribution, batching, clip, dp, exact_ops, factors, ghost, paths, route, vmap
+from . import attribution, batched, batching, clip, dp, exact_ops, factors, ghost, paths, route, vmap
 from .attribution import grad_dots, hvp, tracin
+from .batched import BatchedUnsupported
 from .batching import batch_size
 from .clip import CLIP_EPS, clip_factors, global_norms
 from .dp import DPInfo, dp_aggregate, dp_sgd, poisson_sample
@@ -56,5 +62,6 @@ __all__ = [
     "DPInfo",
     "poisson_sample",
     "METHODS",
+    "BatchedUnsupported",
     "CLIP_EPS",
 ]
