@@ -59,24 +59,36 @@ def make_corpus(path: str, megabytes: int) -> int:
     return size
 
 
+CPU_SECONDS: dict = {}  # cmd (joined) -> user + system CPU seconds of its last timed() run
+
+
 def timed(cmd: list[str], env=None) -> tuple[float, int, str]:
-    """(wall seconds, peak RSS in bytes, stdout) of ``cmd`` in a fresh process."""
+    """(wall seconds, peak RSS in bytes, stdout) of ``cmd`` in a fresh process; its CPU seconds
+    (user + system, all threads) go to ``CPU_SECONDS``."""
     t0 = time.perf_counter()
-    r = subprocess.run(["/usr/bin/time", "-f", "MAXRSS %M", *cmd], capture_output=True, text=True, env=env, cwd=ROOT)
+    r = subprocess.run(["/usr/bin/time", "-f", "MAXRSS %M CPU %U %S", *cmd], capture_output=True, text=True, env=env,
+                       cwd=ROOT)
     wall = time.perf_counter() - t0
     if r.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{r.stdout}\n{r.stderr}")
-    rss = int(next(line for line in r.stderr.splitlines() if line.startswith("MAXRSS")).split()[1]) * 1024
-    return wall, rss, r.stdout
+    fields = next(line for line in r.stderr.splitlines() if line.startswith("MAXRSS")).split()
+    CPU_SECONDS[" ".join(cmd)] = float(fields[3]) + float(fields[4])
+    return wall, int(fields[1]) * 1024, r.stdout
 
 
 def anchor_rate(tok: Tokenizer, corpus: str, max_docs: int = 4000) -> float:
     """tokens/s of ``encode_batch`` alone over the corpus's first documents (no reading, no writing)."""
     with open(corpus, encoding="utf-8") as f:
         texts = [json.loads(next(f))["text"] for _ in range(max_docs)]
-    t0 = time.perf_counter()
-    n = sum(len(e.ids) for e in tok.hf.backend_tokenizer.encode_batch(texts, add_special_tokens=False))
+    backend = tok.hf.backend_tokenizer
+    encode = getattr(backend, "encode_batch_fast", backend.encode_batch)  # what prepare calls
+    t0, c0 = time.perf_counter(), time.process_time()
+    n = sum(len(e.ids) for e in encode(texts, add_special_tokens=False))
+    ANCHOR_CPU_RATE.append(n / (time.process_time() - c0))
     return n / (time.perf_counter() - t0)
+
+
+ANCHOR_CPU_RATE: list = []  # tokens per CPU second (all threads) of each anchor_rate() call
 
 
 def replicate(prepared: str, out: str, times: int) -> None:
@@ -138,8 +150,10 @@ def main() -> None:
             corpus = os.path.join(work, f"corpus-{mb}mb.jsonl")
             nbytes = make_corpus(corpus, mb)
             prepared = os.path.join(work, f"prepared-{mb}mb")
-            wall, prep_rss, out = timed([sys.executable, "-m", "aam_func", "prepare", "--data", corpus, "--output",
-                                         prepared, "--tokenizer", tok_dir], env)
+            cmd = [sys.executable, "-m", "aam_func", "prepare", "--data", corpus, "--output", prepared,
+                   "--tokenizer", tok_dir]
+            wall, prep_rss, out = timed(cmd, env)
+            prep_cpu = CPU_SECONDS[" ".join(cmd)]
             index = json.load(open(os.path.join(prepared, "index.json")))
             tokens = index["splits"]["train"]["tokens"] + index["splits"]["val"]["tokens"]
             anchor = anchor_rate(tok, corpus)
@@ -147,6 +161,10 @@ def main() -> None:
                                        env)
             first = float(out2.split()[-1])
             rows.append((mb, nbytes, tokens, wall, tokens / wall, anchor, prep_rss, train_rss, first))
+            print(f"{mb} MB: prepare {tokens / prep_cpu:,.0f} tokens per CPU second (process and its threads, "
+                  f"{prep_cpu:.1f} CPU s); encode alone {ANCHOR_CPU_RATE[-1]:,.0f} per CPU second; ratio "
+                  f"{tokens / prep_cpu / ANCHOR_CPU_RATE[-1]:.2f} (load-independent; a quiet 2-core machine gives at "
+                  "most twice the per-CPU-second rate)", flush=True)
             print(f"{mb} MB ({nbytes / 1e6:.0f} MB of JSON lines, {tokens:,} tokens): prepare {wall:.0f}s, "
                   f"{tokens / wall:,.0f} tok/s end to end (encode_batch alone: {anchor:,.0f} tok/s, ratio "
                   f"{tokens / wall / anchor:.2f}); peak RSS prepare {prep_rss / 2**20:.0f} MB, training "
