@@ -13,7 +13,15 @@ from torch.func import functional_call
 from aam_func import per_sample
 from aam_func.per_sample.batched import BatchedUnsupported
 
-torch.set_default_dtype(torch.float64)
+
+
+@pytest.fixture(autouse=True)
+def _float64():
+    """Every model and batch here in float64, restored after each test (no leak into other files)."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
 
 
 def _cnn():
