@@ -39,7 +39,7 @@ from .. import tree
 from ..checks import check_int, check_number
 from .clip import check_max_norm, clip_factors, global_norms
 
-__all__ = ["Clipping", "flat", "per_layer", "adaptive", "quantile_step", "adaptive_gradient_noise",
+__all__ = ["Clipping", "flat", "per_layer", "adaptive", "quantile_step", "count_below", "adaptive_gradient_noise",
            "DEFAULT_CLIP_LEARNING_RATE"]
 
 DEFAULT_CLIP_LEARNING_RATE = 0.2  # η of the geometric update (Andrew et al.'s choice)
@@ -130,14 +130,19 @@ def adaptive_gradient_noise(noise_multiplier: float, count_noise: float) -> floa
     return (sigma**-2 - (2.0 * sb) ** -2) ** -0.5
 
 
-def quantile_step(max_norm: float, norms: Tensor, target_quantile: float, learning_rate: float, count_noise: float,
+def quantile_step(max_norm: float, below: float, target_quantile: float, learning_rate: float, count_noise: float,
                   n: float, generator: Optional[torch.Generator]) -> float:
-    """C·exp(−η(b̃ − γ)), b̃ = (Σ_i (1[‖g_i‖ ≤ C] − ½) + N(0, σ_b²))/n + ½: one private step of
-    the geometric quantile estimate (the one implementation, for the transformation and the CLI)."""
-    below = float((norms <= max_norm).sum()) - 0.5 * norms.numel()
+    """C·exp(−η(b̃ − γ)), b̃ = (``below`` + N(0, σ_b²))/n + ½ with ``below`` = Σ_i (1[‖g_i‖ ≤ C] − ½):
+    one private step of the geometric quantile estimate (the one implementation, for the
+    transformation and the training run, which sums ``below`` over its processes first)."""
     noise = float(torch.randn((), generator=generator, dtype=torch.float64)) * count_noise if count_noise > 0 else 0.0
-    frac = (below + noise) / n + 0.5
+    frac = (float(below) + noise) / n + 0.5
     return max_norm * math.exp(-learning_rate * (frac - target_quantile))
+
+
+def count_below(norms: Tensor, max_norm: float) -> float:
+    """Σ_i (1[‖g_i‖ ≤ C] − ½): the centred count of unclipped examples (sensitivity ½)."""
+    return float((norms <= max_norm).sum()) - 0.5 * norms.numel()
 
 
 def adaptive(initial_norm: float, *, target_quantile: float = 0.5, learning_rate: float = DEFAULT_CLIP_LEARNING_RATE,
@@ -160,7 +165,7 @@ def adaptive(initial_norm: float, *, target_quantile: float = 0.5, learning_rate
         norms = global_norms(per_example)
         w = clip_factors(norms, c)
         g = torch.Generator().manual_seed(hash((seed, count, _CLIP_STREAM)) & ((1 << 63) - 1))
-        new = quantile_step(c, norms, gamma, eta, sb, n, g)
+        new = quantile_step(c, count_below(norms, c), gamma, eta, sb, n, g)
         clipped = tree.map(lambda x: _scale_rows(w, x), per_example)
         return clipped, {"max_norm": torch.tensor(new, dtype=torch.float64), "count": state["count"] + 1}
 
