@@ -143,12 +143,16 @@ class DPState:
                 f"{self.expected}), noise multiplier {self.noise_multiplier:.4g} for {self.planned_steps} steps; {clip}")
 
 
-def setup_dp(cfg, loader, resumed, say, dctx=None) -> tuple[Optional[DPState], Any]:
+def setup_dp(cfg, loader, resumed, say, dctx=None, model_config=None) -> tuple[Optional[DPState], Any]:
     """(DPState, Poisson loader) for a DP run (``(None, loader)`` otherwise): δ checked against the
     number of blocks, σ from the target ε (or the checkpoint's, resuming the same plan); a budget
     the checkpoint already spent is a :class:`RunError`."""
     if cfg.dp_epsilon is None:
         return None, loader
+    if model_config is not None and (model_config.dropout > 0 or model_config.attention_dropout > 0):
+        raise RunError(f"the model has dropout {model_config.dropout:g} (attention dropout "
+                       f"{model_config.attention_dropout:g}), which a DP step does not draw; with --init-from, "
+                       "pass --dropout 0 alongside --dp-epsilon")
     n = loader.n_blocks
     delta = cfg.dp_delta if cfg.dp_delta is not None else 1.0 / (10 * n)
     if delta >= 1.0 / n:

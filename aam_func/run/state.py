@@ -104,7 +104,7 @@ def build_run(prepared, sources, device, dctx, say: Log, t_start: float) -> Run:
                          world_size=world, device=device, checksum=cfg.data_checksum,
                          eval_rows=(cfg.eval_batches or DEFAULT_EVAL_BATCHES) * cfg.batch_size)
     loader, val_blocks = data.loader, data.val_blocks
-    dp, loader = setup_dp(cfg, loader, sources.resumed, say, dctx)  # a Poisson loader for a private run
+    dp, loader = setup_dp(cfg, loader, sources.resumed, say, dctx, mcfg)  # a Poisson loader for a private run
     baseline = data.baseline if main else float("nan")
     say(f"corpus: {data.train_tokens:,} training tokens, {data.val_tokens:,} held out ({prepared.data_dir}); "
         f"{len(loader)} batches of {rows}x{cfg.seq_len} per epoch; unigram baseline perplexity {baseline:.1f}")
@@ -170,12 +170,18 @@ def setup_lora(cfg: RunConfig, params) -> tuple:
         raise RunError(f"LoRA: {e}") from None
 
 
+def run_optimizer(cfg: RunConfig, trainable):
+    """The run's optimizer over ``trainable``: AdamW (decay on matrices only), warmup + cosine to
+    lr/10, global-norm clipping."""
+    return optim.adamw_warmup_cosine(trainable, learning_rate=cfg.lr, total_steps=cfg.steps, warmup_steps=cfg.warmup,
+                                     end_value=cfg.lr / 10, weight_decay=cfg.weight_decay,
+                                     max_grad_norm=cfg.max_grad_norm)
+
+
 def _train_step(cfg: RunConfig, loss_fn: Callable, trainable, dctx, dp=None) -> Callable:
     """AdamW (decay on matrices only), warmup + cosine to lr/10, global-norm clipping, over
     ``trainable``; with ``dp`` around the DP-SGD gradient (:mod:`aam_func.run.privacy`)."""
-    opt = optim.adamw_warmup_cosine(trainable, learning_rate=cfg.lr, total_steps=cfg.steps, warmup_steps=cfg.warmup,
-                                    end_value=cfg.lr / 10, weight_decay=cfg.weight_decay,
-                                    max_grad_norm=cfg.max_grad_norm)
+    opt = run_optimizer(cfg, trainable)
     if dp is not None:
         return make_dp_train_step(cfg, loss_fn, trainable, dctx, dp, opt)
     return make_train_step(loss_fn, opt, accumulate=cfg.accumulate, precision=cfg.precision, compile=cfg.compile,
