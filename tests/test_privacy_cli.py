@@ -128,3 +128,20 @@ def test_poisson_batches_are_a_pure_function_of_seed_and_step():
     shares = [PoissonLoader(blocks, 40, seed=3, rank=r, world_size=3).batch(5)["input_ids"] for r in range(3)]
     whole = a.batch(5)["input_ids"]
     assert sorted(torch.cat(shares)[:, 0].tolist()) == sorted(whole[:, 0].tolist())
+
+
+def test_adaptive_clip_moves_the_clip_norm_and_is_recorded(tmp_path, corpus, capsys):
+    out = tmp_path / "adaptive"
+    assert _train(["--data", str(corpus), "--steps", "3", "--log-every", "1", "--output-dir", str(out),
+                   "--dp-accountant", "gdp", "--dp-adaptive-clip", "0.5", *DP, *TINY, "--batch-size", "16"]) == 0
+    assert "adaptive clip norm from 1 tracking the 0.5 quantile" in capsys.readouterr().out
+    clips = [r["dp_clip"] for r in _records(out) if "dp_clip" in r]
+    assert clips[0] == 1.0 and len(set(clips)) > 1  # the norm used at step 1 is --dp-clip, then it moves
+
+
+def test_adaptive_clip_without_room_for_the_count_noise_is_refused(tmp_path, corpus, capsys):
+    # count noise is batch/20 = 0.4 here, and a tight epsilon needs sigma above 2 x 0.4
+    assert _train(["--data", str(corpus), "--steps", "2000", "--output-dir", str(tmp_path / "r"), "--dp-epsilon", "0.2",
+                   "--dp-accountant", "gdp", "--dp-adaptive-clip", "0.5", *TINY]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --dp-adaptive-clip: count_noise must exceed")

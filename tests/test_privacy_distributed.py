@@ -33,7 +33,8 @@ def test_two_processes_train_what_one_process_trains(tmp_path, corpus):
     assert cli.main(["train", "--data", str(corpus), "--output-dir", str(one), *TINY]) == 0
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", WORKER, "cli",
            "train", "--data", str(corpus), "--output-dir", str(two), "--tokenizer", str(one / "tokenizer"), *TINY]
-    r = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    r = subprocess.run(cmd, cwd=ROOT, env={**_env(), "SAVE_LOG": str(tmp_path / "saves.log")}, capture_output=True,
+                       text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.count("privacy: epsilon") == 1  # rank 0 reports
     a = load_file(one / "checkpoint" / "params.safetensors")
