@@ -41,7 +41,7 @@ TARGETS = {
     "aam_func/ops/remat.py": [["tests/test_remat.py"], ["tests/test_gaps_misc.py", "-k", "remat"],
                               ["tests/test_ops_registry.py", "-k", "remat"]],
     "aam_func/losses.py": [["tests/test_gaps_misc.py", "tests/test_losses.py"]],
-    "aam_func/privacy.py": [["tests/test_gaps_misc.py", "tests/test_privacy.py"]],
+    "aam_func/privacy/*.py": [["tests/test_gaps_misc.py", "tests/test_privacy.py", "tests/test_privacy_accountants.py"]],
     "aam_func/per_sample/*.py": [["tests/test_gaps_misc.py", "tests/test_per_sample.py"]],
     "aam_func/optim/transforms.py": [["tests/test_gaps_optim.py", "tests/test_optim.py"]],
 }
@@ -51,10 +51,10 @@ EQUIVALENT: dict[str, str] = {
     "aam_func/ops/attention/masks.py:209:37:drop USub":
         "qe.shape[:-2] -> qe.shape[:2]: the one caller (dense.reference) passes 4-d q (B, H, Tq, d), "
         "so both are (B, H)",
-    "aam_func/privacy.py:131:26:1.0->2.0":
+    "aam_func/privacy/renyi.py:132:26:1.0->2.0":
         "the series' sign variable is only compared with 0 and multiplied by +-1, so 2.0 and 1.0 "
         "have the same sign at every step",
-    "aam_func/per_sample/dp.py:45:11:Gt->GtE":
+    "aam_func/per_sample/dp.py:46:11:Gt->GtE":
         "with std == 0 the mutant adds 0 * noise: the same values; only the RNG stream moves, "
         "which no contract of dp_aggregate fixes",
     "aam_func/per_sample/factors.py:54:26:1->2":

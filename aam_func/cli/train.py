@@ -33,6 +33,7 @@ def add_arguments(t: argparse.ArgumentParser, *, defaults: bool = True) -> None:
     _optimisation(t, default)
     _run(t, default)
     _fine_tuning(t, default)
+    _privacy(t, default)
 
 
 def _data_and_model(t, default) -> None:
@@ -114,6 +115,24 @@ def _fine_tuning(t, default) -> None:
                    help="comma-separated globs or names of the adapted weights (None: " + ",".join(DEFAULT_CLI_TARGETS) + ")")
     f.add_argument("--lora-dropout", type=field_type("lora_dropout"), default=default("lora_dropout"), metavar="P",
                    help="dropout on the input of the low-rank branch")
+
+
+def _privacy(t, default) -> None:
+    from ..privacy import ACCOUNTANTS
+
+    p = t.add_argument_group("differential privacy (docs/privacy.md)")
+    p.add_argument("--dp-epsilon", type=field_type("dp_epsilon"), default=default("dp_epsilon"), metavar="E",
+                   help="train with DP-SGD to (E, delta)-DP per training block: Poisson sampling at rate "
+                        "batch-size/N, per-block clipping, noise set for E after --steps steps")
+    p.add_argument("--dp-delta", type=field_type("dp_delta"), default=default("dp_delta"), metavar="D",
+                   help="delta, below 1/N for N training blocks (None: 1/(10 N))")
+    p.add_argument("--dp-clip", type=field_type("dp_clip"), default=default("dp_clip"), metavar="C",
+                   help="per-block gradient clip norm (the initial one with --dp-adaptive-clip)")
+    p.add_argument("--dp-accountant", choices=ACCOUNTANTS, default=default("dp_accountant"),
+                   help="prv: tightest guarantee; rdp: Renyi DP; gdp: Gaussian DP by the CLT (an approximation)")
+    p.add_argument("--dp-adaptive-clip", type=field_type("dp_adaptive_clip"), default=default("dp_adaptive_clip"),
+                   metavar="QUANTILE", help="move the clip norm to this quantile of the per-block norms, privately "
+                                            "(Andrew et al. 2021)")
 
 
 def given_flags(argv) -> set:

@@ -21,6 +21,7 @@ from ..optim import GradientTransformation, apply_updates
 from ..tree import Params
 from .batching import batch_size
 from .clip import check_max_norm, clip_factors, global_norms, weighted_sum
+from .clipping import Clipping
 from .route import check_method, clipped_sum
 
 __all__ = ["dp_aggregate", "dp_sgd", "DPInfo", "poisson_sample"]
@@ -50,7 +51,7 @@ def _noisy_mean(total: Params, B: int, max_norm: float, sigma: float, expected: 
 
 
 def dp_aggregate(
-    max_norm: float, noise_multiplier: float, *, expected_batch_size: Optional[float] = None, seed: int = 0
+    max_norm, noise_multiplier: float, *, expected_batch_size: Optional[float] = None, seed: int = 0
 ):
     """DP-SGD's aggregation as a :class:`~aam_func.optim.GradientTransformation` (Optax's
     ``differentially_private_aggregate``): its input ``grads`` are *per-example* gradients
@@ -58,14 +59,24 @@ def dp_aggregate(
     (Σ_i clip_C(g_i) + N(0, σ²C²·I)) / n, n = ``expected_batch_size`` or B. Chain an optimizer
     after it. The noise comes from a generator seeded by (``seed``, step count) held in the state,
     so the same state gives the same noise: the transform is pure.
+
+    ``max_norm``: the clip norm C (flat clipping), or a clipping strategy of
+    :mod:`aam_func.per_sample.clipping` (``flat``, ``per_layer``, ``adaptive``): C is then the
+    strategy's sensitivity at each step and σ its ``gradient_noise(σ)``.
     """
-    max_norm = check_max_norm(max_norm)
+    clipping = max_norm if isinstance(max_norm, Clipping) else None
+    if clipping is None:
+        max_norm = check_max_norm(max_norm)
     sigma = _check_sigma(noise_multiplier)
     expected = _check_expected(expected_batch_size)
     seed = check_int("seed", seed)
+    grad_sigma = clipping.gradient_noise(sigma) if clipping is not None else sigma
 
     def init(params):
-        return {"count": torch.zeros((), dtype=torch.int64), "seed": torch.tensor(seed, dtype=torch.int64)}
+        state = {"count": torch.zeros((), dtype=torch.int64), "seed": torch.tensor(seed, dtype=torch.int64)}
+        if clipping is not None:
+            state["clipping"] = clipping.init(params)
+        return state
 
     def update(grads, state, params=None):
         B = {x.shape[0] for x in pytree.tree_leaves(grads)}
@@ -76,9 +87,16 @@ def dp_aggregate(
         leaves = pytree.tree_leaves(grads)
         device = leaves[0].device if leaves else torch.device("cpu")  # the noise is drawn where the grads live
         g = torch.Generator(device=device).manual_seed(hash((int(state["seed"]), count)) & ((1 << 63) - 1))
-        total = weighted_sum(clip_factors(global_norms(grads), max_norm), grads) if B else pytree.tree_map(lambda x: x.sum(0), grads)
-        out = _noisy_mean(total, B, max_norm, sigma, expected, g)
-        return out, {"count": state["count"] + 1, "seed": state["seed"]}
+        new_state = {"count": state["count"] + 1, "seed": state["seed"]}
+        if clipping is not None:
+            bound = clipping.sensitivity(state["clipping"])
+            clipped, new_state["clipping"] = clipping.update(grads, state["clipping"], params)
+            total = pytree.tree_map(lambda x: x.sum(0), clipped)
+        else:
+            bound = max_norm
+            total = weighted_sum(clip_factors(global_norms(grads), max_norm), grads) if B else pytree.tree_map(lambda x: x.sum(0), grads)
+        out = _noisy_mean(total, B, bound, grad_sigma, expected, g)
+        return out, new_state
 
     return GradientTransformation(init, update)
 

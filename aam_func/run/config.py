@@ -49,12 +49,15 @@ NUMBER_RANGE = {
     "weight_decay": (0.0, None, False, True), "max_grad_norm": (0.0, None, True, True),
     "dist_timeout": (0.0, None, True, True), "lora_alpha": (0.0, None, True, True),
     "lora_dropout": (0.0, 0.99, False, True),
+    "dp_epsilon": (0.0, None, True, True), "dp_delta": (0.0, 1.0, True, True), "dp_clip": (0.0, None, True, True),
+    "dp_adaptive_clip": (0.0, 1.0, True, True),
 }
 # what --resume takes from the checkpoint's saved arguments (the run's identity and, unless given
 # again, its optimisation settings); every other field (steps, eval/log/save cadence, stop_after,
 # sample length, device ...) comes from the flags
 RESUMED_FIELDS = ("data", "text_field", "val_fraction", "seq_len", "batch_size", "accumulate", "lr", "warmup_steps",
-                  "weight_decay", "max_grad_norm", "seed", "precision")
+                  "weight_decay", "max_grad_norm", "seed", "precision",
+                  "dp_epsilon", "dp_delta", "dp_clip", "dp_accountant", "dp_adaptive_clip")
 # settings that shape the params or the vocabulary: --init-from takes them from its checkpoint
 SHAPE_FIELDS = ("d_model", "n_layers", "n_heads", "d_ff", "max_seq_len", "attention_type", "position_encoding",
                 "tokenizer", "vocab_size")
@@ -144,6 +147,12 @@ class RunConfig:
     lora_alpha: Optional[float] = None
     lora_targets: Optional[str] = None
     lora_dropout: float = 0.0
+    # differential privacy (aam_func/run/privacy.py, docs/privacy.md): off unless dp_epsilon is set
+    dp_epsilon: Optional[float] = None
+    dp_delta: Optional[float] = None
+    dp_clip: float = 1.0
+    dp_accountant: str = "prv"
+    dp_adaptive_clip: Optional[float] = None
     # prepared data (docs/data.md): where --data is prepared (default <output_dir>/data), and the
     # checksum the prepared data must have (recorded by preparation, checked on resume and eval)
     prepared: Optional[str] = None
@@ -192,6 +201,8 @@ class RunConfig:
             check_choice("attention_backend", self.attention_backend, ATTENTION_BACKENDS)
         check_choice("precision", self.precision, PRECISION_FLAG_CHOICES)
         check_choice("log_to", self.log_to, LOG_TO_CHOICES)
+        from .privacy import check_dp_fields  # here: run.privacy imports this module
+        check_dp_fields(self)
         for name in ("compile", "gradient_checkpointing", "overwrite"):
             value = getattr(self, name)
             if not isinstance(value, bool) and not (value is None and name == "gradient_checkpointing"):

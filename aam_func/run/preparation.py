@@ -113,7 +113,8 @@ def _prepare_main(cfg: RunConfig, device, world: int, say: Log) -> tuple[Prepare
         cfg = cfg.for_init_from(init)
         if cfg.lora_rank is not None:  # validate rank/targets here, on rank 0, before any training work
             setup_lora(cfg, init.params)
-    cfg = dataclasses.replace(cfg, precision=resolve_precision(cfg.precision, device))
+    # a private run (--dp-epsilon) clips and accounts in fp32: "auto" means fp32 there
+    cfg = dataclasses.replace(cfg, precision="fp32" if cfg.dp_epsilon is not None else resolve_precision(cfg.precision, device))
     source = resumed if resumed is not None else init
     tok = _tokenizer(cfg, source)
     expected = cfg.data_checksum

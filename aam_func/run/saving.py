@@ -27,6 +27,8 @@ def save_run(run: Run, step: int, trainable: dict, opt_state: dict, metrics: dic
                              "targets": list(spec.names), "adapter_dir": run.adapter_dir}
         if run.init_path:
             extra["init_from"] = run.init_path
+        if run.dp is not None:  # the accountant's history: --resume continues it, or refuses a spent budget
+            extra["dp"] = run.dp.saved(step)
         # looked up on the module at call time: tests wrap checkpoint.save_checkpoint to log saves
         checkpoint.save_checkpoint(
             run.checkpoint_dir, cfg=run.model_config, params=run.weights(trainable),

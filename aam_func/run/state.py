@@ -17,6 +17,7 @@ from ..peft import lora as peft_lora
 from ..train import make_eval_step, make_lm_loss, make_train_step, needs_dropout_generator
 from .config import RunConfig, RunError
 from .output import Log
+from .privacy import make_dp_train_step, setup_dp
 
 __all__ = ["Run", "build_run", "setup_lora"]
 
@@ -50,6 +51,7 @@ class Run:
     start: int
     init_path: Optional[str]
     t_start: float
+    dp: Any = None  # the privacy state of a --dp-epsilon run (aam_func.run.privacy.DPState), else None
 
     @property
     def is_main(self) -> bool:
@@ -102,10 +104,11 @@ def build_run(prepared, sources, device, dctx, say: Log, t_start: float) -> Run:
                          world_size=world, device=device, checksum=cfg.data_checksum,
                          eval_rows=(cfg.eval_batches or DEFAULT_EVAL_BATCHES) * cfg.batch_size)
     loader, val_blocks = data.loader, data.val_blocks
+    dp, loader = setup_dp(cfg, loader, sources.resumed, say, dctx, mcfg)  # a Poisson loader for a private run
     baseline = data.baseline if main else float("nan")
     say(f"corpus: {data.train_tokens:,} training tokens, {data.val_tokens:,} held out ({prepared.data_dir}); "
         f"{len(loader)} batches of {rows}x{cfg.seq_len} per epoch; unigram baseline perplexity {baseline:.1f}")
-    state = _state(cfg, model, sources, device, dctx, say)
+    state = _state(cfg, model, sources, device, dctx, say, dp)
     init_path = None  # rank 0's: the --init-from checkpoint, which a resumed full fine-tune keeps as its origin
     if cfg.init_from is not None:
         init_path = sources.init.path if sources.init is not None else cfg.init_from
@@ -113,19 +116,19 @@ def build_run(prepared, sources, device, dctx, say: Log, t_start: float) -> Run:
         init_path = sources.resumed.train_state.get("init_from")
     run = Run(config=cfg, model_config=mcfg, model=model, device=device, dist=dctx, log=say,
               tokenizer=sources.tokenizer, loader=loader, val_blocks=val_blocks, baseline=baseline,
-              init_path=init_path, t_start=t_start, **state)
+              init_path=init_path, t_start=t_start, dp=dp, **state)
     _describe(run)
     return run
 
 
-def _state(cfg: RunConfig, model, sources, device, dctx, say: Log) -> dict:
+def _state(cfg: RunConfig, model, sources, device, dctx, say: Log, dp=None) -> dict:
     """Params, optimizer state, train/eval steps and the start step. --init-from: the checkpoint's
     params and a fresh optimizer state, with LoRA over the adapters only; --resume: the
     checkpoint's params, optimizer state, step and torch RNG state."""
     params = sources.init.params if sources.init is not None else model.init(seed=cfg.seed)
     start, spec, opt_state = 0, None, None
     if cfg.lora_rank is None:
-        train_step = _train_step(cfg, make_lm_loss(model), params, dctx)
+        train_step = _train_step(cfg, make_lm_loss(model), params, dctx, dp)
         eval_step = make_eval_step(make_lm_loss(model, train=False), precision=cfg.precision)
         opt_state = train_step.init(params)
     if sources.resumed is not None:
@@ -147,7 +150,7 @@ def _state(cfg: RunConfig, model, sources, device, dctx, say: Log) -> dict:
         trainable = tree.to(adapters, device)
         if dctx is not None:
             trainable = dctx.broadcast_tree(trainable, what="broadcast of the LoRA adapters from rank 0")
-        train_step = _train_step(cfg, wrap_loss(make_lm_loss(model)), trainable, dctx)
+        train_step = _train_step(cfg, wrap_loss(make_lm_loss(model)), trainable, dctx, dp)
         eval_step = make_eval_step(wrap_loss(make_lm_loss(model, train=False), train=False), precision=cfg.precision)
         opt_state = train_step.init(trainable)
     opt_state = tree.to(opt_state, device)
@@ -167,11 +170,20 @@ def setup_lora(cfg: RunConfig, params) -> tuple:
         raise RunError(f"LoRA: {e}") from None
 
 
-def _train_step(cfg: RunConfig, loss_fn: Callable, trainable, dctx) -> Callable:
-    """AdamW (decay on matrices only), warmup + cosine to lr/10, global-norm clipping, over ``trainable``."""
-    opt = optim.adamw_warmup_cosine(trainable, learning_rate=cfg.lr, total_steps=cfg.steps, warmup_steps=cfg.warmup,
-                                    end_value=cfg.lr / 10, weight_decay=cfg.weight_decay,
-                                    max_grad_norm=cfg.max_grad_norm)
+def run_optimizer(cfg: RunConfig, trainable):
+    """The run's optimizer over ``trainable``: AdamW (decay on matrices only), warmup + cosine to
+    lr/10, global-norm clipping."""
+    return optim.adamw_warmup_cosine(trainable, learning_rate=cfg.lr, total_steps=cfg.steps, warmup_steps=cfg.warmup,
+                                     end_value=cfg.lr / 10, weight_decay=cfg.weight_decay,
+                                     max_grad_norm=cfg.max_grad_norm)
+
+
+def _train_step(cfg: RunConfig, loss_fn: Callable, trainable, dctx, dp=None) -> Callable:
+    """AdamW (decay on matrices only), warmup + cosine to lr/10, global-norm clipping, over
+    ``trainable``; with ``dp`` around the DP-SGD gradient (:mod:`aam_func.run.privacy`)."""
+    opt = run_optimizer(cfg, trainable)
+    if dp is not None:
+        return make_dp_train_step(cfg, loss_fn, trainable, dctx, dp, opt)
     return make_train_step(loss_fn, opt, accumulate=cfg.accumulate, precision=cfg.precision, compile=cfg.compile,
                            grad_reduce=None if dctx is None else dctx.grad_reduce)
 

@@ -194,14 +194,19 @@ def _report(run: Run, sink: MetricsLog, progress: _Progress, m: dict, step: int,
         tok_per_s = progress.rate()
         last.update(step=step, loss=loss, learning_rate=float(m["learning_rate"]), grad_norm=float(m["grad_norm"]))
         progress.bar.set_postfix(loss=f"{loss:.3f}", lr=f"{last['learning_rate']:.2e}", tok_s=f"{tok_per_s:,.0f}")
-        sink.record({"step": step, "loss": loss, "learning_rate": last["learning_rate"],
-                     "grad_norm": last["grad_norm"], "grad_norm_clipped": min(last["grad_norm"], run.config.max_grad_norm),
-                     "tokens_per_s": tok_per_s, "skipped_steps": last["skipped_steps"],
-                     "memory_mb": peak_memory_mb(run.device)})
+        record = {"step": step, "loss": loss, "learning_rate": last["learning_rate"],
+                  "grad_norm": last["grad_norm"], "grad_norm_clipped": min(last["grad_norm"], run.config.max_grad_norm),
+                  "tokens_per_s": tok_per_s, "skipped_steps": last["skipped_steps"],
+                  "memory_mb": peak_memory_mb(run.device)}
+        if run.dp is not None and (step % progress.log_every == 0 or step == end):  # ε at every log line
+            last.update(epsilon=run.dp.epsilon(step), dp_clip=float(m["clip"]))
+            record.update(epsilon=last["epsilon"], dp_clip=last["dp_clip"])
+        sink.record(record)
     progress.bar.update(1)
     if log_now and not skipped:
         run.log(f"step {step}/{run.config.steps}  loss {last.get('loss', float('nan')):.4f}  "
-                f"lr {last.get('learning_rate', 0):.2e}  {progress.tok_per_s:,.0f} tok/s")
+                f"lr {last.get('learning_rate', 0):.2e}  {progress.tok_per_s:,.0f} tok/s"
+                + (f"  epsilon {last['epsilon']:.3f}" if run.dp is not None and "epsilon" in last else ""))
 
 
 def evaluate(run: Run, trainable) -> dict:
@@ -224,11 +229,16 @@ def _finish(run: Run, sink: MetricsLog, trainable, step: int, last: dict, save) 
     """The final evaluation and checkpoint, their lines, and a sample once the run is complete."""
     cfg = run.config
     last["step"] = step
+    if run.dp is not None:  # the checkpoint's metrics keep the ε spent
+        last["epsilon"] = run.dp.epsilon(step)
     ev = _evaluate(run, sink, trainable, last, step)
     save(step)
     elapsed = time.perf_counter() - run.t_start
     run.log(f"step {step}: held-out loss {ev['loss']:.4f}, perplexity {ev['perplexity']:.2f} "
             f"(unigram baseline {run.baseline:.1f}); {elapsed:.0f}s in all")
+    if run.dp is not None:
+        run.log(f"privacy: epsilon {run.dp.epsilon(step):.4f} at delta {run.dp.delta:.3g} after {step} steps "
+                f"(target {run.dp.target:g}, {run.dp.accountant.name} accountant)")
     run.log(f"checkpoint: {run.checkpoint_dir}" + (" (merged LoRA weights)" if run.lora is not None else ""))
     if run.is_main and cfg.sample_tokens and step >= cfg.steps:
         n = min(cfg.sample_tokens, run.model_config.max_seq_len - 2)

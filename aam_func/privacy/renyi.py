@@ -1,4 +1,4 @@
-"""Privacy accounting for DP-SGD: the RDP accountant of the sampled Gaussian mechanism.
+"""Privacy accounting for DP-SGD: the RDP accountant of the sampled Gaussian mechanism (``rdp``).
 
 One DP-SGD step on a Poisson-sampled batch (each example joins with probability ``q``), with
 per-example clipping to C and Gaussian noise N(0, σ²C²), is the *sampled Gaussian mechanism*
@@ -23,7 +23,8 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Sequence
 
-from .checks import check_int, check_number
+from ..checks import check_int, check_number
+from .search import smallest_noise
 
 __all__ = [
     "DEFAULT_ORDERS",
@@ -224,9 +225,9 @@ def noise_multiplier_for(
 ) -> float:
     """The smallest σ (to relative tolerance ``rtol``) with ``epsilon(steps, q, σ, δ) ≤ target``.
 
-    ε decreases monotonically in σ (more noise, less privacy loss at every order), so a
-    doubling search brackets σ and bisection narrows it; the returned σ is the bracket's upper
-    end, so its ε never exceeds the target.
+    ε decreases monotonically in σ (more noise, less privacy loss at every order):
+    :func:`~aam_func.privacy.search.smallest_noise` brackets and bisects, and its σ's ε never
+    exceeds the target.
     """
     check_number("target_epsilon", target_epsilon, min=0, min_open=True)
     steps = _check_steps(steps)
@@ -235,23 +236,5 @@ def noise_multiplier_for(
     orders = _check_orders(orders)
     if steps == 0:
         return 0.0
-    eps = lambda s: epsilon(steps, q, s, delta, orders=orders)  # noqa: E731
-    lo, hi = 0.5, 1.0
-    while eps(hi) > target_epsilon:  # grow until hi is private enough
-        lo, hi = hi, hi * 2.0
-        if hi > 1e6:
-            raise ValueError(
-                f"no noise_multiplier up to 1e6 reaches epsilon={target_epsilon} "
-                f"(steps={steps}, sample_rate={q}, delta={delta})"
-            )
-    while eps(lo) <= target_epsilon:  # shrink until lo is not
-        lo, hi = lo / 2.0, lo
-        if hi < 1e-6:
-            return hi
-    while (hi - lo) > rtol * hi:
-        mid = 0.5 * (lo + hi)
-        if eps(mid) > target_epsilon:
-            lo = mid
-        else:
-            hi = mid
-    return hi
+    return smallest_noise(lambda s: epsilon(steps, q, s, delta, orders=orders), target_epsilon, rtol,
+                          f"steps={steps}, sample_rate={q}, delta={delta}")
