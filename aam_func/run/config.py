@@ -23,6 +23,7 @@ from typing import Any, Optional
 
 from ..checks import check_choice, check_int, check_number
 from ..config import ATTENTION_BACKENDS, ATTENTION_TYPES, POSITION_ENCODINGS
+from ..optim.recipes import RUN_OPTIMIZERS
 from ..train import PRECISION_CHOICES
 from .output import LOG_TO_CHOICES
 
@@ -49,12 +50,13 @@ NUMBER_RANGE = {
     "weight_decay": (0.0, None, False, True), "max_grad_norm": (0.0, None, True, True),
     "dist_timeout": (0.0, None, True, True), "lora_alpha": (0.0, None, True, True),
     "lora_dropout": (0.0, 0.99, False, True),
+    "ema": (0.0, 1.0, False, True), "muon_lr": (0.0, None, True, True), "muon_momentum": (0.0, 0.9999, False, True),
 }
 # what --resume takes from the checkpoint's saved arguments (the run's identity and, unless given
 # again, its optimisation settings); every other field (steps, eval/log/save cadence, stop_after,
 # sample length, device ...) comes from the flags
 RESUMED_FIELDS = ("data", "text_field", "val_fraction", "seq_len", "batch_size", "accumulate", "lr", "warmup_steps",
-                  "weight_decay", "max_grad_norm", "seed", "precision")
+                  "weight_decay", "max_grad_norm", "seed", "precision", "optimizer", "ema", "muon_lr", "muon_momentum")
 # settings that shape the params or the vocabulary: --init-from takes them from its checkpoint
 SHAPE_FIELDS = ("d_model", "n_layers", "n_heads", "d_ff", "max_seq_len", "attention_type", "position_encoding",
                 "tokenizer", "vocab_size")
@@ -123,6 +125,11 @@ class RunConfig:
     precision: str = "auto"
     compile: bool = False
     seed: int = 0
+    # the optimizer (optim.run_optimizer) and its own knobs; ema: a decay, None: no averaging
+    optimizer: str = "adamw"
+    ema: Optional[float] = None
+    muon_lr: float = 0.02
+    muon_momentum: float = 0.95
     # run
     eval_every: int = 200
     eval_batches: Optional[int] = None
@@ -192,6 +199,7 @@ class RunConfig:
             check_choice("attention_backend", self.attention_backend, ATTENTION_BACKENDS)
         check_choice("precision", self.precision, PRECISION_FLAG_CHOICES)
         check_choice("log_to", self.log_to, LOG_TO_CHOICES)
+        check_choice("optimizer", self.optimizer, RUN_OPTIMIZERS)
         for name in ("compile", "gradient_checkpointing", "overwrite"):
             value = getattr(self, name)
             if not isinstance(value, bool) and not (value is None and name == "gradient_checkpointing"):

@@ -129,8 +129,14 @@ def _state(cfg: RunConfig, model, sources, device, dctx, say: Log) -> dict:
         eval_step = make_eval_step(make_lm_loss(model, train=False), precision=cfg.precision)
         opt_state = train_step.init(params)
     if sources.resumed is not None:
-        full = load_checkpoint(sources.resumed.path, opt_template=opt_state)
+        # an averaging optimizer's checkpoint holds the averaged params, the trained ones beside its state
+        averaging = optim.has_average(opt_state)
+        template = {**opt_state, "train_params": params} if averaging else opt_state
+        full = load_checkpoint(sources.resumed.path, opt_template=template)
         params, opt_state, start = full.params, full.opt_state, full.step
+        if averaging:
+            opt_state = dict(opt_state)
+            params = opt_state.pop("train_params")
         if "torch" in full.rng:
             torch.set_rng_state(full.rng["torch"])
         say(f"resumed from {full.path} at step {start}")
@@ -168,10 +174,12 @@ def setup_lora(cfg: RunConfig, params) -> tuple:
 
 
 def _train_step(cfg: RunConfig, loss_fn: Callable, trainable, dctx) -> Callable:
-    """AdamW (decay on matrices only), warmup + cosine to lr/10, global-norm clipping, over ``trainable``."""
-    opt = optim.adamw_warmup_cosine(trainable, learning_rate=cfg.lr, total_steps=cfg.steps, warmup_steps=cfg.warmup,
-                                    end_value=cfg.lr / 10, weight_decay=cfg.weight_decay,
-                                    max_grad_norm=cfg.max_grad_norm)
+    """The --optimizer (default AdamW, decay on matrices only), warmup + cosine to lr/10, global-norm
+    clipping, --ema averaging, over ``trainable`` (:func:`aam_func.optim.run_optimizer`)."""
+    opt = optim.run_optimizer(trainable, optimizer=cfg.optimizer, learning_rate=cfg.lr, total_steps=cfg.steps,
+                              warmup_steps=cfg.warmup, end_value=cfg.lr / 10, weight_decay=cfg.weight_decay,
+                              max_grad_norm=cfg.max_grad_norm, ema=cfg.ema, muon_learning_rate=cfg.muon_lr,
+                              muon_momentum=cfg.muon_momentum)
     return make_train_step(loss_fn, opt, accumulate=cfg.accumulate, precision=cfg.precision, compile=cfg.compile,
                            grad_reduce=None if dctx is None else dctx.grad_reduce)
 
