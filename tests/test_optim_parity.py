@@ -1,6 +1,6 @@
 """The new optimizers against their PyTorch references over 100 steps (≤ 1e-5 relative):
 torch.optim.Muon, torch.optim.Adafactor, schedulefree.AdamWScheduleFree, and
-torch.optim.swa_utils.AveragedModel (EMA). Formulas and claims: proofs/optim_new.md."""
+torch.optim.swa_utils.AveragedModel (EMA). Formulas and claims: proofs/optim_modern.md."""
 
 from __future__ import annotations
 

@@ -3,7 +3,7 @@
 Reference: N. Shazeer, M. Stern, *Adafactor: Adaptive Learning Rates with Sublinear Memory
 Cost*, ICML 2018 (Algorithms 4 and 5), as ``torch.optim.Adafactor`` implements it; this module
 follows torch where torch and Optax differ (listed in :func:`adafactor`). Formulas:
-``proofs/optim_new.md``.
+``proofs/optim_modern.md``.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Weight averaging wrappers: ``ema`` (Polyak/exponential averaging of the params) and
 ``lookahead`` (slow and fast weights), and :func:`eval_params`, the one reader that turns a
 state of any of the averaging optimizers (these two and :func:`schedule_free_adamw`) into the
-params to evaluate. Formulas: ``proofs/optim_new.md``.
+params to evaluate. Formulas: ``proofs/optim_modern.md``.
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ Differentiation*, NeurIPS 2022, eq. 2; jaxopt's ``custom_root``) gives
 ``θ̄ = -Bᵀ w`` where ``Aᵀ w = x̄``: one matrix-free linear solve whose matrix-vector products are
 vector-Jacobian products of ``F`` (for ``F = ∇ₓ f``, Hessian-vector products), by conjugate
 gradients (``A`` symmetric positive definite: a minimum's Hessian) or GMRES (any nonsingular ``A``).
-Formulas: ``proofs/optim_new.md``.
+Formulas: ``proofs/optim_modern.md``.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ References: Y. You, I. Gitman, B. Ginsburg, *Large Batch Training of Convolution
 (LARS, 2017, eq. 6-7); Y. You et al., *Large Batch Optimization for Deep Learning: Training
 BERT in 76 minutes* (LAMB, ICLR 2020, Algorithm 2); Optax's ``lars``, ``lamb`` and
 ``scale_by_trust_ratio``, which these follow (there is no torch.optim reference). Formulas:
-``proofs/optim_new.md``.
+``proofs/optim_modern.md``.
 """
 
 from __future__ import annotations

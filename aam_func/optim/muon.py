@@ -3,7 +3,7 @@ AdamW fallback for everything else (embeddings, the LM head, biases and norm gai
 
 Reference: K. Jordan et al., *Muon: An optimizer for hidden layers in neural networks* (2024,
 github.com/KellerJordan/Muon), and ``torch.optim.Muon``, which this module follows (defaults,
-the bf16 iteration, the learning-rate adjustment). Formulas: ``proofs/optim_new.md``.
+the bf16 iteration, the learning-rate adjustment). Formulas: ``proofs/optim_modern.md``.
 """
 
 from __future__ import annotations

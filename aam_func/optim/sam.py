@@ -6,7 +6,7 @@ J. Kwon et al., *ASAM*, ICML 2021 (eq. 8). The PyTorch implementation users comp
 ``davda54/sam`` (``SAM.first_step`` / ``second_step``), whose formulas (including its
 ``1e-12`` in the denominator) this follows. Optax's ``contrib.sam`` instead alternates
 adversarial and real steps across calls; here one ``update`` does both passes. Formulas:
-``proofs/optim_new.md``.
+``proofs/optim_modern.md``.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 Reference: A. Defazio, X. Yang, H. Mehta, K. Mishchenko, A. Khaled, A. Cutkosky, *The Road Less
 Scheduled*, NeurIPS 2024 (eqs. 1-3 and Algorithm 1), as ``schedulefree.AdamWScheduleFree``
 implements it (its ``step`` and ``eval``), which this module follows. Formulas:
-``proofs/optim_new.md``.
+``proofs/optim_modern.md``.
 """
 
 from __future__ import annotations

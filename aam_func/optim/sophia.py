@@ -6,7 +6,7 @@ Hutchinson estimator ``ĥ = u ⊙ (∇²L u)``, ``u ~ N(0, I)``). Chosen over SO
 is elementwise (Adam's memory: two buffers) and its curvature is one Hessian-vector product
 every ``k`` steps, which ``torch.func`` gives exactly (``jvp`` of ``grad``); SOAP needs a
 per-matrix eigendecomposition of Shampoo's factors. There is no PyTorch reference installable
-here: the tests check the paper's equations in float64. Formulas: ``proofs/optim_new.md``.
+here: the tests check the paper's equations in float64. Formulas: ``proofs/optim_modern.md``.
 """
 
 from __future__ import annotations
