@@ -19,6 +19,7 @@ from .base import (
     aligned,
     build,
     check_transform,
+    cond,
     entry,
     leaves_of,
     step_counter,
@@ -29,8 +30,9 @@ __all__ = ["ema", "lookahead", "eval_params", "has_average"]
 
 
 def _new_params(names, ps, updates):
-    us = aligned(names, updates, "inner updates", "params", like=ps)
-    return [p + u.to(p.dtype) for p, u in zip(ps, us)], us
+    """``(p + u, u)`` leafwise (``u`` aligned to the params, in their dtype)."""
+    us = [u.to(p.dtype) for p, u in zip(ps, aligned(names, updates, "inner updates", "params", like=ps))]
+    return foreach.add(ps, us), us
 
 
 def ema(inner: GradientTransformation, decay: float = 0.999) -> GradientTransformation:
@@ -57,9 +59,10 @@ def ema(inner: GradientTransformation, decay: float = 0.999) -> GradientTransfor
         new_p, _ = _new_params(names, ps, u)
         avg = aligned(names, entry(state, "ema", "ema state"), "ema state 'ema'", like=gs)
         count = entry(state, "count", "ema state")
-        first = count == 0  # AveragedModel copies the params at its first update
-        avg = [torch.where(first, p, torch.lerp(a, p, 1 - decay)) for a, p in zip(avg, new_p)]
-        return u, {"count": count + 1, "ema": build(names, avg), "inner": s}
+        # AveragedModel copies the params at its first update, then lerps
+        avg, _ = cond(count == 0, lambda: (build(names, new_p), {}),
+                      lambda: (build(names, foreach.lerp(avg, new_p, 1 - decay)), {}))
+        return u, {"count": count + 1, "ema": avg, "inner": s}
 
     return GradientTransformation(init, update)
 
@@ -84,15 +87,20 @@ def lookahead(inner: GradientTransformation, sync_period: int = 5, alpha: float 
         names, gs = leaves_of(grads)
         ps = aligned(names, params, "params", like=gs)
         u, s = inner.update(grads, substate(state, "inner"), params)
-        fast, _ = _new_params(names, ps, u)
+        fast, us = _new_params(names, ps, u)
         slow = aligned(names, entry(state, "slow", "lookahead state"), "lookahead state 'slow'", like=gs)
         count = entry(state, "count", "lookahead state") + 1
-        sync = count % sync_period == 0
-        synced = [torch.lerp(sl, f, alpha if is_number(alpha) else alpha.to(f.dtype)) for sl, f in zip(slow, fast)]
-        new_slow = [torch.where(sync, a, b) for a, b in zip(synced, slow)]
-        new_fast = [torch.where(sync, a, f) for a, f in zip(synced, fast)]
-        us = [f - p for f, p in zip(new_fast, ps)]
-        return build(names, us), {"count": count, "slow": build(names, new_slow), "inner": s}
+        w = alpha if is_number(alpha) else alpha.to(foreach.SCALAR_DTYPE)
+
+        def synced():  # φ ← lerp(φ, θ_new, alpha); θ ← φ, i.e. u = φ - θ
+            new_slow = foreach.lerp(slow, fast, w)
+            return build(names, foreach.add(new_slow, ps, alpha=-1.0)), {"slow": build(names, new_slow)}
+
+        def plain():  # between syncs the updates are the inner's
+            return build(names, us), {"slow": build(names, slow)}
+
+        out, part = cond(count % sync_period == 0, synced, plain)
+        return out, {"count": count, "slow": part["slow"], "inner": s}
 
     return GradientTransformation(init, update)
 

@@ -93,10 +93,10 @@ def schedule_free_adamw(learning_rate=0.0025, b1: float = 0.9, b2: float = 0.999
         ghat = foreach.div(gs, denom)
         if has_decay:
             ghat = foreach.add(ghat, ys, alpha=weight_decay)
-        new_y = foreach.lerp(ys, zs, ckp1)
-        new_y = foreach.add(new_y, ghat, alpha=lr * (b1 * (1 - ckp1) - 1))
+        # y_new - y = c (z - y) + lr (b1 (1 - c) - 1) ĝ  (the reference: y.lerp_(z, c); y.add_(ĝ, ...))
+        us = foreach.mul(foreach.add(zs, ys, alpha=-1.0), ckp1)
+        us = foreach.add_(us, ghat, alpha=lr * (b1 * (1 - ckp1) - 1))
         new_z = foreach.add(zs, ghat, alpha=-lr)
-        us = [ny - y for ny, y in zip(new_y, ys)]
         return build(names, us), {"count": count, "z": build(names, new_z), "nu": build(names, nus),
                                   "weight_sum": weight_sum, "lr_max": lr_max, "b1": entry(state, "b1", "schedule_free state")}
 
