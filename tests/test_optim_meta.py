@@ -239,3 +239,14 @@ def test_ema_state_and_eval_params_keep_the_tree_form():
     assert optim.has_average(state) and not optim.has_average(optim.sgd(0.1).init(params))
     assert optim.eval_params(optim.sgd(0.1).init(params), params) is params
     assert tree.count(state["ema"]) == 5
+
+
+def test_implicit_ridge_example_runs_and_agrees(capsys):
+    import pathlib
+    import runpy
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "examples" / "implicit_ridge.py"
+    runpy.run_path(str(path), run_name="__main__")
+    first = capsys.readouterr().out.splitlines()[0]
+    implicit, closed = (float(first.split(name)[1].split(",")[0]) for name in ("implicit ", "closed form "))
+    assert abs(implicit - closed) <= 1e-6 * abs(closed)
