@@ -57,6 +57,12 @@ OPTIMIZERS = {
     "lamb": lambda lr: optim.lamb(lr, weight_decay=0.01),
     "lars": lambda lr: optim.lars(lr, weight_decay=1e-3, trust_coefficient=0.1),
     "sophia": lambda lr: optim.sophia(lr, gamma=0.5, update_every=3),
+    "clip_inject_adamw": lambda lr: optim.chain(optim.clip_by_global_norm(0.05), optim.inject_hyperparams(optim.adamw)(
+        learning_rate=lr, eps_root=1e-12)),
+    "multi_steps": lambda lr: optim.multi_steps(optim.adam(lr, eps_root=1e-12), 2),
+    "apply_if_finite": lambda lr: optim.apply_if_finite(optim.sgd(lr, momentum=0.9)),
+    "partition": lambda lr: optim.partition({"a": optim.adamw(lr, eps_root=1e-12), "s": optim.sgd(lr)},
+                                            lambda n, x: "a" if x.dim() == 2 else "s"),
     "wsd_adamw": lambda lr: optim.chain(optim.scale_by_adam(eps_root=1e-12),
                                         optim.scale(-lr), optim.scale_by_schedule(optim.warmup_stable_decay(1.0, 2, 10, 4))),
 }
