@@ -8,6 +8,7 @@ import sys
 
 from ..config import ATTENTION_BACKENDS, ATTENTION_TYPES, POSITION_ENCODINGS
 from ..data import DEFAULT_EVAL_BATCHES
+from ..optim.recipes import RUN_OPTIMIZERS
 from ..peft.lora import DEFAULT_CLI_TARGETS
 from ..run.config import PRECISION_FLAG_CHOICES, RunConfig
 from ..run.output import LOG_TO_CHOICES
@@ -74,6 +75,12 @@ def _optimisation(t, default) -> None:
                    help="auto: bf16 where the hardware runs it fast (CPU with AMX/AVX512-BF16, recent GPUs), else fp32")
     o.add_argument("--compile", action="store_true", default=default("compile"), help="torch.compile the train step")
     o.add_argument("--seed", type=int, default=default("seed"))
+    o.add_argument("--optimizer", choices=RUN_OPTIMIZERS, default=default("optimizer"),
+                   help="adamw (default), muon (hidden matrices; AdamW at --lr on the rest), adafactor, schedule-free, lion")
+    o.add_argument("--muon-lr", type=field_type("muon_lr"), default=default("muon_lr"), help="--optimizer muon: peak learning rate of the matrices")
+    o.add_argument("--muon-momentum", type=field_type("muon_momentum"), default=default("muon_momentum"), help="--optimizer muon: momentum")
+    o.add_argument("--ema", type=field_type("ema"), default=default("ema"), metavar="DECAY",
+                   help="keep an exponential moving average of the params; evaluation, samples and the checkpoint use it")
 
 
 def _run(t, default) -> None:

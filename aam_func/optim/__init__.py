@@ -17,8 +17,18 @@ Formulas and the tests that check them: ``proofs/optim.md``.
 
 from .aliases import adam, adamw, decay_mask, decay_rule, lion, sgd
 from .base import GradientTransformation, apply_updates, chain, global_norm, identity, set_to_zero
-from .recipes import adamw_warmup_cosine
-from .schedules import Schedule, constant, cosine_decay, join, linear, warmup_cosine, warmup_linear
+from . import implicit
+from .adafactor import adafactor
+from .averaging import ema, eval_params, has_average, lookahead
+from .large_batch import lamb, lars, scale_by_trust_ratio
+from .meta import unroll
+from .muon import muon, muon_rule, orthogonalize, scale_by_muon
+from .recipes import RUN_OPTIMIZERS, adamw_warmup_cosine, run_optimizer
+from .sam import sam
+from .schedule_free import schedule_free_adamw, schedule_free_eval_params
+from .sophia import sophia
+from .schedules import (Schedule, constant, cosine_decay, join, linear, linear_warmup_linear_decay, warmup_cosine,
+                        warmup_linear, warmup_stable_decay)
 from .transforms import (
     add_decayed_weights,
     clip,
@@ -56,6 +66,10 @@ __all__ = [
     "dynamic_loss_scale", "unscale_grads", "update_loss_scale", "loss_scale", "scale_loss",
     "current_learning_rate", "last_global_norm",
     "sgd", "adam", "adamw", "lion", "decay_rule", "decay_mask",
-    "adamw_warmup_cosine",
+    "adamw_warmup_cosine", "run_optimizer", "RUN_OPTIMIZERS",
     "Schedule", "constant", "linear", "cosine_decay", "warmup_cosine", "warmup_linear", "join",
+    "warmup_stable_decay", "linear_warmup_linear_decay",
+    "muon", "scale_by_muon", "orthogonalize", "muon_rule", "adafactor", "schedule_free_adamw",
+    "schedule_free_eval_params", "ema", "lookahead", "eval_params", "has_average", "sam", "lamb", "lars",
+    "scale_by_trust_ratio", "sophia", "unroll", "implicit",
 ]

@@ -18,7 +18,8 @@ from ..checks import ArgumentTypeError, check_int, check_number, is_number
 
 Schedule = Callable[[int | Tensor], float | Tensor]
 
-__all__ = ["Schedule", "constant", "linear", "cosine_decay", "warmup_cosine", "warmup_linear", "join"]
+__all__ = ["Schedule", "constant", "linear", "cosine_decay", "warmup_cosine", "warmup_linear", "join",
+           "warmup_stable_decay", "linear_warmup_linear_decay"]
 
 _F64 = torch.float64
 
@@ -152,3 +153,39 @@ def join(schedules: Sequence[Schedule], boundaries: Sequence[int]) -> Schedule:
         return _out(step, value)
 
     return schedule
+
+
+def warmup_stable_decay(peak_value: float, warmup_steps: int, total_steps: int, decay_steps: int,
+                        end_value: float = 0.0) -> Schedule:
+    """Warmup-stable-decay ("WSD", Hu et al. 2024, MiniCPM eq. 1; Hägele et al. 2024): linear
+    warmup from 0 to ``peak_value`` over ``warmup_steps`` (``peak t / warmup``), the peak held,
+    then a linear decay to ``end_value`` over the last ``decay_steps`` steps before ``total_steps``
+    (held at ``end_value`` after). ``warmup_steps + decay_steps <= total_steps``."""
+    peak, end = _number("peak_value", peak_value, nonneg=True), _number("end_value", end_value, nonneg=True)
+    w = _count("warmup_steps", warmup_steps)
+    total = _count("total_steps", total_steps, positive=True)
+    d = _count("decay_steps", decay_steps)
+    if w + d > total:
+        raise ValueError(f"warmup_steps + decay_steps ({w} + {d}) must be <= total_steps ({total})")
+    start = total - d
+
+    def schedule(step):
+        t = _step(step)
+        warm = peak * (t / max(1, w))
+        frac = torch.clamp((t - start) / max(1, d), 0.0, 1.0)
+        return _out(step, torch.where(t < w, warm, peak + (end - peak) * frac))
+
+    return schedule
+
+
+def linear_warmup_linear_decay(peak_value: float, warmup_steps: int, total_steps: int, end_value: float = 0.0,
+                               decay_steps: int | None = None) -> Schedule:
+    """Optax's name for the same family: WSD whose decay spans ``decay_steps`` (default: every
+    step after the warmup, i.e. :func:`warmup_linear`'s shape)."""
+    w = _count("warmup_steps", warmup_steps)
+    total = _count("total_steps", total_steps, positive=True)
+    if decay_steps is None:
+        if total < w:
+            raise ValueError(f"total_steps ({total}) must be >= warmup_steps ({w})")
+        decay_steps = total - w
+    return warmup_stable_decay(peak_value, w, total, decay_steps, end_value)

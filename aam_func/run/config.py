@@ -23,6 +23,7 @@ from typing import Any, Optional
 
 from ..checks import check_choice, check_int, check_number
 from ..config import ATTENTION_BACKENDS, ATTENTION_TYPES, POSITION_ENCODINGS
+from ..optim.recipes import RUN_OPTIMIZERS
 from ..train import PRECISION_CHOICES
 from .output import LOG_TO_CHOICES
 
@@ -51,13 +52,15 @@ NUMBER_RANGE = {
     "lora_dropout": (0.0, 0.99, False, True),
     "dp_epsilon": (0.0, None, True, True), "dp_delta": (0.0, 1.0, True, True), "dp_clip": (0.0, None, True, True),
     "dp_adaptive_clip": (0.0, 1.0, True, True),
+    "ema": (0.0, 1.0, False, True), "muon_lr": (0.0, None, True, True), "muon_momentum": (0.0, 0.9999, False, True),
 }
 # what --resume takes from the checkpoint's saved arguments (the run's identity and, unless given
 # again, its optimisation settings); every other field (steps, eval/log/save cadence, stop_after,
 # sample length, device ...) comes from the flags
 RESUMED_FIELDS = ("data", "text_field", "val_fraction", "seq_len", "batch_size", "accumulate", "lr", "warmup_steps",
                   "weight_decay", "max_grad_norm", "seed", "precision",
-                  "dp_epsilon", "dp_delta", "dp_clip", "dp_accountant", "dp_adaptive_clip")
+                  "dp_epsilon", "dp_delta", "dp_clip", "dp_accountant", "dp_adaptive_clip",
+                  "optimizer", "ema", "muon_lr", "muon_momentum")
 # settings that shape the params or the vocabulary: --init-from takes them from its checkpoint
 SHAPE_FIELDS = ("d_model", "n_layers", "n_heads", "d_ff", "max_seq_len", "attention_type", "position_encoding",
                 "tokenizer", "vocab_size")
@@ -126,6 +129,11 @@ class RunConfig:
     precision: str = "auto"
     compile: bool = False
     seed: int = 0
+    # the optimizer (optim.run_optimizer) and its own knobs; ema: a decay, None: no averaging
+    optimizer: str = "adamw"
+    ema: Optional[float] = None
+    muon_lr: float = 0.02
+    muon_momentum: float = 0.95
     # run
     eval_every: int = 200
     eval_batches: Optional[int] = None
@@ -203,6 +211,7 @@ class RunConfig:
         check_choice("log_to", self.log_to, LOG_TO_CHOICES)
         from .privacy import check_dp_fields  # here: run.privacy imports this module
         check_dp_fields(self)
+        check_choice("optimizer", self.optimizer, RUN_OPTIMIZERS)
         for name in ("compile", "gradient_checkpointing", "overwrite"):
             value = getattr(self, name)
             if not isinstance(value, bool) and not (value is None and name == "gradient_checkpointing"):

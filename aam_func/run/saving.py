@@ -7,7 +7,7 @@ import os
 
 import torch
 
-from .. import checkpoint, tree
+from .. import checkpoint, optim, tree
 from ..peft import save_pretrained
 from .state import Run
 
@@ -30,8 +30,13 @@ def save_run(run: Run, step: int, trainable: dict, opt_state: dict, metrics: dic
         if run.dp is not None:  # the accountant's history: --resume continues it, or refuses a spent budget
             extra["dp"] = run.dp.saved(step)
         # looked up on the module at call time: tests wrap checkpoint.save_checkpoint to log saves
+        # an averaging optimizer (--ema, schedule-free): the params saved are the averaged ones, the
+        # trained ones go beside the optimizer state ("train_params") for --resume
+        shown = optim.eval_params(opt_state, trainable) if opt_state is not None else trainable
+        if shown is not trainable and spec is None:
+            opt_state = {**opt_state, "train_params": trainable}
         checkpoint.save_checkpoint(
-            run.checkpoint_dir, cfg=run.model_config, params=run.weights(trainable),
+            run.checkpoint_dir, cfg=run.model_config, params=run.weights(shown),
             opt_state=None if spec is not None else opt_state, step=step, rng={"torch": torch.get_rng_state()},
             tokenizer=run.tokenizer,
             train_state={"args": cfg.saved_args(), "metrics": metrics, "seed": cfg.seed, **extra},

@@ -132,8 +132,14 @@ def _state(cfg: RunConfig, model, sources, device, dctx, say: Log, dp=None) -> d
         eval_step = make_eval_step(make_lm_loss(model, train=False), precision=cfg.precision)
         opt_state = train_step.init(params)
     if sources.resumed is not None:
-        full = load_checkpoint(sources.resumed.path, opt_template=opt_state)
+        # an averaging optimizer's checkpoint holds the averaged params, the trained ones beside its state
+        averaging = optim.has_average(opt_state)
+        template = {**opt_state, "train_params": params} if averaging else opt_state
+        full = load_checkpoint(sources.resumed.path, opt_template=template)
         params, opt_state, start = full.params, full.opt_state, full.step
+        if averaging:
+            opt_state = dict(opt_state)
+            params = opt_state.pop("train_params")
         if "torch" in full.rng:
             torch.set_rng_state(full.rng["torch"])
         say(f"resumed from {full.path} at step {start}")
@@ -171,16 +177,18 @@ def setup_lora(cfg: RunConfig, params) -> tuple:
 
 
 def run_optimizer(cfg: RunConfig, trainable):
-    """The run's optimizer over ``trainable``: AdamW (decay on matrices only), warmup + cosine to
-    lr/10, global-norm clipping."""
-    return optim.adamw_warmup_cosine(trainable, learning_rate=cfg.lr, total_steps=cfg.steps, warmup_steps=cfg.warmup,
-                                     end_value=cfg.lr / 10, weight_decay=cfg.weight_decay,
-                                     max_grad_norm=cfg.max_grad_norm)
+    """The run's optimizer over ``trainable`` (:func:`aam_func.optim.run_optimizer`): the
+    --optimizer (default AdamW, decay on matrices only), warmup + cosine to lr/10, global-norm
+    clipping, --ema averaging."""
+    return optim.run_optimizer(trainable, optimizer=cfg.optimizer, learning_rate=cfg.lr, total_steps=cfg.steps,
+                               warmup_steps=cfg.warmup, end_value=cfg.lr / 10, weight_decay=cfg.weight_decay,
+                               max_grad_norm=cfg.max_grad_norm, ema=cfg.ema, muon_learning_rate=cfg.muon_lr,
+                               muon_momentum=cfg.muon_momentum)
 
 
 def _train_step(cfg: RunConfig, loss_fn: Callable, trainable, dctx, dp=None) -> Callable:
-    """AdamW (decay on matrices only), warmup + cosine to lr/10, global-norm clipping, over
-    ``trainable``; with ``dp`` around the DP-SGD gradient (:mod:`aam_func.run.privacy`)."""
+    """The run's optimizer (:func:`run_optimizer`) over ``trainable``; with ``dp`` around the
+    DP-SGD gradient (:mod:`aam_func.run.privacy`)."""
     opt = run_optimizer(cfg, trainable)
     if dp is not None:
         return make_dp_train_step(cfg, loss_fn, trainable, dctx, dp, opt)

@@ -14,6 +14,7 @@ from typing import Optional
 
 from tqdm import tqdm
 
+from .. import optim
 from ..data import eval_batches
 from ..generate import generate
 from ..train import dropout_generator
@@ -125,13 +126,13 @@ def _loop(run: Run, trainable, opt_state, step: int, progress: bool, guard: Stop
                 raise Diverged(_divergence_message(run, m, step, streak), step)
             _report(run, sink, progress, m, step, end, last, skipped=streak > 0)
             if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
-                ev = _evaluate(run, sink, trainable, last, step)
+                ev = _evaluate(run, sink, optim.eval_params(opt_state, trainable), last, step)
                 run.log(f"step {step}: val loss {ev['loss']:.4f}, perplexity {ev['perplexity']:.2f} "
                         f"(unigram baseline {run.baseline:.1f})")
             if cfg.save_every and step % cfg.save_every == 0 and step < end:
                 save(step)
         progress.bar.close()
-        _finish(run, sink, trainable, step, last, save)
+        _finish(run, sink, optim.eval_params(opt_state, trainable), step, last, save)
     except KeyboardInterrupt as e:
         progress.bar.close()
         if run.dist is not None:
@@ -139,8 +140,8 @@ def _loop(run: Run, trainable, opt_state, step: int, progress: bool, guard: Stop
         # rank 0 alone saves (its params are the replicated state after `step` steps); no
         # collective here: the other ranks are stopping too, or are gone
         save(step, sync=False)
-        return _result(run, step, True, last, trainable, signum=getattr(e, "signum", None))
-    return _result(run, step, False, last, trainable)
+        return _result(run, step, True, last, optim.eval_params(opt_state, trainable), signum=getattr(e, "signum", None))
+    return _result(run, step, False, last, optim.eval_params(opt_state, trainable))
 
 
 def _count_skip(run: Run, sink: MetricsLog, m: dict, step: int, streak: int, last: dict) -> int:

@@ -1,0 +1,113 @@
+"""Update time of each optimizer of ``aam_func.optim`` against ``optim.adamw`` on the default
+model's params (``aam-func train``'s: d_model 256, 4 layers, vocab 4096), in the same process,
+and against its PyTorch reference where one is installed (torch.optim.Muon + AdamW for the
+rest, torch.optim.Adafactor, schedulefree.AdamWScheduleFree). One step = ``update`` +
+``apply_updates`` (out of place) for ours, ``step()`` (in place) for torch's. Prints medians,
+the ratio to our AdamW (the issue's bound: ≤ 1.5x) and to the reference.
+
+    python benchmarks/optimizers.py [--steps 20] [--threads 0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from aam_func import ModelConfig, Transformer, optim, tree
+
+
+def median_ms(fn, steps: int, warmup: int = 3) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def ours_step(opt, params, grads):
+    box = {"p": params, "s": opt.init(params)}
+
+    def step():
+        u, box["s"] = opt.update(grads, box["s"], box["p"])
+        box["p"] = optim.apply_updates(box["p"], u)
+
+    return step
+
+
+def torch_step(make, params, grads, names=None):
+    flat_p, flat_g = tree.flatten(params), tree.flatten(grads)
+    names = list(flat_p) if names is None else names
+    tp = [torch.nn.Parameter(flat_p[n].clone()) for n in names]
+    for p, n in zip(tp, names):
+        p.grad = flat_g[n].clone()
+    opts = make(tp, names)
+    opts = opts if isinstance(opts, list) else [opts]
+    for o in opts:
+        if hasattr(o, "train"):
+            o.train()
+
+    def step():
+        for o in opts:
+            o.step()
+
+    return step
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = ModelConfig(vocab_size=4096, d_model=256, n_layers=4, n_heads=8, d_ff=1024, max_seq_len=128)
+    params = Transformer(cfg).init(seed=0)
+    gen = torch.Generator().manual_seed(1)
+    grads = tree.map(lambda p: torch.randn(p.shape, generator=gen) * 1e-3, params)
+    print(f"params: {tree.count(params) / 1e6:.2f}M in {len(tree.leaves(params))} leaves; torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads, {args.steps} timed steps")
+    flat = tree.flatten(params)
+    muon_names = [n for n, x in flat.items() if optim.muon_rule(n, x)]
+    rest = [n for n in flat if n not in muon_names]
+
+    def torch_muon(tp, names):
+        by = dict(zip(names, tp))
+        return [torch.optim.Muon([by[n] for n in muon_names], lr=0.02),
+                torch.optim.AdamW([by[n] for n in rest], lr=3e-4, betas=(0.9, 0.95), weight_decay=0.0, foreach=True)]
+
+    refs = {"muon": torch_muon, "adafactor": lambda tp, n: torch.optim.Adafactor(tp, lr=1e-2)}
+    try:
+        import schedulefree
+
+        refs["schedule_free_adamw"] = lambda tp, n: schedulefree.AdamWScheduleFree(tp, lr=2.5e-3)
+    except ImportError:
+        print("schedulefree not installed: no reference for schedule_free_adamw (pip install schedulefree)")
+    ours = {
+        "adamw": optim.adamw(1e-3, weight_decay=0.1),
+        "muon": optim.muon(0.02),
+        "muon(ns_dtype=float32)": optim.muon(0.02, ns_dtype=torch.float32),
+        "adafactor": optim.adafactor(1e-2),
+        "schedule_free_adamw": optim.schedule_free_adamw(2.5e-3),
+        "lion": optim.lion(1e-4),
+        "lamb": optim.lamb(1e-3),
+        "lars": optim.lars(1.0),
+        "ema(adamw)": optim.ema(optim.adamw(1e-3, weight_decay=0.1), 0.999),
+        "lookahead(adamw)": optim.lookahead(optim.adamw(1e-3, weight_decay=0.1)),
+    }
+    base = median_ms(ours_step(ours["adamw"], params, grads), args.steps)
+    print(f"{'optimizer':22s} {'ours ms':>9s} {'/ adamw':>8s} {'reference ms':>13s} {'ours / ref':>10s}")
+    for name, opt in ours.items():
+        t = base if name == "adamw" else median_ms(ours_step(opt, params, grads), args.steps)
+        ref = median_ms(torch_step(refs[name], params, grads), args.steps) if name in refs else None
+        ref_txt = f"{ref:13.2f} {t / ref:10.2f}" if ref else f"{'-':>13s} {'-':>10s}"
+        print(f"{name:22s} {t:9.2f} {t / base:8.2f} {ref_txt}")
+
+
+if __name__ == "__main__":
+    main()
