@@ -90,7 +90,7 @@ def test_mc_fisher_converges_to_ggn():
     problem, params, x, y = mlp_problem(B=4)
     _, G, _, _, flat = dense(problem, params, x, y)
     v = random_vec(params)
-    got = flat.vec(fisher_vp(problem, params, x, y, v, kind="mc", samples=4000, generator=torch.Generator().manual_seed(0)))
+    got = flat.vec(fisher_vp(problem, params, x, y, v, kind="mc", samples=20000, generator=torch.Generator().manual_seed(0)))
     want = G @ flat.vec(v)
     assert (got - want).norm() / want.norm() < 0.06
     with pytest.raises(ValueError, match="kind"):
@@ -120,6 +120,25 @@ def test_per_example_products_sum_to_the_batch_and_match_dense():
                                flat.vec(fisher_vp(problem, params, x, y, v, kind="empirical")), atol=1e-10, rtol=1e-8)
 
 
+def test_gpt_ggn_product_equals_dense():
+    """Attention, LayerNorm, tied embeddings: the GGN product through a one-block transformer."""
+    cfg = af.ModelConfig(vocab_size=5, d_model=4, n_layers=1, n_heads=2, d_ff=4, max_seq_len=4, dropout=0.0)
+    model = af.Transformer(cfg)
+    params = af.tree.cast(model.init(seed=0), D)
+    ids = torch.tensor([[1, 2, 3], [4, 0, 2]])
+    y = torch.tensor([[2, 3, -100], [0, 2, -100]])
+    problem = Problem(lambda p, x: model.apply(p, x)["logits"])
+    flat = Flat(params)
+    f = lambda t: problem.apply(flat.tree(t), ids)  # noqa: E731
+    out = f(flat.vec(params))
+    J = jacrev(f)(flat.vec(params)).reshape(out.numel(), -1)
+    Hf = hessian(lambda o: problem.loss_value(o.reshape(out.shape), y))(out.reshape(-1))
+    v = random_vec(params)
+    torch.testing.assert_close(flat.vec(ggn_vp(problem, params, ids, y, v, chunk_size=1)), J.t() @ Hf @ J @ flat.vec(v),
+                               atol=1e-10, rtol=1e-8)
+
+
+@pytest.mark.slow
 def test_gpt_ggn_and_hessian_products_equal_dense():
     """Attention, LayerNorm, tied embeddings: the GGN product through the whole transformer."""
     problem, params, ids, y = gpt_problem(n_layers=1, B=2, T=4, backend="math")  # math: has a double backward
@@ -146,10 +165,10 @@ def test_hutchinson_and_lanczos_converge_to_dense():
     H, G, _, _, flat = dense(problem, params, x, y)
     mv = lambda v: ggn_vp(problem, params, x, y, v)  # noqa: E731
     g = torch.Generator().manual_seed(0)
-    tr = hutchinson_trace(mv, params, samples=600, generator=g)
-    assert abs(float(tr) - float(torch.trace(G))) < 0.05 * float(torch.trace(G))
-    diag = flat.vec(hutchinson_diag(mv, params, samples=600, generator=g))
-    assert (diag - torch.diagonal(G)).norm() < 0.15 * torch.diagonal(G).norm()
+    tr = hutchinson_trace(mv, params, samples=150, generator=g)
+    assert abs(float(tr) - float(torch.trace(G))) < 0.1 * float(torch.trace(G))
+    diag = flat.vec(hutchinson_diag(mv, params, samples=150, generator=g))
+    assert (diag - torch.diagonal(G)).norm() < 0.3 * torch.diagonal(G).norm()
     vals, vecs = lanczos(mv, params, k=3, iterations=flat.size, generator=g)
     want = torch.linalg.eigvalsh(G).flip(0)[:3]
     torch.testing.assert_close(vals, want, atol=1e-8, rtol=1e-8)

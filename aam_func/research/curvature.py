@@ -142,12 +142,10 @@ def _fisher_chunk(problem: Problem, kind: str, samples: int, generator):
             s = (r * jv).reshape(r.shape[0], -1).sum(1)  # (b,): ⟨g_n, v⟩ = ⟨r_n, J_n v⟩
             cot = c * r * s.reshape((-1,) + (1,) * (r.dim() - 1))
         else:
-            cot = torch.zeros_like(out)
             m = problem.mask(y, out).unsqueeze(-1)
-            for _ in range(samples):
-                r = m * problem.output_grads(out, problem.sample_targets(out, generator))
-                cot = cot + r * (r * jv).sum(-1, keepdim=True)
-            cot = cot * (c / samples)
+            drawn = problem.sample_targets(out, generator, samples)  # (samples, ...)
+            r = m * problem.output_grads(out.expand((samples,) + tuple(out.shape)), drawn)
+            cot = (r * (r * jv).sum(-1, keepdim=True)).sum(0) * (c / samples)
         return vjp_fn(cot)[0]
 
     return fn

@@ -139,11 +139,13 @@ class Problem:
             return m * (self.probs(outputs) - F.one_hot(safe, outputs.shape[-1]).to(outputs.dtype))
         return 2 * (outputs - targets)
 
-    def sample_targets(self, outputs: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:
-        """y ~ p(y | f) per row: a class from softmax(f), or f + N(0, ½) for mse (the Gaussian whose
-        negative log-likelihood is (f - y)² up to a constant)."""
+    def sample_targets(self, outputs: Tensor, generator: Optional[torch.Generator] = None, samples: int = 1) -> Tensor:
+        """(samples, ...) draws y ~ p(y | f) per row: a class from softmax(f), or f + N(0, ½) for
+        mse (the Gaussian whose negative log-likelihood is (f - y)² up to a constant)."""
         if self.loss == "cross_entropy":
             p = self.probs(outputs.detach()).reshape(-1, outputs.shape[-1])
-            return torch.multinomial(p, 1, generator=generator).reshape(outputs.shape[:-1])
-        noise = torch.randn(outputs.shape, generator=generator, dtype=outputs.dtype, device=outputs.device)
+            y = torch.multinomial(p, samples, replacement=True, generator=generator)  # (rows, samples)
+            return y.t().reshape((samples,) + tuple(outputs.shape[:-1]))
+        noise = torch.randn((samples,) + tuple(outputs.shape), generator=generator, dtype=outputs.dtype,
+                            device=outputs.device)
         return outputs.detach() + noise * (0.5 ** 0.5)
