@@ -1,5 +1,6 @@
 """Curvature, data attribution and uncertainty on any model (placeholder; filled below)."""
 
+from . import kfac
 from .curvature import FISHER_KINDS, fisher_vp, ggn_vp, hessian_vp
 from .problem import Problem
 from .spectral import cg, hutchinson_diag, hutchinson_trace, lanczos
