@@ -152,3 +152,32 @@ def test_kfac_bad_arguments():
         kfac.inverse_product(facs, params, damping=0.0)
     with pytest.raises(ValueError, match="no gradient for the factored weight '0.weight'"):
         kfac.inverse_product(facs, {"2.weight": params["2.weight"]}, damping=1e-3)
+
+
+def test_kfac_preconditioned_sgd_steps_by_the_inverse_factors_and_trains():
+    from aam_func.research.precondition import kfac_preconditioned
+
+    model = mlp()
+    x, y = data(model, N=32)
+    problem, params = problem_of(model)
+    opt = kfac_preconditioned(af.optim.sgd(0.5), damping=1e-2, decay=0.5)
+    state = opt.init(params)
+    loss = lambda p: problem.loss_value(problem.apply(p, x), y)  # noqa: E731
+    g = torch.func.grad(loss)(params)
+    with pytest.raises(ValueError, match="factors"):
+        opt.update(g, state, params)
+    facs = kfac.collect(problem, params, x, y)
+    upd, state = opt.update(g, state, params, factors=facs)
+    want = kfac.inverse_product(facs, g, damping=1e-2)
+    for n in params:
+        torch.testing.assert_close(upd[n], -0.5 * want[n])
+    start = float(loss(params))
+    for step in range(15):
+        params = af.optim.apply_updates(params, upd)
+        g = torch.func.grad(loss)(params)
+        upd, state = opt.update(g, state, params, factors=kfac.collect(problem, params, x, y) if step % 3 == 0 else None)
+    assert float(loss(params)) < 0.5 * start
+    with pytest.raises(ValueError, match="damping"):
+        kfac_preconditioned(af.optim.sgd(0.1), damping=0)
+    with pytest.raises(TypeError, match="inner"):
+        kfac_preconditioned("sgd")
