@@ -55,7 +55,7 @@ def _chunk_diag(problem: Problem, params, x, y, c: float, method: str):
 
 
 def diag_ggn(problem: Problem, params, inputs, targets, *, per_example: bool = False,
-             chunk_size: Optional[int] = None, method: str = "ghost"):
+             chunk_size: Optional[int] = None, method: str = "auto"):
     """diag(c Σ_n J_nᵀ H_n J_n) shaped like ``params``, or with ``per_example`` each example's
     term (leaves (B, ...)); ``method``: ``per_sample.grads``'s route ("ghost" or "vmap")."""
     check_bool("per_example", per_example)
