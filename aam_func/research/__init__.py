@@ -13,7 +13,7 @@
 Guide: ``docs/research.md``; derivations: ``proofs/curvature.md``.
 """
 
-from . import curvature, diag, influence, kfac, problem, spectral, trak
+from . import curvature, diag, influence, kfac, laplace, problem, spectral, trak
 from .curvature import FISHER_KINDS, fisher_vp, ggn_vp, hessian_vp
 from .diag import diag_ggn
 from .precondition import kfac_preconditioned
@@ -22,4 +22,4 @@ from .spectral import cg, hutchinson_diag, hutchinson_trace, lanczos
 
 __all__ = ["Problem", "hessian_vp", "ggn_vp", "fisher_vp", "FISHER_KINDS", "hutchinson_trace", "hutchinson_diag",
            "lanczos", "cg", "diag_ggn", "kfac", "kfac_preconditioned", "influence", "trak", "curvature", "spectral",
-           "problem", "diag"]
+           "problem", "diag", "laplace"]
