@@ -88,7 +88,7 @@ class Posterior:
                 if bias is not None:
                     M, out[bias] = M[:, :-1], M[:, -1]
                 out[name] = M.reshape(self.mean[name].shape)
-            return out
+            return {n: out[n] for n in self.names}  # the mean's key order (jvp matches trees)
         vals, vecs = torch.linalg.eigh(self.curv + d * torch.eye(self.curv.shape[0], dtype=self.curv.dtype))
         z = vecs @ (_randn(vals, generator) / vals.sqrt())
         return _unflat_subset(self, z)
