@@ -11,7 +11,7 @@ from torch import nn
 
 import aam_func as af
 from aam_func.research import Problem, ggn_vp, influence, kfac, trak
-from aam_func.research.spectral import Flat, lanczos
+from aam_func.research.spectral import Flat
 
 D = torch.float64
 

@@ -142,7 +142,7 @@ def _pass(problem, params, x, y, fisher, samples, generator, watched):
     grads = []
     for i, (v, w) in enumerate(vecs):
         gs = torch.autograd.grad(out, probes, v, retain_graph=i < len(vecs) - 1, allow_unused=True)
-        grads.append(([torch.zeros_like(p) if g is None else g for g in gs], w))
+        grads.append(([torch.zeros_like(p) if g is None else g for g, p in zip(gs, probes)], w))
     return rec, grads
 
 
@@ -209,7 +209,7 @@ def eigen_correct(problem: Problem, params, inputs, targets, factors: Factors, *
     c = problem.scale(targets)
     eig = {k: (torch.linalg.eigh(f.A)[1], torch.linalg.eigh(f.G)[1]) for k, f in factors.factors.items()}
     lam = {k: 0 for k in eig}
-    watched, ids = _candidates(params), _bias_names(params)
+    watched = _candidates(params)
     for s, e in chunks(B, check_chunk(chunk_size, B)):
         rec, grads = _pass(problem, params, slice_batch(inputs, s, e), targets[s:e], factors.fisher, samples,
                            generator, watched)
@@ -233,8 +233,8 @@ def eigen_correct(problem: Problem, params, inputs, targets, factors: Factors, *
 
 def inverse_product(factors: Factors, grads: dict, *, damping: float) -> dict:
     """{name: (F + λI)⁻¹ g} for each factored weight (and its bias) of a flat ``{name: grad}``
-    dict: KFAC's (A + √λ... ) by exact eigendecomposition (Q_G [Q_Gᵀ W Q_A / (λ_G λ_Aᵀ + λ)] Q_Aᵀ),
-    EK-FAC's with its corrected eigenvalues; a separate bias by (G + λI)⁻¹. Names without a
+    dict: Q_G [(Q_Gᵀ W Q_A) / (Λ + λ)] Q_Aᵀ with Λ = λ_G λ_Aᵀ (KFAC, exact eigendecompositions of
+    A and G) or EK-FAC's corrected eigenvalues; a separate bias by (G + λI)⁻¹. Names without a
     factor are left out (the caller decides what they get)."""
     check_number("damping", damping, min=0, min_open=True)
     out = {}
