@@ -51,7 +51,7 @@ def train(model, params, train_blocks, steps, lr, seed, on_step=None):
 def top_eigenvalue(model, params, blocks):
     problem = Problem(lambda p, x: model.apply(p, x)["logits"])
     y = torch.cat([blocks[:, 1:], torch.full((len(blocks), 1), -100)], 1)
-    vals, _ = lanczos(lambda v: hessian_vp(problem, params, blocks, y, v), params, k=3, iterations=12,
+    vals, _ = lanczos(lambda v: hessian_vp(problem, params, blocks, y, v), params, k=3, iterations=8,
                       generator=torch.Generator().manual_seed(0))
     return vals.tolist()
 
