@@ -181,3 +181,25 @@ def test_kfac_preconditioned_sgd_steps_by_the_inverse_factors_and_trains():
         kfac_preconditioned(af.optim.sgd(0.1), damping=0)
     with pytest.raises(TypeError, match="inner"):
         kfac_preconditioned("sgd")
+
+
+def test_kfac_finds_lora_adapters_inside_lora_intercept():
+    """LoRA's factored path (its own Intercept client) runs F.linear(F.linear(x, A), B): both
+    adapters are linear-like uses; with one example and one row, A ⊗ G is the gradient's outer product."""
+    from aam_func.peft import lora
+
+    cfg = af.ModelConfig(vocab_size=13, d_model=8, n_layers=2, n_heads=2, d_ff=16, max_seq_len=8, dropout=0.0)
+    model = af.Transformer(cfg)
+    params = af.tree.cast(model.init(seed=0), D)
+    spec, adapters = lora.init(params, targets=["*.attn.qkv"], rank=2, alpha=4)
+    adapters = af.tree.map(lambda t: t.to(D) + 0.1, adapters)  # the params' dtype: a cast copy is another tensor
+    problem = Problem(lambda a, x: spec.apply(model.apply, params, a, x)["logits"])
+    ids, y = torch.tensor([[3]]), torch.tensor([[5]])
+    facs = kfac.collect(problem, adapters, ids, y, fisher="empirical")
+    names = set(af.tree.flatten(adapters))
+    assert set(facs.factors) == names and not facs.skipped
+    grads = af.tree.flatten(torch.func.grad(lambda a: problem.loss_value(problem.apply(a, ids), y))(adapters))
+    for name in names:
+        f = facs.factors[name]
+        V = torch.randn(grads[name].shape, dtype=D)
+        torch.testing.assert_close(f.G @ V @ f.A, grads[name] * (grads[name] * V).sum(), atol=1e-12, rtol=1e-9)
