@@ -109,9 +109,9 @@ def test_ekfac_scores_match_kronfluence(tmp_path):
     x64, xq64 = x.double(), xq.double()
     facs = kfac.eigen_correct(pb, p64, x64, y, kfac.collect(pb, p64, x64, y, fisher="empirical", bias="augment"))
     got = influence.scores(lf, p64, (x64, y), (xq64, yq), influence.ekfac_ihvp(facs, damping=damping))
-    for j in range(want.shape[1]):
-        rho = spearmanr(got[:, j].numpy(), want[:, j].numpy()).statistic
-        assert rho >= 0.99, (j, rho)
+    rhos = [spearmanr(got[:, j].numpy(), want[:, j].numpy()).statistic for j in range(want.shape[1])]
+    print(f"Spearman per query: min {min(rhos):.5f}, mean {sum(rhos) / len(rhos):.5f}")
+    assert min(rhos) >= 0.99, rhos
 
 
 def test_trak_projection_equals_the_explicit_projection():
