@@ -74,7 +74,21 @@ class LayerNorm:
         return p
 
     def apply(self, params: Params, x: Tensor) -> Tensor:
-        return F.layer_norm(x, (self.dim,), params["weight"], params.get("bias"), self.eps)
+        w, b = params["weight"], params.get("bias")
+        if _vmapped_forward_ad():
+            # torch 2.13's fused rule is wrong under vmap over forward-mode AD of its backward
+            # (torch.func.hessian = jacfwd(jacrev) of a loss through a LayerNorm whose input
+            # depends on the params: errors of order 1, an asymmetric Hessian; pytorch#196700's
+            # family). Normalising without affine and scaling after is exact there.
+            y = F.layer_norm(x, (self.dim,), None, None, self.eps) * w
+            return y if b is None else y + b
+        return F.layer_norm(x, (self.dim,), w, b, self.eps)
+
+
+def _vmapped_forward_ad() -> bool:
+    from ..ops._util import forward_ad_active, vmap_active
+
+    return not torch.compiler.is_compiling() and vmap_active() and forward_ad_active()
 
 
 @dataclass(frozen=True)
