@@ -1,4 +1,5 @@
-"""Weights in and out of transformers: ``GPT2LMHeadModel`` and ``LlamaForCausalLM``.
+"""Weights in and out of transformers: ``GPT2LMHeadModel`` and ``LlamaForCausalLM`` (and
+``MistralForCausalLM``, read as the LLaMA it equals when its sliding window covers the whole context).
 
     cfg, params = from_transformers(hf_model)     # any loaded model, e.g. from_pretrained(dir)
     hf_model = to_transformers(cfg, params)       # a fresh transformers model holding params
@@ -28,12 +29,28 @@ __all__ = ["from_transformers", "to_transformers", "config_from_transformers", "
            "llama_map"]
 
 
+# transformers model_type -> the family it is read as (its weights use that family's names)
+SUPPORTED = {"gpt2": "gpt2", "llama": "llama", "mistral": "llama"}
+SUPPORTED_NAMES = "GPT-2 (model_type 'gpt2'), LLaMA ('llama'), Mistral ('mistral', without an effective sliding window)"
+
+
 def _arch(model_or_config: Any) -> str:
+    """The family ("gpt2" or "llama") of a transformers model or config; a ValueError listing the
+    supported architectures for any other."""
     cfg = getattr(model_or_config, "config", model_or_config)
     mt = getattr(cfg, "model_type", None)
-    if mt in ("gpt2", "llama"):
-        return mt
-    raise ValueError(f"only GPT-2 and LLaMA models are supported, got model_type={mt!r}")
+    if mt in SUPPORTED:
+        return SUPPORTED[mt]
+    raise ValueError(f"unsupported architecture model_type={mt!r}; supported: {SUPPORTED_NAMES}")
+
+
+def _check_sliding_window(c: Any) -> None:
+    """Mistral's sliding window is exact as full attention only when it covers every position."""
+    window = getattr(c, "sliding_window", None)
+    if getattr(c, "model_type", None) == "mistral" and window is not None and window < c.max_position_embeddings:
+        raise ValueError(f"Mistral sliding_window={window} < max_position_embeddings={c.max_position_embeddings} "
+                         "is not supported (sliding-window attention is not mapped; a window of at least "
+                         "max_position_embeddings, or None, is)")
 
 
 def config_from_transformers(hf_config: Any, **overrides) -> ModelConfig:
@@ -65,6 +82,7 @@ def config_from_transformers(hf_config: Any, **overrides) -> ModelConfig:
             init_std=getattr(c, "initializer_range", 0.02),
         )
     else:
+        _check_sliding_window(c)
         head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
         if head_dim * c.num_attention_heads != c.hidden_size:
             raise ValueError(
