@@ -73,6 +73,7 @@ def _special_ids(tok) -> dict:
 def export_transformers(ckpt, directory: str) -> None:
     """``ckpt`` as a transformers model directory with its tokenizer (see the module docstring)."""
     from .hf import to_transformers
+    from .pretrained import quiet_transformers
 
     tok = ckpt.load_tokenizer()
     try:
@@ -84,7 +85,8 @@ def export_transformers(ckpt, directory: str) -> None:
     for k, v in ids.items():
         setattr(model.config, k, v)
         setattr(model.generation_config, k, v)
-    model.save_pretrained(directory)
+    with quiet_transformers():
+        model.save_pretrained(directory)
     tok.hf.save_pretrained(directory)
 
 

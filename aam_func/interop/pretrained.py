@@ -13,6 +13,7 @@ line that names the path or name and what was expected.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import os
@@ -24,6 +25,8 @@ __all__ = ["PretrainedError", "is_init_source", "is_transformers_dir", "looks_li
            "resolve_model_dir", "load_pretrained_model"]
 
 CONFIG = "config.json"
+# one of these holds a tokenizer's vocabulary (transformers reads others from them)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt")
 # an aam_func checkpoint holds these beside its config.json; a transformers directory does not
 _AAM_FILES = ("trainer_state.json", "params.safetensors")
 
@@ -162,13 +165,17 @@ def load_pretrained_model(name_or_path: str):
         config_from_transformers(hf_config)  # an unmappable variant is refused before the weights load
     except ValueError as e:
         raise PretrainedError(f"{path}: {e}") from None
+    if not any(os.path.isfile(os.path.join(path, f)) for f in TOKENIZER_FILES):
+        raise PretrainedError(f"{path}: the model's tokenizer is missing (none of {', '.join(TOKENIZER_FILES)}); "
+                              "save it beside the model with tokenizer.save_pretrained(directory)")
     try:
         tok = Tokenizer.load(path)
     except TokenizerError as e:
         raise PretrainedError(f"{path}: the model's tokenizer: {e}") from None
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, trust_remote_code=False,
-                                                     dtype=torch.float32)
+        with quiet_transformers():
+            model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, trust_remote_code=False,
+                                                         dtype=torch.float32)
     except Exception as e:
         raise PretrainedError(f"{path}: transformers cannot load the weights: {_first_line(e)}") from None
     cfg, params = from_transformers(model.eval())
@@ -177,6 +184,20 @@ def load_pretrained_model(name_or_path: str):
                               f"{cfg.vocab_size} (vocab_size in {CONFIG})")
     return Checkpoint(path=path, cfg=cfg, params=params, step=0, train_state={"source": "transformers",
                       "model_type": hf_config.model_type}, tokenizer_dir=path)
+
+
+@contextlib.contextmanager
+def quiet_transformers():
+    """transformers' progress bars off (they would interleave with the command's own lines)."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
 
 
 def _first_line(e: BaseException) -> str:

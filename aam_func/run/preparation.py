@@ -167,7 +167,7 @@ def load_init_checkpoint(path: str):
         try:
             return pretrained.load_pretrained_model(path)
         except pretrained.PretrainedError as e:
-            raise RunError(f"--init-from {path}: {e}") from None
+            raise RunError(f"--init-from: {e}") from None
     try:
         init = load_checkpoint(path, load_optimizer=False)
     except CheckpointError as e:
