@@ -44,5 +44,5 @@ def test_a_window_shorter_than_the_context_is_refused():
 def test_unsupported_architecture_lists_the_supported():
     from transformers import BertConfig
 
-    with pytest.raises(ValueError, match="unsupported architecture model_type='bert'; supported: GPT-2"):
+    with pytest.raises(ValueError, match="unsupported architecture model_type='bert': only GPT-2 and LLaMA-family models are supported: GPT-2"):
         from_transformers(type("M", (), {"config": BertConfig()})())
