@@ -76,6 +76,21 @@ def llama_model(vocab_size: int, **kw):
     return m
 
 
+def qwen2_model(vocab_size: int, **kw):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    c = dict(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=256, bos_token_id=None, eos_token_id=None)
+    c.update(kw)
+    torch.manual_seed(0)
+    m = Qwen2ForCausalLM(Qwen2Config(**c)).eval()
+    with torch.no_grad():  # q/k/v biases start at 0: perturb them so that their mapping is checked
+        for n, p in m.named_parameters():
+            if n.endswith("bias") or "norm" in n:
+                p.add_(0.1 * torch.randn_like(p))
+    return m
+
+
 def save(model, tok, directory) -> str:
     from aam_func.interop.pretrained import quiet_transformers
 
@@ -90,6 +105,11 @@ def save(model, tok, directory) -> str:
 def gpt2_dir(directory, **kw) -> str:
     tok = bpe_tokenizer(chat_template=True)
     return save(gpt2_model(len(tok), **kw), tok, directory)
+
+
+def qwen2_dir(directory) -> str:
+    tok = bpe_tokenizer(chat_template=True)
+    return save(qwen2_model(len(tok)), tok, directory)
 
 
 def llama_dir(directory) -> str:

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from _hf_tiny import gpt2_dir, held_out_blocks, llama_dir, write_corpus
+from _hf_tiny import gpt2_dir, held_out_blocks, llama_dir, qwen2_dir, write_corpus
 
 import aam_func as af
 from aam_func import cli
@@ -18,7 +18,7 @@ pytestmark = pytest.mark.slow
 
 TRAIN = ["--steps", "3", "--batch-size", "4", "--seq-len", "64", "--precision", "fp32", "--eval-every", "0",
          "--eval-batches", "1", "--sample-tokens", "0", "--lr", "1e-2"]
-SOURCES = {"gpt2": gpt2_dir, "llama": llama_dir}
+SOURCES = {"gpt2": gpt2_dir, "llama": llama_dir, "qwen2": qwen2_dir}
 
 
 def test_llama_with_a_sentencepiece_tokenizer_round_trips(tmp_path):
