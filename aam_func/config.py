@@ -68,6 +68,7 @@ class ModelConfig:
     init_std: float = 0.02
     weight_init: str = "normal"  # normal (GPT-2: N(0, init_std), residual outputs / sqrt(2 n_layers)) or the guide's xavier_uniform / kaiming_*
     fused_cross_entropy: bool = True
+    qkv_bias: Optional[bool] = None  # None: ``bias``; True with bias=False: biases on q/k/v only (Qwen2)
 
     def __post_init__(self):
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass)
@@ -98,6 +99,8 @@ class ModelConfig:
         check_number("focal_loss_alpha", self.focal_loss_alpha, min=0, min_open=True)
         check_number("norm_eps", self.norm_eps, min=0, min_open=True)
         check_number("rope_base", self.rope_base, min=0, min_open=True)
+        if self.qkv_bias is not None and not isinstance(self.qkv_bias, bool):
+            raise ValueError(f"qkv_bias must be a bool or None, got {self.qkv_bias!r}")
         check_choice("activation", self.activation, ACTIVATIONS)
         check_choice("norm", self.norm, NORMS)
         check_choice("weight_init", self.weight_init, WEIGHT_INITS)

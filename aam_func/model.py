@@ -87,6 +87,7 @@ class Transformer:
             weight_init=c.weight_init,
             std=c.init_std,
             out_std=out_std,
+            qkv_bias=c.qkv_bias,
         )
         mlp = MLP(c.d_model, c.d_ff, kind=c.activation, bias=c.bias, weight_init=c.weight_init, std=c.init_std, out_std=out_std)
         return Block(attn, mlp, norm=c.norm, norm_eps=c.norm_eps, norm_bias=c.bias, resid_dropout=c.dropout)

@@ -6,6 +6,7 @@ printing; the training run itself is :mod:`aam_func.run`.
     aam-func eval --checkpoint runs/default [--data notes/]
     aam-func plot runs/default runs/other --metric loss,val_loss --output curves.png
     aam-func train --init-from runs/default --data notes/ --lora-rank 8 --output-dir runs/notes-lora
+    aam-func export --checkpoint runs/notes-lora --format transformers --output exported/notes
 
 Bad input (a missing or empty corpus, a non-UTF-8 file, a sequence length above the model's
 maximum, a tokenizer that is not available offline, a corrupted checkpoint) is one line
@@ -22,6 +23,7 @@ import sys
 from typing import Optional
 
 from . import eval as eval_command
+from . import export as export_command
 from . import generate as generate_command
 from . import plot as plot_command
 from . import prepare as prepare_command
@@ -33,27 +35,31 @@ __all__ = ["main", "build_parser", "CLIError"]
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="aam-func", description="Train, sample from and evaluate small GPTs with aam_func.")
-    sub = p.add_subparsers(dest="command", required=True, metavar="{train,generate,eval,prepare,plot}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{train,generate,eval,prepare,plot,export}")
     train_command.add_parser(sub)
     generate_command.add_parser(sub)
     eval_command.add_parser(sub)
     prepare_command.add_parser(sub)
     plot_command.add_parser(sub)
+    export_command.add_parser(sub)
     return p
 
 
 _COMMANDS = {"train": train_command.cmd_train, "generate": generate_command.cmd_generate,
-             "eval": eval_command.cmd_eval, "prepare": prepare_command.cmd_prepare, "plot": plot_command.cmd_plot}
+             "eval": eval_command.cmd_eval, "prepare": prepare_command.cmd_prepare, "plot": plot_command.cmd_plot,
+             "export": export_command.cmd_export}
 
 
 def _user_errors() -> tuple:
     """The errors that are the user's input at fault: one ``error:`` line and exit status 2."""
     from ..checkpoint import CheckpointError
     from ..data import DataError
+    from ..interop.export import ExportError
+    from ..interop.peft import AdapterFileError
     from ..run import RunError
     from ..tokenizer import TokenizerError
 
-    return (CLIError, RunError, DataError, TokenizerError, CheckpointError)
+    return (CLIError, RunError, DataError, TokenizerError, CheckpointError, ExportError, AdapterFileError)
 
 
 def main(argv: Optional[list[str]] = None) -> int:

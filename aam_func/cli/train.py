@@ -112,8 +112,8 @@ def _run(t, default) -> None:
 def _fine_tuning(t, default) -> None:
     f = t.add_argument_group("fine-tuning")
     f.add_argument("--init-from", default=default("init_from"), metavar="CHECKPOINT",
-                   help="start from this checkpoint of aam-func train (its config, params and tokenizer; a fresh "
-                        "optimizer state); without --lora-rank: full fine-tuning")
+                   help="start from this checkpoint of aam-func train, transformers model directory or cached model name "
+                        "(its config, params and tokenizer; a fresh optimizer state); without --lora-rank: full fine-tuning")
     f.add_argument("--lora-rank", type=field_type("lora_rank"), default=default("lora_rank"), metavar="R",
                    help="train LoRA adapters of rank R on the frozen --init-from weights instead of all weights")
     f.add_argument("--lora-alpha", type=field_type("lora_alpha"), default=default("lora_alpha"), metavar="A",

@@ -1,4 +1,5 @@
-"""Weights in and out of transformers: ``GPT2LMHeadModel`` and ``LlamaForCausalLM``.
+"""Weights in and out of transformers: ``GPT2LMHeadModel`` and ``LlamaForCausalLM`` (and
+``MistralForCausalLM``, read as the LLaMA it equals when its sliding window covers the whole context).
 
     cfg, params = from_transformers(hf_model)     # any loaded model, e.g. from_pretrained(dir)
     hf_model = to_transformers(cfg, params)       # a fresh transformers model holding params
@@ -28,12 +29,35 @@ __all__ = ["from_transformers", "to_transformers", "config_from_transformers", "
            "llama_map"]
 
 
+# transformers model_type -> the family it is read as (its weights use that family's names)
+SUPPORTED = {"gpt2": "gpt2", "llama": "llama", "mistral": "llama", "qwen2": "llama"}
+SUPPORTED_NAMES = ("GPT-2 (model_type 'gpt2'), LLaMA ('llama'), Mistral ('mistral') and Qwen2 ('qwen2'), "
+                   "the last two without an effective sliding window")
+
+
 def _arch(model_or_config: Any) -> str:
+    """The family ("gpt2" or "llama") of a transformers model or config; a ValueError listing the
+    supported architectures for any other."""
     cfg = getattr(model_or_config, "config", model_or_config)
     mt = getattr(cfg, "model_type", None)
-    if mt in ("gpt2", "llama"):
-        return mt
-    raise ValueError(f"only GPT-2 and LLaMA models are supported, got model_type={mt!r}")
+    if mt in SUPPORTED:
+        return SUPPORTED[mt]
+    raise ValueError(f"unsupported architecture model_type={mt!r}: only GPT-2 and LLaMA-family models are "
+                     f"supported: {SUPPORTED_NAMES}")
+
+
+def _check_sliding_window(c: Any) -> None:
+    """Mistral's sliding window is exact as full attention only when it covers every position."""
+    window = getattr(c, "sliding_window", None)
+    mt = getattr(c, "model_type", None)
+    if mt == "qwen2":  # Qwen2 slides only in the layers layer_types marks (use_sliding_window)
+        sliding = "sliding_attention" in (getattr(c, "layer_types", None) or ())
+        window = window if sliding or getattr(c, "use_sliding_window", False) else None
+    if mt in ("mistral", "qwen2") and window is not None and window < c.max_position_embeddings:
+        name = {"mistral": "Mistral", "qwen2": "Qwen2"}[mt]
+        raise ValueError(f"{name} sliding_window={window} < max_position_embeddings={c.max_position_embeddings} "
+                         "is not supported (sliding-window attention is not mapped; a window of at least "
+                         "max_position_embeddings, or None, is)")
 
 
 def config_from_transformers(hf_config: Any, **overrides) -> ModelConfig:
@@ -65,13 +89,15 @@ def config_from_transformers(hf_config: Any, **overrides) -> ModelConfig:
             init_std=getattr(c, "initializer_range", 0.02),
         )
     else:
+        _check_sliding_window(c)
         head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
         if head_dim * c.num_attention_heads != c.hidden_size:
             raise ValueError(
                 f"LLaMA configs with head_dim * num_attention_heads != hidden_size are not supported "
                 f"(head_dim={head_dim}, heads={c.num_attention_heads}, hidden_size={c.hidden_size})"
             )
-        if bool(getattr(c, "attention_bias", False)) != bool(getattr(c, "mlp_bias", False)):
+        qwen2 = c.model_type == "qwen2"  # q/k/v biases, none on o_proj and the MLP
+        if not qwen2 and bool(getattr(c, "attention_bias", False)) != bool(getattr(c, "mlp_bias", False)):
             raise ValueError("LLaMA configs with attention_bias != mlp_bias are not supported")
         if c.hidden_act != "silu":
             raise ValueError(f"LLaMA hidden_act {c.hidden_act!r} is not supported (silu only)")
@@ -96,10 +122,12 @@ def config_from_transformers(hf_config: Any, **overrides) -> ModelConfig:
             rope_layout="half",
             norm="rmsnorm",
             norm_eps=c.rms_norm_eps,
-            bias=bool(getattr(c, "attention_bias", False)),
+            bias=False if qwen2 else bool(getattr(c, "attention_bias", False)),
             tie_embeddings=bool(getattr(c, "tie_word_embeddings", False)),
             init_std=getattr(c, "initializer_range", 0.02),
         )
+        if qwen2:
+            kw["qkv_bias"] = True
     kw.update(overrides)
     return ModelConfig(**kw)
 
@@ -107,10 +135,13 @@ def config_from_transformers(hf_config: Any, **overrides) -> ModelConfig:
 def config_to_transformers(cfg: ModelConfig):
     """A transformers config for ``cfg``: LLaMA-shaped (rope + rmsnorm + swiglu) or GPT-2-shaped
     (learnable positions + layernorm + gelu_tanh/gelu/relu + biases)."""
-    from transformers import GPT2Config, LlamaConfig
+    from transformers import GPT2Config, LlamaConfig, Qwen2Config
 
     if cfg.attention_type != "standard":
         raise ValueError(f"transformers export needs attention_type='standard', got {cfg.attention_type!r}")
+    if _qkv_bias(cfg) != cfg.bias and (cfg.bias or cfg.position_encoding != "rope"):
+        raise ValueError(f"qkv_bias={cfg.qkv_bias} with bias={cfg.bias} has no transformers equivalent (Qwen2: "
+                         "qkv_bias=True, bias=False, LLaMA-shaped)")
     if cfg.position_encoding == "learnable" and cfg.norm == "layernorm" and cfg.bias and cfg.activation != "swiglu":
         if cfg.n_kv_heads != cfg.n_heads:
             raise ValueError("GPT-2 export does not support grouped-query attention (n_kv_heads != n_heads)")
@@ -122,7 +153,17 @@ def config_to_transformers(cfg: ModelConfig):
             resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, initializer_range=cfg.init_std,
             bos_token_id=None, eos_token_id=None,
         )
-    if cfg.position_encoding == "rope" and cfg.norm == "rmsnorm" and cfg.activation == "swiglu" and cfg.rope_layout == "half":
+    rope_llama = cfg.position_encoding == "rope" and cfg.norm == "rmsnorm" and cfg.activation == "swiglu"
+    if rope_llama and cfg.rope_layout == "half" and _qkv_bias(cfg) and not cfg.bias:
+        return Qwen2Config(
+            vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.d_ff,
+            num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads,
+            max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps, use_sliding_window=False,
+            rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_base},
+            tie_word_embeddings=cfg.tie_embeddings, initializer_range=cfg.init_std,
+            bos_token_id=None, eos_token_id=None, pad_token_id=None,
+        )
+    if rope_llama and cfg.rope_layout == "half":
         return LlamaConfig(
             vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.d_ff,
             num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads,
@@ -138,6 +179,11 @@ def config_to_transformers(cfg: ModelConfig):
         f"rope_layout='half' (got position_encoding={cfg.position_encoding!r}, norm={cfg.norm!r}, "
         f"activation={cfg.activation!r}, bias={cfg.bias})"
     )
+
+
+def _qkv_bias(cfg: ModelConfig) -> bool:
+    """Whether the fused qkv projection has a bias (``qkv_bias``, by default ``bias``)."""
+    return cfg.bias if cfg.qkv_bias is None else cfg.qkv_bias
 
 
 def gpt2_map(cfg: ModelConfig) -> list[tuple[str, str, bool]]:
@@ -214,7 +260,7 @@ def from_transformers(model: Any, *, dtype: torch.dtype | None = None, **config_
             flat[f"blocks.{i}.attn.qkv.weight"] = torch.cat(
                 [take(t + "q_proj.weight"), take(t + "k_proj.weight"), take(t + "v_proj.weight")], 0
             )
-            if cfg.bias:
+            if _qkv_bias(cfg):
                 flat[f"blocks.{i}.attn.qkv.bias"] = torch.cat(
                     [take(t + "q_proj.bias"), take(t + "k_proj.bias"), take(t + "v_proj.bias")], 0
                 )
@@ -233,12 +279,12 @@ def to_transformers(cfg: ModelConfig, params: Params, *, model: Any = None):
     With ``model`` given, its weights are overwritten in place (shapes must match); otherwise a
     new model is built from :func:`config_to_transformers`.
     """
-    from transformers import GPT2LMHeadModel, LlamaForCausalLM
+    from transformers import GPT2LMHeadModel, LlamaForCausalLM, Qwen2ForCausalLM
 
     Transformer(cfg).check_params(params)
     hf_cfg = config_to_transformers(cfg)
     if model is None:
-        cls = GPT2LMHeadModel if hf_cfg.model_type == "gpt2" else LlamaForCausalLM
+        cls = {"gpt2": GPT2LMHeadModel, "llama": LlamaForCausalLM, "qwen2": Qwen2ForCausalLM}[hf_cfg.model_type]
         model = cls(hf_cfg)
     flat = flatten(params)
     sd: dict[str, Tensor] = {}
@@ -256,7 +302,7 @@ def to_transformers(cfg: ModelConfig, params: Params, *, model: Any = None):
             t = f"model.layers.{i}.self_attn."
             q, k, v = flat[f"blocks.{i}.attn.qkv.weight"].detach().split(sizes, 0)
             sd[t + "q_proj.weight"], sd[t + "k_proj.weight"], sd[t + "v_proj.weight"] = q, k, v
-            if cfg.bias:
+            if _qkv_bias(cfg):
                 qb, kb, vb = flat[f"blocks.{i}.attn.qkv.bias"].detach().split(sizes, 0)
                 sd[t + "q_proj.bias"], sd[t + "k_proj.bias"], sd[t + "v_proj.bias"] = qb, kb, vb
         if cfg.tie_embeddings:

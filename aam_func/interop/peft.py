@@ -94,7 +94,7 @@ def _to_file(spec: LoRA, adapters: Mapping, base_model: Any) -> tuple[dict[str, 
                 continue
             a, b = ab[t.name]
             m = re.fullmatch(r"blocks\.(\d+)\.attn\.qkv", t.name)
-            if m and model_type == "llama":
+            if m and model_type != "gpt2":
                 p = f"model.layers.{m.group(1)}.self_attn."
                 for proj, bb in zip(("q_proj", "k_proj", "v_proj"), b.split(qkv_sizes(cfg.n_heads, cfg.n_kv_heads, cfg.head_dim), 0)):
                     modules[p + proj] = (a, bb)
@@ -305,7 +305,7 @@ def _load_aam(cfg, pairs: dict, config: dict, directory: str, common: dict) -> t
         if n in seen:
             continue
         m = re.fullmatch(r"model\.layers\.(\d+)\.self_attn\.([qkv])_proj", n)
-        if m and model_type == "llama":
+        if m and model_type != "gpt2":
             p = f"model.layers.{m.group(1)}.self_attn."
             trio = [p + x for x in ("q_proj", "k_proj", "v_proj")]
             seen.update(trio)
@@ -331,7 +331,7 @@ def _load_aam(cfg, pairs: dict, config: dict, directory: str, common: dict) -> t
         targets.append(Target(ours, want[1], want[0], False))
         flat[ours + ".lora_A"], flat[ours + ".lora_B"] = a, b
     hf_cands = {theirs: None for theirs in inverse}
-    if model_type == "llama":
+    if model_type != "gpt2":
         for i in range(cfg.n_layers):
             hf_cands.update({f"model.layers.{i}.self_attn.{x}_proj": None for x in "qkv"})
     problems += _uncovered(hf_cands, pairs, config.get("target_modules"))

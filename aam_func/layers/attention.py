@@ -53,6 +53,7 @@ class SelfAttention:
     weight_init: str = "normal"
     std: float = 0.02
     out_std: float = 0.02
+    qkv_bias: Optional[bool] = None  # None: ``bias``; Qwen2: True with bias=False (q/k/v biases only)
 
     def __post_init__(self):
         if self.d_model % self.n_heads:
@@ -74,7 +75,8 @@ class SelfAttention:
         return qkv_sizes(self.n_heads, self.kv_heads, self.head_dim)
 
     def _qkv(self) -> Linear:
-        return Linear(self.d_model, sum(self.qkv_sizes), bias=self.bias, weight_init=self.weight_init, std=self.std)
+        qkv_bias = self.bias if self.qkv_bias is None else self.qkv_bias
+        return Linear(self.d_model, sum(self.qkv_sizes), bias=qkv_bias, weight_init=self.weight_init, std=self.std)
 
     def _out(self) -> Linear:
         return Linear(self.d_model, self.d_model, bias=self.bias, weight_init=self.weight_init, std=self.out_std)

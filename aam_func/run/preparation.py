@@ -159,7 +159,16 @@ def run_data(data: Optional[str], prepared: Optional[str], out_dir: str, tokeniz
 
 
 def load_init_checkpoint(path: str):
-    """The ``--init-from`` checkpoint (without optimizer state); it must hold a tokenizer."""
+    """The ``--init-from`` checkpoint (without optimizer state); it must hold a tokenizer. A
+    transformers model directory or a cached model name is read as one (step 0, its own
+    tokenizer: :func:`aam_func.interop.pretrained.load_pretrained_model`)."""
+    from ..interop import pretrained
+
+    if pretrained.is_init_source(path):
+        try:
+            return pretrained.load_pretrained_model(path)
+        except pretrained.PretrainedError as e:
+            raise RunError(f"--init-from: {e}") from None
     try:
         init = load_checkpoint(path, load_optimizer=False)
     except CheckpointError as e:
