@@ -100,15 +100,21 @@ def cases(problem, params, x, y, module):
     return out
 
 
-def run(name, fns, reps):
+CLOCKS = {"wall": time.perf_counter, "cpu": time.thread_time}
+
+
+def run(name, fns, reps, clock="wall"):
+    """Median times of each case, run round-robin; ``clock="cpu"``: this thread's CPU time (with
+    OMP_NUM_THREADS=1 the kernels and the CPU autograd engine run on it), steady under outside load."""
+    now = CLOCKS[clock]
     for f in fns.values():
         f()  # warm-up
     times = {k: [] for k in fns}
     for _ in range(reps):
         for k, f in fns.items():
-            t = time.perf_counter()
+            t = now()
             f()
-            times[k].append(time.perf_counter() - t)
+            times[k].append(now() - t)
     med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
     print(f"\n{name}: median ms over {reps} rounds")
     for k, v in med.items():
@@ -124,13 +130,15 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--gpt", type=int, default=4, help="GPT layers (0: skip)")
+    ap.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
+                    help="wall time, or this thread's CPU time (use with OMP_NUM_THREADS=1 on a shared machine)")
     a = ap.parse_args()
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, curvlinops "
           f"{'present' if curvlinops is not None else 'absent'}")
-    run("MLP 784-128-64-10, batch 128", cases(*module_cases(*mlp_case())), a.reps)
-    run("CNN 1-16-32 conv + linear, 8x8, batch 64", cases(*module_cases(*cnn_case())), a.reps)
+    run("MLP 784-128-64-10, batch 128", cases(*module_cases(*mlp_case())), a.reps, a.clock)
+    run("CNN 1-16-32 conv + linear, 8x8, batch 64", cases(*module_cases(*cnn_case())), a.reps, a.clock)
     if a.gpt:
-        run(f"GPT {a.gpt} layers d64 vocab 256, 32x64 tokens", cases(*gpt_case(a.gpt)), a.reps)
+        run(f"GPT {a.gpt} layers d64 vocab 256, 32x64 tokens", cases(*gpt_case(a.gpt)), a.reps, a.clock)
 
 
 if __name__ == "__main__":

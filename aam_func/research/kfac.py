@@ -85,7 +85,8 @@ class _Collector(Client):
         if not use.plain:
             self.others[use.key] = f"a {use.kind} use with groups > 1"
             return out
-        probe = torch.zeros_like(out, requires_grad=True)
+        # a stride-0 zero leaf: no (out-sized) allocation or fill; its gradient is the output's
+        probe = torch.zeros((), dtype=out.dtype, device=out.device).expand(out.shape).requires_grad_()
         self.uses.append((use.key, use.kind, use.input.detach(), probe, use.bias, use.options,
                           tuple(use.weight.shape[2:])))
         return out + probe
@@ -101,17 +102,22 @@ class _Collector(Client):
         return tensor
 
 
-def _rows(kind: str, x: Tensor, g: Tensor, options: dict, kernel: tuple) -> tuple[Tensor, Tensor, int]:
-    """(a (rows, in), g (rows, out), T rows per example) of one use in (out, in) orientation."""
+def _input_rows(kind: str, x: Tensor, options: dict, kernel: tuple) -> tuple[Tensor, int]:
+    """(a (rows, in), T rows per example) of one use in (out, in) orientation."""
     B = x.shape[0]
     if kind == "conv":
         nd = len(kernel)
         U = patches(x.reshape(-1, *x.shape[-(nd + 1):]), kernel, options)  # (B, C·∏k, L)
-        a = U.transpose(1, 2).reshape(-1, U.shape[1])
-        gg = g.reshape(B, g.shape[1], -1).transpose(1, 2).reshape(-1, g.shape[1])
-        return a, gg, U.shape[2]
-    a, gg = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])
-    return a, gg, a.shape[0] // B
+        return U.transpose(1, 2).reshape(-1, U.shape[1]), U.shape[2]
+    a = x.reshape(-1, x.shape[-1])
+    return a, a.shape[0] // B
+
+
+def _grad_rows(kind: str, g: Tensor) -> Tensor:
+    """g (rows, out) of one use's output gradient, rows as :func:`_input_rows` orders them."""
+    if kind == "conv":
+        return g.reshape(g.shape[0], g.shape[1], -1).transpose(1, 2).reshape(-1, g.shape[1])
+    return g.reshape(-1, g.shape[-1])
 
 
 def _vectors(problem: Problem, out: Tensor, y: Tensor, fisher: str, samples: int, generator):
@@ -168,12 +174,12 @@ def collect(problem: Problem, params, inputs, targets, *, fisher: str = "type-2"
         skipped.update(rec.others)
         for k, (key, kind, x, probe, b, options, kernel) in enumerate(rec.uses):
             bname = ids.get(id(b)) if b is not None else None
-            a, _, T = _rows(kind, x, probe, options, kernel)
+            a, T = _input_rows(kind, x, options, kernel)
             if bias == "augment" and bname is not None:
                 a = torch.cat([a, a.new_ones(a.shape[0], 1)], 1)
-            G = sum(w * (lambda gg: gg.t() @ gg)(_rows(kind, x, gs[k], options, kernel)[1]) for gs, w in grads)
+            G = sum(w * (lambda gg: gg.t() @ gg)(_grad_rows(kind, gs[k])) for gs, w in grads)
             entry = sums.setdefault(key, [0, 0, 0, (bname, kind == "addmm")])
-            entry[0] = entry[0] + a.t() @ a / T
+            entry[0] = entry[0] + torch.mm(a.t(), a).div_(T)
             entry[1] = entry[1] + G
             entry[2] += (e - s)
     factors = {}
@@ -219,7 +225,7 @@ def eigen_correct(problem: Problem, params, inputs, targets, factors: Factors, *
                 if key not in eig:
                     continue
                 f, (QA, QG) = factors.factors[key], eig[key]
-                a, g, _ = _rows(kind, x, gs[k], options, kernel)
+                (a, _), g = _input_rows(kind, x, options, kernel), _grad_rows(kind, gs[k])
                 if f.augmented:
                     a = torch.cat([a, a.new_ones(a.shape[0], 1)], 1)
                 n = e - s
