@@ -104,26 +104,30 @@ def __getattr__(name):
 
 
 # ----------------------------------------------------------------------------------------------
-# Registration (only where triton is installed): the blockwise kernel's samples, plus a query
-# offset and a block-sparse layout, at tile sizes that split them into several tiles.
+# Registration (only where triton is installed). Under the interpreter every call costs tens of
+# milliseconds per program and gradcheck makes hundreds of calls, so the registry gets two small
+# (head_dim 1 and 2)
+# samples that together cover every input kind (GQA, padding, window, ALiBi's bias vector; Shaw,
+# a sparse pattern, q_offset); tests/test_attention_triton.py covers every variant over several tiles.
 # ----------------------------------------------------------------------------------------------
 
 
 def _op(q, k, v, table=None, *, kind=None, **kw):
     from ..kernel import _sample_bias
 
-    return triton_attention(q, k, v, relative_bias=_sample_bias(table, kind, kw), block_q=4, block_k=4, **kw)
+    tile = 4 if q.device.type == "cpu" else None  # CUDA's minimum tile is 16
+    return triton_attention(q, k, v, relative_bias=_sample_bias(table, kind, kw), block_q=tile, block_k=tile, **kw)
 
 
 def _samples() -> list:
-    from ..kernel import _samples as blockwise_samples
-
     g = torch.Generator().manual_seed(1)
     r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64).requires_grad_()  # noqa: E731
-    layout = torch.tensor([[True, False], [True, True]])
-    return blockwise_samples() + [
-        ((r(1, 2, 3, 2), r(1, 1, 8, 2), r(1, 1, 8, 2)), dict(causal=True, q_offset=2)),
-        ((r(1, 2, 8, 2), r(1, 2, 8, 2), r(1, 2, 8, 2)), dict(causal=False, sparsity=Sparsity("block", block_size=4, layout=layout))),
+    kpm = torch.tensor([[True, False, True, True]])
+    return [
+        ((r(1, 2, 3, 1), r(1, 1, 4, 1), r(1, 1, 4, 1), r(2).abs().detach().requires_grad_()),
+         dict(causal=True, key_padding_mask=kpm, window=3, kind="alibi")),
+        ((r(1, 1, 3, 2), r(1, 1, 4, 2), r(1, 1, 4, 2), r(3, 2)),
+         dict(causal=False, sparsity=Sparsity("strided", stride=2), q_offset=1, kind="shaw", max_distance=1)),
     ]
 
 
