@@ -52,9 +52,12 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
+WARMUP = [1]  # warmup calls per timing; 0 with --smoke (the figures mean nothing there)
+
+
 def timed(fn, device, budget: float, warmup: int = 1, max_reps: int = 20) -> dict:
     """Median seconds of ``fn()`` over the repetitions that fit in ``budget`` (at least one)."""
-    for _ in range(warmup):
+    for _ in range(min(warmup, WARMUP[0])):
         fn()
     sync(device)
     times, start = [], time.perf_counter()
@@ -427,10 +430,11 @@ def main(argv=None):
     device = torch.device(args.device or ("cpu" if args.smoke or not torch.cuda.is_available() else "cuda"))
     args.sizes = SMOKE if args.smoke else FULL
     args.budget = args.budget if args.budget is not None else (0.05 if args.smoke else 3.0)
+    WARMUP[0] = 0 if args.smoke else 1
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
     emit("meta", "environment", device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-         torch=torch.__version__, smoke=args.smoke, peak_bf16_flops=peak_flops(device))
+         torch=torch.__version__, smoke=args.smoke, peak_bf16_flops=peak_flops(device), status="ok")
     torch.manual_seed(0)
     for name in args.only or GROUPS:
         t0 = time.perf_counter()
