@@ -257,3 +257,48 @@ def test_sparse_tile_table_skips_exactly_the_empty_tiles():
         want = full.reshape(-1, 4, 4, 4).any(3).any(1)
         assert torch.equal(table.bool(), want)
         assert not table.bool().all()  # something is skipped
+
+
+_POINTER_ACC = {"LSE", "TLSE", "DL", "DQE", "DRB", "QE", "RB", "TQE", "TRB"}
+_POINTER_IN = {"Q", "K", "V", "O", "TO", "TQ", "TK", "TV", "DO", "DK", "DV", "DQ"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("features", [True, False], ids=["every-variant", "plain"])
+def test_kernels_compile_for_a_gpu_without_one(features):
+    """Ahead-of-time compilation of the four kernels for sm_90 (bf16, 64 x 64 tiles) with
+    triton's bundled ptxas: what the interpreter cannot check (types, layouts, shared memory)
+    is checked by the real compiler, with every constexpr branch on, then off."""
+    import inspect
+
+    import triton
+    import triton.language as tl
+    from triton.backends.compiler import GPUTarget
+
+    from aam_func.ops.attention.triton import launch
+
+    mod = launch.load_kernels(False)
+    consts = dict(CAUSAL=features, HAS_WINDOW=features, HAS_KPM=features, SPARSE=3 if features else 0,
+                  HAS_QE=features, HAS_RB=features, ACC=tl.float32, PREC="tf32", UPCAST=False, BM=64, BN=64, BD=64,
+                  BDV=64, HAS_TQ=True, HAS_TK=features, HAS_TV=features, HAS_TQE=features, HAS_TRB=features)
+    for name in ("_fwd_kernel", "_jvp_kernel", "_bwd_kv_kernel", "_bwd_q_kernel"):
+        fn = getattr(mod, name)
+        params = list(inspect.signature(fn.fn).parameters)
+        sig = {}
+        for p in params:
+            if p in consts:
+                sig[p] = "constexpr"
+            elif p == "SCALE":
+                sig[p] = "fp32"
+            elif p in ("KPM", "LAYOUT", "TILES"):
+                sig[p] = "*u8"
+            elif p in _POINTER_ACC:
+                sig[p] = "*fp32"
+            elif p in _POINTER_IN and not (p == "DV" and name == "_fwd_kernel") and not (p == "DV" and name == "_jvp_kernel"):
+                sig[p] = "*bf16"
+            else:
+                sig[p] = "i32"
+        src = triton.compiler.ASTSource(fn=fn, signature=sig,
+                                        constexprs={(params.index(c),): v for c, v in consts.items() if c in params})
+        compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32))
+        assert compiled.metadata.shared <= 228 * 1024, (name, compiled.metadata.shared)

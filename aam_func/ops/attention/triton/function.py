@@ -35,11 +35,14 @@ _SPARSE = {None: 0, "strided": 1, "fixed": 2, "block": 3}
 
 
 def _blocks(q: Tensor, k: Tensor, block_m: Optional[int], block_n: Optional[int]) -> tuple[int, int]:
-    """Tile sizes: given, or 64 x 64 on CUDA (untuned: no GPU has run these kernels yet) and
-    16 x 16 under the interpreter. Powers of two, at least 16 on CUDA (tl.dot's minimum)."""
+    """Tile sizes: given, or on CUDA 64 x 64 for fp16/bf16 and 32 x 32 for fp32/fp64 (IEEE
+    matmuls without tensor cores: 64-tiles took 2 minutes to compile the fp32 jvp kernel for
+    sm_90 ahead of time, 32-tiles 21 s), untuned since no GPU has run these kernels yet; 16 x 16
+    under the interpreter. Powers of two, at least 16 on CUDA (tl.dot's minimum)."""
     cuda = q.device.type == "cuda"
-    bm = block_m or (64 if cuda else 16)
-    bn = block_n or (64 if cuda else 16)
+    tile = (64 if q.dtype in (torch.float16, torch.bfloat16) else 32) if cuda else 16
+    bm = block_m or tile
+    bn = block_n or tile
     for name, b in (("block_q", bm), ("block_k", bn)):
         if b & (b - 1) or (cuda and b < 16):
             raise ValueError(f"backend='triton' needs {name} a power of two{' >= 16 on CUDA' if cuda else ''}, got {b}")
