@@ -302,3 +302,22 @@ def test_kernels_compile_for_a_gpu_without_one(features):
                                         constexprs={(params.index(c),): v for c, v in consts.items() if c in params})
         compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32))
         assert compiled.metadata.shared <= 228 * 1024, (name, compiled.metadata.shared)
+
+
+def test_model_with_the_triton_backend_equals_math():
+    """A Transformer configured with attention_backend="triton" (GQA, padding): the loss and its
+    gradient equal the math backend's."""
+    import aam_func as af
+    from aam_func import tree
+
+    cfg = af.ModelConfig(vocab_size=32, d_model=8, n_layers=1, n_heads=2, n_kv_heads=1, max_seq_len=8, dropout=0.0,
+                         attention_backend="triton")
+    ids = torch.randint(0, 32, (2, 6), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones(2, 6, dtype=torch.bool)
+    mask[1, :2] = False
+    tri, ref = af.Transformer(cfg), af.Transformer(cfg.replace(attention_backend="math"))
+    params = tri.init(seed=0)
+    loss = lambda m: lambda p: m.apply(p, input_ids=ids, attention_mask=mask, labels=ids)["loss"]  # noqa: E731
+    assert abs(loss(tri)(params).item() - loss(ref)(params).item()) < 1e-5
+    pairs = zip(tree.leaves(grad(loss(tri))(params)), tree.leaves(grad(loss(ref))(params)))
+    assert max((a - b).abs().max().item() for a, b in pairs) < 1e-5
