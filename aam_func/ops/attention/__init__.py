@@ -19,10 +19,12 @@ The package, one job per module:
   the path that runs.
 
 Backends a caller may ask for: ``"blockwise"``, ``"math"``, ``"sdpa"`` (no relative bias),
-``"xformers"`` (standard attention, when installed) and ``"auto"``: SDPA when the call needs
+``"xformers"`` (standard attention, when installed), ``"triton"`` (:mod:`.triton`, every variant,
+needs the triton package) and ``"auto"``: SDPA when the call needs
 no mask or bias and no forward-mode AD is active (nor vmap on CUDA), else blockwise; dropout
 always runs on the math path, and so does a call under CPU bf16 autocast that takes a gradient
-(in its additive-bias form without padding or a relative bias). Derivations:
+(in its additive-bias form without padding or a relative bias); on CUDA with triton installed,
+``auto`` runs the Triton kernels where it would run blockwise. Derivations:
 ``proofs/attention.md``.
 """
 
@@ -40,6 +42,7 @@ from .dense import dense_bias, reference, xformers
 from .dense import sdpa as _sdpa  # looked up here at call time: tests wrap it to see the path taken
 from .kernel import BlockwiseAttention, blockwise
 from .masks import RelativeBias, Sparsity, allowed_mask, check_relative_bias, relative_logits, t5_bucket
+from . import triton as _triton  # noqa: F401 - registers the Triton op where the triton package is installed
 
 __all__ = [
     "attention", "blockwise", "BlockwiseAttention", "Sparsity", "RelativeBias", "allowed_mask", "relative_logits",
@@ -139,4 +142,8 @@ def attention(
         return dense_bias(q, k, v, causal=causal, window=window, sparsity=sparsity, scale=scale)
     if route.path == "xformers":
         return xformers(q, k, v, **masks)
+    if route.path == "triton":  # tile sizes: the Triton backend's own (ops/attention/triton)
+        from .triton import triton_attention
+
+        return triton_attention(q, k, v, relative_bias=relative_bias, q_offset=q_offset, **masks)
     return blockwise(q, k, v, relative_bias=relative_bias, block_q=block_q, block_k=block_k, **masks)

@@ -10,6 +10,7 @@ case the table distinguishes.
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 from typing import NamedTuple, Optional
 
@@ -21,9 +22,13 @@ from .._util import forward_ad_active, vmap_active
 
 __all__ = ["BACKENDS", "PATHS", "CallFacts", "Route", "call_facts", "choose_path", "check_q_offset"]
 
-BACKENDS = ("auto", "math", "sdpa", "blockwise", "xformers")  # what a caller (or a config) may ask for
-PATHS = ("sdpa", "math", "dense_bias", "blockwise", "xformers")  # what actually runs
+BACKENDS = ("auto", "math", "sdpa", "blockwise", "xformers", "triton")  # what a caller (or a config) may ask for
+PATHS = ("sdpa", "math", "dense_bias", "blockwise", "xformers", "triton")  # what actually runs
 
+_TRITON = importlib.util.find_spec("triton") is not None  # read once: call_facts runs under dynamo
+# whether auto may take the Triton kernels on CUDA: not before a device has run them
+TRITON_AUTO = False
+TRITON_DROPOUT_FALLBACK = "backend='triton' has no attention dropout; calls with dropout_p > 0 run on the dense math path"
 DROPOUT_FALLBACK = "backend='blockwise' has no attention dropout; calls with dropout_p > 0 run on the dense math path"
 
 
@@ -47,6 +52,7 @@ class CallFacts:
     causal: bool
     q_len: int
     k_len: int
+    triton: bool = False  # a CUDA call with the triton package installed (ops/attention/triton)
 
 
 class Route(NamedTuple):
@@ -90,6 +96,7 @@ def call_facts(q, k, v, *, backend, causal, key_padding_mask, window, sparsity, 
         causal=bool(causal),
         q_len=q.shape[2],
         k_len=k.shape[2],
+        triton=_TRITON and q.device.type == "cuda",
     )
 
 
@@ -110,6 +117,8 @@ def choose_path(f: CallFacts) -> Route:
                    else "q, k and v dtypes differ")
             raise ValueError(f"backend='sdpa' cannot run this call: {why}; use backend='blockwise', 'math' or 'auto'")
         return Route("sdpa")
+    if f.backend == "triton":  # asked for: every mask, bias and q_offset; dropout only on math
+        return Route("math", TRITON_DROPOUT_FALLBACK) if f.dropout else Route("triton")
     if f.q_offset:  # a static KV cache (backend 'math' or 'auto'): dense paths only
         # auto: SDPA with a dense mask, except while compiling (inductor fuses the math path's
         # mask, softmax and matmuls; a compiled decode step ran 7-13% faster, docs/benchmarks.md),
@@ -136,7 +145,10 @@ def choose_path(f: CallFacts) -> Route:
     # (docs/benchmarks.md), so it stays.
     if sdpa_ok and mask_free and not f.forward_ad and not (f.vmap and f.device == "cuda"):
         return Route("sdpa")
-    return Route("blockwise")  # everything else: exact, O(T) memory, every mask, forward AD
+    # everything else: exact, O(T) memory, every mask, forward AD. The Triton kernels serve this
+    # row on CUDA only once a GPU run has checked and timed them (docs/gpu.md): until then
+    # auto keeps the blockwise kernel and backend="triton" is asked for by name.
+    return Route("triton" if f.triton and TRITON_AUTO else "blockwise")
 
 
 def check_q_offset(q_offset, backend: str) -> None:
