@@ -39,7 +39,8 @@ from .masks import t5_bucket
 __all__ = [
     "check_score_mod", "check_mask_mod", "captured_tensors", "rebind", "and_masks", "or_masks",
     "causal_mask", "sliding_window", "strided", "fixed", "padding", "document", "prefix_lm", "sinks",
-    "alibi", "t5", "relative_table", "softcap", "compose_scores", "index_grid",
+    "alibi", "t5", "relative_table", "softcap", "compose_scores", "index_grid", "document_ids",
+    "document_positions",
 ]
 
 
@@ -271,6 +272,23 @@ def document(document_ids: Tensor) -> Callable:
     def mask(b, h, q_idx, kv_idx):
         return document_ids[b, q_idx] == document_ids[b, kv_idx]
     return mask
+
+
+def document_ids(ids: Tensor, eos_id: int) -> Tensor:
+    """Document ids (…, T) int64 of a packed token stream whose documents each end with
+    ``eos_id``: 0 for the first document of the block, +1 after each eos (the eos belongs to the
+    document it ends). A block that starts mid-document counts that document as its first."""
+    is_eos = (ids == eos_id).to(torch.int64)
+    return torch.cumsum(is_eos, dim=-1) - is_eos
+
+
+def document_positions(doc: Tensor) -> Tensor:
+    """Positions (…, T) that restart at 0 where the document id changes: ``t − start(doc(t))``."""
+    T = doc.shape[-1]
+    t = torch.arange(T, device=doc.device).expand(doc.shape)
+    start = torch.zeros_like(doc[..., :1]).expand(doc.shape[:-1] + (1,)).to(torch.int64)
+    starts = torch.cat([start, torch.where(doc[..., 1:] != doc[..., :-1], t[..., 1:], 0)], dim=-1)
+    return t - torch.cummax(starts, dim=-1).values
 
 
 def prefix_lm(prefix_len) -> Callable:
