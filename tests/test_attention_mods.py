@@ -97,15 +97,19 @@ def build(c):
     if mask_list:
         mask_mod = (mods.and_masks if c["combine"] == "and" else mods.or_masks)(*mask_list)
 
-    def f(backend, q, k, v, *tabs):
+    def mods_of(*tabs):
         score_mods, i = [], 0
         for make, n in makers:  # the closures capture the (possibly transformed) tables
             score_mods.append(make(*tabs[i:i + n]))
             i += n
-        sm = mods.compose_scores(*score_mods) if score_mods else None
-        return attention(q, k, v, causal=c["causal"], score_mod=sm, mask_mod=mask_mod, backend=backend,
+        return (mods.compose_scores(*score_mods) if score_mods else None), mask_mod
+
+    def f(backend, q, k, v, *tabs):
+        sm, mm = mods_of(*tabs)
+        return attention(q, k, v, causal=c["causal"], score_mod=sm, mask_mod=mm, backend=backend,
                          block_q=c["bq"], block_k=c["bk"])
 
+    f.mods_of = mods_of
     return (q, k, v, *tables), f
 
 

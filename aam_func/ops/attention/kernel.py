@@ -351,11 +351,29 @@ def _sample_bias(table, kind, kw) -> Optional[RelativeBias]:
     return RelativeBias(kind, table, max_distance=kw.pop("max_distance", 3), num_buckets=kw.pop("num_buckets", 4))
 
 
+_SAMPLE_DOCS = torch.tensor([[0, 0, 0, 1, 1, 2]])
+
+
+def _sample_mods(table, kind, kw) -> dict:
+    """A sample's score_mod / mask_mod (issue 20): a learned per-head table the closure captures
+    (it gets gradients), soft-capping, and a document mask."""
+    from . import mods
+
+    if kind == "mods":
+        return dict(score_mod=mods.compose_scores(mods.relative_table(table, 2), mods.softcap(2.0)),
+                    mask_mod=mods.and_masks(mods.causal_mask, mods.document(_SAMPLE_DOCS)))
+    return {}
+
+
 def _op(q, k, v, table=None, *, kind=None, **kw):
+    if kind == "mods":
+        return blockwise(q, k, v, block_q=3, block_k=2, **_sample_mods(table, kind, kw), **kw)
     return blockwise(q, k, v, relative_bias=_sample_bias(table, kind, kw), block_q=3, block_k=3, **kw)
 
 
 def _ref(q, k, v, table=None, *, kind=None, **kw):
+    if kind == "mods":
+        return reference(q, k, v, **_sample_mods(table, kind, kw), **kw)
     return reference(q, k, v, relative_bias=_sample_bias(table, kind, kw), **kw)
 
 
@@ -371,6 +389,7 @@ def _samples() -> list:
         ((r(B, H, T, d), r(B, H, T, d), r(B, H, T, d), r(5, d)), dict(causal=True, kind="shaw", max_distance=2)),
         ((r(B, H, T, d), r(B, H, T, d), r(B, H, T, d), r(H, 4)), dict(causal=False, kind="t5")),
         ((r(B, H, T, d), r(B, Hkv, T, d), r(B, Hkv, T, d), r(H).abs().detach().requires_grad_()), dict(causal=True, kind="alibi")),
+        ((r(B, H, T, d), r(B, Hkv, T, d), r(B, Hkv, T, d), r(H, 5)), dict(kind="mods")),
     ]
 
 
