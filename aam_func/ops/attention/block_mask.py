@@ -68,9 +68,10 @@ def _row_states(mask_mod, B: int, H: int, qs: int, qe: int, KV: int, bk: int, de
     """(B, H, n_kv_tiles) states of query tile [qs, qe)."""
     b, h, qi, ki = index_grid(B, H, qe - qs, KV, device, q_start=qs)
     ok = mask_mod(b, h, qi, ki).expand(B, H, qe - qs, KV)
-    pad = -KV % bk
-    anyv = F.pad(ok, (0, pad), value=False).reshape(B, H, qe - qs, -1, bk).any(-1).any(-2)
-    allv = F.pad(ok, (0, pad), value=True).reshape(B, H, qe - qs, -1, bk).all(-1).all(-2)
+    pad = -KV % bk  # pad the last tile: False for "any", True for "all"
+    tiles = (B, H, qe - qs, -1, bk)
+    anyv = (F.pad(ok, (0, pad), value=False) if pad else ok).reshape(tiles).any(-1).any(-2)
+    allv = (F.pad(ok, (0, pad), value=True) if pad else ok).reshape(tiles).all(-1).all(-2)
     return torch.where(allv, FULL, torch.where(anyv, PARTIAL, EMPTY)).to(torch.int8)
 
 

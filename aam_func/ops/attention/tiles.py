@@ -67,10 +67,10 @@ def key_tiles(o: Opts, Tq: int, Tk: int, qs: int, qe: int, has_padding: bool, de
     w = o.window
     q_pos = None
     planned = None if o.plan is None else dict(o.plan[qs // o.block_q])
-    for ks in range(0, Tk, o.block_k):
+    # with a block mask, only its tiles (the others: mask_mod allows no pair of them)
+    starts = range(0, Tk, o.block_k) if planned is None else [j * o.block_k for j in planned]
+    for ks in starts:
         ke = min(ks + o.block_k, Tk)
-        if planned is not None and ks // o.block_k not in planned:
-            continue  # mask_mod allows no pair of this tile
         dmin, dmax = i_lo - (ke - 1), i_hi - ks  # range of d = i - j over the tile
         if o.causal and dmax < 0:
             continue
