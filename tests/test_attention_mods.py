@@ -362,3 +362,28 @@ def test_captured_tensors_are_found_through_nested_mods_and_rebound():
     a2 = torch.full((2,), 5.0)
     rebound = mods.rebind(sm, [a], [a2])
     assert mods.captured_tensors(rebound) == [a2] and mods.captured_tensors(sm)[0] is a
+
+
+# ------------------------------------------------------------------------- dispatch table
+
+
+def _facts(**changes):
+    from aam_func.ops.attention import backends
+
+    base = dict(backend="auto", device="cuda", same_dtype=True, cpu_bf16_grad=False, compiling=False, forward_ad=False,
+                vmap=False, q_offset=False, relative_bias=False, dropout=False, padding=False, window=False,
+                sparsity=False, causal=True, q_len=4, k_len=4, mods=True, flex_available=True)
+    return backends.choose_path(backends.CallFacts(**{**base, **changes}))
+
+
+def test_mods_route_to_flex_on_cuda_only_where_it_serves_the_call():
+    assert _facts().path == "flex"
+    for why in (dict(device="cpu"), dict(forward_ad=True), dict(vmap=True), dict(compiling=True),
+                dict(relative_bias=True), dict(padding=True), dict(window=True), dict(sparsity=True),
+                dict(q_len=2), dict(flex_available=False), dict(backend="blockwise"), dict(same_dtype=False)):
+        assert _facts(**why).path == "blockwise", why
+    assert _facts(backend="math").path == "math"
+    assert _facts(dropout=True).path == "math"
+    assert _facts(causal=False, q_len=2).path == "flex"  # no causal triangle to fold
+    with pytest.raises(ValueError, match="not with backend='xformers'"):
+        _facts(backend="xformers")

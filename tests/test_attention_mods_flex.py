@@ -71,3 +71,27 @@ def test_flex_backward_on_cuda():
     gb = torch.autograd.grad(b.square().sum(), (q, k, v, tab))
     for x, y in zip(ga, gb):
         torch.testing.assert_close(x, y, atol=1e-4, rtol=1e-4)
+
+
+def test_the_flex_path_folds_causal_and_caches_its_block_mask(monkeypatch):
+    """aam_func's FlexAttention path (taken by ``auto`` on CUDA), run here with FlexAttention's
+    eager CPU forward in place of the compiled kernel: the menu's causal flag is folded into the
+    mask_mod, GQA goes through enable_gqa, and FlexAttention's block mask is built once per
+    BlockMask."""
+    from aam_func.ops.attention import flex as flex_path
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        monkeypatch.setitem(flex_path._COMPILED, "fn", flex_attention.flex_attention)
+        g = torch.Generator().manual_seed(5)
+        q = torch.randn(1, 4, 16, 8, generator=g, dtype=torch.float64)
+        k, v = (torch.randn(1, 2, 16, 8, generator=g, dtype=torch.float64) for _ in range(2))
+        doc = torch.tensor([[0] * 7 + [1] * 9])
+        bm = create_block_mask(mods.document(doc), 1, 1, 16, 16, BLOCK_SIZE=8)
+        sm = mods.softcap(2.0)
+        a = flex_path.flex(q, k, v, causal=True, score_mod=sm, mask_mod=None, block_mask=bm, scale=None)
+        assert len(bm.cache) == 1
+        flex_path.flex(q, k, v, causal=True, score_mod=sm, mask_mod=None, block_mask=bm, scale=None)
+        assert len(bm.cache) == 1  # reused, not rebuilt
+        b = attention(q, k, v, causal=True, score_mod=sm, block_mask=bm, backend="blockwise")
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)

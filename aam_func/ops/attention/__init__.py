@@ -43,7 +43,7 @@ from .dense import dense_bias, reference, xformers
 from .dense import sdpa as _sdpa  # looked up here at call time: tests wrap it to see the path taken
 from . import mods
 from .block_mask import BlockMask, create_block_mask
-from .flex import flex
+from .flex import flex as _flex  # (the module stays reachable as .flex)
 from .kernel import BlockwiseAttention, blockwise
 from .masks import RelativeBias, Sparsity, allowed_mask, check_relative_bias, relative_logits, t5_bucket
 from .mods import check_mask_mod, check_score_mod
@@ -121,7 +121,7 @@ def _with_mods(path, q, k, v, masks, relative_bias, dropout_p, generator, block_
                block_mask) -> Tensor:
     """Run a call with mods on its path: blockwise, math (dropout, or asked) or FlexAttention."""
     if path == "flex":
-        return flex(q, k, v, causal=masks["causal"], score_mod=score_mod, mask_mod=mask_mod, block_mask=block_mask,
+        return _flex(q, k, v, causal=masks["causal"], score_mod=score_mod, mask_mod=mask_mod, block_mask=block_mask,
                     scale=masks["scale"])
     if path == "math":
         return reference(q, k, v, relative_bias=relative_bias, dropout_p=dropout_p, generator=generator,
