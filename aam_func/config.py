@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from .checks import check_choice, check_int, check_number
+from .checks import check_bool, check_choice, check_int, check_number
 from .init import WEIGHT_INITS
 # each tuple of names is owned by the code that dispatches on it; config re-exports them
 from .layers.attention import ATTENTION_TYPES
@@ -69,6 +69,8 @@ class ModelConfig:
     weight_init: str = "normal"  # normal (GPT-2: N(0, init_std), residual outputs / sqrt(2 n_layers)) or the guide's xavier_uniform / kaiming_*
     fused_cross_entropy: bool = True
     qkv_bias: Optional[bool] = None  # None: ``bias``; True with bias=False: biases on q/k/v only (Qwen2)
+    document_mask: bool = False  # packed blocks: attend within each document only (issue 20; docs/attention.md)
+    eos_token_id: Optional[int] = None  # the token that ends a document (document_mask finds documents by it)
 
     def __post_init__(self):
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass)
@@ -106,6 +108,8 @@ class ModelConfig:
         check_choice("weight_init", self.weight_init, WEIGHT_INITS)
         check_choice("rope_layout", self.rope_layout, ROPE_LAYOUTS)
         check_choice("sparse_pattern", self.sparse_pattern, SPARSE_PATTERNS)
+        check_bool("document_mask", self.document_mask)
+        check_int("eos_token_id", self.eos_token_id, min=0, max=self.vocab_size - 1, allow_none=True)
 
         self._resolve_flag("use_relative_pos", "attention_type", "relative", "standard", ATTENTION_TYPES)
         self._resolve_flag("use_rope", "position_encoding", "rope", "sinusoidal", POSITION_ENCODINGS)
@@ -131,6 +135,9 @@ class ModelConfig:
                 f"use_flash_attention=True conflicts with attention_backend={self.attention_backend!r}; "
                 "flash-style attention is 'blockwise' (or 'sdpa')"
             )
+        if self.document_mask and self.attention_backend in ("sdpa", "xformers"):
+            raise ValueError(f"document_mask=True needs attention_backend 'auto', 'blockwise' or 'math' (a mask_mod), "
+                             f"got {self.attention_backend!r}")
 
     def _resolve_flag(self, flag: str, name: str, implied: str, default: str, choices: tuple) -> None:
         """The explicit field ``name`` behind one of the guide's bool flags: unset, it is

@@ -24,6 +24,7 @@ __all__ = [
     "lm_loss",
     "shift_labels",
     "count_targets",
+    "mask_document_starts",
     "focal_loss",
     "label_smoothing_loss",
     "contrastive_loss",
@@ -77,6 +78,15 @@ def shift_labels(labels: Tensor, attention_mask: Tensor | None = None, ignore_in
         labels = labels.masked_fill(~attention_mask, ignore_index)
     pad = torch.full_like(labels[:, :1], ignore_index)
     return torch.cat([labels[:, 1:], pad], dim=1)
+
+
+def mask_document_starts(labels: Tensor, document_ids: Tensor, ignore_index: int = -100) -> Tensor:
+    """Document masking: ``labels`` with ``ignore_index`` at the first token of each document
+    after the first, so the cross-document target at each boundary (the last token of a
+    document predicting the next document's first) counts in no loss. (batch, seq) -> (batch, seq)."""
+    start = torch.zeros_like(document_ids, dtype=torch.bool)
+    start[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]
+    return labels.masked_fill(start, ignore_index)
 
 
 def count_targets(labels: Tensor, attention_mask: Tensor | None = None, ignore_index: int = -100) -> Tensor:

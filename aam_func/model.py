@@ -35,9 +35,12 @@ from .layers import (
     dropout,
     make_norm,
 )
-from .losses import lm_loss, shift_labels
+from .losses import lm_loss, mask_document_starts, shift_labels
 from .ops._util import values_inspectable
 from .ops.cross_entropy import IGNORE_INDEX, check_class_ids, linear_cross_entropy
+from .ops.attention import create_block_mask
+from .ops.attention.mods import document, document_positions
+from .ops.attention.mods import document_ids as document_ids_of
 from .ops.remat import remat
 from .tree import Params, check_structure, flatten, unflatten
 
@@ -154,8 +157,15 @@ class Transformer:
         inputs_embeds: Optional[Tensor] = None,
         return_logits: bool = True,
         validate: bool = True,
+        document_ids: Optional[Tensor] = None,
     ) -> dict:
         """input_ids (batch, seq) -> {"logits": (batch, seq, vocab), "loss": scalar or None}.
+
+        Document masking (packed blocks; docs/attention.md): with ``document_ids`` (batch, seq)
+        integers, or with ``cfg.document_mask`` (documents found by ``cfg.eos_token_id``), each
+        token attends only to its own document, positions restart at 0 per document (unless
+        ``position_ids`` are given), and the cross-document target at each boundary counts in
+        no loss.
 
         ``attention_mask`` (batch, seq): 1/True for real tokens, 0 for padding; padded positions
         neither influence other positions nor count in the loss. ``labels`` (batch, seq) are
@@ -180,15 +190,20 @@ class Transformer:
         B, T = x.shape[0], x.shape[1]
         self._check_length(T)
         key_mask = key_padding_mask(attention_mask, B, T, validate)  # (B, T) bool or None
+        docs = self._documents(document_ids, input_ids, B, T)  # (B, T) int or None
+        if docs is not None and position_ids is None:
+            position_ids = document_positions(docs)  # positions restart per document
         positions = self._positions(position_ids, B, T, 0, x.device, validate)
         x = self._add_positions(params, x, positions, train, generator)
         block = self.block
         block_fn = remat(block.apply) if c.gradient_checkpointing and torch.is_grad_enabled() else block.apply
+        # the document mask's tile plan, built once for every layer (and their backward)
+        doc_mask = {} if docs is None else {"block_mask": create_block_mask(document(docs), B, 1, T, T, x.device)}
         for i in range(c.n_layers):
             x = block_fn(params["blocks"][str(i)], x, positions=positions, key_padding_mask=key_mask,
-                         train=train, generator=generator)
+                         train=train, generator=generator, **doc_mask)
         x = self.final_norm.apply(params["ln_f"], x)  # (B, T, d)
-        return self._head(params, x, labels, key_mask, return_logits)
+        return self._head(params, x, labels, key_mask, return_logits, docs)
 
     __call__ = apply
 
@@ -283,8 +298,23 @@ class Transformer:
             x = pos.apply(params.get("pos", {}), x, positions)
         return dropout(x, self.cfg.dropout, train=train, generator=generator)
 
+    def _documents(self, document_ids: Optional[Tensor], input_ids: Optional[Tensor], B: int, T: int) -> Optional[Tensor]:
+        """The (B, T) document ids in force: those given, else (with ``cfg.document_mask`` and an
+        eos token) the documents of ``input_ids``, else None (one document)."""
+        c = self.cfg
+        if document_ids is None:
+            if not c.document_mask or c.eos_token_id is None or input_ids is None:
+                return None
+            return document_ids_of(input_ids, c.eos_token_id)
+        if not isinstance(document_ids, Tensor) or document_ids.is_floating_point() or document_ids.dtype == torch.bool:
+            raise TypeError(f"document_ids must be an integer tensor (batch, seq), got "
+                            f"{document_ids.dtype if isinstance(document_ids, Tensor) else type(document_ids).__name__}")
+        if tuple(document_ids.shape) != (B, T):
+            raise ValueError(f"document_ids must have shape (batch, seq) = {(B, T)}, got {tuple(document_ids.shape)}")
+        return document_ids
+
     def _head(self, params: Params, x: Tensor, labels: Optional[Tensor], query_mask: Optional[Tensor],
-              return_logits: bool) -> dict:
+              return_logits: bool, docs: Optional[Tensor] = None) -> dict:
         """Final hidden states (B, T, d) -> {"logits": (B, T, V) or None, "loss"}; ``query_mask``
         (B, T) marks the positions whose next token counts in the loss."""
         c = self.cfg
@@ -296,6 +326,8 @@ class Transformer:
         if labels is None:
             return out
         self._check_labels(labels, x.shape[0], x.shape[1])
+        if docs is not None:  # the cross-document target at each boundary counts in no loss
+            labels = mask_document_starts(labels, docs)
         targets = shift_labels(labels, query_mask)
         if fused:
             out["loss"] = linear_cross_entropy(x, head, targets, label_smoothing=c.label_smoothing)

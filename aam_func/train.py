@@ -148,6 +148,7 @@ def make_lm_loss(model, *, train: bool = True) -> Callable:
             train=train,
             generator=generator,
             return_logits=False,
+            document_ids=batch.get("document_ids"),
         )
         return out["loss"]
 

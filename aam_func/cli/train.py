@@ -59,6 +59,9 @@ def _data_and_model(t, default) -> None:
     m.add_argument("--position-encoding", choices=POSITION_ENCODINGS, default=default("position_encoding"))
     m.add_argument("--gradient-checkpointing", action="store_true", default=default("gradient_checkpointing"),
                    help="recompute blocks in the backward (less memory)")
+    m.add_argument("--document-mask", action=argparse.BooleanOptionalAction, default=default("document_mask"),
+                   help="packed blocks: each token attends within its own document only, positions restart per "
+                        "document, the cross-document target is not scored (docs/attention.md)")
 
 
 def _optimisation(t, default) -> None:

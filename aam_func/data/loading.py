@@ -14,6 +14,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ..ops.attention.mods import document_ids
 from .corpus import DataError, _check
 
 __all__ = ["tokenize_documents", "pack", "unigram_perplexity", "unigram_perplexity_from_counts", "BlockLoader",
@@ -74,7 +75,7 @@ class BlockLoader:
     ``randperm(n, seed + e)`` order, ``batch_size`` at a time, dropping the last partial batch;
     ``batch(step)`` is the ``step``-th batch of that sequence. Batches are ``{"input_ids": (batch,
     seq), "labels": (batch, seq)}`` (labels are shifted inside the model), on ``device`` when
-    given.
+    given; with ``eos_id`` also ``"document_ids"`` (batch, seq) for document masking.
 
     Data parallelism: with ``world_size`` processes, ``batch_size`` is the global batch and
     process ``rank`` gets rows ``[rank * b, (rank + 1) * b)`` of it (``b = batch_size //
@@ -84,7 +85,7 @@ class BlockLoader:
     """
 
     def __init__(self, blocks, batch_size: int, *, seed: int = 0, shuffle: bool = True,
-                 rank: int = 0, world_size: int = 1, device=None):
+                 rank: int = 0, world_size: int = 1, device=None, eos_id: Optional[int] = None):
         n_blocks, seq_len = _shape(blocks)
         _check("batch_size", batch_size, min=1)
         if n_blocks < batch_size:
@@ -100,6 +101,7 @@ class BlockLoader:
         self.n_blocks, self.device = n_blocks, device
         self.rank, self.world_size = rank, world_size
         self.local_batch_size = batch_size // world_size
+        self.eos_id = _check("eos_id", eos_id, min=0) if eos_id is not None else None
         self.batches_per_epoch = n_blocks // batch_size
         self._perm_epoch, self._perm = -1, None
 
@@ -119,7 +121,7 @@ class BlockLoader:
         x = self.blocks[idx]
         if self.device is not None:
             x = x.to(self.device)
-        return {"input_ids": x, "labels": x}
+        return _with_documents({"input_ids": x, "labels": x}, self.eos_id)
 
     def __len__(self) -> int:
         return self.batches_per_epoch
@@ -130,14 +132,23 @@ class BlockLoader:
             yield self.batch(i)
 
 
-def eval_batches(blocks, batch_size: int, max_batches: Optional[int] = None):
+def _with_documents(batch: dict, eos_id: Optional[int]) -> dict:
+    """Document masking (docs/attention.md): with an ``eos_id`` the batch also carries
+    ``document_ids`` (batch, seq), the document of each token (+1 after each eos)."""
+    if eos_id is not None:
+        batch["document_ids"] = document_ids(batch["input_ids"], eos_id)
+    return batch
+
+
+def eval_batches(blocks, batch_size: int, max_batches: Optional[int] = None, *, eos_id: Optional[int] = None):
     """Validation blocks (a tensor or :class:`~aam_func.data.shards.ShardBlocks`) in order,
-    ``batch_size`` at a time (the last batch may be smaller), at most ``max_batches`` of them."""
+    ``batch_size`` at a time (the last batch may be smaller), at most ``max_batches`` of them
+    (with ``document_ids`` when given ``eos_id``, as :class:`BlockLoader`)."""
     n, _ = _shape(blocks)
     count = 0
     for start in range(0, n, batch_size):
         if max_batches is not None and count >= max_batches:
             return
         x = blocks[start:start + batch_size]
-        yield {"input_ids": x, "labels": x}
+        yield _with_documents({"input_ids": x, "labels": x}, eos_id)
         count += 1

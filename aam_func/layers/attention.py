@@ -19,7 +19,7 @@ from torch import Tensor
 
 from .. import init as initializers
 from ..checks import check_choice
-from ..ops.attention import RelativeBias, Sparsity, attention
+from ..ops.attention import BlockMask, RelativeBias, Sparsity, attention
 from ..ops.rope import rope
 from ..tree import Params
 from .basic import Linear
@@ -108,15 +108,19 @@ class SelfAttention:
         key_padding_mask: Optional[Tensor] = None,
         train: bool = False,
         generator: Optional[torch.Generator] = None,
+        block_mask: Optional[BlockMask] = None,
     ) -> Tensor:
         """x (batch, seq, d_model) -> (batch, seq, d_model).
 
         ``positions`` (seq,) or (batch, seq) are absolute positions (for RoPE);
-        ``key_padding_mask`` (batch, seq) bool, False at padding. The KV-cached form is
-        :meth:`decode`.
+        ``key_padding_mask`` (batch, seq) bool, False at padding. ``block_mask`` (from
+        :func:`aam_func.ops.attention.create_block_mask`, e.g. a document mask) further
+        restricts which keys a query reads; it is built once per batch and shared by the layers.
+        The KV-cached form is :meth:`decode`.
         """
         q, k, v = self._project(params, x, positions)
-        return self._attend(params, q, k, v, key_padding_mask, train, generator, self.backend)
+        static = {} if block_mask is None else {"block_mask": block_mask}
+        return self._attend(params, q, k, v, key_padding_mask, train, generator, self.backend, **static)
 
     def decode(
         self,

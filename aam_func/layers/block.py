@@ -45,11 +45,14 @@ class Block:
         key_padding_mask: Optional[Tensor] = None,
         train: bool = False,
         generator: Optional[torch.Generator] = None,
+        block_mask=None,
     ) -> Tensor:
-        """(batch, seq, d_model) -> (batch, seq, d_model). The KV-cached form is :meth:`decode`."""
+        """(batch, seq, d_model) -> (batch, seq, d_model). The KV-cached form is :meth:`decode`.
+        ``block_mask``: an attention block mask (document masking), passed to the attention."""
         a = self.attn.apply(
             params["attn"], self._norm().apply(params["ln1"], x),
             positions=positions, key_padding_mask=key_padding_mask, train=train, generator=generator,
+            **({} if block_mask is None else {"block_mask": block_mask}),
         )
         return self._residuals(params, x, a, train, generator)
 

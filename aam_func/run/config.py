@@ -117,6 +117,7 @@ class RunConfig:
     attention_backend: Optional[str] = None
     position_encoding: str = "learnable"
     gradient_checkpointing: Optional[bool] = False
+    document_mask: bool = False  # attend within each packed document only (docs/attention.md)
     # optimisation
     steps: int = 400
     batch_size: int = 16
@@ -216,6 +217,8 @@ class RunConfig:
             value = getattr(self, name)
             if not isinstance(value, bool) and not (value is None and name == "gradient_checkpointing"):
                 raise ValueError(f"{name} must be a bool, got {value!r}")
+        if not isinstance(self.document_mask, bool):
+            raise ValueError(f"document_mask must be a bool, got {self.document_mask!r}")
         for name in ("text_field", "output_dir", "device"):
             if not isinstance(getattr(self, name), str):
                 raise ValueError(f"{name} must be a str, got {getattr(self, name)!r}")

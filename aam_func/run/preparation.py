@@ -209,12 +209,15 @@ def _model_config(cfg: RunConfig, resumed, init, tok, device) -> ModelConfig:
                 changes["attention_backend"] = cfg.attention_backend
             if cfg.gradient_checkpointing is not None:
                 changes["gradient_checkpointing"] = cfg.gradient_checkpointing
+            if cfg.document_mask:
+                changes.update(document_mask=True, eos_token_id=tok.eos_token_id)
             return init.cfg.replace(**changes)
         return ModelConfig(
             vocab_size=tok.vocab_size, d_model=cfg.d_model, n_layers=cfg.n_layers, n_heads=cfg.n_heads, d_ff=cfg.d_ff,
             max_seq_len=cfg.max_seq_len or cfg.seq_len, dropout=cfg.dropout,
             attention_dropout=0.0 if cfg.dropout == 0 else None, attention_type=cfg.attention_type,
             attention_backend=attention_backend(cfg.attention_backend, cfg.precision, torch.device(device).type),
-            position_encoding=cfg.position_encoding, gradient_checkpointing=cfg.gradient_checkpointing, **training)
+            position_encoding=cfg.position_encoding, gradient_checkpointing=cfg.gradient_checkpointing, **training,
+            **({"document_mask": True, "eos_token_id": tok.eos_token_id} if cfg.document_mask else {}))
     except ValueError as e:
         raise RunError(f"invalid model configuration: {e}") from None

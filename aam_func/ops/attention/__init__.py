@@ -14,6 +14,9 @@ The package, one job per module:
   :mod:`.tiles`: its tiling and the one tile-scores computation its three passes share.
 - :mod:`.dense`: the dense paths: :func:`reference` (the math every path must equal, and the
   only one with dropout), its additive-bias ``baddbmm`` form, SDPA and xformers.
+- :mod:`.mods`: ``score_mod`` / ``mask_mod`` (FlexAttention's signatures), the predefined mods,
+  and how captured tensors become kernel inputs; :mod:`.block_mask`: :class:`BlockMask`, the
+  tile states of a mask_mod, computed once and reused; :mod:`.flex`: the FlexAttention path.
 - :mod:`.backends`: :data:`BACKENDS` and :func:`~.backends.choose_path`, the one table that
   maps a call (backend asked, device, dtype, autocast, transforms, mask and bias kinds) to
   the path that runs.
@@ -23,15 +26,15 @@ Backends a caller may ask for: ``"blockwise"``, ``"math"``, ``"sdpa"`` (no relat
 needs the triton package) and ``"auto"``: SDPA when the call needs
 no mask or bias and no forward-mode AD is active (nor vmap on CUDA), else blockwise; dropout
 always runs on the math path, and so does a call under CPU bf16 autocast that takes a gradient
-(in its additive-bias form without padding or a relative bias); on CUDA with triton installed,
-``auto`` runs the Triton kernels where it would run blockwise. Derivations:
+(in its additive-bias form without padding or a relative bias). ``auto`` does not take the
+Triton kernels until a GPU run has checked them (``backends.TRITON_AUTO``, docs/gpu.md). Derivations:
 ``proofs/attention.md``.
 """
 
 from __future__ import annotations
 
 import warnings
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
@@ -40,13 +43,17 @@ from ...checks import check_choice, check_int, check_number
 from .backends import BACKENDS, call_facts, check_q_offset, choose_path
 from .dense import dense_bias, reference, xformers
 from .dense import sdpa as _sdpa  # looked up here at call time: tests wrap it to see the path taken
+from . import mods
+from .block_mask import BlockMask, create_block_mask
+from .flex import flex as _flex  # (the module stays reachable as .flex)
 from .kernel import BlockwiseAttention, blockwise
 from .masks import RelativeBias, Sparsity, allowed_mask, check_relative_bias, relative_logits, t5_bucket
 from . import triton as _triton  # noqa: F401 - registers the Triton op where the triton package is installed
+from .mods import check_mask_mod, check_score_mod
 
 __all__ = [
     "attention", "blockwise", "BlockwiseAttention", "Sparsity", "RelativeBias", "allowed_mask", "relative_logits",
-    "t5_bucket", "reference", "BACKENDS",
+    "t5_bucket", "reference", "BACKENDS", "BlockMask", "create_block_mask", "mods",
 ]
 
 
@@ -94,6 +101,38 @@ def _check_options(q, *, window, scale, q_offset, backend, sparsity, relative_bi
         raise TypeError(f"sparsity must be a Sparsity, got {type(sparsity).__name__}")
 
 
+def _check_mods(q: Tensor, k: Tensor, score_mod, mask_mod, block_mask):
+    """The mods' signatures and return types (probed on one element) and the block mask's shape,
+    before any kernel runs; returns the mask_mod in force (the block mask's, when one is given)."""
+    check_score_mod(score_mod, dtype=q.dtype if q.is_floating_point() else torch.float32, device=q.device)
+    if block_mask is not None:
+        if not isinstance(block_mask, BlockMask):
+            raise TypeError(
+                f"block_mask must be an aam_func BlockMask (ops.attention.create_block_mask, same arguments as "
+                f"FlexAttention's), got {type(block_mask).__module__}.{type(block_mask).__name__}"
+            )
+        block_mask.check_call(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+        if mask_mod is not None and mask_mod is not block_mask.mask_mod:
+            raise ValueError("mask_mod and block_mask disagree: pass the block mask alone (it holds its mask_mod), "
+                             "or build it from this mask_mod")
+        return block_mask.mask_mod
+    check_mask_mod(mask_mod, device=q.device)
+    return mask_mod
+
+
+def _with_mods(path, q, k, v, masks, relative_bias, dropout_p, generator, block_q, block_k, score_mod, mask_mod,
+               block_mask) -> Tensor:
+    """Run a call with mods on its path: blockwise, math (dropout, or asked) or FlexAttention."""
+    if path == "flex":
+        return _flex(q, k, v, causal=masks["causal"], score_mod=score_mod, mask_mod=mask_mod, block_mask=block_mask,
+                    scale=masks["scale"])
+    if path == "math":
+        return reference(q, k, v, relative_bias=relative_bias, dropout_p=dropout_p, generator=generator,
+                         score_mod=score_mod, mask_mod=mask_mod, **masks)
+    return blockwise(q, k, v, relative_bias=relative_bias, block_q=block_q, block_k=block_k, score_mod=score_mod,
+                     mask_mod=mask_mod, block_mask=block_mask, **masks)
+
+
 def attention(
     q: Tensor,
     k: Tensor,
@@ -111,8 +150,16 @@ def attention(
     block_q: int = 128,
     block_k: int = 128,
     q_offset=None,
+    score_mod: Optional[Callable] = None,
+    mask_mod: Optional[Callable] = None,
+    block_mask: Optional[BlockMask] = None,
 ) -> Tensor:
     """Attention over (batch, heads, seq, head_dim) tensors; masks and biases as in :mod:`.masks`.
+
+    ``score_mod(score, b, h, q_idx, kv_idx)``, ``mask_mod(b, h, q_idx, kv_idx)`` and
+    ``block_mask`` (from :func:`create_block_mask`) have FlexAttention's signatures and meaning
+    (:mod:`.mods`); they combine with the menu's masks (a pair must pass both) and run on the
+    blockwise kernel (every transform), the math path, or FlexAttention on CUDA.
 
     ``dropout_p`` drops attention probabilities with masks drawn from ``generator`` (or the
     global RNG, which follows ``vmap(randomness=...)``); it always runs on the math path (the
@@ -124,15 +171,20 @@ def attention(
     _check_shapes(q, k, v, key_padding_mask)
     _check_options(q, window=window, scale=scale, q_offset=q_offset, backend=backend, sparsity=sparsity,
                    relative_bias=relative_bias, dropout_p=dropout_p, block_q=block_q, block_k=block_k)
+    mask_mod = _check_mods(q, k, score_mod, mask_mod, block_mask)
+    mods = score_mod is not None or mask_mod is not None
     route = choose_path(call_facts(
         q, k, v, backend=backend, causal=causal, key_padding_mask=key_padding_mask, window=window,
-        sparsity=sparsity, relative_bias=relative_bias, dropout_p=dropout_p, q_offset=q_offset,
+        sparsity=sparsity, relative_bias=relative_bias, dropout_p=dropout_p, q_offset=q_offset, mods=mods,
     ))
     if route.warning:
         # Python's default filter shows it once per calling location; a module-level "warned"
         # flag would hide it from every later caller (and made tests depend on their order).
         warnings.warn(route.warning, stacklevel=2)
     masks = dict(causal=causal, key_padding_mask=key_padding_mask, window=window, sparsity=sparsity, scale=scale)
+    if mods:
+        return _with_mods(route.path, q, k, v, masks, relative_bias, dropout_p, generator, block_q, block_k,
+                          score_mod, mask_mod, block_mask)
     if route.path == "sdpa":
         return _sdpa(q, k, v, q_offset=q_offset, **masks)
     if route.path == "math":

@@ -23,7 +23,7 @@ from .._util import forward_ad_active, vmap_active
 __all__ = ["BACKENDS", "PATHS", "CallFacts", "Route", "call_facts", "choose_path", "check_q_offset"]
 
 BACKENDS = ("auto", "math", "sdpa", "blockwise", "xformers", "triton")  # what a caller (or a config) may ask for
-PATHS = ("sdpa", "math", "dense_bias", "blockwise", "xformers", "triton")  # what actually runs
+PATHS = ("sdpa", "math", "dense_bias", "blockwise", "xformers", "triton", "flex")  # what actually runs
 
 _TRITON = importlib.util.find_spec("triton") is not None  # read once: call_facts runs under dynamo
 # whether auto may take the Triton kernels on CUDA: not before a device has run them
@@ -53,6 +53,8 @@ class CallFacts:
     q_len: int
     k_len: int
     triton: bool = False  # a CUDA call with the triton package installed (ops/attention/triton)
+    mods: bool = False  # a score_mod, mask_mod or block_mask was given (issue 20)
+    flex_available: bool = False  # torch.nn.attention.flex_attention imports
 
 
 class Route(NamedTuple):
@@ -75,8 +77,16 @@ def _cpu_bf16_autocast_grad(q: Tensor, k: Tensor, v: Tensor) -> bool:
     )
 
 
+def _flex_available() -> bool:
+    try:
+        import torch.nn.attention.flex_attention  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def call_facts(q, k, v, *, backend, causal, key_padding_mask, window, sparsity, relative_bias, dropout_p,
-               q_offset) -> CallFacts:
+               q_offset, mods: bool = False) -> CallFacts:
     """The facts of one (already validated) call, read from its arguments and the current state."""
     compiling = torch.compiler.is_compiling()
     return CallFacts(
@@ -97,6 +107,8 @@ def call_facts(q, k, v, *, backend, causal, key_padding_mask, window, sparsity, 
         q_len=q.shape[2],
         k_len=k.shape[2],
         triton=_TRITON and q.device.type == "cuda",
+        mods=mods,
+        flex_available=mods and q.device.type == "cuda" and _flex_available(),
     )
 
 
@@ -111,6 +123,10 @@ def choose_path(f: CallFacts) -> Route:
     # triangle is SDPA's own (square) or empty (one query in the last position reads every key).
     mask_free = not (f.padding or f.window or f.sparsity) and (not f.causal or f.q_len in (f.k_len, 1))
 
+    if f.mods and (f.backend in ("sdpa", "xformers", "triton") or f.q_offset):
+        what = "q_offset" if f.q_offset else f"backend={f.backend!r}"
+        raise ValueError(f"score_mod, mask_mod and block_mask run on backends 'auto', 'blockwise' and 'math', "
+                         f"not with {what}")
     if f.backend == "sdpa":  # asked for: SDPA (with a dense bool mask where needed), or refuse
         if not sdpa_ok:
             why = ("relative_bias is set" if f.relative_bias else "dropout_p > 0" if f.dropout
@@ -134,6 +150,8 @@ def choose_path(f: CallFacts) -> Route:
         return Route("math")
     if f.dropout:  # only the math path has dropout; asked for blockwise, say so
         return Route("math", DROPOUT_FALLBACK if f.backend == "blockwise" else None)
+    if f.mods:  # score_mod / mask_mod / block_mask (dense paths refused them above)
+        return _route_mods(f)
     if f.backend == "blockwise":
         return Route("blockwise")
     # backend == "auto" from here on.
@@ -149,6 +167,19 @@ def choose_path(f: CallFacts) -> Route:
     # row on CUDA only once a GPU run has checked and timed them (docs/gpu.md): until then
     # auto keeps the blockwise kernel and backend="triton" is asked for by name.
     return Route("triton" if f.triton and TRITON_AUTO else "blockwise")
+
+
+def _route_mods(f: CallFacts) -> Route:
+    """A call with mods (backend 'blockwise' or 'auto', no dropout): FlexAttention on CUDA when it
+    can serve the call (it has no forward-mode AD and no vmap rule, takes no relative bias or key
+    padding, and its own fused kernel needs the menu's masks folded into the mask_mod: only the
+    square causal triangle is), else the blockwise kernel, which serves every transform."""
+    flex_ok = (f.flex_available and f.device == "cuda" and not (f.forward_ad or f.vmap or f.compiling)
+               and not (f.relative_bias or f.padding or f.window or f.sparsity) and f.same_dtype
+               and (not f.causal or f.q_len == f.k_len))
+    if f.backend == "auto" and flex_ok:
+        return Route("flex")
+    return Route("blockwise")
 
 
 def check_q_offset(q_offset, backend: str) -> None:

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .masks import RelativeBias, Sparsity, dense_mask, query_positions, relative_logits
+from .mods import index_grid
 
 __all__ = ["reference", "dense_bias", "sdpa", "xformers", "expand_kv", "softmax_scale"]
 
@@ -52,11 +53,14 @@ def reference(
     dropout_p: float = 0.0,
     generator: Optional[torch.Generator] = None,
     q_offset=None,
+    score_mod=None,
+    mask_mod=None,
 ) -> Tensor:
     """Dense composite attention: the math every other backend must equal.
 
-    softmax(scale · q kᵀ + relative term, −∞ where not allowed) v, with dropout on the
-    probabilities (kept ones scaled by 1 / (1 − p)).
+    softmax(score_mod(scale · q kᵀ + relative term), −∞ where not allowed) v, with dropout on
+    the probabilities (kept ones scaled by 1 / (1 − p)). With a mod, a row that allows no key
+    gives 0 (FlexAttention's convention; the fixed menu never empties a row).
     """
     Tq, Tk, H = q.shape[2], k.shape[2], q.shape[1]
     scale = softmax_scale(q.shape[-1], scale)
@@ -73,8 +77,28 @@ def reference(
     else:
         logits = logits * scale
     ok = dense_mask(q_pos, k_pos, key_padding_mask, causal=causal, window=window, sparsity=sparsity)
+    if score_mod is not None or mask_mod is not None:
+        return _modded(q, v, logits, ok, score_mod, mask_mod, dropout_p, generator)
     logits = logits.masked_fill(~ok, float("-inf"))
     probs = torch.softmax(logits, dim=-1)
+    if dropout_p > 0.0:
+        keep = torch.rand(probs.shape, generator=generator, device=probs.device, dtype=probs.dtype) >= dropout_p
+        probs = probs * keep / (1.0 - dropout_p)
+    return torch.matmul(probs, v)
+
+
+def _modded(q, v, logits, ok, score_mod, mask_mod, dropout_p, generator) -> Tensor:
+    """The rest of :func:`reference` with mods: score_mod on the whole (B, H, Tq, Tk) logits,
+    mask_mod joined to the mask, empty rows 0."""
+    B, H, Tq, Tk = logits.shape
+    idx = index_grid(B, H, Tq, Tk, q.device)
+    if score_mod is not None:
+        logits = score_mod(logits, *idx).expand(logits.shape)
+    if mask_mod is not None:
+        ok = ok & mask_mod(*idx)
+    logits = logits.masked_fill(~ok, float("-inf"))
+    empty = (logits == float("-inf")).all(-1, keepdim=True)
+    probs = torch.softmax(logits.masked_fill(empty, 0.0), dim=-1).masked_fill(empty, 0.0)
     if dropout_p > 0.0:
         keep = torch.rand(probs.shape, generator=generator, device=probs.device, dtype=probs.dtype) >= dropout_p
         probs = probs * keep / (1.0 - dropout_p)

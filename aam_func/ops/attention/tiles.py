@@ -10,12 +10,13 @@ computation of a tile's masked logits that the kernel's forward, backward and jv
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator, NamedTuple, Optional
+from typing import Callable, Iterator, NamedTuple, Optional
 
 import torch
 from torch import Tensor
 
 from .masks import Sparsity, allowed_mask, t5_bucket
+from .mods import rebind
 
 __all__ = ["Opts", "Tile", "key_tiles", "RelativeTables", "Tiling", "accumulate", "gather_last"]
 
@@ -34,6 +35,10 @@ class Opts:
     scale: float
     block_q: int
     block_k: int
+    score_mod: Optional[Callable] = None  # (score, b, h, q_idx, kv_idx) -> score, see .mods
+    mask_mod: Optional[Callable] = None  # (b, h, q_idx, kv_idx) -> bool
+    plan: Optional[tuple] = None  # BlockMask.plan: per query tile, the (key tile, full) pairs to visit
+    captured: tuple = ()  # the tensors the mods capture; the kernel's extra inputs, in this order
 
 
 class Tile(NamedTuple):
@@ -47,6 +52,7 @@ class Tile(NamedTuple):
     ke: int
     static_ok: Optional[Tensor]
     diag: Optional[Tensor]
+    mod_mask: bool = False  # the block mask marks the tile partial: mask_mod decides per pair
 
 
 def key_tiles(o: Opts, Tq: int, Tk: int, qs: int, qe: int, has_padding: bool, device) -> Iterator[Tile]:
@@ -60,7 +66,10 @@ def key_tiles(o: Opts, Tq: int, Tk: int, qs: int, qe: int, has_padding: bool, de
     i_lo, i_hi = off + qs, off + qe - 1  # absolute positions of the tile's queries
     w = o.window
     q_pos = None
-    for ks in range(0, Tk, o.block_k):
+    planned = None if o.plan is None else dict(o.plan[qs // o.block_q])
+    # with a block mask, only its tiles (the others: mask_mod allows no pair of them)
+    starts = range(0, Tk, o.block_k) if planned is None else [j * o.block_k for j in planned]
+    for ks in starts:
         ke = min(ks + o.block_k, Tk)
         dmin, dmax = i_lo - (ke - 1), i_hi - ks  # range of d = i - j over the tile
         if o.causal and dmax < 0:
@@ -88,7 +97,10 @@ def key_tiles(o: Opts, Tq: int, Tk: int, qs: int, qe: int, has_padding: bool, de
                 if bool(ok.all()):
                     ok = None
         diag = (q_pos[:, None] == k_pos[None, :]) if (has_padding and has_diag) else None
-        yield Tile(qs, qe, ks, ke, ok, diag)
+        if planned is None:
+            yield Tile(qs, qe, ks, ke, ok, diag)
+        else:
+            yield Tile(qs, qe, ks, ke, ok, diag, not planned[ks // o.block_k])
 
 
 def accumulate(total: Optional[Tensor], part: Tensor) -> Tensor:
@@ -144,7 +156,8 @@ class RelativeTables:
 class Tiling:
     """One call's q, k, v split by head group, and the per-tile pieces forward, backward and jvp share."""
 
-    def __init__(self, q: Tensor, k: Tensor, v: Tensor, kpm: Optional[Tensor], table: Optional[Tensor], o: Opts):
+    def __init__(self, q: Tensor, k: Tensor, v: Tensor, kpm: Optional[Tensor], table: Optional[Tensor], o: Opts,
+                 caps: tuple = ()):
         B, H, Tq, d = q.shape
         self.G = k.shape[1]
         self.R = H // self.G
@@ -154,6 +167,10 @@ class Tiling:
         self.o, self.kpm, self.Tq, self.Tk = o, kpm, Tq, k.shape[2]
         self.dtype, self.device = q.dtype, q.device
         self.tabs = RelativeTables(o, table, self.G, self.R)
+        self.caps = tuple(caps)  # the kernel's copies of the tensors the mods capture
+        self.mask_mod = rebind(o.mask_mod, list(o.captured), list(caps))
+        self.score_mod = rebind(o.score_mod, list(o.captured), list(caps))
+        self.grad_caps = [i for i, c in enumerate(self.caps) if c.is_floating_point()]  # score_mod's differentiable inputs
 
     def query_tiles(self) -> Iterator[tuple[int, int]]:
         for qs in range(0, self.Tq, self.o.block_q):
@@ -166,11 +183,36 @@ class Tiling:
         """The tile's keys (or values, or their tangents): x5[..., ks:ke, :]."""
         return x5[..., t.ks:t.ke, :]
 
-    def scores(self, q_t: Tensor, k_t: Tensor, qe_t: Optional[Tensor], t: Tile) -> tuple[Tensor, Optional[Tensor]]:
-        """The tile's scaled, masked logits S (B, G, R, bq, bk) and its relative index (or None):
+    def index(self, t: Tile) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """The mods' (b, h, q_idx, kv_idx) for a tile, broadcastable to (B, G, R, bq, bk); h is the
+        query head g·R + r and q_idx the raw query index (FlexAttention's)."""
+        dev = self.device
+        B = self.q5.shape[0]
+        return (torch.arange(B, device=dev).view(B, 1, 1, 1, 1),
+                torch.arange(self.G * self.R, device=dev).view(1, self.G, self.R, 1, 1),
+                torch.arange(t.qs, t.qe, device=dev).view(1, 1, 1, -1, 1),
+                torch.arange(t.ks, t.ke, device=dev).view(1, 1, 1, 1, -1))
+
+    def mod_fn(self, t: Tile) -> Callable:
+        """score_mod on one tile as a function of (scores, *floating captured tensors), for
+        torch.func.vjp / jvp: the captured tensors are its inputs, so they get gradients."""
+        idx = self.index(t)
+        caps, o = list(self.caps), self.o
+
+        def f(s, *fcaps):
+            cs = list(caps)
+            for i, c in zip(self.grad_caps, fcaps):
+                cs[i] = c
+            return rebind(o.score_mod, list(o.captured), cs)(s, *idx).expand(s.shape)
+
+        return f
+
+    def logits(self, q_t: Tensor, k_t: Tensor, qe_t: Optional[Tensor], t: Tile) -> tuple[Tensor, Optional[Tensor]]:
+        """The tile's scaled logits with the relative term, before score_mod and masks, and the
+        relative index (or None):
 
             S_ij = c (q_i·k_j + q_i·E[idx_ij])  (Shaw),  c q_i·k_j + T[h, idx_ij]  (T5),
-                   c q_i·k_j − s_h idx_ij  (ALiBi),  c q_i·k_j  (none);  −∞ where not allowed.
+                   c q_i·k_j − s_h idx_ij  (ALiBi),  c q_i·k_j  (none).
         """
         o, tabs = self.o, self.tabs
         idx = None
@@ -188,12 +230,27 @@ class Tiling:
                 s = s + tabs.table5[..., idx].to(self.dtype)
             elif tabs.kind == "alibi":
                 s = s - tabs.table5.to(self.dtype) * idx.to(self.dtype)
+        return s, idx
+
+    def masked(self, s: Tensor, t: Tile) -> Tensor:
+        """``s`` with −∞ where the tile's pair is not allowed (positions, key padding, mask_mod)."""
         ok = t.static_ok
         if self.kpm is not None:
             kp = self.kpm[:, None, None, None, t.ks:t.ke]  # (B, 1, 1, 1, bk)
             if t.diag is not None:
                 kp = kp | t.diag
             ok = kp if ok is None else (kp & ok)
+        if t.mod_mask:
+            mm = self.mask_mod(*self.index(t))
+            ok = mm if ok is None else (ok & mm)
         if ok is not None:
             s = s.masked_fill(~ok, float("-inf"))
-        return s, idx
+        return s
+
+    def scores(self, q_t: Tensor, k_t: Tensor, qe_t: Optional[Tensor], t: Tile) -> tuple[Tensor, Optional[Tensor]]:
+        """The tile's logits after score_mod, −∞ where not allowed (B, G, R, bq, bk), and the
+        relative index (or None): :meth:`logits`, score_mod, :meth:`masked`."""
+        s, idx = self.logits(q_t, k_t, qe_t, t)
+        if self.score_mod is not None:
+            s = self.score_mod(s, *self.index(t)).expand(s.shape)
+        return self.masked(s, t), idx
