@@ -48,6 +48,14 @@ TARGETS = {
 
 # mutant id -> why no test can tell it from the original
 EQUIVALENT: dict[str, str] = {
+    "aam_func/privacy/renyi.py:151:30:Gt->GtE":
+        "the line above breaks out when factor == 0, so factor is never 0 here and > and >= agree",
+    "aam_func/ops/cross_entropy.py:62:21:23->24":
+        "_GROUP_ELEMENTS only sizes the groups of rows per weight-gradient matmul (memory); "
+        "the sums are the same",
+    "aam_func/ops/cross_entropy.py:154:61:0->1":
+        "with no chunk (0 tokens) valid has shape (0,), and torch.where broadcasts a (1,) "
+        "per_token to (0,): the same empty result",
     "aam_func/ops/attention/masks.py:209:37:drop USub":
         "qe.shape[:-2] -> qe.shape[:2]: the one caller (dense.reference) passes 4-d q (B, H, Tq, d), "
         "so both are (B, H)",
