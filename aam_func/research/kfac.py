@@ -177,17 +177,31 @@ def collect(problem: Problem, params, inputs, targets, *, fisher: str = "type-2"
             a, T = _input_rows(kind, x, options, kernel)
             if bias == "augment" and bname is not None:
                 a = torch.cat([a, a.new_ones(a.shape[0], 1)], 1)
-            G = sum(w * (lambda gg: gg.t() @ gg)(_grad_rows(kind, gs[k])) for gs, w in grads)
-            entry = sums.setdefault(key, [0, 0, 0, (bname, kind == "addmm")])
-            entry[0] = entry[0] + torch.mm(a.t(), a).div_(T)
-            entry[1] = entry[1] + G
-            entry[2] += (e - s)
+            A = torch.mm(a.t(), a)
+            if T != 1:
+                A.div_(T)
+            G = None
+            for gs, w in grads:
+                gg = _grad_rows(kind, gs[k])
+                if G is None:
+                    G = torch.mm(gg.t(), gg)
+                    if w != 1:
+                        G.mul_(w)
+                else:
+                    G.addmm_(gg.t(), gg, alpha=w)
+            entry = sums.get(key)
+            if entry is None:  # the first use of this weight: its sums start as these fresh tensors
+                sums[key] = [A, G, e - s, (bname, kind == "addmm")]
+            else:
+                entry[0].add_(A)
+                entry[1].add_(G)
+                entry[2] += (e - s)
     factors = {}
     for key, (A, G, n, (bname, transposed)) in sums.items():
         if key in skipped:
             continue
-        factors[key] = Factor(key, tuple(watched[key].shape), A / n, c * G, bname, bias == "augment" and bname is not None,
-                              transposed)
+        factors[key] = Factor(key, tuple(watched[key].shape), A.div_(n), G.mul_(c), bname,
+                              bias == "augment" and bname is not None, transposed)
     return Factors(factors, {k: v for k, v in skipped.items() if k in watched}, fisher, bias)
 
 
