@@ -26,11 +26,13 @@ __all__ = ["root", "cg", "gmres", "SOLVES"]
 SOLVES = ("cg", "gmres")
 
 
-def cg(matvec: Callable[[Tensor], Tensor], b: Tensor, *, tol: float = 1e-10, maxiter: int | None = None) -> Tensor:
-    """Conjugate gradients for ``A x = b``, ``A`` symmetric positive definite, from ``x = 0``
-    (Hestenes & Stiefel 1952), until ``‖r‖ ≤ tol ‖b‖`` or ``maxiter`` (default ``len(b)``) steps."""
-    x = torch.zeros_like(b)
-    r = b.clone()
+def cg(matvec: Callable[[Tensor], Tensor], b: Tensor, *, tol: float = 1e-10, maxiter: int | None = None,
+       x0: Tensor | None = None) -> Tensor:
+    """Conjugate gradients for ``A x = b``, ``A`` symmetric positive definite, from ``x0``
+    (default 0; Hestenes & Stiefel 1952), until ``‖r‖ ≤ tol ‖b‖`` or ``maxiter`` (default
+    ``len(b)``) steps. The one CG of the project (``research.cg`` wraps it for pytrees)."""
+    x = torch.zeros_like(b) if x0 is None else x0
+    r = b.clone() if x0 is None else b - matvec(x0)
     p = r.clone()
     rs = r @ r
     stop = (tol * torch.linalg.vector_norm(b)) ** 2

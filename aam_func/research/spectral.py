@@ -115,26 +115,14 @@ def lanczos(mv: Callable, like, *, k: int = 1, iterations: Optional[int] = None,
 
 def cg(mv: Callable, b, *, damping: float = 0.0, iterations: int = 100, tol: float = 1e-10, x0=None):
     """(A + damping·I)⁻¹ b by conjugate gradients (A symmetric positive semi-definite; damping > 0
-    makes it definite). Stops when ‖r‖ ≤ tol·‖b‖ or after ``iterations`` steps."""
+    makes it definite), for pytrees: :func:`aam_func.optim.implicit.cg` on the flat vector. Stops
+    when ‖r‖ ≤ tol·‖b‖ or after ``iterations`` steps."""
+    from ..optim.implicit import cg as flat_cg
+
     check_number("damping", damping, min=0)
     check_int("iterations", iterations, min=1)
     flat = Flat(b)
     op = flat.operator(mv)
-    A = lambda v: op(v) + damping * v  # noqa: E731
-    bv = flat.vec(b)
-    x = torch.zeros_like(bv) if x0 is None else flat.vec(x0)
-    r = bv - A(x) if x0 is not None else bv.clone()
-    p = r.clone()
-    rr = r @ r
-    stop = (tol * bv.norm()) ** 2
-    for _ in range(iterations):
-        if rr <= stop:
-            break
-        Ap = A(p)
-        alpha = rr / (p @ Ap)
-        x = x + alpha * p
-        r = r - alpha * Ap
-        rr_new = r @ r
-        p = r + (rr_new / rr) * p
-        rr = rr_new
+    x = flat_cg(lambda v: op(v) + damping * v, flat.vec(b), tol=tol, maxiter=iterations,
+                x0=None if x0 is None else flat.vec(x0))
     return flat.tree(x)
