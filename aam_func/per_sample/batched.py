@@ -32,9 +32,8 @@ from torch import Tensor
 
 from ..intercept import NORM_KINDS, Client, Intercept, Use
 from .batching import batch_size, check_chunk, chunks, slice_batch
-from .clip import clip_factors, squared_norms, weighted_sum
 from .exact_ops import exact_ops, param_names
-from .factors import bias_grad, factors, ghost_sq_norms, ghost_weighted_grad, norm_weight_grad, write_factors
+from .factors import bias_grad, factors, norm_weight_grad, norms_and_weighted_sum, write_factors
 
 __all__ = ["BatchedUnsupported", "batched_pass", "batched_grads", "batched_norms_and_sum"]
 
@@ -184,18 +183,9 @@ def batched_norms_and_sum(loss_fn: Callable, params: dict, batch, max_norm: floa
                 G = params[name].new_empty((stop - start,) + tuple(params[name].shape))
                 write_factors(G, uses.pop(name))
                 small[name] = small[name] + G
-        sq = squared_norms(small) if small else torch.zeros(stop - start, device=loss.device)
-        for name, fs in uses.items():
-            sq = sq + ghost_sq_norms(fs, tuple(params[name].shape))
-        n = sq.clamp(min=0).sqrt().float()  # float32 norms on every route (clip.squared_norms)
+        n, part = norms_and_weighted_sum(small, uses, params, stop - start, max_norm, want_sum)
         all_norms.append(n)
         all_losses.append(loss)
         if want_sum:
-            w = clip_factors(n, max_norm)
-            part = {name: ghost_weighted_grad(fs, w, params[name].shape, params[name].dtype)
-                    for name, fs in uses.items()}
-            part.update({k: v.to(params[k].dtype) for k, v in weighted_sum(w, small).items()})
-            for name, v in params.items():
-                part.setdefault(name, torch.zeros_like(v))
             total = part if total is None else pytree.tree_map(torch.add, total, part)
     return torch.cat(all_norms), torch.cat(all_losses), total

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = ["factors", "gram", "ghost_sq_norms", "ghost_weighted_grad", "write_factors", "matrix_shape", "patches",
-           "feature_shape", "bias_grad", "norm_weight_grad"]
+           "feature_shape", "bias_grad", "norm_weight_grad", "norms_and_weighted_sum"]
 
 
 def matrix_shape(shape) -> tuple[int, int]:
@@ -203,3 +203,25 @@ def write_factors(dst: Tensor, weight_uses: list) -> None:
             written = True
         index = (L + torch.arange(b, device=L.device)[:, None] * rows).reshape(-1)
         dst.view(b * rows, -1).index_add_(0, index, R.reshape(-1, R.shape[-1]).to(dst.dtype))
+
+
+def norms_and_weighted_sum(small: dict, uses: dict, params: dict, b: int, max_norm: float, want_sum: bool):
+    """One chunk's (b,) float32 per-example norms ‖g_i‖ and, with ``want_sum``, Σ_i clip_C(g_i)
+    per name (zeros for a name with no gradient), from the materialised per-example gradients
+    ``small`` {name: (b, ...)} and the factor weights' ``uses`` {name: [factors]}: the ghost and
+    the batched routes' shared arithmetic (``proofs/per_sample.md`` §3-3b)."""
+    from .clip import clip_factors, squared_norms, weighted_sum
+
+    device = next(iter(params.values())).device if params else None
+    sq = squared_norms(small) if small else torch.zeros(b, device=device)
+    for name, fs in uses.items():
+        sq = sq + ghost_sq_norms(fs, tuple(params[name].shape))
+    n = sq.clamp(min=0).sqrt().float()  # float32 norms on every route (clip.squared_norms)
+    if not want_sum:
+        return n, None
+    w = clip_factors(n, max_norm)
+    part = {name: ghost_weighted_grad(fs, w, params[name].shape, params[name].dtype) for name, fs in uses.items()}
+    part.update({k: v.to(params[k].dtype) for k, v in weighted_sum(w, small).items()})
+    for name, v in params.items():
+        part.setdefault(name, torch.zeros_like(v))
+    return n, part

@@ -30,9 +30,8 @@ from torch.func import vjp, vmap
 from ..intercept import Client, Intercept, Use
 from ..tree import Params
 from .batching import RANDOMNESS, batch_size, check_chunk, chunks, in_dims, per_example, slice_batch
-from .clip import clip_factors, squared_norms, weighted_sum
 from .exact_ops import exact_ops, param_names
-from .factors import factors, ghost_sq_norms, ghost_weighted_grad, write_factors
+from .factors import factors, norms_and_weighted_sum, write_factors
 from .paths import named_leaves
 
 __all__ = ["GhostMismatch", "GhostUse", "Discovery", "discover", "ghost_pass", "ghost_grads", "ghost_norms_and_sum",
@@ -224,17 +223,10 @@ def ghost_norms_and_sum(loss_fn: Callable, params: Params, batch, max_norm: floa
     for start, stop in chunks(B, chunk):
         loss, small_grads, uses = ghost_pass(loss_fn, params, slice_batch(batch, start, stop), d)
         # the materialised small grads' part of ‖g_i‖², then each ghost weight's ‖Σ_t δ_t a_tᵀ‖²
-        small = small_grads  # {dotted name: (b, ...)}
-        sq = squared_norms(small) if small_grads else torch.zeros(stop - start, device=loss.device)
-        for name, fs in uses.items():
-            sq = sq + ghost_sq_norms(fs, tuple(flat[name].shape))
-        n = sq.clamp(min=0).sqrt().float()  # float32 norms on every route (clip.squared_norms)
+        n, part = norms_and_weighted_sum(small_grads, uses, flat, stop - start, max_norm, want_sum)
         all_norms.append(n)
         all_losses.append(loss)
         if want_sum:
-            w = clip_factors(n, max_norm)
-            part = {name: ghost_weighted_grad(fs, w, flat[name].shape, flat[name].dtype) for name, fs in uses.items()}
-            part.update(weighted_sum(w, small))
             part = rebuild(part)
             total = part if total is None else pytree.tree_map(torch.add, total, part)
     return torch.cat(all_norms), torch.cat(all_losses), total
