@@ -34,15 +34,20 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # module file pattern -> pytest runs (each a list of args) that test it; run in order, -x
 TARGETS = {
-    "aam_func/ops/attention/*.py": [["tests/test_gaps_attention.py", "tests/test_attention.py", "tests/test_attention_backends.py"],
+    "aam_func/ops/attention/*.py": [["tests/test_gaps_attention.py", "tests/test_gaps_attention_facts.py",
+                                     "tests/test_attention.py", "tests/test_attention_backends.py",
+                                     "tests/test_attention_mods.py", "tests/test_attention_mods_flex.py",
+                                     "tests/test_document_mask.py"],
                                     ["tests/test_ops_registry.py", "-k", "attention"]],
     "aam_func/ops/rope.py": [["tests/test_rope.py"], ["tests/test_ops_registry.py", "-k", "rope"]],
     "aam_func/ops/cross_entropy.py": [["tests/test_cross_entropy.py"], ["tests/test_ops_registry.py", "-k", "cross_entropy"]],
     "aam_func/ops/remat.py": [["tests/test_remat.py"], ["tests/test_gaps_misc.py", "-k", "remat"],
                               ["tests/test_ops_registry.py", "-k", "remat"]],
     "aam_func/losses.py": [["tests/test_gaps_misc.py", "tests/test_losses.py"]],
-    "aam_func/privacy/*.py": [["tests/test_gaps_misc.py", "tests/test_privacy.py", "tests/test_privacy_accountants.py"]],
-    "aam_func/per_sample/*.py": [["tests/test_gaps_misc.py", "tests/test_per_sample.py"]],
+    "aam_func/privacy/*.py": [["tests/test_gaps_misc.py", "tests/test_privacy.py", "tests/test_privacy_accountants.py",
+                               "tests/test_privacy_clipping.py"]],
+    "aam_func/per_sample/*.py": [["tests/test_gaps_misc.py", "tests/test_per_sample.py", "tests/test_per_sample_batched.py",
+                                  "tests/test_ghost_modules.py", "tests/test_ghost_lookups.py", "tests/test_privacy_clipping.py"]],
     "aam_func/optim/transforms.py": [["tests/test_gaps_optim.py", "tests/test_optim.py"]],
 }
 
