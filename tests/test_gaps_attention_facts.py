@@ -18,3 +18,35 @@ def test_call_facts_outside_any_transform_report_no_transform():
     inside = []
     vmap(lambda q_: inside.append(backends.call_facts(q_, q_, q_, **KW)) or q_)(q[None])
     assert inside[0].vmap and not inside[0].forward_ad
+
+
+def test_sdpa_backend_masks_equal_the_math_path():
+    """backend='sdpa' with key padding, a window, or a query offset builds the dense mask (its
+    plain fast paths are only for no mask): each equals the math path (a mutant that took the
+    plain path whenever one of them was absent survived the suite before)."""
+    import aam_func.ops.attention as A
+
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 2, 6, 4, generator=g) for _ in range(3))
+    pad = torch.ones(2, 6, dtype=torch.bool)
+    pad[0, 4:] = False
+    cases = [dict(causal=True, key_padding_mask=pad), dict(causal=False, key_padding_mask=pad),
+             dict(causal=True, window=2)]
+    for kw in cases:
+        torch.testing.assert_close(A.attention(q, k, v, backend="sdpa", **kw), A.attention(q, k, v, backend="math", **kw),
+                                   msg=str(kw))
+    q1 = q[:, :, :2]
+    torch.testing.assert_close(A.attention(q1, k, v, backend="sdpa", causal=True, q_offset=3),
+                               A.attention(q1, k, v, backend="math", causal=True, q_offset=3))
+
+
+def test_relative_bias_default_max_distance_is_128():
+    """Shaw's default K is 128: the table for it has 2K+1 = 257 rows and equals passing K."""
+    from aam_func.ops.attention import RelativeBias, attention
+
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(1, 2, 5, 4, generator=g) for _ in range(3))
+    table = torch.randn(257, 4, generator=g)
+    torch.testing.assert_close(attention(q, k, v, relative_bias=RelativeBias("shaw", table), backend="math"),
+                               attention(q, k, v, relative_bias=RelativeBias("shaw", table, max_distance=128),
+                                         backend="math"))
