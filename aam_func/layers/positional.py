@@ -61,4 +61,8 @@ class LearnablePositions:
         return {"weight": initializers.normal((self.max_len, self.dim), generator, std=self.std)}
 
     def apply(self, params: Params, x: Tensor, positions: Tensor) -> Tensor:
-        return x + params["weight"][positions]
+        # index_select, not weight[positions]: the indexing backward (index_put_ with accumulate)
+        # adds repeated positions (per-document positions, issue 20) in a thread-dependent order
+        # on the CPU; index_add adds them in index order, so gradients are bitwise reproducible.
+        w = params["weight"]
+        return x + w.index_select(0, positions.reshape(-1)).reshape(*positions.shape, w.shape[-1])

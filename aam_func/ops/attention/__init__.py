@@ -122,7 +122,10 @@ def _check_mods(q: Tensor, k: Tensor, score_mod, mask_mod, block_mask):
 
 def _with_mods(path, q, k, v, masks, relative_bias, dropout_p, generator, block_q, block_k, score_mod, mask_mod,
                block_mask) -> Tensor:
-    """Run a call with mods on its path: blockwise, math (dropout, or asked) or FlexAttention."""
+    """Run a call with mods on its path: blockwise, math (dropout, or asked), FlexAttention, or
+    SDPA with the mask_mod's dense mask (a short mask-only call on the CPU)."""
+    if path == "sdpa":
+        return _sdpa(q, k, v, mask_mod=mask_mod, **masks)
     if path == "flex":
         return _flex(q, k, v, causal=masks["causal"], score_mod=score_mod, mask_mod=mask_mod, block_mask=block_mask,
                     scale=masks["scale"])
@@ -176,6 +179,7 @@ def attention(
     route = choose_path(call_facts(
         q, k, v, backend=backend, causal=causal, key_padding_mask=key_padding_mask, window=window,
         sparsity=sparsity, relative_bias=relative_bias, dropout_p=dropout_p, q_offset=q_offset, mods=mods,
+        mask_only=mods and score_mod is None,
     ))
     if route.warning:
         # Python's default filter shows it once per calling location; a module-level "warned"

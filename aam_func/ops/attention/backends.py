@@ -20,7 +20,7 @@ from torch import Tensor
 from ...checks import is_int
 from .._util import forward_ad_active, vmap_active
 
-__all__ = ["BACKENDS", "PATHS", "CallFacts", "Route", "call_facts", "choose_path", "check_q_offset"]
+__all__ = ["BACKENDS", "PATHS", "DENSE_MODS_MAX_LEN", "CallFacts", "Route", "call_facts", "choose_path", "check_q_offset"]
 
 BACKENDS = ("auto", "math", "sdpa", "blockwise", "xformers", "triton")  # what a caller (or a config) may ask for
 PATHS = ("sdpa", "math", "dense_bias", "blockwise", "xformers", "triton", "flex")  # what actually runs
@@ -28,6 +28,11 @@ PATHS = ("sdpa", "math", "dense_bias", "blockwise", "xformers", "triton", "flex"
 _TRITON = importlib.util.find_spec("triton") is not None  # read once: call_facts runs under dynamo
 # whether auto may take the Triton kernels on CUDA: not before a device has run them
 TRITON_AUTO = False
+# the longest key length at which ``auto`` runs a mask-only mod on the CPU as SDPA with the
+# whole dense bool mask: it reads every tile, so the blockwise kernel's tile skipping wins beyond
+# (fwd + bwd, fp32, one thread, a document mask with 2 documents per row: SDPA 48 vs blockwise
+# 131 ms at T 256, 88 vs 129 at 512, 164 vs 173 at 1024, 327 vs 246 at 2048; docs/attention.md)
+DENSE_MODS_MAX_LEN = 512
 TRITON_DROPOUT_FALLBACK = "backend='triton' has no attention dropout; calls with dropout_p > 0 run on the dense math path"
 DROPOUT_FALLBACK = "backend='blockwise' has no attention dropout; calls with dropout_p > 0 run on the dense math path"
 
@@ -55,6 +60,7 @@ class CallFacts:
     triton: bool = False  # a CUDA call with the triton package installed (ops/attention/triton)
     mods: bool = False  # a score_mod, mask_mod or block_mask was given (issue 20)
     flex_available: bool = False  # torch.nn.attention.flex_attention imports
+    mask_only: bool = False  # the mods are a mask_mod / block_mask alone (no score_mod)
 
 
 class Route(NamedTuple):
@@ -86,7 +92,7 @@ def _flex_available() -> bool:
 
 
 def call_facts(q, k, v, *, backend, causal, key_padding_mask, window, sparsity, relative_bias, dropout_p,
-               q_offset, mods: bool = False) -> CallFacts:
+               q_offset, mods: bool = False, mask_only: bool = False) -> CallFacts:
     """The facts of one (already validated) call, read from its arguments and the current state."""
     compiling = torch.compiler.is_compiling()
     return CallFacts(
@@ -109,6 +115,7 @@ def call_facts(q, k, v, *, backend, causal, key_padding_mask, window, sparsity, 
         triton=_TRITON and q.device.type == "cuda",
         mods=mods,
         flex_available=mods and q.device.type == "cuda" and _flex_available(),
+        mask_only=mask_only,
     )
 
 
@@ -173,12 +180,20 @@ def _route_mods(f: CallFacts) -> Route:
     """A call with mods (backend 'blockwise' or 'auto', no dropout): FlexAttention on CUDA when it
     can serve the call (it has no forward-mode AD and no vmap rule, takes no relative bias or key
     padding, and its own fused kernel needs the menu's masks folded into the mask_mod: only the
-    square causal triangle is), else the blockwise kernel, which serves every transform."""
+    square causal triangle is); on the CPU, a mask_mod alone at short lengths runs on a dense
+    path with the whole bool mask, SDPA (or math under CPU bf16 autocast with a gradient, as
+    without mods): at T ≤ DENSE_MODS_MAX_LEN reading every tile costs less than the kernel's
+    tile loop (no forward AD, vmap or compile there, as for SDPA without mods);
+    else the blockwise kernel, which serves every transform."""
     flex_ok = (f.flex_available and f.device == "cuda" and not (f.forward_ad or f.vmap or f.compiling)
                and not (f.relative_bias or f.padding or f.window or f.sparsity) and f.same_dtype
                and (not f.causal or f.q_len == f.k_len))
     if f.backend == "auto" and flex_ok:
         return Route("flex")
+    dense_ok = (f.mask_only and f.device == "cpu" and f.k_len <= DENSE_MODS_MAX_LEN and f.same_dtype
+                and not (f.forward_ad or f.vmap or f.compiling or f.relative_bias))
+    if f.backend == "auto" and dense_ok:  # under CPU bf16 autocast with a gradient: math, as without mods
+        return Route("math" if f.cpu_bf16_grad else "sdpa")
     return Route("blockwise")
 
 

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .masks import RelativeBias, Sparsity, dense_mask, query_positions, relative_logits
+from .._util import values_inspectable
 from .mods import index_grid
 
 __all__ = ["reference", "dense_bias", "sdpa", "xformers", "expand_kv", "softmax_scale"]
@@ -80,11 +81,7 @@ def reference(
     if score_mod is not None or mask_mod is not None:
         return _modded(q, v, logits, ok, score_mod, mask_mod, dropout_p, generator)
     logits = logits.masked_fill(~ok, float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
-    if dropout_p > 0.0:
-        keep = torch.rand(probs.shape, generator=generator, device=probs.device, dtype=probs.dtype) >= dropout_p
-        probs = probs * keep / (1.0 - dropout_p)
-    return torch.matmul(probs, v)
+    return torch.matmul(_dropout(torch.softmax(logits, dim=-1), dropout_p, generator), v)
 
 
 def _modded(q, v, logits, ok, score_mod, mask_mod, dropout_p, generator) -> Tensor:
@@ -97,12 +94,27 @@ def _modded(q, v, logits, ok, score_mod, mask_mod, dropout_p, generator) -> Tens
     if mask_mod is not None:
         ok = ok & mask_mod(*idx)
     logits = logits.masked_fill(~ok, float("-inf"))
+    if score_mod is None and _no_empty_row(ok):  # e.g. causal ∧ same document: the diagonal is allowed
+        probs = torch.softmax(logits, dim=-1)  # no row to zero: the general path's two fills are identities
+        return torch.matmul(_dropout(probs, dropout_p, generator), v)
     empty = (logits == float("-inf")).all(-1, keepdim=True)
     probs = torch.softmax(logits.masked_fill(empty, 0.0), dim=-1).masked_fill(empty, 0.0)
+    return torch.matmul(_dropout(probs, dropout_p, generator), v)
+
+
+def _no_empty_row(ok: Tensor) -> bool:
+    """Whether every row of the bool mask ``ok`` (…, Tq, Tk) allows some key, read from the mask
+    itself (B·Tq·Tk bools, not the B·H·Tq·Tk logits). False where values cannot be read
+    (under vmap or while compiling): the caller then takes the general path."""
+    return values_inspectable() and bool(ok.any(-1).all())
+
+
+def _dropout(probs: Tensor, dropout_p: float, generator) -> Tensor:
+    """Attention dropout on the probabilities: kept ones scaled by 1 / (1 − p)."""
     if dropout_p > 0.0:
         keep = torch.rand(probs.shape, generator=generator, device=probs.device, dtype=probs.dtype) >= dropout_p
         probs = probs * keep / (1.0 - dropout_p)
-    return torch.matmul(probs, v)
+    return probs
 
 
 def dense_bias(q, k, v, *, causal, window, sparsity, scale):
@@ -124,11 +136,15 @@ def dense_bias(q, k, v, *, causal, window, sparsity, scale):
     return torch.bmm(probs, v.reshape(B * H, Tk, -1)).reshape(B, H, Tq, -1)
 
 
-def sdpa(q, k, v, *, causal, key_padding_mask, window, sparsity, scale, q_offset=None):
+def sdpa(q, k, v, *, causal, key_padding_mask, window, sparsity, scale, q_offset=None, mask_mod=None):
     """``F.scaled_dot_product_attention``: its own causal flag when the mask is the plain
-    bottom-right triangle of a square (or needs no mask at all), else a dense bool mask."""
+    bottom-right triangle of a square (or needs no mask at all), else a dense bool mask; with a
+    ``mask_mod``, the dense mask joined to it (:func:`_sdpa_mask_mod`)."""
     Tq, Tk, H = q.shape[2], k.shape[2], q.shape[1]
     gqa = H != k.shape[1]
+    if mask_mod is not None:
+        return _sdpa_mask_mod(q, k, v, causal=causal, key_padding_mask=key_padding_mask, window=window,
+                              sparsity=sparsity, scale=scale, mask_mod=mask_mod)
     plain = key_padding_mask is None and window is None and sparsity is None and q_offset is None
     if plain and causal and Tq == Tk:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
@@ -138,6 +154,22 @@ def sdpa(q, k, v, *, causal, key_padding_mask, window, sparsity, scale, q_offset
     k_pos = torch.arange(Tk, device=q.device)
     ok = dense_mask(q_pos, k_pos, key_padding_mask, causal=causal, window=window, sparsity=sparsity)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=ok, scale=scale, enable_gqa=gqa)
+
+
+def _sdpa_mask_mod(q, k, v, *, causal, key_padding_mask, window, sparsity, scale, mask_mod):
+    """SDPA with the whole (B, H | 1, Tq, Tk) bool mask of the menu and a ``mask_mod``: the mod's
+    semantics (:func:`reference`'s) through SDPA's fused CPU kernel. A row that allows no key
+    gives 0 and gradient 0 (FlexAttention's convention): such rows attend to every key inside
+    SDPA (no NaN) and their output is zeroed, which also zeroes their gradient. Only for short
+    sequences (``backends.DENSE_MODS_MAX_LEN``): it reads every tile, the blockwise kernel skips."""
+    B, H, Tq, Tk = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
+    q_pos = query_positions(Tq, Tk, None, q.device)
+    ok = dense_mask(q_pos, torch.arange(Tk, device=q.device), key_padding_mask, causal=causal, window=window,
+                    sparsity=sparsity)
+    ok = ok & mask_mod(*index_grid(B, H, Tq, Tk, q.device))
+    empty = ~ok.any(-1, keepdim=True)  # (…, Tq, 1)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=ok | empty, scale=scale, enable_gqa=H != k.shape[1])
+    return out.masked_fill(empty, 0.0)
 
 
 def xformers(q, k, v, *, causal, key_padding_mask, window, sparsity, scale):

@@ -37,7 +37,7 @@ from torch import Tensor
 from ...checks import check_choice, check_int
 
 __all__ = [
-    "Sparsity", "RelativeBias", "allowed_mask", "dense_mask", "query_positions", "t5_bucket",
+    "Sparsity", "RelativeBias", "allowed_mask", "dense_mask", "query_positions", "t5_bucket", "table_lookup",
     "relative_logits", "check_relative_bias", "SPARSE_PATTERNS",
 ]
 
@@ -194,6 +194,21 @@ def t5_bucket(relative: Tensor, *, bidirectional: bool, num_buckets: int, max_di
     return buckets + torch.where(is_small, rel, large)
 
 
+def table_lookup(table: Tensor, *index: Tensor) -> Tensor:
+    """``table[index]`` for integer ``index`` tensors (one per leading dim of ``table``, each in
+    range, broadcasting together): the same values as indexing, but its gradient adds repeated
+    entries in index order (``index_select``'s backward, ``index_add``), so it is bitwise
+    reproducible; indexing's backward (``index_put_`` with accumulate) adds them in thread order
+    on the CPU. The relative-bias tables and the predefined score mods look up through it."""
+    shape = torch.broadcast_shapes(*(i.shape for i in index))
+    flat = index[0]
+    for i, n in zip(index[1:], table.shape[1:len(index)]):
+        flat = flat * n + i
+    rest = table.shape[len(index):]
+    rows = table.reshape(-1, *rest).index_select(0, flat.expand(shape).reshape(-1))
+    return rows.reshape(*shape, *rest)
+
+
 def relative_logits(q: Tensor, q_pos: Tensor, k_pos: Tensor, rel: RelativeBias) -> tuple[Tensor, bool]:
     """The relative term for queries ``q`` (..., heads, len(q_pos), d) against ``k_pos``.
 
@@ -212,6 +227,7 @@ def relative_logits(q: Tensor, q_pos: Tensor, k_pos: Tensor, rel: RelativeBias) 
         bucket = t5_bucket(
             relative, bidirectional=rel.bidirectional, num_buckets=rel.num_buckets, max_distance=rel.max_distance
         )
-        return rel.table[:, bucket], False  # (H, Tq, Tk)
+        heads = torch.arange(rel.table.shape[0], device=bucket.device)[:, None, None]
+        return table_lookup(rel.table, heads, bucket), False  # (H, Tq, Tk)
     slopes = rel.table  # alibi
     return -slopes[:, None, None] * relative.abs().to(slopes.dtype)[None], False

@@ -34,7 +34,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-from .masks import t5_bucket
+from .masks import t5_bucket, table_lookup
 
 __all__ = [
     "check_score_mod", "check_mask_mod", "captured_tensors", "rebind", "and_masks", "or_masks",
@@ -315,7 +315,7 @@ def alibi(slopes: Tensor) -> Callable:
     """Press et al. 2022: ``score − slopes[h] · |i − j|`` (the menu's ``RelativeBias("alibi")`` when
     q_len == kv_len)."""
     def score_mod(score, b, h, q_idx, kv_idx):
-        return score - slopes[h].to(score.dtype) * (kv_idx - q_idx).abs().to(score.dtype)
+        return score - table_lookup(slopes, h).to(score.dtype) * (kv_idx - q_idx).abs().to(score.dtype)
     return score_mod
 
 
@@ -325,7 +325,7 @@ def t5(table: Tensor, *, num_buckets: int = 32, max_distance: int = 128, bidirec
     def score_mod(score, b, h, q_idx, kv_idx):
         bucket = t5_bucket(kv_idx - q_idx, bidirectional=bidirectional, num_buckets=num_buckets,
                            max_distance=max_distance)
-        return score + table[h, bucket].to(score.dtype)
+        return score + table_lookup(table, h, bucket).to(score.dtype)
     return score_mod
 
 
@@ -333,7 +333,8 @@ def relative_table(table: Tensor, max_distance: int) -> Callable:
     """A learned per-head bias by clipped offset: ``score + table[h, clip(j − i, −K, K) + K]``,
     table (heads, 2K + 1)."""
     def score_mod(score, b, h, q_idx, kv_idx):
-        return score + table[h, (kv_idx - q_idx).clamp(-max_distance, max_distance) + max_distance].to(score.dtype)
+        idx = (kv_idx - q_idx).clamp(-max_distance, max_distance) + max_distance
+        return score + table_lookup(table, h, idx).to(score.dtype)
     return score_mod
 
 
