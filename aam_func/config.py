@@ -135,7 +135,7 @@ class ModelConfig:
                 f"use_flash_attention=True conflicts with attention_backend={self.attention_backend!r}; "
                 "flash-style attention is 'blockwise' (or 'sdpa')"
             )
-        if self.document_mask and self.attention_backend in ("sdpa", "xformers"):
+        if self.document_mask and self.attention_backend in ("sdpa", "xformers", "triton"):
             raise ValueError(f"document_mask=True needs attention_backend 'auto', 'blockwise' or 'math' (a mask_mod), "
                              f"got {self.attention_backend!r}")
 

@@ -129,3 +129,62 @@ def test_config_and_flag():
     from aam_func.cli import build_parser  # noqa: PLC0415
     args = build_parser().parse_args(["train", "--document-mask"])
     assert args.document_mask is True
+
+
+# ------------------------------------------------------- the run's default (on for new runs)
+
+
+def test_new_runs_mask_documents_by_default_and_resumes_keep_the_runs_setting():
+    from types import SimpleNamespace
+
+    from aam_func.run import RunError
+    from aam_func.run.config import document_mask_on
+
+    assert RunConfig().document_mask is True
+    assert document_mask_on(RunConfig(), "auto") and document_mask_on(RunConfig(), "math")
+    assert not document_mask_on(RunConfig(attention_backend="sdpa"), "sdpa")  # the default yields to the backend
+    given = RunConfig.from_flags({"document_mask": True, "attention_backend": "sdpa"}, {"document_mask", "attention_backend"})
+    assert document_mask_on(given, "sdpa")  # asked for: honoured (and the model config refuses it by name)
+    assert not document_mask_on(RunConfig(document_mask=False), "auto")
+
+    def ckpt(recorded):
+        return SimpleNamespace(train_state={"args": {}}, step=1, path="ck", cfg=af.ModelConfig(document_mask=recorded))
+
+    assert RunConfig(resume="", steps=5).for_resume(ckpt(False)).document_mask is False  # a run from before: off
+    assert RunConfig(resume="", steps=5).for_resume(ckpt(True)).document_mask is True
+    off = RunConfig.from_flags({"resume": "", "steps": 5, "document_mask": False}, {"resume", "steps", "document_mask"})
+    with pytest.raises(RunError, match="--no-document-mask would change it"):
+        off.for_resume(ckpt(True))
+    with pytest.raises(ValueError, match="document_mask=True needs attention_backend"):
+        af.ModelConfig(document_mask=True, attention_backend="triton")
+
+
+TINY_RUN = dict(d_model=32, n_layers=1, n_heads=2, seq_len=32, batch_size=4, vocab_size=300, sample_tokens=0,
+                precision="fp32", eval_every=0, steps=4)
+
+
+@pytest.mark.slow  # two tiny runs and a resume: ~17 s wall on the shared machine
+@pytest.mark.usefixtures("one_thread")
+def test_a_run_without_document_masking_resumes_without_it_bitwise(tmp_path, corpus):
+    """A run made with the mask off (as every run was before the default changed) goes on with
+    it off when resumed under the new default, and ends bit for bit where the uninterrupted run does."""
+    from safetensors.torch import load_file
+
+    from aam_func import run
+
+    quiet = [].append
+    off = dict(TINY_RUN, data=str(corpus), document_mask=False)
+    full = run.prepare(RunConfig(**off, output_dir=str(tmp_path / "full")), "cpu", log=quiet)
+    assert full.model_config.document_mask is False
+    run.loop(full)
+    run.loop(run.prepare(RunConfig(**off, output_dir=str(tmp_path / "split"), stop_after=2), "cpu", log=quiet))
+    new_default = {k: v for k, v in off.items() if k != "document_mask"}
+    resumed = run.prepare(RunConfig(**new_default, output_dir=str(tmp_path / "split"), resume=""), "cpu", log=quiet)
+    assert resumed.start == 2 and resumed.model_config.document_mask is False
+    assert resumed.config.document_mask is False
+    run.loop(resumed)
+    a, b = (load_file(tmp_path / d / "checkpoint" / "params.safetensors") for d in ("full", "split"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # and a new run under the default masks documents
+    new = run.prepare(RunConfig(**new_default, output_dir=str(tmp_path / "new")), "cpu", log=quiet)
+    assert new.model_config.document_mask is True and new.model_config.eos_token_id is not None

@@ -28,7 +28,7 @@ from ..train import PRECISION_CHOICES
 from .output import LOG_TO_CHOICES
 
 __all__ = ["RunConfig", "RunError", "RESUMED_FIELDS", "RESUME_FREE", "RESUME_ADJUSTABLE", "SHAPE_FIELDS", "INT_MINIMUM", "NUMBER_RANGE",
-           "PRECISION_FLAG_CHOICES", "attention_backend", "flag", "default"]
+           "PRECISION_FLAG_CHOICES", "attention_backend", "document_mask_on", "flag", "default"]
 
 # the CLI offers every choice of train.PRECISION_CHOICES except "mixed" (the guide's config flag)
 PRECISION_FLAG_CHOICES = tuple(c for c in PRECISION_CHOICES if c != "mixed")
@@ -85,6 +85,16 @@ def flag(field: str) -> str:
     return "--" + field.replace("_", "-")
 
 
+def document_mask_on(cfg: "RunConfig", backend: Optional[str]) -> bool:
+    """Whether a new run (or an --init-from one) masks documents: ``cfg.document_mask`` when the
+    flag was given; by default (on) unless the run's attention ``backend`` runs no mask_mod
+    (sdpa, xformers, triton), where the default yields rather than fail."""
+    from ..ops.attention.backends import MOD_BACKENDS  # noqa: PLC0415 - the attention package stays lazy here
+    if "document_mask" in cfg.explicit_fields():
+        return cfg.document_mask
+    return cfg.document_mask and (backend is None or backend in MOD_BACKENDS)
+
+
 def attention_backend(choice: Optional[str], precision: str, device_type: str) -> str:
     """The attention backend: the user's choice, else "auto" except under bf16 on CPU, where the
     composite ("math") attention trains faster than SDPA's flash kernel (its backward is slow in bf16)."""
@@ -117,7 +127,9 @@ class RunConfig:
     attention_backend: Optional[str] = None
     position_encoding: str = "learnable"
     gradient_checkpointing: Optional[bool] = False
-    document_mask: bool = False  # attend within each packed document only (docs/attention.md)
+    # attend within each packed document only (docs/attention.md): on by default for new runs
+    # (:func:`document_mask_on`), --resume keeps the run's own setting
+    document_mask: bool = True
     # optimisation
     steps: int = 400
     batch_size: int = 16
@@ -265,9 +277,24 @@ class RunConfig:
             resumed = dataclasses.replace(self, **{k: saved[k] for k in RESUMED_FIELDS if k in saved and k not in adjusted})
         except RunError as e:
             raise RunError(f"checkpoint {checkpoint.path}: its saved training arguments are invalid: {e}") from None
+        resumed = resumed._resumed_document_mask(checkpoint)
         if resumed.steps <= checkpoint.step:
             raise RunError(f"the checkpoint is already at step {checkpoint.step}; ask for more --steps than that")
         return resumed
+
+    def _resumed_document_mask(self, checkpoint) -> "RunConfig":
+        """A resumed run masks documents as its checkpoint's model does (runs from before the
+        default was on keep it off): an explicit --document-mask / --no-document-mask that
+        differs is refused, by name."""
+        model_cfg = getattr(checkpoint, "cfg", None)
+        if model_cfg is None:  # no model config to read (a stand-in checkpoint): the flag stands
+            return self
+        recorded = bool(getattr(model_cfg, "document_mask", False))
+        if "document_mask" in self.explicit_fields() and self.document_mask != recorded:
+            raise RunError(f"--resume continues the run in {checkpoint.path} with its own settings; "
+                           f"{flag('document_mask') if self.document_mask else '--no-document-mask'} would change it "
+                           f"(the run has document_mask={recorded}). Drop it, or start a new run")
+        return dataclasses.replace(self, document_mask=recorded)
 
     def explicit_fields(self) -> frozenset:
         """The fields the user set: ``explicit`` when given (the CLI's flags), else those whose

@@ -27,7 +27,7 @@ from ..config import ModelConfig
 from ..data import DataError, is_prepared_dir, open_prepared, prepare_corpus
 from ..tokenizer import Tokenizer
 from ..train import resolve_precision
-from .config import RunConfig, RunError, attention_backend
+from .config import RunConfig, RunError, attention_backend, document_mask_on
 from .output import Log
 from .state import build_run, setup_lora
 
@@ -129,6 +129,7 @@ def _prepare_main(cfg: RunConfig, device, world: int, say: Log) -> tuple[Prepare
                               prepared=None if cfg.prepared is None else os.path.abspath(cfg.prepared),
                               data_checksum=pd.checksum)
     model_config = _model_config(cfg, resumed, init, tok, device)
+    cfg = dataclasses.replace(cfg, document_mask=model_config.document_mask)  # the setting in force, recorded
     if tok.vocab_size > model_config.vocab_size:
         raise RunError(f"the tokenizer has {tok.vocab_size} tokens but the model embeds only {model_config.vocab_size}")
     if cfg.seq_len > model_config.max_seq_len:
@@ -209,15 +210,18 @@ def _model_config(cfg: RunConfig, resumed, init, tok, device) -> ModelConfig:
                 changes["attention_backend"] = cfg.attention_backend
             if cfg.gradient_checkpointing is not None:
                 changes["gradient_checkpointing"] = cfg.gradient_checkpointing
-            if cfg.document_mask:
+            if document_mask_on(cfg, changes.get("attention_backend", init.cfg.attention_backend)):
                 changes.update(document_mask=True, eos_token_id=tok.eos_token_id)
+            elif "document_mask" in cfg.explicit_fields():  # --no-document-mask
+                changes["document_mask"] = False
             return init.cfg.replace(**changes)
+        backend = attention_backend(cfg.attention_backend, cfg.precision, torch.device(device).type)
         return ModelConfig(
             vocab_size=tok.vocab_size, d_model=cfg.d_model, n_layers=cfg.n_layers, n_heads=cfg.n_heads, d_ff=cfg.d_ff,
             max_seq_len=cfg.max_seq_len or cfg.seq_len, dropout=cfg.dropout,
             attention_dropout=0.0 if cfg.dropout == 0 else None, attention_type=cfg.attention_type,
-            attention_backend=attention_backend(cfg.attention_backend, cfg.precision, torch.device(device).type),
+            attention_backend=backend,
             position_encoding=cfg.position_encoding, gradient_checkpointing=cfg.gradient_checkpointing, **training,
-            **({"document_mask": True, "eos_token_id": tok.eos_token_id} if cfg.document_mask else {}))
+            **({"document_mask": True, "eos_token_id": tok.eos_token_id} if document_mask_on(cfg, backend) else {}))
     except ValueError as e:
         raise RunError(f"invalid model configuration: {e}") from None

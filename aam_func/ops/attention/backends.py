@@ -20,9 +20,10 @@ from torch import Tensor
 from ...checks import is_int
 from .._util import forward_ad_active, vmap_active
 
-__all__ = ["BACKENDS", "PATHS", "DENSE_MODS_MAX_LEN", "CallFacts", "Route", "call_facts", "choose_path", "check_q_offset"]
+__all__ = ["BACKENDS", "MOD_BACKENDS", "PATHS", "DENSE_MODS_MAX_LEN", "CallFacts", "Route", "call_facts", "choose_path", "check_q_offset"]
 
 BACKENDS = ("auto", "math", "sdpa", "blockwise", "xformers", "triton")  # what a caller (or a config) may ask for
+MOD_BACKENDS = ("auto", "math", "blockwise")  # the backends that run a score_mod / mask_mod / block_mask
 PATHS = ("sdpa", "math", "dense_bias", "blockwise", "xformers", "triton", "flex")  # what actually runs
 
 _TRITON = importlib.util.find_spec("triton") is not None  # read once: call_facts runs under dynamo
