@@ -26,7 +26,8 @@ Backends a caller may ask for: ``"blockwise"``, ``"math"``, ``"sdpa"`` (no relat
 needs the triton package) and ``"auto"``: SDPA when the call needs
 no mask or bias and no forward-mode AD is active (nor vmap on CUDA), else blockwise; dropout
 always runs on the math path, and so does a call under CPU bf16 autocast that takes a gradient
-(in its additive-bias form without padding or a relative bias). ``auto`` does not take the
+(in its additive-bias form without padding or a relative bias). A short call with a mask_mod
+alone runs, on the CPU, as SDPA with the whole dense mask (``backends.DENSE_MODS_MAX_LEN``). ``auto`` does not take the
 Triton kernels until a GPU run has checked them (``backends.TRITON_AUTO``, docs/gpu.md). Derivations:
 ``proofs/attention.md``.
 """
