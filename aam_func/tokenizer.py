@@ -21,7 +21,7 @@ from torch import Tensor
 
 from .checks import check_int
 
-__all__ = ["Tokenizer", "TokenizerError", "EOS_TOKEN"]
+__all__ = ["Tokenizer", "TokenizerError", "EOS_TOKEN", "LazyTokenizer"]
 
 EOS_TOKEN = "<|endoftext|>"
 # the longest run of non-space characters the trained BPE sees as one word (see Tokenizer.train_bpe)
@@ -217,3 +217,56 @@ def _looks_like_hub_name(name: str) -> bool:
 def _first_line(e: BaseException) -> str:
     s = str(e).strip().splitlines()
     return s[0] if s else type(e).__name__
+
+
+class LazyTokenizer(Tokenizer):
+    """A saved tokenizer directory whose size and eos id are already known (a prepared
+    directory's index records them): :meth:`Tokenizer.load` runs (and imports transformers, ~1 s)
+    only when the tokenizer is used on text; :meth:`save` copies the directory as it is until then.
+    On loading, the size and eos id must be the ones given and ``check`` (when given) is called
+    with the loaded tokenizer (a prepared directory checks its hash)."""
+
+    def __init__(self, directory: str | os.PathLike, *, vocab_size: int, eos_token_id: int, check=None, **options):
+        self.directory = os.fspath(directory)
+        self._known = (int(vocab_size), int(eos_token_id))
+        self._check, self._options, self._loaded = check, options, None
+
+    def load_now(self) -> Tokenizer:
+        """The loaded tokenizer (loaded and checked on the first call)."""
+        if self._loaded is None:
+            tok = Tokenizer.load(self.directory, **self._options)
+            if (tok.vocab_size, tok.eos_token_id) != self._known:
+                raise TokenizerError(f"tokenizer directory {self.directory!r} has {tok.vocab_size} tokens and eos id "
+                                     f"{tok.eos_token_id}, not {self._known[0]} and {self._known[1]} as recorded")
+            if self._check is not None:
+                self._check(tok)
+            self._loaded = tok
+        return self._loaded
+
+    def __getattr__(self, name: str):  # the options (max_length, padding, ...) of the loaded tokenizer
+        if name.startswith("_") or name in ("directory", "load_now"):
+            raise AttributeError(name)
+        return getattr(self.load_now(), name)
+
+    @property
+    def hf(self):
+        return self.load_now().hf
+
+    @property
+    def vocab_size(self) -> int:
+        return self._known[0]
+
+    @property
+    def eos_token_id(self) -> int:
+        return self._known[1]
+
+    def save(self, directory: str | os.PathLike) -> None:
+        if self._loaded is not None:
+            return self._loaded.save(directory)
+        import shutil
+
+        shutil.copytree(self.directory, os.fspath(directory), dirs_exist_ok=True)
+
+    def __repr__(self) -> str:
+        state = "loaded" if self._loaded is not None else "not loaded yet"
+        return f"LazyTokenizer({self.directory!r}, vocab_size={self.vocab_size}, {state})"

@@ -6,9 +6,10 @@ token shards (:mod:`aam_func.data.shards`), publish the directory atomically.
 
 Passes over the corpus: one counting the documents (the held-out split is a permutation of
 their count), one training a BPE when no tokenizer is given (on the training documents only),
-one tokenizing. Tokenization uses the Rust tokenizer's batch encoding (its own threads, one per
-core). Everything is written into ``<output>.tmp-<pid>`` and renamed to ``output`` once
-``index.json`` is written, so ``output`` is complete or absent: a killed prepare leaves only a
+one tokenizing, batch by batch on one thread per core (tiktoken running the tokenizer's BPE when
+that is exact, else the tokenizer's own batch encoding: :mod:`aam_func.data.encoders`), the next
+batch read while the last is encoded. Everything is written into ``<output>.tmp-<pid>`` and
+renamed to ``output`` once ``index.json`` is written, so ``output`` is complete or absent: a killed prepare leaves only a
 temporary directory, removed by the next prepare. An ``output`` made from the same inputs (the
 files' paths, sizes and modification times), tokenizer and settings is reused as it is.
 """
@@ -29,6 +30,7 @@ import numpy as np
 from ..processes import pid_alive
 from .corpus import (MIN_DOCS_FOR_DOCUMENT_SPLIT, SPLIT_SEED, DataError, _check, corpus_files, cut_document,
                      default_corpus, iter_documents, split_indices)
+from .encoders import batch_encoder, encode_parallel
 from .shards import (FORMAT, INDEX, SPLITS, VERSION, ShardWriter, dtype_for, file_sha256, index_checksum,
                      is_prepared_dir, open_prepared, tokenizer_hash)
 
@@ -105,24 +107,34 @@ class _Progress:
         return self.tokens / max(time.perf_counter() - self.t0, 1e-9)
 
 
-def _tokenize(pairs, tokenizer, writers: list[ShardWriter], counts: np.ndarray, bar: _Progress) -> None:
-    """Encode each split's documents batch by batch and append them, eos after each, to its writer."""
-    backend = tokenizer.hf.backend_tokenizer
-    # the ids only: encode_batch_fast (tokenizers >= 0.21) skips the offsets, a few % of the time
-    encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
-    eos = tokenizer.eos_token_id
+def _tokenize(pairs, encoder, eos: int, writers: list[ShardWriter], counts: np.ndarray, bar: _Progress) -> None:
+    """Encode each split's documents batch by batch (:mod:`.encoders`; the next batch is read
+    while the last one is encoded) and append them, eos after each, to its writer."""
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+
     np_dtype = np.dtype(writers[0].dtype)
-    for which, texts in _batches(pairs):
-        encodings = encode(texts, add_special_tokens=False)
-        lengths = np.fromiter((len(e.ids) + 1 for e in encodings), dtype=np.int64, count=len(encodings))
-        ids = np.empty(int(lengths.sum()), dtype=np_dtype)
-        ends = np.cumsum(lengths)
-        for e, end, n in zip(encodings, ends.tolist(), lengths.tolist()):
-            ids[end - n:end - 1] = e.ids
-        ids[ends - 1] = eos
-        counts[which] += np.bincount(ids, minlength=counts.shape[1]).astype(np.uint64)
-        writers[which].write(ids, documents=len(texts))
-        bar.update(len(texts), ids.size)
+    pending: deque = deque()
+    with ThreadPoolExecutor(max(encoder.threads, 1)) as pool:
+        for which, texts in _batches(pairs):
+            pending.append((which, len(texts), encode_parallel(encoder, texts, pool)))
+            if len(pending) > 1:
+                _append(*pending.popleft(), eos, np_dtype, writers, counts, bar)
+        while pending:
+            _append(*pending.popleft(), eos, np_dtype, writers, counts, bar)
+
+
+def _append(which: int, n_texts: int, futures, eos: int, np_dtype, writers, counts, bar) -> None:
+    arrays = [a for f in futures for a in f.result()]
+    lengths = np.fromiter((a.size + 1 for a in arrays), dtype=np.int64, count=len(arrays))
+    ends = np.cumsum(lengths)
+    ids = np.empty(int(ends[-1]) if len(ends) else 0, dtype=np_dtype)
+    for a, end, n in zip(arrays, ends.tolist(), lengths.tolist()):
+        ids[end - n:end - 1] = a
+    ids[ends - 1] = eos
+    counts[which] += np.bincount(ids, minlength=counts.shape[1]).astype(np.uint64)
+    writers[which].write(ids, documents=n_texts)
+    bar.update(n_texts, ids.size)
 
 
 def _clean_stale(output: str) -> None:
@@ -162,13 +174,15 @@ def _check_output(output: str) -> None:
 
 def prepare_corpus(data, output, *, tokenizer=None, vocab_size: int = 4096, text_field: str = "text",
                    val_fraction: float = 0.1, shard_tokens: int = DEFAULT_SHARD_TOKENS,
-                   log: Optional[Callable[[str], None]] = None, progress: bool = False):
+                   log: Optional[Callable[[str], None]] = None, progress: bool = False, engine: str = "auto"):
     """Prepare the corpus ``data`` (None: the embedded one; a file or folder,
     :func:`~aam_func.data.corpus_files`) into the directory ``output`` and return it opened
     (:class:`~aam_func.data.PreparedData`). ``tokenizer``: the :class:`~aam_func.tokenizer.Tokenizer`
     to use, else a byte-level BPE of ``vocab_size`` is trained on the training documents.
     ``log`` hears a line at the end (and every 30 s); ``progress`` shows a bar with tokens/s
-    (on a terminal).
+    (on a terminal). ``engine``: ``"auto"`` encodes with tiktoken when it is installed and gives
+    exactly the tokenizer's ids (:mod:`aam_func.data.encoders`), else with the tokenizer;
+    ``"tokenizers"`` or ``"tiktoken"`` force one (the ids are the same either way).
     See the module docstring for reuse and atomicity."""
     _check("shard_tokens", shard_tokens, min=1)
     output = os.path.abspath(os.fspath(output))
@@ -192,7 +206,7 @@ def prepare_corpus(data, output, *, tokenizer=None, vocab_size: int = 4096, text
     os.makedirs(tmp)
     try:
         summary = _write(data, files, tmp, fp, tokenizer, vocab_size, text_field, val_fraction, shard_tokens, log,
-                         progress)
+                         progress, engine)
         _publish(tmp, output)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -206,8 +220,8 @@ def _docs(data, files, text_field):
     return iter_documents(data, text_field, files=files)
 
 
-def _write(data, files, tmp, fp, tokenizer, vocab_size, text_field, val_fraction, shard_tokens, log, progress
-           ) -> str:
+def _write(data, files, tmp, fp, tokenizer, vocab_size, text_field, val_fraction, shard_tokens, log, progress,
+           engine="auto") -> str:
     """Count, split, (train a BPE,) tokenize into ``tmp``; the index is written last. Returns a summary."""
     t0 = time.perf_counter()
     n_docs = sum(1 for _ in _docs(data, files, text_field))
@@ -225,9 +239,17 @@ def _write(data, files, tmp, fp, tokenizer, vocab_size, text_field, val_fraction
     dtype = dtype_for(tokenizer.vocab_size)
     counts = np.zeros((2, tokenizer.vocab_size), dtype=np.uint64)
     bar = _Progress(n_docs, progress, log)
+    try:
+        encoder = batch_encoder(tokenizer, threads=len(os.sched_getaffinity(0)), engine=engine)
+    except ValueError as e:
+        raise DataError(f"engine={engine!r}: {e}") from None
+    if log is not None:
+        log(f"prepare: encoding with {encoder.name}" + (f" ({encoder.reason})" if encoder.reason else "")
+            + (f" on {encoder.threads} threads" if encoder.threads > 1 else ""))
     writers = [ShardWriter(tmp, split, dtype, shard_tokens) for split in SPLITS]
     try:
-        _tokenize(_split_texts(_docs(data, files, text_field), n_docs, val_fraction), tokenizer, writers, counts, bar)
+        _tokenize(_split_texts(_docs(data, files, text_field), n_docs, val_fraction), encoder,
+                  tokenizer.eos_token_id, writers, counts, bar)
         entries = {split: w.close() for split, w in zip(SPLITS, writers)}
     except BaseException:
         for w in writers:

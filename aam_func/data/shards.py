@@ -213,9 +213,18 @@ class PreparedData:
         return torch.from_numpy(c.astype(np.int64)).view(2, -1)
 
     def load_tokenizer(self):
-        from ..tokenizer import Tokenizer
+        """The tokenizer that made the shards, loaded when first used on text (its size and eos id
+        come from the index; its hash is checked against the index then): a run on prepared data
+        does not import transformers before its first step."""
+        from ..tokenizer import LazyTokenizer
 
-        return Tokenizer.load(self.tokenizer_dir)
+        def check(tok) -> None:
+            if tokenizer_hash(tok) != self.index["tokenizer_hash"]:
+                raise DataError(f"{self.tokenizer_dir}: not the tokenizer that made these shards (its hash differs "
+                                f"from {os.path.join(self.path, INDEX)}'s); prepare the data again")
+
+        return LazyTokenizer(self.tokenizer_dir, vocab_size=self.index["vocab_size"],
+                             eos_token_id=self.index["eos_token_id"], check=check)
 
 
 def is_prepared_dir(path) -> bool:
