@@ -199,3 +199,64 @@ def test_batchnorm_in_training_mode_is_refused_by_name():
     batch = (torch.randn(4, 1, 8, 8), torch.randint(0, 3, (4,)))
     with pytest.raises(ValueError, match=r"BatchNorm layer '1'.*GroupNorm"):
         per_sample.grads(_module_losses(model, "cnn"), params, batch, method="batched")
+
+
+def _loop_grads(losses, params, batch):
+    """Per-example gradients by a Python loop of torch.func.grad on each example alone."""
+    B = batch[0].shape[0]
+    rows = [torch.func.grad(lambda p, i=i: losses(p, tuple(t[i:i + 1] for t in batch)).sum())(params) for i in range(B)]
+    return {k: torch.stack([r[k] for r in rows]) for k in params}
+
+
+class _InPlace(nn.Module):
+    """In-place ops right after recognised uses: ReLU(inplace=True) on a conv's and a norm's
+    output, and an in-place scale of a linear's output before the next layer."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.norm = nn.GroupNorm(2, 4)
+        self.fc = nn.Linear(4 * 8 * 8, 6)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = torch.relu_(self.conv(x))
+        h = torch.relu_(self.norm(h))
+        h = self.fc(h.flatten(1))
+        h.mul_(h.detach().abs() + 1)  # changes the use's output in place (and its gradient downstream)
+        return self.head(h)
+
+
+def test_in_place_ops_on_a_use_output_keep_the_gradient_of_that_output():
+    """The backward stops at each use's own node (its gradient edge), not at the tensor an
+    in-place op has since re-pointed: the per-example gradients equal a Python loop."""
+    torch.manual_seed(0)
+    model = _InPlace()
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    g = torch.Generator().manual_seed(2)
+    batch = (torch.randn(4, 1, 8, 8, generator=g), torch.randint(0, 3, (4,), generator=g))
+    losses = _module_losses(model, "cnn")
+    _close(per_sample.grads(losses, params, batch, method="batched"), _loop_grads(losses, params, batch))
+
+
+def test_a_use_under_no_grad_or_unused_gets_zero_gradients():
+    """A use computed under torch.no_grad (not differentiable) and a use whose output the loss
+    ignores give zero per-example gradients, as torch.func.grad does."""
+    params = {"a": torch.randn(3, 4), "b": torch.randn(2, 4), "c": torch.randn(5, 4)}
+
+    def losses(p, x):
+        with torch.no_grad():
+            frozen = F.linear(x, p["b"])
+        F.linear(x, p["c"])  # computed and dropped
+        return (F.linear(x, p["a"]).pow(2).sum(1) + frozen.sum(1))
+
+    x = torch.randn(6, 4)
+    got = per_sample.grads(losses, params, x, method="batched")
+    _close(got, per_sample.grads(losses, params, x, method="vmap"))
+    assert got["b"].abs().max() == 0 and got["c"].abs().max() == 0 and got["a"].abs().max() > 0
+
+    def all_frozen(p, x):
+        with torch.no_grad():
+            return F.linear(x, p["a"]).sum(1)
+
+    assert all(v.abs().max() == 0 for v in per_sample.grads(all_frozen, {"a": params["a"]}, x, method="batched").values())

