@@ -40,9 +40,6 @@ from .factors import bias_grad, factors, norm_weight_grad, norms_and_weighted_su
 
 __all__ = ["BatchedUnsupported", "batched_pass", "batched_grads", "batched_norms_and_sum"]
 
-_FACTOR_KINDS = ("linear", "addmm", "embedding", "conv")
-
-
 class BatchedUnsupported(ValueError):
     """The loss or the model breaks the batched route's contract (named in the message)."""
 
@@ -77,7 +74,7 @@ class _Prober(Client):
         # re-points ``out`` at a new node but not this edge, so the gradient stays that of the
         # use's output. None: the output is not differentiable (computed under no_grad)
         edge = get_gradient_edge(out) if out.grad_fn is not None else None
-        self.records.append((use, use.input.detach(), edge, out))
+        self.records.append((use, use.input.detach(), edge, (out.shape, out.dtype, out.device)))
         return out
 
     linear = embedding = conv = norm = _probe
@@ -142,7 +139,9 @@ def _output_grads(losses: Tensor, records: list) -> list:
     if live and losses.requires_grad:
         grads = torch.autograd.grad(losses.sum(), [records[i][2] for i in live], allow_unused=True)
         got = {i: g for i, g in zip(live, grads) if g is not None}
-    return [got[i] if i in got else torch.zeros_like(r[3]) for i, r in enumerate(records)]
+    # (the output's shape, dtype and device, not the output: holding it would keep its memory
+    # from being reused during the forward)
+    return [got[i] if i in got else torch.zeros(r[3][0], dtype=r[3][1], device=r[3][2]) for i, r in enumerate(records)]
 
 
 def _collect(params: dict, records: list, g_all, B: int):
@@ -154,17 +153,22 @@ def _collect(params: dict, records: list, g_all, B: int):
         small[name] = value if name not in small else small[name] + value
 
     for (use, x, _, _), g in zip(records, g_all):
+        bias_shape = (B,) + tuple(params[use.bias_key].shape) if use.bias_key is not None else None
+        if use.kind in NORM_KINDS:  # a norm's affine weight (and bias); their layout here is (B, 1, ...)
+            got = norm_weight_grad(use.kind, x.unsqueeze(1), g.unsqueeze(1), use.options, bias_shape is not None)
+            if bias_shape is None:
+                add(use.key, got)
+            else:
+                add(use.key, got[0])
+                add(use.bias_key, got[1].reshape(bias_shape))
+            continue
         if use.kind == "addmm":  # (B·T, ·) rows, example-major, back to (B, T, ·)
             x, g = x.reshape(B, -1, x.shape[-1]), g.reshape(B, -1, g.shape[-1])
-        if use.kind in _FACTOR_KINDS:
-            kernel = tuple(use.weight.shape[2:])
-            uses.setdefault(use.key, []).append(factors(use.kind, x, g, use.padding_idx, use.options, kernel))
-        else:  # a norm's affine weight; its layout for bias_grad / norm_weight_grad is (B, 1, ...)
-            add(use.key, norm_weight_grad(use.kind, x.unsqueeze(1), g.unsqueeze(1), use.options))
-        if use.bias_key is not None:
+        kernel = tuple(use.weight.shape[2:])
+        uses.setdefault(use.key, []).append(factors(use.kind, x, g, use.padding_idx, use.options, kernel))
+        if bias_shape is not None:
             nd = use.weight.dim() - 2 if use.kind == "conv" else 0
-            b = bias_grad(use.kind, None, g.unsqueeze(1) if use.kind in NORM_KINDS else g, use.options, nd)
-            add(use.bias_key, b.reshape((B,) + tuple(params[use.bias_key].shape)))
+            add(use.bias_key, bias_grad(use.kind, None, g, use.options, nd).reshape(bias_shape))
     return uses, small
 
 

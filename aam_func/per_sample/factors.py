@@ -124,18 +124,34 @@ def bias_grad(kind: str, x: Tensor, g: Tensor, options: dict, nd: int = 0) -> Te
     return g.reshape(B, -1, g.shape[-1]).sum(1)
 
 
-def norm_weight_grad(kind: str, x: Tensor, g: Tensor, options: dict) -> Tensor:
+def norm_weight_grad(kind: str, x: Tensor, g: Tensor, options: dict, with_bias: bool = False):
     """(B, *weight shape) per-example gradients of a norm's affine weight: the normalised input
     x̂ (recomputed from the kept input ``x`` (B, ...) with the use's groups / shape and eps) times
-    the output gradient ``g``, summed over every position but the weight's own."""
+    the output gradient ``g``, summed over every position but the weight's own. ``with_bias``:
+    ``(weight grads, bias grads)``, the bias's the output gradient summed the same way.
+
+    A group norm's x̂ and both sums come from torch's own GroupNorm kernels over ONE input of M·C
+    channels in M·G groups (M the examples, or rows, of ``x`` (B, n, C, *)): group (m, k) holds
+    exactly the values of example m's group k, so its statistics, x̂, and the affine gradients
+    "summed over the batch" of that single input are the per-(m, c) sums (proofs/ghost_modules.md
+    §6). One statistics pass and one reduction kernel instead of a normalised copy, a product and
+    two sums."""
     B = x.shape[0]
     if kind == "layer_norm":
         ns = _norm_shape(options)
         xh = F.layer_norm(x, ns, eps=options["eps"])
-        return (xh * g).reshape(B, -1, *ns).sum(1)
-    # group norm: each example's input is (n, C, *); normalise its n rows over their groups
-    xh = F.group_norm(x.reshape(-1, *x.shape[2:]), options["num_groups"], eps=options["eps"]).reshape(x.shape)
-    return (xh * g).reshape(B, x.shape[1], x.shape[2], -1).sum((1, 3))
+        w = (xh * g).reshape(B, -1, *ns).sum(1)
+        return (w, bias_grad(kind, x, g, options)) if with_bias else w
+    n, C = x.shape[1], x.shape[2]
+    M, G = B * n, options["num_groups"]
+    hw = math.prod(x.shape[3:])
+    x1, g1 = x.reshape(1, M * C, hw), g.reshape(1, M * C, hw)
+    _, mean, rstd = torch.native_group_norm(x1, None, None, 1, M * C, hw, M * G, options["eps"])
+    ones = torch.ones(M * C, dtype=x.dtype, device=x.device)  # the kernel wants a weight; dγ does not use it
+    _, dw, db = torch.ops.aten.native_group_norm_backward(g1, x1, mean, rstd, ones, 1, M * C, hw, M * G,
+                                                          [False, True, True])
+    w = dw.view(B, n, C).sum(1)
+    return (w, db.view(B, n, C).sum(1)) if with_bias else w
 
 
 def gram(a: Tensor, a_ids: bool, b: Tensor, b_ids: bool) -> Tensor:
