@@ -12,10 +12,11 @@ A use's factors are ``(L, L_is_ids, R)`` with shapes (B, N, ·), or (B, N) ids f
 
 Biases and norm affine weights are not kept as factors: their per-example gradients are small
 and exact from the same probed use (:func:`bias_grad`: the output gradient summed over the
-positions; :func:`norm_weight_grad`: the normalised input, recomputed, times it, summed).
+positions; :func:`norm_weight_grad`: the normalised input, recomputed, times it, summed; a
+group norm's both sums from GroupNorm's own kernels).
 
 Derivation: ``proofs/per_sample.md`` §2-3b, ``proofs/ghost_modules.md`` (conv §1, biases and
-norms §2).
+norms §2 and §6).
 """
 
 from __future__ import annotations
