@@ -259,8 +259,11 @@ class Intercept(TorchFunctionMode):
             options = {"normalized_shape": bound.get("normalized_shape"), "eps": bound.get("eps", 1e-5)}
         bias_slot = "input" if kind == "addmm" else "bias"
         bias_key = self._key(bound.get(bias_slot)) if self._client.bias_uses and kind != "embedding" else None
-        rest = {k: v if k == bias_slot and bias_key is not None else self._others(v)
-                for k, v in bound.items() if k != slot}
+        table, rest = self._table, {}
+        for k, v in bound.items():  # the other arguments, watched tensors among them answered by ``other``
+            if k != slot:
+                watched = id(v) in table or (isinstance(v, (list, tuple, dict)) and self._any_watched(v))
+                rest[k] = self._others(v) if watched and not (k == bias_slot and bias_key is not None) else v
         x = rest.get("mat1" if kind == "addmm" else "input")
         run = func if func not in self._ops else (lambda **kw: self._run(func, (), kw))
         return Use(kind, key, weight, x, rest.get(bias_slot), padding_idx, plain, options, bias_key, run,

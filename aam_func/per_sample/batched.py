@@ -35,7 +35,7 @@ from torch.autograd.graph import get_gradient_edge
 
 from ..intercept import NORM_KINDS, Client, Intercept, Use
 from .batching import batch_size, check_chunk, chunks, slice_batch
-from .exact_ops import exact_ops, param_names
+from .exact_ops import exact_ops
 from .factors import bias_grad, factors, norm_weight_grad, norms_and_weighted_sum, write_factors
 
 __all__ = ["BatchedUnsupported", "batched_pass", "batched_grads", "batched_norms_and_sum"]
@@ -85,6 +85,8 @@ class _Prober(Client):
 
 
 def _check_tied(flat: dict) -> None:
+    if len({id(v) for v in flat.values()}) == len(flat):
+        return
     count = Counter(id(v) for v in flat.values())
     tied = [n for n, v in flat.items() if count[id(v)] > 1]
     if tied:
@@ -118,7 +120,7 @@ def batched_pass(loss_fn: Callable, params: dict, batch, B: Optional[int] = None
     # and the backward below asks for the uses' output gradients only (no weight gradient is formed)
     detached = {n: v.detach().requires_grad_(n in watched) for n, v in params.items()}
     with torch.enable_grad(), Intercept({n: detached[n] for n in watched}, prober,
-                                        ops=exact_ops(param_names(detached))):
+                                        ops=exact_ops({id(v): n for n, v in detached.items()})):
         losses = _per_example_losses(loss_fn, detached, batch, B)
     if prober.others:
         names = sorted({str(k) for k, _ in prober.others})
