@@ -154,11 +154,12 @@ class Client:
 
 def _bind(names: tuple, args: tuple, kwargs: Mapping) -> Optional[dict]:
     """args/kwargs by parameter name; None when they do not fit ``names``."""
-    if len(args) > len(names) or any(k not in names for k in kwargs):
+    if len(args) > len(names):
         return None
     bound = dict(zip(names, args))
-    if any(k in bound for k in kwargs):
-        return None
+    for k in kwargs:  # (a loop, not any(...): this runs for every recognised call)
+        if k not in names or k in bound:
+            return None
     bound.update(kwargs)
     return bound
 
@@ -195,35 +196,34 @@ class Intercept(TorchFunctionMode):
             table[id(t)] = (key, t)  # holding t keeps its id from being reused while watched
         self._table, self._client = table, client
 
+    # Identity by id(): the table holds every watched tensor, so while it is alive no other live
+    # object has its id, and id(v) in the table means v IS that tensor (no isinstance needed).
     def _key(self, v) -> Optional[Hashable]:
-        entry = self._table.get(id(v)) if isinstance(v, Tensor) else None
-        return entry[0] if entry is not None and entry[1] is v else None
+        entry = self._table.get(id(v))
+        return None if entry is None else entry[0]
 
     def _any_watched(self, obj) -> bool:
         """Whether ``obj`` (a tensor, or lists / tuples / dicts of them) holds a watched tensor."""
         table = self._table
-        if isinstance(obj, Tensor):
-            entry = table.get(id(obj))
-            return entry is not None and entry[1] is obj
+        if id(obj) in table:
+            return True
         if isinstance(obj, dict):
             obj = tuple(obj.values())
         elif not isinstance(obj, (list, tuple)):
             return False
         for v in obj:  # one level inline: this runs for every torch call in the context
-            if isinstance(v, Tensor):
-                entry = table.get(id(v))
-                if entry is not None and entry[1] is v:
-                    return True
-            elif isinstance(v, (list, tuple, dict)) and self._any_watched(v):
+            if id(v) in table:
+                return True
+            if isinstance(v, (list, tuple, dict)) and self._any_watched(v):
                 return True
         return False
 
     def _others(self, obj):
         """``obj`` with each watched tensor replaced by the client's ``other`` answer."""
-        if isinstance(obj, Tensor):
-            key = self._key(obj)
-            return obj if key is None else self._client.other(key, obj)
-        if not self._any_watched(obj):
+        entry = self._table.get(id(obj))
+        if entry is not None:
+            return self._client.other(entry[0], obj)
+        if not isinstance(obj, (list, tuple, dict)) or not self._any_watched(obj):
             return obj
         if isinstance(obj, dict):
             return {k: self._others(v) for k, v in obj.items()}
@@ -259,8 +259,11 @@ class Intercept(TorchFunctionMode):
             options = {"normalized_shape": bound.get("normalized_shape"), "eps": bound.get("eps", 1e-5)}
         bias_slot = "input" if kind == "addmm" else "bias"
         bias_key = self._key(bound.get(bias_slot)) if self._client.bias_uses and kind != "embedding" else None
-        rest = {k: v if k == bias_slot and bias_key is not None else self._others(v)
-                for k, v in bound.items() if k != slot}
+        table, rest = self._table, {}
+        for k, v in bound.items():  # the other arguments, watched tensors among them answered by ``other``
+            if k != slot:
+                watched = id(v) in table or (isinstance(v, (list, tuple, dict)) and self._any_watched(v))
+                rest[k] = self._others(v) if watched and not (k == bias_slot and bias_key is not None) else v
         x = rest.get("mat1" if kind == "addmm" else "input")
         run = func if func not in self._ops else (lambda **kw: self._run(func, (), kw))
         return Use(kind, key, weight, x, rest.get(bias_slot), padding_idx, plain, options, bias_key, run,

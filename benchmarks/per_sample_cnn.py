@@ -24,14 +24,17 @@ the first example), the vmapped pass (forward with probes, backward that gives t
 the exact per-example gradients of the other leaves) and ghost_grads (the pass and the write of
 the factors into the result).
 
-The cases run round-robin (interleaved) --reps times after a warm-up; medians and minima are
-printed, with the ratios of medians, of minima and the median of per-round ratios (each round
-runs every case back to back, so its ratio sees the same outside load: the steadiest figure
-when the CPU is shared).
+The cases run interleaved, --reps rounds after a warm-up, each round in a fresh random order
+(seeded: a fixed order hands every case the same predecessor, and what ran just before a case
+changes its time through the caches); medians and minima are printed, with the ratios of
+medians, of minima and the median of per-round ratios (each round runs every case back to back,
+so its ratio sees the same outside load: the steadiest figure when the CPU is shared).
+--cases times a subset.
 
     OMP_NUM_THREADS=1 python benchmarks/per_sample_cnn.py              # batch 64, 15 rounds
     python benchmarks/per_sample_cnn.py --batch 32 64 128 --reps 9
     OMP_NUM_THREADS=1 python benchmarks/per_sample_cnn.py --phases --reps 21
+    OMP_NUM_THREADS=1 python benchmarks/per_sample_cnn.py --reps 61 --clock cpu --cases opacus_hooks ours_grads_batched fwd_bwd
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from __future__ import annotations
 import argparse
 import copy
 import os
+import random
 import statistics
 import sys
 import time
@@ -135,18 +139,24 @@ def phases(batch_size: int) -> dict:
 CLOCKS = {"wall": time.perf_counter, "cpu": time.thread_time}
 
 
-def timed(fns: dict, reps: int, clock: str = "wall") -> dict:
-    """{case: [seconds per round]}: each function run round-robin ``reps`` times after a warm-up.
+def timed(fns: dict, reps: int, clock: str = "wall", seed: int = 0) -> dict:
+    """{case: [seconds per round]}: every function once per round, ``reps`` rounds after a warm-up.
     ``clock="cpu"``: this thread's CPU time (with one thread, torch's kernels and the CPU
-    autograd engine run on it), which other processes' load does not inflate as it does wall time."""
+    autograd engine run on it), which other processes' load does not inflate as it does wall time.
+
+    Each round runs the cases in a fresh random order (seeded): a case's time depends on what ran
+    just before it (what its predecessor left in the caches), and a fixed order would give every
+    case the same predecessor in every round, a bias the shuffle spreads evenly over the cases."""
     now = CLOCKS[clock]
     for f in fns.values():
         f()
     times = {k: [] for k in fns}
+    order, rng = list(fns), random.Random(seed)
     for _ in range(reps):
-        for k, f in fns.items():
+        rng.shuffle(order)
+        for k in order:
             t = now()
-            f()
+            fns[k]()
             times[k].append(now() - t)
     return times
 
@@ -166,6 +176,7 @@ def main():
     ap.add_argument("--batch", type=int, nargs="+", default=[64])
     ap.add_argument("--reps", type=int, default=15)
     ap.add_argument("--phases", action="store_true", help="also time the ghost route's parts")
+    ap.add_argument("--cases", nargs="+", default=None, help="time only these cases (default: all)")
     ap.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
                     help="wall time, or this thread's CPU time (steadier on a shared machine; use with OMP_NUM_THREADS=1)")
     args = ap.parse_args()
@@ -174,6 +185,11 @@ def main():
         fns = cases(B)
         if args.phases:
             fns.update(phases(B))
+        if args.cases:
+            unknown = sorted(set(args.cases) - set(fns))
+            if unknown:
+                ap.error(f"--cases: unknown {unknown}; the cases are {sorted(fns)}")
+            fns = {k: v for k, v in fns.items() if k in args.cases}
         times = timed(fns, args.reps, args.clock)
         print(f"\nbatch {B} ({args.reps} rounds): median ms (min)")
         for k, v in times.items():

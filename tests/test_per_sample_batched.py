@@ -199,3 +199,98 @@ def test_batchnorm_in_training_mode_is_refused_by_name():
     batch = (torch.randn(4, 1, 8, 8), torch.randint(0, 3, (4,)))
     with pytest.raises(ValueError, match=r"BatchNorm layer '1'.*GroupNorm"):
         per_sample.grads(_module_losses(model, "cnn"), params, batch, method="batched")
+
+
+def _loop_grads(losses, params, batch):
+    """Per-example gradients by a Python loop of torch.func.grad on each example alone."""
+    B = batch[0].shape[0]
+    rows = [torch.func.grad(lambda p, i=i: losses(p, tuple(t[i:i + 1] for t in batch)).sum())(params) for i in range(B)]
+    return {k: torch.stack([r[k] for r in rows]) for k in params}
+
+
+class _InPlace(nn.Module):
+    """In-place ops right after recognised uses: ReLU(inplace=True) on a conv's and a norm's
+    output, and an in-place scale of a linear's output before the next layer."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.norm = nn.GroupNorm(2, 4)
+        self.fc = nn.Linear(4 * 8 * 8, 6)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = torch.relu_(self.conv(x))
+        h = torch.relu_(self.norm(h))
+        h = self.fc(h.flatten(1))
+        h.mul_(h.detach().abs() + 1)  # changes the use's output in place (and its gradient downstream)
+        return self.head(h)
+
+
+def test_in_place_ops_on_a_use_output_keep_the_gradient_of_that_output():
+    """The backward stops at each use's own node (its gradient edge), not at the tensor an
+    in-place op has since re-pointed: the per-example gradients equal a Python loop."""
+    torch.manual_seed(0)
+    model = _InPlace()
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    g = torch.Generator().manual_seed(2)
+    batch = (torch.randn(4, 1, 8, 8, generator=g), torch.randint(0, 3, (4,), generator=g))
+    losses = _module_losses(model, "cnn")
+    _close(per_sample.grads(losses, params, batch, method="batched"), _loop_grads(losses, params, batch))
+
+
+def test_a_use_under_no_grad_or_unused_gets_zero_gradients():
+    """A use computed under torch.no_grad (not differentiable) and a use whose output the loss
+    ignores give zero per-example gradients, as torch.func.grad does."""
+    params = {"a": torch.randn(3, 4), "b": torch.randn(2, 4), "c": torch.randn(5, 4)}
+
+    def losses(p, x):
+        with torch.no_grad():
+            frozen = F.linear(x, p["b"])
+        F.linear(x, p["c"])  # computed and dropped
+        return (F.linear(x, p["a"]).pow(2).sum(1) + frozen.sum(1))
+
+    x = torch.randn(6, 4)
+    got = per_sample.grads(losses, params, x, method="batched")
+    _close(got, per_sample.grads(losses, params, x, method="vmap"))
+    assert got["b"].abs().max() == 0 and got["c"].abs().max() == 0 and got["a"].abs().max() > 0
+
+    def all_frozen(p, x):
+        with torch.no_grad():
+            return F.linear(x, p["a"]).sum(1)
+
+    assert all(v.abs().max() == 0 for v in per_sample.grads(all_frozen, {"a": params["a"]}, x, method="batched").values())
+
+
+def test_the_benchmark_cnn_in_float32_equals_a_python_loop():
+    """examples/cnn_dp.py's CNN shape (conv 1→16, GroupNorm(4, 16), conv 16→32, GroupNorm(4, 32),
+    linear 128→10) in float32 on digit-like inputs (values 0..16: the norms' inputs are far from
+    centred): every per-example gradient within 1e-5 of a Python loop."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 16, 3, padding=1), nn.GroupNorm(4, 16), nn.ReLU(), nn.AvgPool2d(2),
+        nn.Conv2d(16, 32, 3, padding=1), nn.GroupNorm(4, 32), nn.ReLU(), nn.AvgPool2d(2),
+        nn.Flatten(), nn.Linear(128, 10),
+    ).float()
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    g = torch.Generator().manual_seed(3)
+    batch = (torch.rand(12, 1, 8, 8, generator=g, dtype=torch.float32) * 16, torch.randint(0, 10, (12,), generator=g))
+    losses = _module_losses(model, "cnn")
+    got, want = per_sample.grads(losses, params, batch, method="batched"), _loop_grads(losses, params, batch)
+    assert got["0.weight"].dtype == torch.float32
+    for k in params:
+        assert (got[k] - want[k]).abs().max() <= 1e-5, k
+
+
+def test_norms_with_weight_only_and_several_rows_per_example_equal_the_vmap_route():
+    """F.group_norm / F.layer_norm with a weight and no bias (the bias slot empty), a group norm
+    over a 1-D feature map and a layer norm over (T, d) rows: the weight's gradient alone."""
+    params = {"gw": torch.randn(6), "lw": torch.randn(4), "head": torch.randn(3, 4)}
+
+    def losses(p, x):  # x (B, 6, 4)
+        h = F.group_norm(x, 3, p["gw"], None, 1e-5)  # (B, C=6, L=4): groups of 2 channels
+        h = F.layer_norm(h, (4,), p["lw"], None, 1e-5)  # each of the 6 rows of an example
+        return F.linear(h, p["head"]).pow(2).sum((1, 2))
+
+    x = torch.randn(5, 6, 4) * 3 + 2
+    _close(per_sample.grads(losses, params, x, method="batched"), per_sample.grads(losses, params, x, method="vmap"))

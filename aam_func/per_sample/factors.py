@@ -12,10 +12,11 @@ A use's factors are ``(L, L_is_ids, R)`` with shapes (B, N, ·), or (B, N) ids f
 
 Biases and norm affine weights are not kept as factors: their per-example gradients are small
 and exact from the same probed use (:func:`bias_grad`: the output gradient summed over the
-positions; :func:`norm_weight_grad`: the normalised input, recomputed, times it, summed).
+positions; :func:`norm_weight_grad`: the normalised input, recomputed, times it, summed; a
+group norm's both sums from GroupNorm's own kernels).
 
 Derivation: ``proofs/per_sample.md`` §2-3b, ``proofs/ghost_modules.md`` (conv §1, biases and
-norms §2).
+norms §2 and §6).
 """
 
 from __future__ import annotations
@@ -42,7 +43,14 @@ def _pairs(v, nd: int) -> tuple:
 
 def patches(x: Tensor, kernel: tuple, options: dict) -> Tensor:
     """(M, C·∏k, L) input patches of a conv (``F.unfold``) for x (M, C, *spatial), 1-D or 2-D,
-    with the conv's stride, dilation and padding (ints, tuples, "valid" or "same")."""
+    with the conv's stride, dilation and padding (ints, tuples, "valid" or "same").
+
+    The M examples are unfolded as ONE input of M·C channels: a channel's patches depend on that
+    channel alone, so the rows come out example-major, (m, c, kernel offset), the (M, C·∏k, L)
+    layout as a view. One ``im2col`` over M·C channels instead of one per example (the CPU kernel
+    loops over the batch): 0.5-0.66x the time on the CNN of ``benchmarks/per_sample_cnn.py``.
+    Symmetric padding is left to ``F.unfold`` (no padded copy); "same" with an even total is
+    padded with ``F.pad`` first."""
     nd = len(kernel)
     stride, dilation = _pairs(options["stride"], nd), _pairs(options["dilation"], nd)
     padding = options["padding"]
@@ -52,10 +60,16 @@ def patches(x: Tensor, kernel: tuple, options: dict) -> Tensor:
         sides = [(d * (k - 1) // 2, d * (k - 1) - d * (k - 1) // 2) for k, d in zip(kernel, dilation)]
     else:
         sides = [(p, p) for p in _pairs(padding, nd)]
-    x = F.pad(x, [s for pair in reversed(sides) for s in pair])
+    M, C = x.shape[0], x.shape[1]
+    if M:  # (an empty batch stays as it is: F.unfold refuses zero channels, not zero examples)
+        x = x.reshape(1, M * C, *x.shape[2:])
+    if any(a != b for a, b in sides):
+        x, sides = F.pad(x, [s for pair in reversed(sides) for s in pair]), [(0, 0)] * nd
+    pad = tuple(a for a, _ in sides)
     if nd == 1:
-        x, kernel, stride, dilation = x.unsqueeze(2), (1,) + kernel, (1,) + stride, (1,) + dilation
-    return F.unfold(x, kernel, dilation=dilation, stride=stride)
+        x, kernel, stride, dilation, pad = x.unsqueeze(2), (1,) + kernel, (1,) + stride, (1,) + dilation, (0,) + pad
+    U = F.unfold(x, kernel, dilation=dilation, padding=pad, stride=stride)  # (1, M·C·∏k, L)
+    return U.view(M, C * math.prod(kernel), U.shape[-1])
 
 
 def factors(kind: str, x: Tensor, g: Tensor, padding_idx: Optional[int] = None, options: Optional[dict] = None,
@@ -111,18 +125,34 @@ def bias_grad(kind: str, x: Tensor, g: Tensor, options: dict, nd: int = 0) -> Te
     return g.reshape(B, -1, g.shape[-1]).sum(1)
 
 
-def norm_weight_grad(kind: str, x: Tensor, g: Tensor, options: dict) -> Tensor:
+def norm_weight_grad(kind: str, x: Tensor, g: Tensor, options: dict, with_bias: bool = False):
     """(B, *weight shape) per-example gradients of a norm's affine weight: the normalised input
     x̂ (recomputed from the kept input ``x`` (B, ...) with the use's groups / shape and eps) times
-    the output gradient ``g``, summed over every position but the weight's own."""
+    the output gradient ``g``, summed over every position but the weight's own. ``with_bias``:
+    ``(weight grads, bias grads)``, the bias's the output gradient summed the same way.
+
+    A group norm's x̂ and both sums come from torch's own GroupNorm kernels over ONE input of M·C
+    channels in M·G groups (M the examples, or rows, of ``x`` (B, n, C, *)): group (m, k) holds
+    exactly the values of example m's group k, so its statistics, x̂, and the affine gradients
+    "summed over the batch" of that single input are the per-(m, c) sums (proofs/ghost_modules.md
+    §6). One statistics pass and one reduction kernel instead of a normalised copy, a product and
+    two sums."""
     B = x.shape[0]
     if kind == "layer_norm":
         ns = _norm_shape(options)
         xh = F.layer_norm(x, ns, eps=options["eps"])
-        return (xh * g).reshape(B, -1, *ns).sum(1)
-    # group norm: each example's input is (n, C, *); normalise its n rows over their groups
-    xh = F.group_norm(x.reshape(-1, *x.shape[2:]), options["num_groups"], eps=options["eps"]).reshape(x.shape)
-    return (xh * g).reshape(B, x.shape[1], x.shape[2], -1).sum((1, 3))
+        w = (xh * g).reshape(B, -1, *ns).sum(1)
+        return (w, bias_grad(kind, x, g, options)) if with_bias else w
+    n, C = x.shape[1], x.shape[2]
+    M, G = B * n, options["num_groups"]
+    hw = math.prod(x.shape[3:])
+    x1, g1 = x.reshape(1, M * C, hw), g.reshape(1, M * C, hw)
+    _, mean, rstd = torch.native_group_norm(x1, None, None, 1, M * C, hw, M * G, options["eps"])
+    ones = torch.ones(M * C, dtype=x.dtype, device=x.device)  # the kernel wants a weight; dγ does not use it
+    _, dw, db = torch.ops.aten.native_group_norm_backward(g1, x1, mean, rstd, ones, 1, M * C, hw, M * G,
+                                                          [False, True, True])
+    w = dw.view(B, n, C).sum(1)
+    return (w, db.view(B, n, C).sum(1)) if with_bias else w
 
 
 def gram(a: Tensor, a_ids: bool, b: Tensor, b_ids: bool) -> Tensor:

@@ -23,7 +23,11 @@ def leaf_names(params) -> list[str]:
 
 def check_params(params) -> None:
     """Every leaf a tensor or None; a clear error naming the path."""
-    for name, v in zip(*tree.paths(params)[:2]):
+    _check_leaves(*tree.paths(params)[:2])
+
+
+def _check_leaves(names, leaves) -> None:
+    for name, v in zip(names, leaves):
         if v is not None and not isinstance(v, Tensor):
             raise TypeError(f"params leaf {name!r} is a {type(v).__name__}, expected a tensor (or None)")
 
@@ -40,8 +44,8 @@ def flat_problem(loss_fn: Callable, params):
     loss on that dict (the caller's structure rebuilt around the same tensor objects, so uses are
     still found by identity), and ``restore(d)`` giving ``d``'s values back in the caller's
     structure with ``None`` where ``params`` had it."""
-    check_params(params)
     names, leaves, spec = tree.paths(params)
+    _check_leaves(names, leaves)
     flat = {n: v for n, v in zip(names, leaves) if v is not None}
 
     def restore(d):

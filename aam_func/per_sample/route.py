@@ -81,7 +81,7 @@ def grads(
     if method in ("ghost", "batched") and argnums != 0:
         raise ValueError(f"method={method!r} computes gradients w.r.t. params only (argnums=0); use method='vmap'")
     if method == "batched":
-        return restore(batched_grads(loss_fn, params, batch, chunk_size))
+        return restore(batched_grads(loss_fn, params, batch, chunk_size, B))
     if method != "vmap" and argnums == 0:
         d = discover(loss_fn, params, batch)
         if method == "ghost" or d.ghost:
