@@ -181,7 +181,8 @@ def batched_grads(loss_fn: Callable, params: dict, batch, chunk_size: Optional[i
     out = {n: v.new_empty((B,) + tuple(v.shape)) for n, v in params.items()}
     for start, stop in chunks(B, chunk):
         whole = stop - start == B  # one chunk: the batch and the result as they are, no slicing
-        _, uses, small = batched_pass(loss_fn, params, batch if whole else slice_batch(batch, start, stop), stop - start)
+        part_batch = batch if whole else slice_batch(batch, start, stop)
+        _, uses, small = batched_pass(loss_fn, params, part_batch, stop - start)
         for name, dst in out.items():
             part = dst if whole else dst[start:stop]
             if name in uses:

@@ -49,8 +49,8 @@ def patches(x: Tensor, kernel: tuple, options: dict) -> Tensor:
     channel alone, so the rows come out example-major, (m, c, kernel offset), the (M, C·∏k, L)
     layout as a view. One ``im2col`` over M·C channels instead of one per example (the CPU kernel
     loops over the batch): 0.5-0.66x the time on the CNN of ``benchmarks/per_sample_cnn.py``.
-    Symmetric padding is left to ``F.unfold`` (no padded copy); "same" with an even total is
-    padded with ``F.pad`` first."""
+    Symmetric padding is left to ``F.unfold`` (no padded copy); asymmetric padding ("same" with an
+    odd total d·(k-1)) is applied with ``F.pad`` first."""
     nd = len(kernel)
     stride, dilation = _pairs(options["stride"], nd), _pairs(options["dilation"], nd)
     padding = options["padding"]
@@ -146,7 +146,7 @@ def norm_weight_grad(kind: str, x: Tensor, g: Tensor, options: dict, with_bias: 
     n, C = x.shape[1], x.shape[2]
     M, G = B * n, options["num_groups"]
     hw = math.prod(x.shape[3:])
-    x1, g1 = x.reshape(1, M * C, hw), g.reshape(1, M * C, hw)
+    x1, g1 = x.reshape(1, M * C, hw), g.reshape(1, M * C, hw).to(x.dtype)
     _, mean, rstd = torch.native_group_norm(x1, None, None, 1, M * C, hw, M * G, options["eps"])
     ones = torch.ones(M * C, dtype=x.dtype, device=x.device)  # the kernel wants a weight; dγ does not use it
     _, dw, db = torch.ops.aten.native_group_norm_backward(g1, x1, mean, rstd, ones, 1, M * C, hw, M * G,
