@@ -90,13 +90,19 @@ def schedule_free_adamw(learning_rate=0.0025, b1: float = 0.9, b2: float = 0.999
         bc2 = 1 - torch.pow(foreach.as_scalar(b2), count.to(_F64))
         nus = foreach.addcmul_(foreach.mul(nus, b2), gs, gs, 1 - b2)
         denom = foreach.add_scalar_(foreach.sqrt_(foreach.div(nus, bc2)), eps)
-        ghat = foreach.div(gs, denom)
+        # the in-place steps below write only into buffers this call allocated (ĝ into denom's);
+        # under torch.func transforms they return fresh tensors with the same values
+        ghat = foreach.div_into(gs, denom)
         if has_decay:
-            ghat = foreach.add(ghat, ys, alpha=weight_decay)
+            ghat = foreach.add_(ghat, ys, alpha=weight_decay)
+        # z_new = z - lr ĝ, computed as (-lr ĝ) + z (addition commutes: the same bits)
+        new_z = foreach.add_(foreach.mul(ghat, -lr), zs)
         # y_new - y = c (z - y) + lr (b1 (1 - c) - 1) ĝ  (the reference: y.lerp_(z, c); y.add_(ĝ, ...))
-        us = foreach.mul(foreach.add(zs, ys, alpha=-1.0), ckp1)
-        us = foreach.add_(us, ghat, alpha=lr * (b1 * (1 - ckp1) - 1))
-        new_z = foreach.add(zs, ghat, alpha=-lr)
+        us = foreach.mul_(foreach.add(zs, ys, alpha=-1.0), ckp1)
+        step = lr * (b1 * (1 - ckp1) - 1)
+        # ĝ was read by the product above: scale it in place only where autograd keeps no copy of it
+        scaled = foreach.mul_(ghat, step) if foreach.can_write([step]) else foreach.mul(ghat, step)
+        us = foreach.add_(us, scaled)
         return build(names, us), {"count": count, "z": build(names, new_z), "nu": build(names, nus),
                                   "weight_sum": weight_sum, "lr_max": lr_max, "b1": entry(state, "b1", "schedule_free state")}
 

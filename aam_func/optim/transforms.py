@@ -104,6 +104,18 @@ def scale_by_learning_rate(learning_rate, *, flip_sign: bool = True) -> Gradient
     return scale(sign * learning_rate)
 
 
+def learning_rate_scale_(us: list, learning_rate, state, own: bool):
+    """:func:`scale_by_learning_rate`'s update (flip_sign) on a list, ``(-lr u, new state)``, the
+    same bits and state; with ``own`` (``us`` are the caller's fresh buffers) it scales them in
+    place. For fused transformations that end in the learning rate (``lamb``)."""
+    if callable(learning_rate) and not isinstance(learning_rate, Tensor):
+        count = entry(state, "count", "learning-rate state")
+        factor, state = foreach.as_scalar(-1.0 * foreach.as_scalar(learning_rate(count))), {"count": count + 1}
+    else:
+        factor = -1.0 * learning_rate
+    return (foreach.mul_(us, factor) if own else foreach.mul(us, factor)), state
+
+
 def bias_corrections(count: Tensor, b1, b2) -> tuple[Tensor, Tensor]:
     """``1 - b1^t, 1 - b2^t`` in float64 (as torch.optim computes them in Python floats)."""
     t = count.to(foreach.SCALAR_DTYPE)
@@ -173,7 +185,7 @@ def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, eps_roo
         bc1, bc2 = bias_corrections(count, b1, b2)
         mus, nus = adam_moments(gs, mus, nus, b1, b2)
         denom = adam_denominator(nus, bc2, eps, eps_root)
-        us = foreach.div(mus, denom)
+        us = foreach.div_into(mus, denom)  # into denom's fresh buffers
         us = foreach.div_(us, bc1)
         return build(names, us), {"count": count, "mu": build(names, mus), "nu": build(names, nus)}
 
