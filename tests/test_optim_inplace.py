@@ -55,7 +55,18 @@ MASK = optim.decay_mask(_params())
 def test_fused_lamb_equals_its_chain_bit_for_bit(lr, wd, mask):
     chained = optim.chain(scale_by_adam(0.9, 0.999, 1e-6), add_decayed_weights(wd, mask), scale_by_trust_ratio(),
                           scale_by_learning_rate(lr))
-    _assert_same_bits(_run(optim.lamb(lr, weight_decay=wd, mask=mask)), _run(chained))
+    _assert_same_bits(_run(optim.lamb(lr, weight_decay=wd, mask=mask, fused=False)), _run(chained))
+    # the default takes the direction from torch's fused Adam kernel: float32 rounding apart
+    (uf, sf, pf), (uc, sc, pc) = _run(optim.lamb(lr, weight_decay=wd, mask=mask)), _run(chained)
+    for a, b in zip(uf + [sf, pf], uc + [sc, pc]):
+        for n in a:
+            torch.testing.assert_close(a[n], b[n], rtol=1e-6, atol=1e-7, msg=n)
+    assert any(not torch.equal(a[n], b[n]) for a, b in zip(uf, uc) for n in a)  # the kernel did run
+
+
+def test_lamb_fused_flag_is_checked():
+    with pytest.raises(TypeError, match="fused must be True or False, got None"):
+        optim.lamb(1e-3, fused=None)
 
 
 @pytest.mark.parametrize("lr, wd, mask, momentum, nesterov", [
@@ -74,7 +85,8 @@ OPTS = {
     "schedule_free_wd": lambda: optim.schedule_free_adamw(SCHED, weight_decay=0.1, warmup_steps=2),
     "ema": lambda: optim.ema(optim.adamw(1e-2), 0.9),
     "lookahead": lambda: optim.lookahead(optim.adamw(1e-2), 2, 0.5),
-    "lamb": lambda: optim.lamb(1e-2, weight_decay=0.1),
+    "lamb": lambda: optim.lamb(1e-2, weight_decay=0.1, fused=False),
+    "lamb_fused": lambda: optim.lamb(1e-2, weight_decay=0.1),
     "lars": lambda: optim.lars(1.0, weight_decay=0.1, nesterov=True),
     "adafactor": lambda: optim.adafactor(SCHED, weight_decay=0.1),
     "muon": lambda: optim.muon(0.02),

@@ -112,12 +112,20 @@ def _with_trust_ratio(pre, weight_decay, mask, trust_coefficient, eps, post, lea
 
 
 def lamb(learning_rate=1e-3, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-6, eps_root: float = 0.0,
-         weight_decay: float = 0.0, mask=None) -> GradientTransformation:
+         weight_decay: float = 0.0, mask=None, *, fused: bool = True) -> GradientTransformation:
     """LAMB (You et al. 2020, Alg. 2; Optax's ``lamb``): ``d = m̂ / (sqrt(v̂ + eps_root) + eps) + wd p``
-    (decay on ``mask``'s leaves), ``u = -lr · (‖p‖ / ‖d‖) · d`` per leaf (ratio 1 where a norm is 0)."""
+    (decay on ``mask``'s leaves), ``u = -lr · (‖p‖ / ‖d‖) · d`` per leaf (ratio 1 where a norm is 0).
+
+    ``fused`` (default True): the Adam direction from torch's fused kernel in plain eager
+    (:func:`scale_by_adam`'s ``fused``; the foreach ops under torch.func and compile), as
+    :func:`adamw` does; it agrees with the foreach form to float32 rounding. ``False``: the bits
+    of ``chain(scale_by_adam, add_decayed_weights, scale_by_trust_ratio, scale_by_learning_rate)``."""
     check_nonneg("learning_rate", learning_rate, allow_schedule=True)
     check_nonneg("weight_decay", weight_decay)
-    return _with_trust_ratio([scale_by_adam(b1, b2, eps, eps_root)], weight_decay, mask, 1.0, 0.0, [], learning_rate)
+    if not isinstance(fused, bool):
+        raise TypeError(f"fused must be True or False, got {fused!r}")
+    return _with_trust_ratio([scale_by_adam(b1, b2, eps, eps_root, fused=fused)], weight_decay, mask, 1.0, 0.0, [],
+                             learning_rate)
 
 
 def lars(learning_rate=1.0, weight_decay: float = 0.0, mask=None, trust_coefficient: float = 0.001,

@@ -165,13 +165,16 @@ def adam_init(params):
     }
 
 
-def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, eps_root: float = 0.0) -> GradientTransformation:
+def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, eps_root: float = 0.0, *,
+                  fused: bool = False) -> GradientTransformation:
     """Adam's direction (Kingma & Ba 2015), bias corrected:
 
     ``m = b1 m + (1-b1) g;  v = b2 v + (1-b2) g^2;  u = (m / (1-b1^t)) / (sqrt(v / (1-b2^t) + eps_root) + eps)``
 
     ``eps_root`` (inside the root) keeps the derivative of ``u`` finite when ``v = 0`` (meta-learning).
-    State ``{"count": int64, "mu": tree, "nu": tree}``.
+    State ``{"count": int64, "mu": tree, "nu": tree}``. ``fused=True``: torch's fused Adam kernel
+    where it applies (plain eager, see :func:`adamw`), the foreach ops elsewhere; the two agree to
+    float32 rounding (the kernel orders the bias corrections differently), default ``False``.
     """
     check_beta("b1", b1)
     check_beta("b2", b2)
@@ -181,6 +184,12 @@ def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, eps_roo
     def update(grads, state, params=None):
         names, gs = leaves_of(grads)
         mus, nus, count = adam_state(names, gs, state)
+        if fused:
+            from .aliases import _can_fuse, _fused_direction
+
+            if _can_fuse(gs, b1, b2, eps, eps_root):  # u = -lr m̂/(√v̂ + eps) at lr = -1
+                us, mus, nus = _fused_direction(gs, mus, nus, count + 1, -1.0, b1, b2, eps)
+                return build(names, us), {"count": count + 1, "mu": build(names, mus), "nu": build(names, nus)}
         count = count + 1
         bc1, bc2 = bias_corrections(count, b1, b2)
         mus, nus = adam_moments(gs, mus, nus, b1, b2)
