@@ -130,6 +130,20 @@ def main() -> None:
         base, t = ts[0], ts[1]
         ref_txt = f"{ts[2]:13.2f} {t / ts[2]:10.2f}" if name in refs else f"{'-':>13s} {'-':>10s}"
         print(f"{name:22s} {t:9.2f} {base:9.2f} {t / base:8.2f} {ref_txt}", flush=True)
+    if "muon" in ours:
+        newton_schulz_floor(flat, muon_names, args.steps)
+
+
+def newton_schulz_floor(flat, muon_names, steps: int) -> None:
+    """Muon's Newton–Schulz alone (bf16, as torch.optim.Muon): its time, its matmul FLOPs
+    (5 iterations of 4 m²n + 2 m³ for an m×n matrix, m ≤ n) and the rate it runs at."""
+    from aam_func.optim.muon import orthogonalize
+
+    mats = [torch.randn_like(flat[n]) for n in muon_names]
+    flops = sum(5 * (4 * min(m.shape) ** 2 * max(m.shape) + 2 * min(m.shape) ** 3) for m in mats)
+    (t,) = interleaved_ms([lambda: [orthogonalize(m) for m in mats]], steps)
+    print(f"muon's Newton-Schulz alone ({len(mats)} matrices, bf16): {t:.2f} ms for {flops / 1e9:.2f} GFLOP "
+          f"= {flops / t / 1e6:.0f} GFLOP/s")
 
 if __name__ == "__main__":
     main()

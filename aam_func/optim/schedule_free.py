@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from ..checks import check_int, check_number, is_number
-from . import foreach
+from . import base, foreach
 from .base import GradientTransformation, aligned, build, check_beta, check_nonneg, entry, leaves_of, step_counter
 from .transforms import lr_at
 
@@ -95,14 +95,18 @@ def schedule_free_adamw(learning_rate=0.0025, b1: float = 0.9, b2: float = 0.999
         ghat = foreach.div_into(gs, denom)
         if has_decay:
             ghat = foreach.add_(ghat, ys, alpha=weight_decay)
-        # z_new = z - lr ĝ, computed as (-lr ĝ) + z (addition commutes: the same bits)
-        new_z = foreach.add_(foreach.mul(ghat, -lr), zs)
-        # y_new - y = c (z - y) + lr (b1 (1 - c) - 1) ĝ  (the reference: y.lerp_(z, c); y.add_(ĝ, ...))
-        us = foreach.mul_(foreach.add(zs, ys, alpha=-1.0), ckp1)
+        # z_new = z - lr ĝ;  y_new - y = c (z - y) + lr (b1 (1 - c) - 1) ĝ
+        # (the reference: z.sub_(ĝ, alpha=lr); y.lerp_(z, c); y.add_(ĝ, alpha=lr (b1 (1 - c) - 1)))
         step = lr * (b1 * (1 - ckp1) - 1)
-        # ĝ was read by the product above: scale it in place only where autograd keeps no copy of it
-        scaled = foreach.mul_(ghat, step) if foreach.can_write([step]) else foreach.mul(ghat, step)
-        us = foreach.add_(us, scaled)
+        us = foreach.mul_(foreach.add(zs, ys, alpha=-1.0), ckp1)
+        if base.eager() and foreach.can_write(gs, ys, zs, [step]):
+            # plain eager: the reference's fused multiply-adds with Python-float scalars (float()
+            # of these 0-d float64 scalars; one pass per leaf instead of a product and a sum)
+            new_z = torch._foreach_add(zs, ghat, alpha=-float(lr))
+            torch._foreach_add_(us, ghat, alpha=float(step))
+        else:  # under torch.func / compile: a product, then a sum (float32 rounding apart)
+            new_z = foreach.add(zs, ghat, alpha=-lr)
+            us = foreach.add_(us, ghat, alpha=step)
         return build(names, us), {"count": count, "z": build(names, new_z), "nu": build(names, nus),
                                   "weight_sum": weight_sum, "lr_max": lr_max, "b1": entry(state, "b1", "schedule_free state")}
 
