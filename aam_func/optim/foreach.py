@@ -29,10 +29,10 @@ def use_foreach() -> bool:
 
 def can_write(*lists) -> bool:
     """Whether a caller may write an op's result into a buffer it has just allocated (``out=``,
-    in place): plain eager outside torch.func transforms, and no leaf recorded by autograd (an
-    ``out=`` op refuses inputs that require grad). Under ``grad``/``vmap`` the helpers below
-    return fresh tensors instead, with the same values."""
-    if not use_foreach():
+    in place): plain eager outside torch.func transforms and torch.compile (inductor fuses the
+    plain form itself), and no leaf recorded by autograd (an ``out=`` op refuses inputs that
+    require grad). Elsewhere the helpers below return fresh tensors, with the same values."""
+    if not use_foreach() or torch.compiler.is_compiling():
         return False
     if torch.is_grad_enabled():
         return not any(x.requires_grad for xs in lists for x in xs)
