@@ -5,7 +5,7 @@ rest, torch.optim.Adafactor, schedulefree.AdamWScheduleFree). One step = ``updat
 ``apply_updates`` (out of place) for ours, ``step()`` (in place) for torch's. Prints medians,
 the ratio to our AdamW (the issue's bound: ≤ 1.5x) and to the reference.
 
-    python benchmarks/optimizers.py [--steps 20] [--threads 0]
+    python benchmarks/optimizers.py [--steps 20] [--threads 0] [--clock wall|cpu] [--only muon,lamb]
 """
 
 from __future__ import annotations
@@ -19,15 +19,22 @@ import torch
 from aam_func import ModelConfig, Transformer, optim, tree
 
 
-def median_ms(fn, steps: int, warmup: int = 3) -> float:
+CLOCK = time.perf_counter
+
+
+def interleaved_ms(fns, steps: int, warmup: int = 3) -> list[float]:
+    """Median milliseconds of each function, run round-robin (one call of each per round), so
+    that the functions compared share the machine's conditions step by step."""
     for _ in range(warmup):
-        fn()
-    times = []
+        for fn in fns:
+            fn()
+    times = [[] for _ in fns]
     for _ in range(steps):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+        for fn, ts in zip(fns, times):
+            t0 = CLOCK()
+            fn()
+            ts.append((CLOCK() - t0) * 1e3)
+    return [statistics.median(ts) for ts in times]
 
 
 def ours_step(opt, params, grads):
@@ -63,15 +70,22 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                    help="wall: perf_counter; cpu: this thread's CPU time with --threads 1, else the "
+                         "process's (CPU time is what a loaded machine does not inflate)")
+    ap.add_argument("--only", default="", help="comma-separated optimizer names to time (adamw is always timed)")
     args = ap.parse_args()
+    global CLOCK
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.clock == "cpu":
+        CLOCK = time.thread_time if torch.get_num_threads() == 1 else time.process_time
     cfg = ModelConfig(vocab_size=4096, d_model=256, n_layers=4, n_heads=8, d_ff=1024, max_seq_len=128)
     params = Transformer(cfg).init(seed=0)
     gen = torch.Generator().manual_seed(1)
     grads = tree.map(lambda p: torch.randn(p.shape, generator=gen) * 1e-3, params)
     print(f"params: {tree.count(params) / 1e6:.2f}M in {len(tree.leaves(params))} leaves; torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, {args.steps} timed steps")
+          f"{torch.get_num_threads()} threads, {args.steps} timed steps, {args.clock} clock")
     flat = tree.flatten(params)
     muon_names = [n for n, x in flat.items() if optim.muon_rule(n, x)]
     rest = [n for n in flat if n not in muon_names]
@@ -100,14 +114,36 @@ def main() -> None:
         "ema(adamw)": optim.ema(optim.adamw(1e-3, weight_decay=0.1), 0.999),
         "lookahead(adamw)": optim.lookahead(optim.adamw(1e-3, weight_decay=0.1)),
     }
-    base = median_ms(ours_step(ours["adamw"], params, grads), args.steps)
-    print(f"{'optimizer':22s} {'ours ms':>9s} {'/ adamw':>8s} {'reference ms':>13s} {'ours / ref':>10s}")
+    if args.only:
+        keep = {"adamw", *args.only.split(",")}  # adamw: the baseline every row runs against
+        ours = {k: v for k, v in ours.items() if k in keep}
+    # each optimizer runs interleaved with its own AdamW copy (and its reference): the ratio
+    # compares steps taken under the same load
+    print(f"{'optimizer':22s} {'ours ms':>9s} {'adamw ms':>9s} {'/ adamw':>8s} {'reference ms':>13s} {'ours / ref':>10s}")
     for name, opt in ours.items():
-        t = base if name == "adamw" else median_ms(ours_step(opt, params, grads), args.steps)
-        ref = median_ms(torch_step(refs[name], params, grads), args.steps) if name in refs else None
-        ref_txt = f"{ref:13.2f} {t / ref:10.2f}" if ref else f"{'-':>13s} {'-':>10s}"
-        print(f"{name:22s} {t:9.2f} {t / base:8.2f} {ref_txt}")
+        if name == "adamw":
+            continue
+        fns = [ours_step(ours["adamw"], params, grads), ours_step(opt, params, grads)]
+        if name in refs:
+            fns.append(torch_step(refs[name], params, grads))
+        ts = interleaved_ms(fns, args.steps)
+        base, t = ts[0], ts[1]
+        ref_txt = f"{ts[2]:13.2f} {t / ts[2]:10.2f}" if name in refs else f"{'-':>13s} {'-':>10s}"
+        print(f"{name:22s} {t:9.2f} {base:9.2f} {t / base:8.2f} {ref_txt}", flush=True)
+    if "muon" in ours:
+        newton_schulz_floor(flat, muon_names, args.steps)
 
+
+def newton_schulz_floor(flat, muon_names, steps: int) -> None:
+    """Muon's Newton–Schulz alone (bf16, as torch.optim.Muon): its time, its matmul FLOPs
+    (5 iterations of 4 m²n + 2 m³ for an m×n matrix, m ≤ n) and the rate it runs at."""
+    from aam_func.optim.muon import orthogonalize
+
+    mats = [torch.randn_like(flat[n]) for n in muon_names]
+    flops = sum(5 * (4 * min(m.shape) ** 2 * max(m.shape) + 2 * min(m.shape) ** 3) for m in mats)
+    (t,) = interleaved_ms([lambda: [orthogonalize(m) for m in mats]], steps)
+    print(f"muon's Newton-Schulz alone ({len(mats)} matrices, bf16): {t:.2f} ms for {flops / 1e9:.2f} GFLOP "
+          f"= {flops / t / 1e6:.0f} GFLOP/s")
 
 if __name__ == "__main__":
     main()

@@ -38,13 +38,16 @@ def _init(params):
     return {"count": step_counter(), "row": build(names, rows), "col": build(names, cols), "v": build(names, vs)}
 
 
-def _second_moment(g, row, col, v, beta2_t, eps1):
-    """``(v̂, row, col, v)``: the factored (matrix) or full (vector) estimate of ``E[g²]``."""
+def _second_moment(g, row, col, v, beta2_t, eps1, own: bool):
+    """``(v̂, row, col, v)``: the factored (matrix) or full (vector) estimate of ``E[g²]``. With
+    ``own`` the matrix estimate is divided in place (its buffer is this call's); same values."""
     if g.dim() > 1:
-        row = torch.lerp(row, g.square().mean(dim=-1, keepdim=True), beta2_t)
-        col = torch.lerp(col, g.square().mean(dim=-2, keepdim=True), beta2_t)
-        est = (row @ col) / torch.clamp(row.mean(dim=-2, keepdim=True), min=eps1)
-        return est, row, col, v
+        sq = g.square()  # one square for both means
+        row = torch.lerp(row, sq.mean(dim=-1, keepdim=True), beta2_t)
+        col = torch.lerp(col, sq.mean(dim=-2, keepdim=True), beta2_t)
+        est = row @ col
+        den = torch.clamp(row.mean(dim=-2, keepdim=True), min=eps1)
+        return (est.div_(den) if own else est / den), row, col, v
     v = torch.lerp(v, g * g, beta2_t)
     return v, row, col, v
 
@@ -86,15 +89,22 @@ def adafactor(learning_rate=1e-2, beta2_decay: float = -0.8, eps1: float | None 
         beta2_t = torch.pow(t, beta2_decay)  # 1 - β̂₂ₜ, the lerp weight
         rho = torch.minimum(lr, torch.rsqrt(t))
         flags = _decay_flags(mask, names, ps) if has_decay else [False] * len(names)
+        # own: eager, outside transforms and autograd: the chain U = rsqrt(max(v̂, eps1²)) g, then
+        # the clipping scale, run in place on the one buffer each leaf allocates (same values)
+        own = foreach.can_write(gs, ps, [lr])
         us, new_r, new_c, new_v = [], [], [], []
         for g, p, r, c, v, decays in zip(gs, ps, rows, cols, vs, flags):
             e1 = torch.finfo(p.dtype).eps if eps1 is None else eps1
-            est, r, c, v = _second_moment(g, r, c, v, beta2_t.to(g.dtype), e1)
+            est, r, c, v = _second_moment(g, r, c, v, beta2_t.to(g.dtype), e1, own)
             rms_p = torch.linalg.vector_norm(p) / (p.numel() ** 0.5)
             alpha = torch.clamp(rms_p, min=eps2) * rho
-            step = torch.rsqrt(torch.clamp(est, min=e1 * e1)) * g
+            if own:  # est is this call's buffer for matrices; a vector's is the new state v: copy it
+                step = (torch.clamp(est, min=e1 * e1) if g.dim() <= 1 else est.clamp_(min=e1 * e1)).rsqrt_().mul_(g)
+            else:
+                step = torch.rsqrt(torch.clamp(est, min=e1 * e1)) * g
             clip = torch.clamp(torch.linalg.vector_norm(step) / ((step.numel() ** 0.5) * d), min=1.0)
-            u = step * (-alpha / clip).to(g.dtype)
+            scale = (-alpha / clip).to(g.dtype)
+            u = step.mul_(scale) if own else step * scale
             if decays:
                 u = u - (lr * weight_decay).to(g.dtype) * p
             us.append(u)

@@ -29,9 +29,14 @@ from .base import (
 __all__ = ["ema", "lookahead", "eval_params", "has_average"]
 
 
+def _inner_updates(names, ps, updates):
+    """The inner updates as a list aligned to the params, each in its param's dtype."""
+    return [u.to(p.dtype) for p, u in zip(ps, aligned(names, updates, "inner updates", "params", like=ps))]
+
+
 def _new_params(names, ps, updates):
     """``(p + u, u)`` leafwise (``u`` aligned to the params, in their dtype)."""
-    us = [u.to(p.dtype) for p, u in zip(ps, aligned(names, updates, "inner updates", "params", like=ps))]
+    us = _inner_updates(names, ps, updates)
     return foreach.add(ps, us), us
 
 
@@ -60,8 +65,9 @@ def ema(inner: GradientTransformation, decay: float = 0.999) -> GradientTransfor
         avg = aligned(names, entry(state, "ema", "ema state"), "ema state 'ema'", like=gs)
         count = entry(state, "count", "ema state")
         # AveragedModel copies the params at its first update, then lerps
+        # (the lerp writes into new_p, this call's own buffer, where it may)
         avg, _ = cond(count == 0, lambda: (build(names, new_p), {}),
-                      lambda: (build(names, foreach.lerp(avg, new_p, 1 - decay)), {}))
+                      lambda: (build(names, foreach.lerp_into(avg, new_p, 1 - decay)), {}))
         return u, {"count": count + 1, "ema": avg, "inner": s}
 
     return GradientTransformation(init, update)
@@ -87,13 +93,13 @@ def lookahead(inner: GradientTransformation, sync_period: int = 5, alpha: float 
         names, gs = leaves_of(grads)
         ps = aligned(names, params, "params", like=gs)
         u, s = inner.update(grads, substate(state, "inner"), params)
-        fast, us = _new_params(names, ps, u)
+        us = _inner_updates(names, ps, u)
         slow = aligned(names, entry(state, "slow", "lookahead state"), "lookahead state 'slow'", like=gs)
         count = entry(state, "count", "lookahead state") + 1
         w = alpha if is_number(alpha) else alpha.to(foreach.SCALAR_DTYPE)
 
-        def synced():  # φ ← lerp(φ, θ_new, alpha); θ ← φ, i.e. u = φ - θ
-            new_slow = foreach.lerp(slow, fast, w)
+        def synced():  # φ ← lerp(φ, θ_new, alpha); θ ← φ, i.e. u = φ - θ; θ_new only on sync steps
+            new_slow = foreach.lerp_into(slow, foreach.add(ps, us), w)
             return build(names, foreach.add(new_slow, ps, alpha=-1.0)), {"slow": build(names, new_slow)}
 
         def plain():  # between syncs the updates are the inner's

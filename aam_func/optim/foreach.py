@@ -27,6 +27,38 @@ def use_foreach() -> bool:
     return not transforms_active()
 
 
+def can_write(*lists) -> bool:
+    """Whether a caller may write an op's result into a buffer it has just allocated (``out=``,
+    in place): plain eager outside torch.func transforms and torch.compile (inductor fuses the
+    plain form itself), and no leaf recorded by autograd (an ``out=`` op refuses inputs that
+    require grad). Elsewhere the helpers below return fresh tensors, with the same values."""
+    if not use_foreach() or torch.compiler.is_compiling():
+        return False
+    if torch.is_grad_enabled():
+        return not any(x.requires_grad for xs in lists for x in xs)
+    return True
+
+
+def div_into(xs, ys):
+    """``x / y`` for each pair, written into ``ys`` (buffers the caller has just allocated) where
+    :func:`can_write`; a fresh list otherwise. One allocation fewer than :func:`div`, same values."""
+    if xs and can_write(xs, ys):
+        for x, y in zip(xs, ys):
+            torch.div(x, y, out=y)
+        return ys
+    return [x / y for x, y in zip(xs, ys)]
+
+
+def lerp_into(xs, ys, w):
+    """``lerp(x, y, w)`` for each pair, written into ``ys`` (fresh buffers) where :func:`can_write`
+    and ``w`` is a number; else :func:`lerp`. Same values as :func:`lerp`."""
+    if xs and is_number(w) and can_write(xs, ys):
+        for x, y in zip(xs, ys):
+            torch.lerp(x, y, w, out=y)
+        return ys
+    return lerp(xs, ys, w)
+
+
 def as_scalar(x) -> Tensor:
     """A Python number or tensor as a float64 0-d tensor (for step-dependent scalar math)."""
     if isinstance(x, Tensor):

@@ -102,8 +102,11 @@ def scale_by_muon(momentum: float = 0.95, nesterov: bool = True, ns_coefficients
         bufs = aligned(names, entry(state, "mu", "muon state"), "muon state 'mu'", like=gs, same_dtype=True)
         bufs = foreach.lerp(bufs, gs, 1 - momentum)
         ms = [torch.lerp(g, b, momentum) for g, b in zip(gs, bufs)] if nesterov else bufs
-        us = [orthogonalize(m, ns_coefficients, ns_steps, eps, ns_dtype).to(g.dtype) * _lr_ratio(g.shape, adjust_lr_fn)
-              for m, g in zip(ms, gs)]
+        us = []
+        for m, g in zip(ms, gs):
+            o = orthogonalize(m, ns_coefficients, ns_steps, eps, ns_dtype).to(g.dtype)
+            ratio = _lr_ratio(g.shape, adjust_lr_fn)
+            us.append(o if ratio == 1.0 else o * ratio)  # x * 1.0 is x: skip the pass
         return build(names, us), {"mu": build(names, bufs)}
 
     return GradientTransformation(init, update)
@@ -129,10 +132,11 @@ def _muon_part(learning_rate, weight_decay, momentum, nesterov, ns_coefficients,
         lr = lr_at(learning_rate, count)
         os_, inner = direction.update(grads, entry(state, "muon", "muon state"))
         os_ = aligned(names, os_, "muon direction", like=gs)
-        us = foreach.mul(os_, -lr)
+        # the direction's buffers are fresh (its own output): scale and decay them in place
+        us = foreach.mul_(os_, -lr) if foreach.can_write(os_, [foreach.as_scalar(lr)]) else foreach.mul(os_, -lr)
         if not (is_number(weight_decay) and weight_decay == 0):
             ps = aligned(names, params, "params", like=gs)
-            us = foreach.add(us, ps, alpha=-lr * weight_decay)
+            us = foreach.add_(us, ps, alpha=-lr * weight_decay)
         return build(names, us), {"count": count + 1, "muon": inner}
 
     return GradientTransformation(init, update)

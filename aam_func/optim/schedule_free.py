@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from ..checks import check_int, check_number, is_number
-from . import foreach
+from . import base, foreach
 from .base import GradientTransformation, aligned, build, check_beta, check_nonneg, entry, leaves_of, step_counter
 from .transforms import lr_at
 
@@ -90,13 +90,23 @@ def schedule_free_adamw(learning_rate=0.0025, b1: float = 0.9, b2: float = 0.999
         bc2 = 1 - torch.pow(foreach.as_scalar(b2), count.to(_F64))
         nus = foreach.addcmul_(foreach.mul(nus, b2), gs, gs, 1 - b2)
         denom = foreach.add_scalar_(foreach.sqrt_(foreach.div(nus, bc2)), eps)
-        ghat = foreach.div(gs, denom)
+        # the in-place steps below write only into buffers this call allocated (ĝ into denom's);
+        # under torch.func transforms they return fresh tensors with the same values
+        ghat = foreach.div_into(gs, denom)
         if has_decay:
-            ghat = foreach.add(ghat, ys, alpha=weight_decay)
-        # y_new - y = c (z - y) + lr (b1 (1 - c) - 1) ĝ  (the reference: y.lerp_(z, c); y.add_(ĝ, ...))
-        us = foreach.mul(foreach.add(zs, ys, alpha=-1.0), ckp1)
-        us = foreach.add_(us, ghat, alpha=lr * (b1 * (1 - ckp1) - 1))
-        new_z = foreach.add(zs, ghat, alpha=-lr)
+            ghat = foreach.add_(ghat, ys, alpha=weight_decay)
+        # z_new = z - lr ĝ;  y_new - y = c (z - y) + lr (b1 (1 - c) - 1) ĝ
+        # (the reference: z.sub_(ĝ, alpha=lr); y.lerp_(z, c); y.add_(ĝ, alpha=lr (b1 (1 - c) - 1)))
+        step = lr * (b1 * (1 - ckp1) - 1)
+        us = foreach.mul_(foreach.add(zs, ys, alpha=-1.0), ckp1)
+        if base.eager() and foreach.can_write(gs, ys, zs, [step]):
+            # plain eager: the reference's fused multiply-adds with Python-float scalars (float()
+            # of these 0-d float64 scalars; one pass per leaf instead of a product and a sum)
+            new_z = torch._foreach_add(zs, ghat, alpha=-float(lr))
+            torch._foreach_add_(us, ghat, alpha=float(step))
+        else:  # under torch.func / compile: a product, then a sum (float32 rounding apart)
+            new_z = foreach.add(zs, ghat, alpha=-lr)
+            us = foreach.add_(us, ghat, alpha=step)
         return build(names, us), {"count": count, "z": build(names, new_z), "nu": build(names, nus),
                                   "weight_sum": weight_sum, "lr_max": lr_max, "b1": entry(state, "b1", "schedule_free state")}
 

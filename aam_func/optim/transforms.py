@@ -104,6 +104,18 @@ def scale_by_learning_rate(learning_rate, *, flip_sign: bool = True) -> Gradient
     return scale(sign * learning_rate)
 
 
+def learning_rate_scale_(us: list, learning_rate, state, own: bool):
+    """:func:`scale_by_learning_rate`'s update (flip_sign) on a list, ``(-lr u, new state)``, the
+    same bits and state; with ``own`` (``us`` are the caller's fresh buffers) it scales them in
+    place. For fused transformations that end in the learning rate (``lamb``)."""
+    if callable(learning_rate) and not isinstance(learning_rate, Tensor):
+        count = entry(state, "count", "learning-rate state")
+        factor, state = foreach.as_scalar(-1.0 * foreach.as_scalar(learning_rate(count))), {"count": count + 1}
+    else:
+        factor = -1.0 * learning_rate
+    return (foreach.mul_(us, factor) if own else foreach.mul(us, factor)), state
+
+
 def bias_corrections(count: Tensor, b1, b2) -> tuple[Tensor, Tensor]:
     """``1 - b1^t, 1 - b2^t`` in float64 (as torch.optim computes them in Python floats)."""
     t = count.to(foreach.SCALAR_DTYPE)
@@ -153,13 +165,16 @@ def adam_init(params):
     }
 
 
-def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, eps_root: float = 0.0) -> GradientTransformation:
+def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, eps_root: float = 0.0, *,
+                  fused: bool = False) -> GradientTransformation:
     """Adam's direction (Kingma & Ba 2015), bias corrected:
 
     ``m = b1 m + (1-b1) g;  v = b2 v + (1-b2) g^2;  u = (m / (1-b1^t)) / (sqrt(v / (1-b2^t) + eps_root) + eps)``
 
     ``eps_root`` (inside the root) keeps the derivative of ``u`` finite when ``v = 0`` (meta-learning).
-    State ``{"count": int64, "mu": tree, "nu": tree}``.
+    State ``{"count": int64, "mu": tree, "nu": tree}``. ``fused=True``: torch's fused Adam kernel
+    where it applies (plain eager, see :func:`adamw`), the foreach ops elsewhere; the two agree to
+    float32 rounding (the kernel orders the bias corrections differently), default ``False``.
     """
     check_beta("b1", b1)
     check_beta("b2", b2)
@@ -169,11 +184,17 @@ def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, eps_roo
     def update(grads, state, params=None):
         names, gs = leaves_of(grads)
         mus, nus, count = adam_state(names, gs, state)
+        if fused:
+            from .aliases import _can_fuse, _fused_direction
+
+            if _can_fuse(gs, b1, b2, eps, eps_root):  # u = -lr m̂/(√v̂ + eps) at lr = -1
+                us, mus, nus = _fused_direction(gs, mus, nus, count + 1, -1.0, b1, b2, eps)
+                return build(names, us), {"count": count + 1, "mu": build(names, mus), "nu": build(names, nus)}
         count = count + 1
         bc1, bc2 = bias_corrections(count, b1, b2)
         mus, nus = adam_moments(gs, mus, nus, b1, b2)
         denom = adam_denominator(nus, bc2, eps, eps_root)
-        us = foreach.div(mus, denom)
+        us = foreach.div_into(mus, denom)  # into denom's fresh buffers
         us = foreach.div_(us, bc1)
         return build(names, us), {"count": count, "mu": build(names, mus), "nu": build(names, nus)}
 
