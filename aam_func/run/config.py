@@ -86,9 +86,10 @@ def flag(field: str) -> str:
 
 
 def document_mask_on(cfg: "RunConfig", backend: Optional[str]) -> bool:
-    """Whether a new run (or an --init-from one) masks documents: ``cfg.document_mask`` when the
-    flag was given; by default (on) unless the run's attention ``backend`` runs no mask_mod
-    (sdpa, xformers, triton), where the default yields rather than fail."""
+    """Whether a new run masks documents: ``cfg.document_mask`` when the flag was given; by
+    default (on) unless the run's attention ``backend`` runs no mask_mod (sdpa, xformers,
+    triton), where the default yields rather than fail. (--init-from keeps its checkpoint's
+    setting unless the flag is given; --resume always keeps it.)"""
     from ..ops.attention.backends import MOD_BACKENDS  # noqa: PLC0415 - the attention package stays lazy here
     if "document_mask" in cfg.explicit_fields():
         return cfg.document_mask

@@ -210,10 +210,9 @@ def _model_config(cfg: RunConfig, resumed, init, tok, device) -> ModelConfig:
                 changes["attention_backend"] = cfg.attention_backend
             if cfg.gradient_checkpointing is not None:
                 changes["gradient_checkpointing"] = cfg.gradient_checkpointing
-            if document_mask_on(cfg, changes.get("attention_backend", init.cfg.attention_backend)):
-                changes.update(document_mask=True, eos_token_id=tok.eos_token_id)
-            elif "document_mask" in cfg.explicit_fields():  # --no-document-mask
-                changes["document_mask"] = False
+            if "document_mask" in cfg.explicit_fields():  # else the checkpoint's (its model was trained so)
+                on = document_mask_on(cfg, changes.get("attention_backend", init.cfg.attention_backend))
+                changes.update(document_mask=on, **({"eos_token_id": tok.eos_token_id} if on else {}))
             return init.cfg.replace(**changes)
         backend = attention_backend(cfg.attention_backend, cfg.precision, torch.device(device).type)
         return ModelConfig(
