@@ -35,7 +35,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # module file pattern -> pytest runs (each a list of args) that test it; run in order, -x
 TARGETS = {
     "aam_func/ops/attention/*.py": [["tests/test_gaps_attention.py", "tests/test_gaps_attention_facts.py",
-                                     "tests/test_gaps_attention_flex.py",
+                                     "tests/test_gaps_attention_flex.py", "tests/test_gaps_attention_mods.py",
                                      "tests/test_attention.py", "tests/test_attention_backends.py",
                                      "tests/test_attention_mods.py", "tests/test_attention_mods_flex.py",
                                      "tests/test_document_mask.py"],
@@ -45,9 +45,11 @@ TARGETS = {
     "aam_func/ops/remat.py": [["tests/test_remat.py"], ["tests/test_gaps_misc.py", "-k", "remat"],
                               ["tests/test_ops_registry.py", "-k", "remat"]],
     "aam_func/losses.py": [["tests/test_gaps_misc.py", "tests/test_losses.py"]],
-    "aam_func/privacy/*.py": [["tests/test_gaps_misc.py", "tests/test_privacy.py", "tests/test_privacy_accountants.py",
+    "aam_func/privacy/*.py": [["tests/test_gaps_privacy.py", "tests/test_gaps_misc.py", "tests/test_privacy.py",
+                               "tests/test_privacy_accountants.py",
                                "tests/test_privacy_clipping.py"]],
-    "aam_func/per_sample/*.py": [["tests/test_gaps_misc.py", "tests/test_per_sample.py", "tests/test_per_sample_batched.py",
+    "aam_func/per_sample/*.py": [["tests/test_gaps_per_sample.py", "tests/test_gaps_misc.py", "tests/test_per_sample.py",
+                                  "tests/test_per_sample_batched.py",
                                   "tests/test_ghost_modules.py", "tests/test_ghost_lookups.py", "tests/test_privacy_clipping.py"]],
     "aam_func/optim/transforms.py": [["tests/test_gaps_optim.py", "tests/test_optim.py"]],
 }
@@ -79,6 +81,10 @@ EQUIVALENT: dict[str, str] = {
         "(the per-example gradient formed once, or the Gram form)",
     "aam_func/per_sample/vmap.py:29:7:GtE->Gt":
         "at chunk == B the chunked loop runs a single chunk of all B examples: the same values",
+    "aam_func/ops/attention/kernel.py:267:34:False->True":
+        "set_materialize_grads(True) hands the backward zeros instead of None for an output with no "
+        "gradient; _blockwise_backward reads None as zeros (dO = zeros_like, D - 0 = D exactly), so every "
+        "gradient, also under vmap and double backward, has the same values; only a zeros tensor is allocated",
 }
 
 _BIN = {ast.Add: ast.Sub, ast.Sub: ast.Add, ast.Mult: ast.Div, ast.Div: ast.Mult, ast.Pow: ast.Mult, ast.FloorDiv: ast.Div}

@@ -80,3 +80,21 @@ def test_flex_path_builds_its_block_mask_at_flex_default_block_size(eager_flex):
     assert tuple(calls[-1]["block_mask"].BLOCK_SIZE) == (2, 2)
     torch.testing.assert_close(out, attention(q, k, v, causal=True, block_mask=bm, backend="math"),
                                atol=1e-12, rtol=1e-12)
+
+
+def test_flex_path_mask_reading_per_example_and_per_head_tables(eager_flex):
+    """A mask_mod may index tables with b (one row per example) and h (one entry per head):
+    without an aam_func BlockMask the path builds the block mask over the call's own batch and
+    heads (B=2, H=3, T=5, all different), and the result equals the math path."""
+    flex, calls = eager_flex
+    g = torch.Generator().manual_seed(12)
+    q, k, v = (torch.randn(2, 3, 5, 4, generator=g, dtype=torch.float64) for _ in range(3))
+    doc = torch.tensor([[0, 0, 1, 1, 1], [0, 0, 0, 1, 1]])
+    width = torch.tensor([0, 1, 3])
+
+    def mask(b, h, q_idx, kv_idx):
+        return (doc[b, q_idx] == doc[b, kv_idx]) & ((q_idx - kv_idx).abs() <= width[h])
+
+    out = flex(q, k, v, causal=False, score_mod=None, mask_mod=mask, block_mask=None, scale=None)
+    assert tuple(calls[-1]["block_mask"].shape[:2]) == (2, 3)
+    torch.testing.assert_close(out, attention(q, k, v, mask_mod=mask, backend="math"), atol=1e-12, rtol=1e-12)
