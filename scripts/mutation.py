@@ -3,6 +3,8 @@
     python scripts/mutation.py --list                        # the mutants, per module
     python scripts/mutation.py --sample 10 --seed 0          # 10 random mutants per module file
     python scripts/mutation.py --only aam_func/losses.py     # every mutant of one file
+    python scripts/mutation.py --sample 3 --seed 3 --interleave --skip old.json --json new.json
+                                                             # a new sample, round-robin over the files
 
 Each mutant changes one operator or constant in a copy of the package (``+``<->``-``,
 ``*``<->``/``, ``**``->``*``, ``<``<->``<=``, ``>``<->``>=``, ``==``<->``!=``, ``and``<->``or``,
