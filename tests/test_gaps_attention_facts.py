@@ -64,3 +64,19 @@ def test_sdpa_backend_causal_with_few_queries_equals_the_math_path():
         q = torch.randn(1, 2, tq, 4, generator=g)
         torch.testing.assert_close(A.attention(q, k, v, backend="sdpa", causal=True),
                                    A.attention(q, k, v, backend="math", causal=True), msg=f"Tq={tq}")
+
+
+def test_sdpa_backend_with_grouped_query_heads_equals_the_math_path():
+    """GQA (4 query heads, 2 key/value heads) on backend='sdpa': full, causal, and with key
+    padding (the dense-mask call), against the math path. No targeted test sent GQA to SDPA: a
+    mutant that inverted its enable_gqa flag survived."""
+    import aam_func.ops.attention as A
+
+    g = torch.Generator().manual_seed(6)
+    q = torch.randn(2, 4, 5, 4, generator=g)
+    k, v = (torch.randn(2, 2, 5, 4, generator=g) for _ in range(2))
+    pad = torch.ones(2, 5, dtype=torch.bool)
+    pad[1, 3:] = False
+    for kw in (dict(causal=False), dict(causal=True), dict(causal=True, key_padding_mask=pad)):
+        torch.testing.assert_close(A.attention(q, k, v, backend="sdpa", **kw), A.attention(q, k, v, backend="math", **kw),
+                                   msg=str(kw))

@@ -7,7 +7,9 @@ seconds. What they pin: GQA reaches FlexAttention whatever the sequence lengths 
 compared a sequence length with a head count broke one-token decoding under multi-query
 attention), and the block mask built for a call without an aam_func ``BlockMask`` has
 FlexAttention's default block size, the tile its fused kernel is built for (a mutant changed
-the default from 128 to 129, which the CUDA kernel cannot use)."""
+the default from 128 to 129, which the CUDA kernel refuses: its block sizes must divide the
+block mask's), over the call's own batch and heads (a mutant took the batch from the head
+count)."""
 
 from __future__ import annotations
 

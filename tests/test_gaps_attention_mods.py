@@ -61,3 +61,15 @@ def test_a_table_deeper_than_the_walk_is_found_or_refused():
     except ValueError:
         return  # refused with an error: acceptable
     torch.testing.assert_close(blockwise, math, atol=1e-12, rtol=1e-12)
+
+
+def test_block_mask_sparsity_counts_a_partial_last_tile():
+    """T = 10 with tiles of 4: three query tiles and three key tiles, the last ones partial. A
+    causal mask visits 1 + 2 + 3 = 6 of the 9 tile pairs, so the kernel skips a third. (A mutant
+    that counted 10 / 4 = 2.5 key tiles survived the suite, whose shapes were multiples of the
+    tile.)"""
+    from aam_func.ops.attention import create_block_mask
+
+    bm = create_block_mask(mods.causal_mask, 1, 1, 10, 10, BLOCK_SIZE=4)
+    assert bm.sparsity == pytest.approx(1 / 3)
+    assert "sparsity=33.3%" in repr(bm)
