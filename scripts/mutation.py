@@ -3,6 +3,8 @@
     python scripts/mutation.py --list                        # the mutants, per module
     python scripts/mutation.py --sample 10 --seed 0          # 10 random mutants per module file
     python scripts/mutation.py --only aam_func/losses.py     # every mutant of one file
+    python scripts/mutation.py --sample 3 --seed 3 --interleave --skip old.json --json new.json
+                                                             # a new sample, round-robin over the files
 
 Each mutant changes one operator or constant in a copy of the package (``+``<->``-``,
 ``*``<->``/``, ``**``->``*``, ``<``<->``<=``, ``>``<->``>=``, ``==``<->``!=``, ``and``<->``or``,
@@ -35,18 +37,22 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # module file pattern -> pytest runs (each a list of args) that test it; run in order, -x
 TARGETS = {
     "aam_func/ops/attention/*.py": [["tests/test_gaps_attention.py", "tests/test_gaps_attention_facts.py",
+                                     "tests/test_gaps_attention_flex.py", "tests/test_gaps_attention_mods.py",
                                      "tests/test_attention.py", "tests/test_attention_backends.py",
                                      "tests/test_attention_mods.py", "tests/test_attention_mods_flex.py",
                                      "tests/test_document_mask.py"],
-                                    ["tests/test_ops_registry.py", "-k", "attention"]],
+                                    ["tests/test_ops_registry.py", "-k", "attention"],
+                                    ["tests/test_attention_triton.py", "-k", "routes_to_triton"]],
     "aam_func/ops/rope.py": [["tests/test_rope.py"], ["tests/test_ops_registry.py", "-k", "rope"]],
     "aam_func/ops/cross_entropy.py": [["tests/test_cross_entropy.py"], ["tests/test_ops_registry.py", "-k", "cross_entropy"]],
     "aam_func/ops/remat.py": [["tests/test_remat.py"], ["tests/test_gaps_misc.py", "-k", "remat"],
                               ["tests/test_ops_registry.py", "-k", "remat"]],
     "aam_func/losses.py": [["tests/test_gaps_misc.py", "tests/test_losses.py"]],
-    "aam_func/privacy/*.py": [["tests/test_gaps_misc.py", "tests/test_privacy.py", "tests/test_privacy_accountants.py",
+    "aam_func/privacy/*.py": [["tests/test_gaps_privacy.py", "tests/test_gaps_misc.py", "tests/test_privacy.py",
+                               "tests/test_privacy_accountants.py",
                                "tests/test_privacy_clipping.py"]],
-    "aam_func/per_sample/*.py": [["tests/test_gaps_misc.py", "tests/test_per_sample.py", "tests/test_per_sample_batched.py",
+    "aam_func/per_sample/*.py": [["tests/test_gaps_per_sample.py", "tests/test_gaps_misc.py", "tests/test_per_sample.py",
+                                  "tests/test_per_sample_batched.py",
                                   "tests/test_ghost_modules.py", "tests/test_ghost_lookups.py", "tests/test_privacy_clipping.py"]],
     "aam_func/optim/transforms.py": [["tests/test_gaps_optim.py", "tests/test_optim.py"]],
 }
@@ -73,11 +79,15 @@ EQUIVALENT: dict[str, str] = {
     "aam_func/per_sample/dp.py:46:11:Gt->GtE":
         "with std == 0 the mutant adds 0 * noise: the same values; only the RNG stream moves, "
         "which no contract of dp_aggregate fixes",
-    "aam_func/per_sample/factors.py:54:26:1->2":
+    "aam_func/per_sample/factors.py:150:26:1->2":
         "n1 only feeds the cost test that picks between two equal formulas for the squared norm "
         "(the per-example gradient formed once, or the Gram form)",
-    "aam_func/per_sample/vmap.py:28:7:GtE->Gt":
+    "aam_func/per_sample/vmap.py:29:7:GtE->Gt":
         "at chunk == B the chunked loop runs a single chunk of all B examples: the same values",
+    "aam_func/ops/attention/kernel.py:267:34:False->True":
+        "set_materialize_grads(True) hands the backward zeros instead of None for an output with no "
+        "gradient; _blockwise_backward reads None as zeros (dO = zeros_like, D - 0 = D exactly), so every "
+        "gradient, also under vmap and double backward, has the same values; only a zeros tensor is allocated",
 }
 
 _BIN = {ast.Add: ast.Sub, ast.Sub: ast.Add, ast.Mult: ast.Div, ast.Div: ast.Mult, ast.Pow: ast.Mult, ast.FloorDiv: ast.Div}
@@ -252,12 +262,43 @@ def _run_tests(workdir, runs, timeout):
     return "survived", time.time() - start
 
 
+def _plan(a, rng):
+    """(file, runs, its mutants, the chosen ones) per module file, in TARGETS order."""
+    skip = set()
+    for path in a.skip or ():
+        with open(path, encoding="utf-8") as f:
+            skip |= {r["id"] for r in json.load(f)["results"]}
+    plan = []
+    for rel, runs in _files(set(a.only or ())):
+        ms = mutants(rel)
+        pool = [m for m in ms if m["id"] not in skip]
+        chosen = rng.sample(pool, min(a.sample, len(pool))) if a.sample else pool
+        if a.ids:
+            chosen = [m for m in ms if m["id"] in set(a.ids)]
+            if not chosen:
+                continue
+        plan.append((rel, runs, ms, chosen))
+    return plan
+
+
+def _order(plan, interleave):
+    """The (file, runs, mutant) runs: file by file, or round-robin over the files."""
+    if not interleave:
+        return [(rel, runs, m) for rel, runs, _, chosen in plan for m in chosen]
+    rounds = max((len(chosen) for *_, chosen in plan), default=0)
+    return [(rel, runs, chosen[i]) for i in range(rounds) for rel, runs, _, chosen in plan if i < len(chosen)]
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", nargs="*", help="module files (relative paths) to mutate")
     ap.add_argument("--ids", nargs="*", help="run only these mutant ids (as printed)")
     ap.add_argument("--sample", type=int, default=0, help="random mutants per file (0: all)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--skip", nargs="*", help="--json files of earlier runs: their mutants are not sampled again")
+    ap.add_argument("--interleave", action="store_true",
+                    help="run the sample round-robin over the files (one mutant of each file, then the next), so "
+                         "a run stopped early is still spread over every file")
     ap.add_argument("--timeout-factor", type=float, default=3.0,
                     help="a mutant's time limit: this times the unmutated run's time, plus 30 s (a timeout counts as killed)")
     ap.add_argument("--timeout", type=float, default=None,
@@ -265,59 +306,63 @@ def main(argv=None):
     ap.add_argument("--list", action="store_true", help="list the mutants and exit")
     ap.add_argument("--json", default=None, help="write every result here")
     a = ap.parse_args(argv)
-    rng = random.Random(a.seed)
+    plan = _plan(a, random.Random(a.seed))
+    if a.list:
+        for rel, _, ms, _ in plan:
+            for m in ms:
+                print(m["id"], "|", m["original_line"][:90])
+        return _report({rel: {"mutants": len(ms)} for rel, _, ms, _ in plan}, [], a)
     work = tempfile.mkdtemp(prefix="aam_mutation_")
     for d in ("aam_func", "tests", "proofs", "examples"):
         shutil.copytree(os.path.join(ROOT, d), os.path.join(work, d), ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(os.path.join(ROOT, "pyproject.toml"), work)
-    results, summary, baselines = [], {}, {}
+    summary = {rel: {"mutants": len(ms), "run": 0, "killed": 0, "survived": 0, "equivalent": 0}
+               for rel, _, ms, _ in plan}
+    results, baselines = [], {}
     try:
-        for rel, runs in _files(set(a.only or ())):
-            ms = mutants(rel)
-            chosen = rng.sample(ms, min(a.sample, len(ms))) if a.sample else ms
-            if a.ids:
-                chosen = [m for m in ms if m["id"] in set(a.ids)]
-                if not chosen:
-                    continue
-            if a.list:
-                for m in ms:
-                    print(m["id"], "|", m["original_line"][:90])
-                summary[rel] = {"mutants": len(ms)}
+        for rel, runs, m in _order(plan, a.interleave):
+            s = summary[rel]
+            if m["id"] in EQUIVALENT:
+                s["equivalent"] += 1
+                results.append(dict(m, status="equivalent", reason=EQUIVALENT[m["id"]], seconds=0.0))
                 continue
-            original = open(os.path.join(ROOT, rel), encoding="utf-8").read()
-            target = os.path.join(work, rel)
-            s = summary.setdefault(rel, {"mutants": len(ms), "run": 0, "killed": 0, "survived": 0, "equivalent": 0})
-            key = tuple(map(tuple, runs))
-            if a.timeout:
-                baselines[key] = (a.timeout - 30) / a.timeout_factor
-            if key not in baselines:  # the unmutated tests must pass; their time sets the limit
-                status, secs = _run_tests(work, runs, 3600)
-                if status != "survived":
-                    raise RuntimeError(f"the unmutated tests for {rel} do not pass ({status}): {runs}")
-                baselines[key] = secs
-                print(f"baseline  {secs:6.1f}s {runs}", flush=True)
-            limit = a.timeout_factor * baselines[key] + 30
-            for m in chosen:
-                if m["id"] in EQUIVALENT:
-                    s["equivalent"] += 1
-                    results.append(dict(m, status="equivalent", reason=EQUIVALENT[m["id"]], seconds=0.0))
-                    continue
-                with open(target, "w", encoding="utf-8") as f:
-                    f.write(m["source"])
-                try:
-                    status, secs = _run_tests(work, runs, limit)
-                finally:
-                    with open(target, "w", encoding="utf-8") as f:
-                        f.write(original)
-                s["run"] += 1
-                s["killed" if status != "survived" else "survived"] += 1
-                results.append(dict(m, status=status, seconds=round(secs, 1)))
-                print(f"{status:9s} {secs:6.1f}s {m['id']}  | {m['original_line'][:80]}", flush=True)
-                if a.json:
-                    _write_json(a.json, summary, results)
+            status, secs = _run_mutant(work, rel, runs, m, _limit(a, work, runs, rel, baselines))
+            s["run"] += 1
+            s["killed" if status != "survived" else "survived"] += 1
+            results.append(dict(m, status=status, seconds=round(secs, 1)))
+            print(f"{status:9s} {secs:6.1f}s {m['id']}  | {m['original_line'][:80]}", flush=True)
+            if a.json:
+                _write_json(a.json, summary, results)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     _report(summary, results, a)
+
+
+def _limit(a, work, runs, rel, baselines):
+    """A mutant's time limit: --timeout, or --timeout-factor times the unmutated tests' time + 30 s."""
+    if a.timeout:
+        return a.timeout
+    key = tuple(map(tuple, runs))
+    if key not in baselines:  # the unmutated tests must pass; their time sets the limit
+        status, secs = _run_tests(work, runs, 3600)
+        if status != "survived":
+            raise RuntimeError(f"the unmutated tests for {rel} do not pass ({status}): {runs}")
+        baselines[key] = secs
+        print(f"baseline  {secs:6.1f}s {runs}", flush=True)
+    return a.timeout_factor * baselines[key] + 30
+
+
+def _run_mutant(work, rel, runs, m, limit):
+    """Writes the mutant into the copy, runs its tests, and puts the original back."""
+    target = os.path.join(work, rel)
+    original = open(os.path.join(ROOT, rel), encoding="utf-8").read()
+    with open(target, "w", encoding="utf-8") as f:
+        f.write(m["source"])
+    try:
+        return _run_tests(work, runs, limit)
+    finally:
+        with open(target, "w", encoding="utf-8") as f:
+            f.write(original)
 
 
 def _report(summary, results, a):

@@ -50,3 +50,33 @@ def test_relative_bias_default_max_distance_is_128():
     torch.testing.assert_close(attention(q, k, v, relative_bias=RelativeBias("shaw", table), backend="math"),
                                attention(q, k, v, relative_bias=RelativeBias("shaw", table, max_distance=128),
                                          backend="math"))
+
+
+def test_sdpa_backend_causal_with_few_queries_equals_the_math_path():
+    """backend='sdpa', causal, Tq < Tk and no other mask: only one query (in the last position,
+    reading every key) may skip the mask; two or three queries need the bottom-right triangle
+    (a mutant that let Tq == 2 skip it survived the suite)."""
+    import aam_func.ops.attention as A
+
+    g = torch.Generator().manual_seed(5)
+    k, v = (torch.randn(1, 2, 6, 4, generator=g) for _ in range(2))
+    for tq in (1, 2, 3):
+        q = torch.randn(1, 2, tq, 4, generator=g)
+        torch.testing.assert_close(A.attention(q, k, v, backend="sdpa", causal=True),
+                                   A.attention(q, k, v, backend="math", causal=True), msg=f"Tq={tq}")
+
+
+def test_sdpa_backend_with_grouped_query_heads_equals_the_math_path():
+    """GQA (4 query heads, 2 key/value heads) on backend='sdpa': full, causal, and with key
+    padding (the dense-mask call), against the math path. No targeted test sent GQA to SDPA: a
+    mutant that inverted its enable_gqa flag survived."""
+    import aam_func.ops.attention as A
+
+    g = torch.Generator().manual_seed(6)
+    q = torch.randn(2, 4, 5, 4, generator=g)
+    k, v = (torch.randn(2, 2, 5, 4, generator=g) for _ in range(2))
+    pad = torch.ones(2, 5, dtype=torch.bool)
+    pad[1, 3:] = False
+    for kw in (dict(causal=False), dict(causal=True), dict(causal=True, key_padding_mask=pad)):
+        torch.testing.assert_close(A.attention(q, k, v, backend="sdpa", **kw), A.attention(q, k, v, backend="math", **kw),
+                                   msg=str(kw))
