@@ -50,9 +50,6 @@ def test_a_table_twenty_levels_down_is_found_and_gets_its_gradient():
     torch.testing.assert_close(blockwise, math, atol=1e-12, rtol=1e-12)
 
 
-@pytest.mark.xfail(strict=True, reason="library gap: a tensor captured deeper than the walk's depth limit (20) is "
-                                       "neither found nor refused, so the blockwise kernel drops its gradient "
-                                       "without an error (the math path gives it); mods._walk returns obj silently")
 def test_a_table_deeper_than_the_walk_is_found_or_refused():
     table = torch.randn(4, dtype=torch.float64, requires_grad=True)
     sm = _key_bias_mod(table, 21)
@@ -60,6 +57,36 @@ def test_a_table_deeper_than_the_walk_is_found_or_refused():
         blockwise, math = _grads(sm, table)
     except ValueError:
         return  # refused with an error: acceptable
+    torch.testing.assert_close(blockwise, math, atol=1e-12, rtol=1e-12)
+
+
+def test_a_table_below_the_walk_depth_is_refused_by_name():
+    """Past the walk's depth a captured table could not be found; the call is refused before any
+    kernel runs instead of dropping the table's gradient."""
+    from aam_func.ops.attention.mods import _WALK_DEPTH
+
+    table = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    q = torch.randn(1, 2, 4, 3, dtype=torch.float64)
+    with pytest.raises(ValueError, match=f"nested more than {_WALK_DEPTH} levels deep"):
+        attention(q, q, q, causal=True, score_mod=_key_bias_mod(table, _WALK_DEPTH + 5), backend="blockwise")
+
+
+def test_a_mod_whose_object_holds_itself_is_walked_once():
+    """A callable object whose attribute refers back to it (a cycle) is walked without recursing
+    forever, and its table still gets the math path's gradient."""
+
+    class Bias:
+        def __init__(self, table):
+            self.table, self.me = table, None
+
+        def __call__(self, score, b, h, q_idx, kv_idx):
+            return score + self.table[kv_idx]
+
+    table = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    sm = Bias(table)
+    sm.me = sm
+    blockwise, math = _grads(sm, table)
+    assert blockwise.abs().max() > 1e-3
     torch.testing.assert_close(blockwise, math, atol=1e-12, rtol=1e-12)
 
 

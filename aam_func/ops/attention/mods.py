@@ -124,24 +124,35 @@ def _global_grad_tensors(fn) -> list:
     return [glb[n] for n in code.co_names if isinstance(glb.get(n), Tensor) and glb[n].requires_grad]
 
 
-def _walk(obj, visit, depth: int = 0):
+_WALK_DEPTH = 100  # nesting the walk follows; deeper, it refuses rather than miss a tensor
+
+
+def _walk(obj, visit, depth: int = 0, active: frozenset = frozenset()):
     """Rebuild ``obj`` with every tensor replaced by ``visit(tensor)``, looking through functions'
     closures, partials, containers and callable objects' attributes. Returns obj itself when
-    nothing inside it changed."""
-    if depth > 20:
-        return obj
+    nothing inside it changed. An object met again inside itself (a cycle) is left as it is: its
+    tensors are visited where the walk first entered it. Nesting deeper than ``_WALK_DEPTH`` is
+    refused (ValueError): a tensor below it would lose its gradient without a word."""
     if isinstance(obj, Tensor):
         return visit(obj)
+    if id(obj) in active:
+        return obj
+    if depth > _WALK_DEPTH and isinstance(obj, (tuple, list, dict, functools.partial, types.FunctionType)):
+        raise ValueError(
+            f"a score_mod/mask_mod captures objects nested more than {_WALK_DEPTH} levels deep (at "
+            f"{type(obj).__name__}); tensors it captures (learned tables) are looked for to that depth only, "
+            "so it is refused rather than losing their gradients: capture the tensor closer to the mod")
+    active = active | {id(obj)}
     if isinstance(obj, (tuple, list)):
-        items = [_walk(x, visit, depth + 1) for x in obj]
+        items = [_walk(x, visit, depth + 1, active) for x in obj]
         return obj if all(a is b for a, b in zip(items, obj)) else type(obj)(items)
     if isinstance(obj, dict):
-        items = {k: _walk(x, visit, depth + 1) for k, x in obj.items()}
+        items = {k: _walk(x, visit, depth + 1, active) for k, x in obj.items()}
         return obj if all(items[k] is obj[k] for k in obj) else items
     if isinstance(obj, functools.partial):
-        f = _walk(obj.func, visit, depth + 1)
-        args = _walk(obj.args, visit, depth + 1)
-        kw = _walk(obj.keywords, visit, depth + 1)
+        f = _walk(obj.func, visit, depth + 1, active)
+        args = _walk(obj.args, visit, depth + 1, active)
+        kw = _walk(obj.keywords, visit, depth + 1, active)
         if f is obj.func and args is obj.args and kw is obj.keywords:
             return obj
         return functools.partial(f, *args, **kw)
@@ -154,7 +165,7 @@ def _walk(obj, visit, depth: int = 0):
                 values.append(c.cell_contents)
             except ValueError:  # an empty cell
                 values.append(c)
-        new = [_walk(v, visit, depth + 1) if not isinstance(v, types.CellType) else v for v in values]
+        new = [_walk(v, visit, depth + 1, active) if not isinstance(v, types.CellType) else v for v in values]
         if all(a is b for a, b in zip(new, values)):
             return obj
         cells = tuple(v if isinstance(v, types.CellType) else types.CellType(v) for v in new)
@@ -163,7 +174,7 @@ def _walk(obj, visit, depth: int = 0):
         return g
     if callable(obj) and hasattr(obj, "__dict__") and not isinstance(obj, (type, types.ModuleType, types.MethodType)):
         attrs = vars(obj)
-        new = {k: _walk(x, visit, depth + 1) for k, x in attrs.items()}
+        new = {k: _walk(x, visit, depth + 1, active) for k, x in attrs.items()}
         if all(new[k] is attrs[k] for k in attrs):
             return obj
         clone = object.__new__(type(obj))
