@@ -5,7 +5,14 @@ rest, torch.optim.Adafactor, schedulefree.AdamWScheduleFree). One step = ``updat
 ``apply_updates`` (out of place) for ours, ``step()`` (in place) for torch's. Prints medians,
 the ratio to our AdamW (the issue's bound: ≤ 1.5x) and to the reference.
 
+``--whole-step`` also times what a user waits for per step of ``aam-func train``: forward +
+backward + update + apply, i.e. the run's own train step (``make_train_step``, bf16, clipping,
+warmup-cosine) with each ``--optimizer`` of the run (``optim.run_optimizer``, its defaults), on the
+default model (learnable positions, math attention, no document mask) and the default batch
+shape (16x128 tokens), interleaved round by round, beside the forward + backward alone.
+
     python benchmarks/optimizers.py [--steps 20] [--threads 0] [--clock wall|cpu] [--only muon,lamb]
+    OMP_NUM_THREADS=1 python benchmarks/optimizers.py --threads 1 --clock cpu --whole-step [--steps 10]
 """
 
 from __future__ import annotations
@@ -22,9 +29,9 @@ from aam_func import ModelConfig, Transformer, optim, tree
 CLOCK = time.perf_counter
 
 
-def interleaved_ms(fns, steps: int, warmup: int = 3) -> list[float]:
-    """Median milliseconds of each function, run round-robin (one call of each per round), so
-    that the functions compared share the machine's conditions step by step."""
+def interleaved_times(fns, steps: int, warmup: int = 3) -> list[list[float]]:
+    """Milliseconds of each call of each function, run round-robin (one call of each per round),
+    so that the functions compared share the machine's conditions step by step."""
     for _ in range(warmup):
         for fn in fns:
             fn()
@@ -34,7 +41,12 @@ def interleaved_ms(fns, steps: int, warmup: int = 3) -> list[float]:
             t0 = CLOCK()
             fn()
             ts.append((CLOCK() - t0) * 1e3)
-    return [statistics.median(ts) for ts in times]
+    return times
+
+
+def interleaved_ms(fns, steps: int, warmup: int = 3) -> list[float]:
+    """Median milliseconds of each function (:func:`interleaved_times`)."""
+    return [statistics.median(ts) for ts in interleaved_times(fns, steps, warmup)]
 
 
 def ours_step(opt, params, grads):
@@ -74,6 +86,10 @@ def main() -> None:
                     help="wall: perf_counter; cpu: this thread's CPU time with --threads 1, else the "
                          "process's (CPU time is what a loaded machine does not inflate)")
     ap.add_argument("--only", default="", help="comma-separated optimizer names to time (adamw is always timed)")
+    ap.add_argument("--whole-step", action="store_true",
+                    help="after the update times, time whole train steps of the default run with each --optimizer "
+                         "(--only then names run optimizers: muon,adafactor,schedule-free,lion,adamw+ema)")
+    ap.add_argument("--whole-step-only", action="store_true", help="--whole-step without the update times")
     args = ap.parse_args()
     global CLOCK
     if args.threads:
@@ -84,6 +100,9 @@ def main() -> None:
     params = Transformer(cfg).init(seed=0)
     gen = torch.Generator().manual_seed(1)
     grads = tree.map(lambda p: torch.randn(p.shape, generator=gen) * 1e-3, params)
+    if args.whole_step_only:
+        whole_step(args.steps, args.only)
+        return
     print(f"params: {tree.count(params) / 1e6:.2f}M in {len(tree.leaves(params))} leaves; torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, {args.steps} timed steps, {args.clock} clock")
     flat = tree.flatten(params)
@@ -132,6 +151,8 @@ def main() -> None:
         print(f"{name:22s} {t:9.2f} {base:9.2f} {t / base:8.2f} {ref_txt}", flush=True)
     if "muon" in ours:
         newton_schulz_floor(flat, muon_names, args.steps)
+    if args.whole_step:
+        whole_step(args.steps, args.only)
 
 
 def newton_schulz_floor(flat, muon_names, steps: int) -> None:
@@ -144,6 +165,66 @@ def newton_schulz_floor(flat, muon_names, steps: int) -> None:
     (t,) = interleaved_ms([lambda: [orthogonalize(m) for m in mats]], steps)
     print(f"muon's Newton-Schulz alone ({len(mats)} matrices, bf16): {t:.2f} ms for {flops / 1e9:.2f} GFLOP "
           f"= {flops / t / 1e6:.0f} GFLOP/s")
+
+
+def whole_step(steps: int, only: str = "") -> None:
+    """Whole train steps of the default run (``aam-func train --no-document-mask``): its model,
+    batch shape, precision and optimizers (``optim.run_optimizer`` with the run's defaults: lr
+    2e-3, Muon 0.02, warmup 40 of 400 steps, cosine to lr/10, wd 0.1, clipping 1.0; ``adamw+ema``:
+    ``--ema 0.99``), all interleaved with the forward + backward alone; prints each step's median
+    and its ratio to AdamW's step (the per-step cost a user feels)."""
+    from aam_func.run.config import RunConfig, attention_backend
+    from aam_func.train import _grad_fn, make_lm_loss, make_train_step  # _grad_fn: the step's own gradient
+
+    rc = RunConfig()
+    precision = "bf16"  # what --precision auto resolves to on this machine (AMX / AVX512-BF16)
+    mcfg = ModelConfig(vocab_size=rc.vocab_size, d_model=rc.d_model, n_layers=rc.n_layers, n_heads=rc.n_heads,
+                       d_ff=rc.d_ff, max_seq_len=rc.seq_len, dropout=rc.dropout, attention_dropout=0.0,
+                       attention_backend=attention_backend(None, precision, "cpu"),
+                       position_encoding=rc.position_encoding, learning_rate=rc.lr, weight_decay=rc.weight_decay,
+                       max_grad_norm=rc.max_grad_norm, mixed_precision=True)
+    model = Transformer(mcfg)
+    params = model.init(seed=rc.seed)
+    gen = torch.Generator().manual_seed(2)
+    batch = {"input_ids": torch.randint(0, rc.vocab_size, (rc.batch_size, rc.seq_len), generator=gen)}
+    loss_fn = make_lm_loss(model)
+    names = ["adamw", "muon", "adafactor", "schedule-free", "lion", "adamw+ema"]
+    if only:
+        keep = {"adamw", *only.split(",")}
+        names = [n for n in names if n in keep]
+    lrs = {"adafactor": 1e-2, "lion": 3e-4}  # the rates docs/benchmarks.md's perplexity runs use
+    fns, labels = [], []
+    for name in names:
+        opt = optim.run_optimizer(params, optimizer=name.split("+")[0], learning_rate=lrs.get(name, rc.lr),
+                                  total_steps=rc.steps, warmup_steps=rc.steps // 10,
+                                  end_value=lrs.get(name, rc.lr) / 10, weight_decay=rc.weight_decay,
+                                  max_grad_norm=rc.max_grad_norm, ema=0.99 if name.endswith("+ema") else None,
+                                  muon_learning_rate=rc.muon_lr, muon_momentum=rc.muon_momentum)
+        step = make_train_step(loss_fn, opt, precision=precision)
+        box = {"p": params, "s": step.init(params)}
+
+        def one(step=step, box=box):
+            box["p"], box["s"], _ = step(box["p"], box["s"], batch)
+
+        fns.append(one)
+        labels.append(name)
+    grad_fn = _grad_fn(loss_fn, precision, with_buffers=False)
+
+    def fwd_bwd():
+        grad_fn(params, batch, None, None)
+
+    fns.append(fwd_bwd)
+    labels.append("forward+backward only")
+    print(f"whole train step: {tree.count(params) / 1e6:.2f}M params, batch {rc.batch_size}x{rc.seq_len}, "
+          f"{precision}, {mcfg.attention_backend} attention, {torch.get_num_threads()} threads, {steps} timed rounds")
+    raw = interleaved_times(fns, steps, warmup=2)
+    ts = [statistics.median(r) for r in raw]
+    base, fb = ts[0], ts[-1]
+    print(f"{'optimizer':22s} {'step ms':>9s} {'/ adamw step':>13s} {'per-round ratio':>16s} {'step - fwd/bwd ms':>18s}")
+    for label, t, r in zip(labels, ts, raw):
+        per_round = statistics.median(a / b for a, b in zip(r, raw[0]))  # each round's ratio to AdamW's step
+        print(f"{label:22s} {t:9.1f} {t / base:13.2f} {per_round:16.2f} {t - fb:18.1f}", flush=True)
+
 
 if __name__ == "__main__":
     main()
