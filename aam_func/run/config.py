@@ -146,7 +146,7 @@ class RunConfig:
     # the optimizer (optim.run_optimizer) and its own knobs; ema: a decay, None: no averaging
     optimizer: str = "adamw"
     ema: Optional[float] = None
-    muon_lr: float = 0.02
+    muon_lr: float = 1e-3  # torch.optim.Muon's default (and optim.muon's)
     muon_momentum: float = 0.95
     # run
     eval_every: int = 200
