@@ -232,8 +232,34 @@ def mutants(relpath: str) -> list:
         else:
             _mutate(node, kind)
         out.append({"id": f"{relpath}:{line}:{col}:{what}", "file": relpath, "line": line, "what": what,
-                    "source": ast.unparse(t), "original_line": src.splitlines()[line - 1].strip()})
+                    "source": ast.unparse(t), "original_line": src.splitlines()[line - 1].strip(),
+                    "lines": _lines(tree, path), "import_time": not _in_function_body(tree, path)})
     return out
+
+
+def _lines(tree, path):
+    """The source lines whose execution runs the mutated spot: its own lines and the first line of
+    the innermost statement holding it (a line event may fire only there)."""
+    node, stmt = tree, None
+    for step in path:
+        node = _node_at(node, [step])
+        if isinstance(node, ast.stmt):
+            stmt = node
+    lines = set(range(node.lineno, (node.end_lineno or node.lineno) + 1))
+    if stmt is not None:
+        lines.add(stmt.lineno)
+    return sorted(lines)
+
+
+def _in_function_body(tree, path):
+    """Whether the spot runs when a function is called (not when the module or a class body runs,
+    nor a default argument)."""
+    node = tree
+    for field, i in path:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)) and field == "body":
+            return True
+        node = getattr(node, field) if i is None else getattr(node, field)[i]
+    return False
 
 
 def _files(only):
@@ -303,6 +329,15 @@ def main(argv=None):
                     help="a mutant's time limit: this times the unmutated run's time, plus 30 s (a timeout counts as killed)")
     ap.add_argument("--timeout", type=float, default=None,
                     help="a fixed time limit per mutant in seconds, instead of timing an unmutated run first")
+    ap.add_argument("--fast", action="store_true",
+                    help="run each mutant against only the tests that execute its lines, in forked workers "
+                         "(scripts/mutation_fast.py)")
+    ap.add_argument("--workers", type=int, default=2, help="--fast: mutants run at once")
+    ap.add_argument("--shuffle", action="store_true",
+                    help="run the chosen mutants in a random order (--seed), so that a run stopped early is a "
+                         "uniform random sample of them")
+    ap.add_argument("--coverage-map", default=None,
+                    help="--fast: where the per-line test map is kept (reused while sources are unchanged)")
     ap.add_argument("--list", action="store_true", help="list the mutants and exit")
     ap.add_argument("--json", default=None, help="write every result here")
     a = ap.parse_args(argv)
@@ -312,6 +347,8 @@ def main(argv=None):
             for m in ms:
                 print(m["id"], "|", m["original_line"][:90])
         return _report({rel: {"mutants": len(ms)} for rel, _, ms, _ in plan}, [], a)
+    if a.fast:
+        return _main_fast(a, plan)
     work = tempfile.mkdtemp(prefix="aam_mutation_")
     for d in ("aam_func", "tests", "proofs", "examples"):
         shutil.copytree(os.path.join(ROOT, d), os.path.join(work, d), ignore=shutil.ignore_patterns("__pycache__"))
@@ -335,6 +372,36 @@ def main(argv=None):
                 _write_json(a.json, summary, results)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    _report(summary, results, a)
+
+
+def _main_fast(a, plan):
+    import mutation_fast
+
+    summary = {rel: {"mutants": len(ms), "run": 0, "killed": 0, "survived": 0, "equivalent": 0}
+               for rel, _, ms, _ in plan}
+    results, order = [], []
+    ordered = _order(plan, a.interleave)
+    if a.shuffle:
+        random.Random(a.seed).shuffle(ordered)
+    for rel, runs, m in ordered:
+        if m["id"] in EQUIVALENT:
+            summary[rel]["equivalent"] += 1
+            results.append(dict(m, status="equivalent", reason=EQUIVALENT[m["id"]], seconds=0.0))
+        else:
+            order.append((rel, runs, m))
+
+    def record(m, status, secs, route):
+        s = summary[m["file"]]
+        s["run"] += 1
+        s["killed" if status != "survived" else "survived"] += 1
+        results.append(dict(m, status=status, seconds=round(secs, 1), route=route))
+        print(f"{status:9s} {secs:6.1f}s {m['id']}  [{route}] | {m['original_line'][:70]}", flush=True)
+        if a.json and len(results) % 10 == 0:
+            _write_json(a.json, summary, results)
+
+    cov_map = mutation_fast.load_map(TARGETS, a.coverage_map)
+    mutation_fast.run(order, TARGETS, cov_map, a.workers, a.timeout, a.timeout_factor, record)
     _report(summary, results, a)
 
 
