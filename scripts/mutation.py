@@ -12,8 +12,9 @@ a dropped unary ``-`` or ``not``, an int ``n``->``n+1``, a float ``x``->``2x`` (
 <->``False``), then runs only the test files relevant to that module (``TARGETS``), ``-x``, with
 a timeout. Killed: a test failed or the run timed out; survived: every test passed.
 Validation code is not mutated (``raise`` statements, ``check_*``/``_check*`` functions,
-asserts, registry samples, f-strings, keyword arguments such as ``stacklevel``): the point is the
-math. Mutants judged equivalent (no test could tell them apart) are in ``EQUIVALENT`` with the
+asserts, f-strings, keyword arguments such as ``stacklevel``), nor the registry's sample plumbing
+(``_samples``, ``_sample*``, ``_SAMPLE*``, the ``_op``/``_ref`` wrappers it checks with): the point
+is the math. Mutants judged equivalent (no test could tell them apart) are in ``EQUIVALENT`` with the
 reason and are left out of the score. Results: a table on stdout and ``--json``.
 """
 
@@ -59,7 +60,7 @@ TARGETS = {
 
 # mutant id -> why no test can tell it from the original
 EQUIVALENT: dict[str, str] = {
-    "aam_func/ops/attention/backends.py:111:23:And->Or":
+    "aam_func/ops/attention/backends.py:118:23:And->Or":
         "flex_available is read only by _route_mods, which runs only for calls with mods and itself "
         "requires device == 'cuda'; so 'mods or ...' and 'mods and ...' route every call alike",
     "aam_func/privacy/renyi.py:151:30:Gt->GtE":
@@ -70,7 +71,7 @@ EQUIVALENT: dict[str, str] = {
     "aam_func/ops/cross_entropy.py:154:61:0->1":
         "with no chunk (0 tokens) valid has shape (0,), and torch.where broadcasts a (1,) "
         "per_token to (0,): the same empty result",
-    "aam_func/ops/attention/masks.py:209:37:drop USub":
+    "aam_func/ops/attention/masks.py:224:37:drop USub":
         "qe.shape[:-2] -> qe.shape[:2]: the one caller (dense.reference) passes 4-d q (B, H, Tq, d), "
         "so both are (B, H)",
     "aam_func/privacy/renyi.py:132:26:1.0->2.0":
@@ -79,7 +80,7 @@ EQUIVALENT: dict[str, str] = {
     "aam_func/per_sample/dp.py:46:11:Gt->GtE":
         "with std == 0 the mutant adds 0 * noise: the same values; only the RNG stream moves, "
         "which no contract of dp_aggregate fixes",
-    "aam_func/per_sample/factors.py:150:26:1->2":
+    "aam_func/per_sample/factors.py:180:26:1->2":
         "n1 only feeds the cost test that picks between two equal formulas for the squared norm "
         "(the per-example gradient formed once, or the Gram form)",
     "aam_func/per_sample/vmap.py:29:7:GtE->Gt":
@@ -96,7 +97,10 @@ _SKIP_KEYWORDS = {"stacklevel", "dim", "keepdim"}
 
 
 def _skipped_function(name: str) -> bool:
-    return name.startswith(("check_", "_check")) or name in ("_samples", "__repr__", "__post_init__")
+    """Validation, and the registry's sample plumbing (its inputs, and the op and reference wrappers it
+    checks with: test code that lives beside the op)."""
+    return (name.startswith(("check_", "_check", "_sample"))
+            or name in ("_op", "_ref", "__repr__", "__post_init__"))
 
 
 class _Finder(ast.NodeVisitor):
@@ -152,7 +156,7 @@ class _Finder(ast.NodeVisitor):
         self.generic_visit(node)
 
     def visit_Assign(self, node):
-        if any(isinstance(t, ast.Name) and t.id == "__all__" for t in node.targets):
+        if any(isinstance(t, ast.Name) and (t.id == "__all__" or t.id.startswith("_SAMPLE")) for t in node.targets):
             return
         self.generic_visit(node)
 
@@ -217,7 +221,7 @@ def mutants(relpath: str) -> list:
     tree = ast.parse(src)
     finder = _Finder()
     finder.visit(tree)
-    out = []
+    out, seen = [], {}
     for path, kind, line, col, what in finder.spots:
         t = copy.deepcopy(tree)
         node = _node_at(t, path)
@@ -231,7 +235,11 @@ def mutants(relpath: str) -> list:
                 getattr(parent, field)[i] = replacement
         else:
             _mutate(node, kind)
-        out.append({"id": f"{relpath}:{line}:{col}:{what}", "file": relpath, "line": line, "what": what,
+        mid = f"{relpath}:{line}:{col}:{what}"
+        seen[mid] = seen.get(mid, 0) + 1
+        if seen[mid] > 1:  # nested spots that start at one column (a * b * c): #2, #3, ... outwards in
+            mid = f"{mid}#{seen[mid]}"
+        out.append({"id": mid, "file": relpath, "line": line, "what": what,
                     "source": ast.unparse(t), "original_line": src.splitlines()[line - 1].strip(),
                     "lines": _lines(tree, path), "import_time": not _in_function_body(tree, path)})
     return out
