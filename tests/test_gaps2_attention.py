@@ -2,6 +2,7 @@
 shapes and boundary cases of ``ops.attention``, each checked against a formula or convention
 written out here rather than against the library's own reference."""
 
+import functools
 import math
 
 import pytest
@@ -58,3 +59,225 @@ def test_document_positions_accepts_any_leading_shape():
     assert got.shape == grid.shape
     assert got[0, 0].tolist() == want and got[0, 1].tolist() == [0, 1, 2, 3, 0, 1]
     assert got[1, 0].tolist() == [0, 1, 2, 3, 0, 1] and got[2, 1].tolist() == want
+
+
+def test_sinks_reads_the_first_keys_and_a_causal_window():
+    """``sinks(n, w)``: query i reads the w most recent keys (0 <= i - j < w) and each of the
+    first n keys up to itself (j < n and j <= i); w = 0 leaves the sinks alone."""
+    T = 8
+    i, j = torch.arange(T)[:, None], torch.arange(T)[None, :]
+    for n, w in ((2, 3), (3, 1), (2, 0)):
+        want = ((i - j >= 0) & (i - j < w)) | ((j < n) & (j <= i))
+        got = mods.sinks(n, w)(torch.zeros(1, 1, 1, 1, dtype=torch.long), torch.zeros(1, 1, 1, 1, dtype=torch.long),
+                               i[None, None], j[None, None])
+        assert torch.equal(got[0, 0], want), (n, w)
+    q, k, v = _qkv(Tq=T, Tk=T)
+    want = ((i - j >= 0) & (i - j < 3)) | ((j < 2) & (j <= i))
+    for backend in ("math", "blockwise"):
+        out = attention(q, k, v, mask_mod=mods.sinks(2, 3), backend=backend, block_q=3, block_k=3)
+        torch.testing.assert_close(out, _formula(q, k, v, want), rtol=1e-10, atol=1e-10)
+
+
+# ------------------------------------------------------------------ mods: signatures
+
+
+def _probe_qkv():
+    return _qkv(Tq=4, Tk=4)
+
+
+def test_mods_with_varargs_or_var_keywords_are_accepted():
+    """A mod written as ``f(*args)`` or with extra ``**kwargs`` can be called with FlexAttention's
+    positional arguments, so it is accepted (and gives the plain result when it changes nothing)."""
+    q, k, v = _probe_qkv()
+    plain = attention(q, k, v, causal=True, backend="math")
+    for sm in (lambda *a: a[0], lambda score, *rest: score, lambda score, b, h, q_idx, kv_idx, **kw: score):
+        torch.testing.assert_close(attention(q, k, v, causal=True, score_mod=sm, backend="math"), plain)
+    everything = lambda b, h, q_idx, kv_idx, **kw: q_idx >= 0  # noqa: E731
+    for mm in (lambda *a: a[2] >= 0, everything):
+        torch.testing.assert_close(attention(q, k, v, causal=True, mask_mod=mm, backend="math"), plain)
+
+
+def test_mods_with_a_required_keyword_only_argument_are_refused():
+    """A required keyword-only parameter cannot be filled by FlexAttention's positional call: refused
+    by name before any kernel runs; an optional one is fine."""
+    q, k, v = _probe_qkv()
+
+    def sm(score, b, h, q_idx, kv_idx, *, temperature):
+        return score / temperature
+
+    def mm(b, h, q_idx, kv_idx, *, lag):
+        return kv_idx <= q_idx - lag
+
+    with pytest.raises(TypeError, match="score_mod must take 5 positional arguments"):
+        attention(q, k, v, score_mod=sm, backend="math")
+    with pytest.raises(TypeError, match="mask_mod must take 4 positional arguments"):
+        attention(q, k, v, mask_mod=mm, backend="math")
+
+    def sm_opt(score, b, h, q_idx, kv_idx, *, temperature=2.0):
+        return score / temperature
+
+    want = _formula(q, k, v, torch.ones(4, 4, dtype=torch.bool), scale=0.25)  # 1/sqrt(4) / 2
+    torch.testing.assert_close(attention(q, k, v, score_mod=sm_opt, backend="math"), want, rtol=1e-10, atol=1e-10)
+
+
+# ------------------------------------------------------------------ mods: captured tensors
+
+
+def _holder(*args, **kwargs):  # a plain function a functools.partial can hold tensors for
+    return args, kwargs
+
+
+# one nesting step per kind: (wrap, unwrap, container levels the step adds)
+_NEST = {
+    "list": (lambda x: [x], lambda x: x[0], 1),
+    "tuple": (lambda x: (x,), lambda x: x[0], 1),
+    "dict": (lambda x: {"inner": x}, lambda x: x["inner"], 1),
+    "partial_args": (lambda x: functools.partial(_holder, x), lambda x: x.args[0], 2),  # partial, its args tuple
+    "partial_keywords": (lambda x: functools.partial(_holder, inner=x), lambda x: x.keywords["inner"], 2),
+}  # and "partial_func" below
+
+
+def _returns(x):
+    def f(*args, **kwargs):
+        return x
+    return f
+
+
+_NEST["partial_func"] = (lambda x: functools.partial(_returns(x)), lambda x: x.func(), 2)  # partial, its function
+
+
+def _nested_bias_mod(table, kind: str, levels: int):
+    """A score_mod adding ``table[kv_idx]`` with the table inside nested containers of one kind,
+    the deepest container about ``levels`` levels below the mod (the mod is level 0, its
+    closure's value level 1)."""
+    wrap, unwrap, step = _NEST[kind]
+    box = table
+    for _ in range(levels // step):
+        box = wrap(box)
+
+    def score_mod(score, b, h, q_idx, kv_idx):
+        x = box
+        while not isinstance(x, torch.Tensor):
+            x = unwrap(x)
+        return score + x[kv_idx]
+
+    return score_mod
+
+
+def _table_grads(sm, table):
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 2, 4, 3, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    w = torch.randn(1, 2, 4, 3, generator=g, dtype=torch.float64)
+    out = []
+    for backend in ("blockwise", "math"):
+        o = attention(q, k, v, causal=True, score_mod=sm, backend=backend, block_q=2, block_k=2)
+        out.append(torch.autograd.grad((o * w).sum(), table, allow_unused=True, materialize_grads=True)[0])
+    return out
+
+
+@pytest.mark.parametrize("kind", ["list", "tuple", "dict", "partial_args", "partial_keywords", "partial_func"])
+def test_a_captured_table_gets_its_gradient_through_every_container(kind):
+    """Closures, lists, tuples, dicts and functools.partial (its function, args and keywords): a
+    learned table held in any of them gets the math path's gradient from the blockwise kernel,
+    near the surface and a few levels below the walk's depth limit."""
+    from aam_func.ops.attention.mods import _WALK_DEPTH
+
+    for levels in (2, _WALK_DEPTH - 4):
+        table = torch.randn(4, dtype=torch.float64, requires_grad=True)
+        sm = _nested_bias_mod(table, kind, levels)
+        assert [t is table for t in mods.captured_tensors(sm)] == [True]
+        blockwise, math_ = _table_grads(sm, table)
+        assert blockwise.abs().max() > 1e-3
+        torch.testing.assert_close(blockwise, math_, atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["list", "tuple", "dict", "partial_args", "partial_keywords", "partial_func"])
+def test_nesting_past_the_walk_depth_is_refused_whatever_the_container(kind):
+    from aam_func.ops.attention.mods import _WALK_DEPTH
+
+    table = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    q = torch.randn(1, 2, 4, 3, dtype=torch.float64)
+    with pytest.raises(ValueError, match=f"nested more than {_WALK_DEPTH} levels deep"):
+        attention(q, q, q, causal=True, score_mod=_nested_bias_mod(table, kind, _WALK_DEPTH + 4), backend="blockwise")
+
+
+# ------------------------------------------------------------------ backends: xformers, flex
+
+
+class _TopLeftCausal:  # xformers' LowerTriangularMask: key j <= query i, rows counted from the top
+    pass
+
+
+class _BottomRightCausal:  # xformers' LowerTriangularFromBottomRightMask: j <= i + (N - M)
+    pass
+
+
+def _fake_memory_efficient_attention(query, key, value, attn_bias=None, p=0.0, scale=None):
+    """xformers' documented contract: (batch, seq, heads, head_dim) tensors, one head count."""
+    assert query.dim() == key.dim() == value.dim() == 4
+    B, M, H, K = query.shape
+    N = key.shape[1]
+    assert key.shape == (B, N, H, K) and value.shape[:3] == (B, N, H), (query.shape, key.shape, value.shape)
+    s = torch.einsum("bmhk,bnhk->bhmn", query, key) * (K ** -0.5 if scale is None else scale)
+    i, j = torch.arange(M)[:, None], torch.arange(N)[None, :]
+    if isinstance(attn_bias, _TopLeftCausal):
+        s = s.masked_fill(j > i, float("-inf"))
+    elif isinstance(attn_bias, _BottomRightCausal):
+        s = s.masked_fill(j > i + (N - M), float("-inf"))
+    else:
+        assert attn_bias is None
+    return torch.einsum("bhmn,bnhk->bmhk", torch.softmax(s, -1), value)
+
+
+@pytest.fixture
+def fake_xformers(monkeypatch):
+    """A stand-in for the xformers package (not installed here) that follows its API."""
+    import sys
+    import types
+
+    pkg, ops = types.ModuleType("xformers"), types.ModuleType("xformers.ops")
+    ops.memory_efficient_attention = _fake_memory_efficient_attention
+    ops.LowerTriangularMask = _TopLeftCausal
+    ops.fmha = types.SimpleNamespace(attn_bias=types.SimpleNamespace(LowerTriangularFromBottomRightMask=_BottomRightCausal))
+    pkg.ops = ops
+    monkeypatch.setitem(sys.modules, "xformers", pkg)
+    monkeypatch.setitem(sys.modules, "xformers.ops", ops)
+
+
+# (H, Hkv, Tq, Tk, d): square, bottom-right causal with Tq < Tk, GQA, and head dims that equal a
+# sequence length (so that a length read from the wrong axis changes the result)
+_XF_SHAPES = [(2, 2, 5, 5, 4), (4, 2, 3, 6, 4), (2, 1, 3, 4, 4), (4, 1, 4, 6, 4), (3, 3, 2, 5, 2)]
+
+
+@pytest.mark.parametrize("shape", _XF_SHAPES)
+@pytest.mark.parametrize("causal", [False, True])
+def test_xformers_backend_passes_its_layout_and_causal_alignment(fake_xformers, shape, causal):
+    H, Hkv, Tq, Tk, d = shape
+    q, k, v = _qkv(B=2, H=H, Hkv=Hkv, Tq=Tq, Tk=Tk, d=d)
+    i, j = torch.arange(Tq)[:, None], torch.arange(Tk)[None, :]
+    allowed = j <= Tk - Tq + i if causal else torch.ones(Tq, Tk, dtype=torch.bool)
+    out = attention(q, k, v, causal=causal, backend="xformers")
+    torch.testing.assert_close(out, _formula(q, k, v, allowed), rtol=1e-10, atol=1e-10)
+    out = attention(q, k, v, causal=causal, backend="xformers", scale=0.3)
+    torch.testing.assert_close(out, _formula(q, k, v, allowed, scale=0.3), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("kw", [dict(window=2), dict(sparsity=Sparsity("strided", stride=2)),
+                                dict(key_padding_mask=torch.ones(1, 5, dtype=torch.bool))])
+def test_xformers_backend_refuses_masks_it_cannot_run(fake_xformers, kw):
+    q, k, v = _qkv(B=1, Tq=5, Tk=5)
+    with pytest.raises(ValueError, match="backend='xformers' supports standard"):
+        attention(q, k, v, causal=True, backend="xformers", **kw)
+
+
+def test_flex_available_follows_whether_flex_attention_imports(monkeypatch):
+    """The FlexAttention route is considered only where ``torch.nn.attention.flex_attention``
+    imports (torch 2.5 on)."""
+    import importlib.util
+    import sys
+
+    from aam_func.ops.attention import backends
+
+    assert backends._flex_available() is (importlib.util.find_spec("torch.nn.attention.flex_attention") is not None)
+    monkeypatch.setitem(sys.modules, "torch.nn.attention.flex_attention", None)  # an import of it now fails
+    assert backends._flex_available() is False
