@@ -281,3 +281,129 @@ def test_flex_available_follows_whether_flex_attention_imports(monkeypatch):
     assert backends._flex_available() is (importlib.util.find_spec("torch.nn.attention.flex_attention") is not None)
     monkeypatch.setitem(sys.modules, "torch.nn.attention.flex_attention", None)  # an import of it now fails
     assert backends._flex_available() is False
+
+
+# ------------------------------------------------------------------ value objects and defaults
+
+
+def _facts(**changes):
+    from aam_func.ops.attention import backends
+
+    base = dict(backend="auto", device="cpu", same_dtype=True, cpu_bf16_grad=False, compiling=False, forward_ad=False,
+                vmap=False, q_offset=False, relative_bias=False, dropout=False, padding=False, window=False,
+                sparsity=False, causal=True, q_len=4, k_len=4)
+    return backends.CallFacts(**{**base, **changes})
+
+
+def test_call_facts_default_to_a_call_without_mods_or_triton(monkeypatch):
+    """The optional facts default to "absent": no Triton, no mods, no FlexAttention, and mods that
+    are not a mask alone; a route table read from such facts treats the call accordingly."""
+    from aam_func.ops.attention import backends
+
+    f = _facts()
+    assert (f.triton, f.mods, f.flex_available, f.mask_only) == (False, False, False, False)
+    assert backends.choose_path(f).path == "sdpa"
+    # mods given, nothing else said: a score_mod (not a mask alone) -> the blockwise kernel, on
+    # the CPU (no dense-mask SDPA) and on CUDA (no FlexAttention unless it imports)
+    assert backends.choose_path(_facts(mods=True)).path == "blockwise"
+    assert backends.choose_path(_facts(mods=True, mask_only=True)).path == "sdpa"
+    assert backends.choose_path(_facts(mods=True, device="cuda")).path == "blockwise"
+    assert backends.choose_path(_facts(mods=True, device="cuda", flex_available=True)).path == "flex"
+    # a CUDA call that needs the kernel: no Triton unless the facts say the package is there
+    monkeypatch.setattr(backends, "TRITON_AUTO", True)
+    assert backends.choose_path(_facts(device="cuda", window=True)).path == "blockwise"
+    assert backends.choose_path(_facts(device="cuda", window=True, triton=True)).path == "triton"
+
+
+def test_mask_only_mods_run_as_dense_sdpa_up_to_512_keys():
+    """docs/attention.md: auto runs a mask_mod alone on the CPU as SDPA with the dense mask for
+    Tk <= 512 (``backends.DENSE_MODS_MAX_LEN``), beyond that on the blockwise kernel."""
+    from aam_func.ops.attention import backends
+
+    short = dict(mods=True, mask_only=True, q_len=512, k_len=512)
+    assert backends.choose_path(_facts(**short)).path == "sdpa"
+    assert backends.choose_path(_facts(**dict(short, q_len=513, k_len=513))).path == "blockwise"
+
+
+def test_call_facts_sparsity_and_relative_bias_are_immutable_hashable_values():
+    """The route's facts and the mask / bias specs are values: frozen, equal when their fields are,
+    and usable as dict keys (a cache keyed by the call's configuration)."""
+    import dataclasses
+
+    from aam_func.ops.attention import RelativeBias
+    from aam_func.ops.attention.tiles import Opts
+
+    table = torch.zeros(2, 32)
+    opts = dict(causal=True, window=None, sparsity=None, rel_kind=None, max_distance=128, num_buckets=32,
+                bidirectional=True, scale=0.5, block_q=2, block_k=2)
+    pairs = [(_facts(), _facts()), (Sparsity("strided", stride=2), Sparsity("strided", stride=2)),
+             (RelativeBias("t5", table), RelativeBias("t5", table)), (Opts(**opts), Opts(**opts))]
+    for a, b in pairs:
+        assert a == b and {a: 1}[b] == 1, type(a).__name__
+        field = dataclasses.fields(a)[0].name
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            setattr(a, field, getattr(a, field))
+
+
+def test_block_mask_is_an_immutable_object_compared_by_identity():
+    """A BlockMask holds tensors and a cache: it is frozen, hashable, and equal only to itself
+    (two masks of the same mask_mod are different objects, each with its own cache)."""
+    import dataclasses
+
+    from aam_func.ops.attention import create_block_mask
+
+    a = create_block_mask(mods.causal_mask, 1, 1, 8, 8, BLOCK_SIZE=4)
+    b = create_block_mask(mods.causal_mask, 1, 1, 8, 8, BLOCK_SIZE=4)
+    assert a == a and a != b and len({a, b, a}) == 2
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        a.plan = b.plan
+
+
+@pytest.mark.parametrize("kw, name", [(dict(pattern="strided"), "stride"), (dict(pattern="fixed"), "stride"),
+                                      (dict(pattern="block", layout=torch.ones(2, 2, dtype=torch.bool)), "block_size")])
+def test_sparsity_needs_its_sizes_given(kw, name):
+    """A stride (strided / fixed) and a block size (block) have no meaningful default: leaving
+    them out is refused, naming the missing size."""
+    with pytest.raises(ValueError, match=name):
+        Sparsity(**kw)
+
+
+def _t5_bucket(rel: int, num_buckets: int, max_distance: int) -> int:
+    """T5's bidirectional bucket of one offset j - i (Raffel et al. 2020; mesh-tensorflow), in
+    scalar arithmetic: half the buckets per sign, exact below n/2, log-spaced up to max_distance."""
+    n = num_buckets // 2
+    base = n if rel > 0 else 0
+    rel, exact = abs(rel), n // 2
+    if rel < exact:
+        return base + rel
+    return base + min(n - 1, exact + int(math.log(rel / exact) / math.log(max_distance / exact) * (n - exact)))
+
+
+def test_relative_bias_t5_defaults_are_t5s():
+    """``RelativeBias("t5", table)`` uses T5's own defaults (Raffel et al. 2020, and transformers'
+    T5Config: 32 buckets, max distance 128; bidirectional, as in the encoder), and its logits
+    term is T5's bucket table."""
+    from aam_func.ops.attention import RelativeBias
+
+    nb, md = 32, 128
+    H, T = 2, 40
+    g = torch.Generator().manual_seed(5)
+    table = torch.randn(H, nb, generator=g, dtype=torch.float64)
+    rb = RelativeBias("t5", table)
+    assert (rb.num_buckets, rb.max_distance, rb.bidirectional) == (nb, md, True)
+    q, k, v = _qkv(H=H, Tq=T, Tk=T, d=2)
+    bucket = torch.tensor([[_t5_bucket(j - i, nb, md) for j in range(T)] for i in range(T)])
+    s = (q @ k.transpose(-1, -2)) / math.sqrt(2) + table[:, bucket]
+    want = torch.softmax(s, -1) @ v
+    torch.testing.assert_close(attention(q, k, v, relative_bias=rb, backend="math"), want, rtol=1e-10, atol=1e-10)
+
+
+def test_the_capture_walk_follows_100_levels():
+    """docs/testing.md: the walk for captured tensors follows 100 levels and refuses deeper
+    nesting (here: 100 nested lists are fine, 101 are refused)."""
+    table = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    blockwise, math_ = _table_grads(_nested_bias_mod(table, "list", 100), table)
+    torch.testing.assert_close(blockwise, math_, atol=1e-12, rtol=1e-12)
+    q = torch.randn(1, 2, 4, 3, dtype=torch.float64)
+    with pytest.raises(ValueError, match="nested more than 100 levels deep"):
+        attention(q, q, q, causal=True, score_mod=_nested_bias_mod(table, "list", 101), backend="blockwise")
