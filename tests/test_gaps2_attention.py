@@ -407,3 +407,13 @@ def test_the_capture_walk_follows_100_levels():
     q = torch.randn(1, 2, 4, 3, dtype=torch.float64)
     with pytest.raises(ValueError, match="nested more than 100 levels deep"):
         attention(q, q, q, causal=True, score_mod=_nested_bias_mod(table, "list", 101), backend="blockwise")
+
+
+def test_rebind_with_nothing_to_replace_returns_the_mod_itself():
+    """``rebind(mod, [], [])`` has nothing to look for: it returns the mod as it is, without
+    walking it (so even a mod nested past the walk's depth comes back untouched), and no mod
+    stays no mod."""
+    table = torch.randn(4, dtype=torch.float64)
+    deep = _nested_bias_mod(table, "list", 130)
+    assert mods.rebind(deep, [], []) is deep
+    assert mods.rebind(None, [table], [table.clone()]) is None
