@@ -128,7 +128,17 @@ def _holder(*args, **kwargs):  # a plain function a functools.partial can hold t
 
 
 # one nesting step per kind: (wrap, unwrap, container levels the step adds)
+class _Box:  # a callable object holding what it wraps as an attribute
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __call__(self, *args):
+        return self.inner
+
+
 _NEST = {
+    "object": (_Box, lambda x: x.inner, 1),
+    "object_list": (lambda x: _Box([x]), lambda x: x.inner[0], 2),  # an object, the list in its attribute
     "list": (lambda x: [x], lambda x: x[0], 1),
     "tuple": (lambda x: (x,), lambda x: x[0], 1),
     "dict": (lambda x: {"inner": x}, lambda x: x["inner"], 1),
@@ -175,9 +185,10 @@ def _table_grads(sm, table):
     return out
 
 
-@pytest.mark.parametrize("kind", ["list", "tuple", "dict", "partial_args", "partial_keywords", "partial_func"])
+@pytest.mark.parametrize("kind", ["object", "object_list", "list", "tuple", "dict", "partial_args", "partial_keywords",
+                                  "partial_func"])
 def test_a_captured_table_gets_its_gradient_through_every_container(kind):
-    """Closures, lists, tuples, dicts and functools.partial (its function, args and keywords): a
+    """Closures, callable objects' attributes, lists, tuples, dicts and functools.partial (its function, args and keywords): a
     learned table held in any of them gets the math path's gradient from the blockwise kernel,
     near the surface and a few levels below the walk's depth limit."""
     from aam_func.ops.attention.mods import _WALK_DEPTH
@@ -191,7 +202,8 @@ def test_a_captured_table_gets_its_gradient_through_every_container(kind):
         torch.testing.assert_close(blockwise, math_, atol=1e-12, rtol=1e-12)
 
 
-@pytest.mark.parametrize("kind", ["list", "tuple", "dict", "partial_args", "partial_keywords", "partial_func"])
+# (a chain of callable objects alone is followed to any depth: it misses no tensor)
+@pytest.mark.parametrize("kind", ["object_list", "list", "tuple", "dict", "partial_args", "partial_keywords", "partial_func"])
 def test_nesting_past_the_walk_depth_is_refused_whatever_the_container(kind):
     from aam_func.ops.attention.mods import _WALK_DEPTH
 
@@ -417,3 +429,50 @@ def test_rebind_with_nothing_to_replace_returns_the_mod_itself():
     deep = _nested_bias_mod(table, "list", 130)
     assert mods.rebind(deep, [], []) is deep
     assert mods.rebind(None, [table], [table.clone()]) is None
+
+
+# ------------------------------------------------------------------ mods: the predefined mods' formulas
+
+
+def _grid(B, H, Tq, Tk):
+    from aam_func.ops.attention.mods import index_grid
+
+    return index_grid(B, H, Tq, Tk, "cpu")
+
+
+def test_mask_combinators_and_prefix_lm_follow_their_formulas():
+    """or_masks / and_masks of three masks, and prefix-LM with an int or a per-example length:
+    each against its rule written over the (b, h, i, j) grid."""
+    B, H, T = 2, 1, 7
+    b, h, i, j = _grid(B, H, T, T)
+    causal = j <= i
+    even = lambda b, h, i, j: (j % 2) == 0  # noqa: E731
+    near = lambda b, h, i, j: (i - j).abs() <= 1  # noqa: E731
+    three = (mods.causal_mask, even, near)
+    assert torch.equal(mods.or_masks(*three)(b, h, i, j).expand(B, H, T, T),
+                       (causal | (j % 2 == 0) | ((i - j).abs() <= 1)).expand(B, H, T, T))
+    assert torch.equal(mods.and_masks(*three)(b, h, i, j).expand(B, H, T, T),
+                       (causal & (j % 2 == 0) & ((i - j).abs() <= 1)).expand(B, H, T, T))
+    assert torch.equal(mods.prefix_lm(3)(b, h, i, j).expand(B, H, T, T), (causal | (j < 3)).expand(B, H, T, T))
+    n = torch.tensor([0, 5])
+    got = mods.prefix_lm(n)(b, h, i, j).expand(B, H, T, T)
+    assert torch.equal(got[0, 0], causal[0, 0]) and torch.equal(got[1, 0], (causal | (j < 5))[0, 0])
+
+
+def test_predefined_score_mods_follow_their_formulas():
+    """relative_table adds table[h, clip(j − i, −K, K) + K]; softcap is cap · tanh(s / cap);
+    compose_scores applies its mods left to right."""
+    B, H, T, K = 1, 2, 6, 2
+    b, h, i, j = _grid(B, H, T, T)
+    g = torch.Generator().manual_seed(7)
+    score = torch.randn(B, H, T, T, generator=g, dtype=torch.float64) * 4
+    table = torch.randn(H, 2 * K + 1, generator=g, dtype=torch.float64)
+    idx = (j - i).clamp(-K, K) + K
+    want_rel = score + table[h, idx]
+    torch.testing.assert_close(mods.relative_table(table, K)(score, b, h, i, j), want_rel, rtol=0, atol=1e-15)
+    cap = 1.5
+    torch.testing.assert_close(mods.softcap(cap)(score, b, h, i, j), cap * torch.tanh(score / cap), rtol=0, atol=1e-15)
+    both = mods.compose_scores(mods.relative_table(table, K), mods.softcap(cap))(score, b, h, i, j)
+    torch.testing.assert_close(both, cap * torch.tanh(want_rel / cap), rtol=0, atol=1e-15)
+    other = mods.compose_scores(mods.softcap(cap), mods.relative_table(table, K))(score, b, h, i, j)
+    torch.testing.assert_close(other, cap * torch.tanh(score / cap) + table[h, idx], rtol=0, atol=1e-15)
