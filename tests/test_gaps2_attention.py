@@ -476,3 +476,19 @@ def test_predefined_score_mods_follow_their_formulas():
     torch.testing.assert_close(both, cap * torch.tanh(want_rel / cap), rtol=0, atol=1e-15)
     other = mods.compose_scores(mods.softcap(cap), mods.relative_table(table, K))(score, b, h, i, j)
     torch.testing.assert_close(other, cap * torch.tanh(score / cap) + table[h, idx], rtol=0, atol=1e-15)
+
+
+def test_mask_only_mods_on_the_cpu_take_dense_sdpa_only_where_it_serves_the_call():
+    """auto with a mask_mod alone, on the CPU, at Tk <= 512: SDPA with the dense mask (math under
+    CPU bf16 autocast with a gradient); the blockwise kernel wherever SDPA does not serve the call
+    (forward AD, vmap, compile, relative bias, mixed dtypes), for a score_mod, or when asked."""
+    from aam_func.ops.attention import backends
+
+    base = dict(mods=True, mask_only=True, q_len=16, k_len=16)
+    route = lambda **kw: backends.choose_path(_facts(**{**base, **kw})).path  # noqa: E731
+    assert route() == "sdpa"
+    assert route(causal=False, padding=True, window=True, sparsity=True) == "sdpa"  # the menu's masks join the mask
+    assert route(cpu_bf16_grad=True) == "math"
+    for why in (dict(forward_ad=True), dict(vmap=True), dict(compiling=True), dict(relative_bias=True),
+                dict(same_dtype=False), dict(mask_only=False), dict(backend="blockwise"), dict(device="cuda")):
+        assert route(**why) == "blockwise", why
