@@ -492,3 +492,51 @@ def test_mask_only_mods_on_the_cpu_take_dense_sdpa_only_where_it_serves_the_call
     for why in (dict(forward_ad=True), dict(vmap=True), dict(compiling=True), dict(relative_bias=True),
                 dict(same_dtype=False), dict(mask_only=False), dict(backend="blockwise"), dict(device="cuda")):
         assert route(**why) == "blockwise", why
+
+
+@pytest.mark.parametrize("backend", ["auto", "math", "blockwise"])
+def test_a_row_one_head_empties_gives_zero_there_and_attention_elsewhere(backend):
+    """A mask_mod that leaves query 1 of head 0 no key (FlexAttention's convention: output 0 and
+    gradient 0 there), under grouped-query attention: every other row of every head is plain
+    masked attention. On the CPU ``auto`` runs this short mask-only call as SDPA with the dense
+    mask; ``math`` and ``blockwise`` must agree with it."""
+    B, H, Hkv, T, d = 2, 4, 2, 5, 3
+    q, k, v = (x.requires_grad_() for x in _qkv(B=B, H=H, Hkv=Hkv, Tq=T, Tk=T, d=d, seed=4))
+
+    def mask(b, h, q_idx, kv_idx):
+        return (kv_idx <= q_idx) & ~((h == 0) & (q_idx == 1))
+
+    i, j = torch.arange(T)[:, None], torch.arange(T)[None, :]
+    allowed = (j <= i).expand(B, H, T, T).clone()
+    allowed[:, 0, 1] = False
+    rep = H // Hkv
+    s = (q @ k.repeat_interleave(rep, 1).transpose(-1, -2)) / math.sqrt(d)
+    p = torch.softmax(s.masked_fill(~allowed, float("-inf")).masked_fill(~allowed.any(-1, keepdim=True), 0.0), -1)
+    want = (p * allowed.any(-1, keepdim=True)) @ v.repeat_interleave(rep, 1)
+    out = attention(q, k, v, mask_mod=mask, backend=backend, block_q=2, block_k=2)
+    torch.testing.assert_close(out, want, rtol=1e-10, atol=1e-10)
+    assert torch.equal(out[:, 0, 1], torch.zeros(B, d, dtype=out.dtype))
+    w = torch.randn_like(out)
+    got = torch.autograd.grad((out * w).sum(), (q, k, v))
+    ref = torch.autograd.grad((want * w).sum(), (q, k, v))
+    for a, b in zip(got, ref):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    assert torch.equal(got[0][:, 0, 1], torch.zeros(B, d, dtype=out.dtype))
+
+
+def test_block_sparsity_positions_past_the_layout_use_its_last_block():
+    """``Sparsity("block")`` with a layout (q_blocks, k_blocks) smaller than the sequence: a
+    position past the last block reads the layout's last row / column; the diagonal is always
+    allowed. A non-square layout, so rows and columns cannot be swapped unseen."""
+    b, T = 2, 7
+    layout = torch.tensor([[True, False, False], [False, False, True]])  # (2, 3): blocks of 2 cover 4 x 6
+    sp = Sparsity("block", block_size=b, layout=layout)
+    pos = torch.arange(T)
+    i, j = pos[:, None], pos[None, :]
+    want = layout[(i // b).clamp(max=1), (j // b).clamp(max=2)] | (i == j)
+    assert torch.equal(allowed_mask(pos, pos, sparsity=sp), want)
+    q, k, v = _qkv(Tq=T, Tk=T)
+    for backend in ("math", "blockwise"):
+        out = attention(q, k, v, sparsity=sp, backend=backend, block_q=3, block_k=3)
+        torch.testing.assert_close(out, _formula(q, k, v, want), rtol=1e-10, atol=1e-10)
