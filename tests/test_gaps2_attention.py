@@ -540,3 +540,25 @@ def test_block_sparsity_positions_past_the_layout_use_its_last_block():
     for backend in ("math", "blockwise"):
         out = attention(q, k, v, sparsity=sp, backend=backend, block_q=3, block_k=3)
         torch.testing.assert_close(out, _formula(q, k, v, want), rtol=1e-10, atol=1e-10)
+
+
+def test_t5_buckets_with_few_buckets_follow_t5s_rule():
+    """T5's bucket rule (Raffel et al. 2020; mesh-tensorflow's ``_relative_position_bucket``, as in
+    transformers) at small bucket counts, where the exact range is a single offset (max_exact = 1)
+    and the log-spaced buckets start at distance 1: offset j − i, per sign half the buckets when
+    bidirectional, else only keys before the query; distances below max_exact exact, the rest
+    max_exact + ⌊log(r / max_exact) / log(max_distance / max_exact) · (n − max_exact)⌋, at most n − 1."""
+    from aam_func.ops.attention import t5_bucket
+
+    rel = torch.arange(-12, 13)
+    for bidirectional in (True, False):
+        for nb in ((4, 6, 7, 8) if bidirectional else (2, 3, 4, 5)):
+            for md in (2, 3, 4, 8):
+                n = nb // 2 if bidirectional else nb
+                base = (rel > 0).long() * n if bidirectional else torch.zeros_like(rel)
+                r = rel.abs() if bidirectional else (-rel).clamp(min=0)
+                exact = n // 2
+                large = exact + (torch.log(r.float() / exact) / math.log(md / exact) * (n - exact)).long()
+                want = base + torch.where(r < exact, r, large.clamp(max=n - 1))
+                got = t5_bucket(rel, bidirectional=bidirectional, num_buckets=nb, max_distance=md)
+                assert torch.equal(got, want), (bidirectional, nb, md)
