@@ -494,20 +494,22 @@ def test_mask_only_mods_on_the_cpu_take_dense_sdpa_only_where_it_serves_the_call
         assert route(**why) == "blockwise", why
 
 
+@pytest.mark.parametrize("causal, T", [(True, 5), (False, 4)])  # T = 4 = H: no length read as a head count
 @pytest.mark.parametrize("backend", ["auto", "math", "blockwise"])
-def test_a_row_one_head_empties_gives_zero_there_and_attention_elsewhere(backend):
+def test_a_row_one_head_empties_gives_zero_there_and_attention_elsewhere(backend, causal, T):
     """A mask_mod that leaves query 1 of head 0 no key (FlexAttention's convention: output 0 and
     gradient 0 there), under grouped-query attention: every other row of every head is plain
-    masked attention. On the CPU ``auto`` runs this short mask-only call as SDPA with the dense
-    mask; ``math`` and ``blockwise`` must agree with it."""
-    B, H, Hkv, T, d = 2, 4, 2, 5, 3
+    (causal or full) attention, so in the full case every (query, key) pair is allowed by some
+    head. On the CPU ``auto`` runs this short mask-only call as SDPA with the dense mask;
+    ``math`` and ``blockwise`` must agree with it."""
+    B, H, Hkv, d = 2, 4, 2, 3
     q, k, v = (x.requires_grad_() for x in _qkv(B=B, H=H, Hkv=Hkv, Tq=T, Tk=T, d=d, seed=4))
 
     def mask(b, h, q_idx, kv_idx):
-        return (kv_idx <= q_idx) & ~((h == 0) & (q_idx == 1))
+        return ((kv_idx <= q_idx) | (not causal)) & ~((h == 0) & (q_idx == 1))
 
     i, j = torch.arange(T)[:, None], torch.arange(T)[None, :]
-    allowed = (j <= i).expand(B, H, T, T).clone()
+    allowed = ((j <= i) | (not causal)).expand(B, H, T, T).clone()
     allowed[:, 0, 1] = False
     rep = H // Hkv
     s = (q @ k.repeat_interleave(rep, 1).transpose(-1, -2)) / math.sqrt(d)
