@@ -37,7 +37,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # module file pattern -> pytest runs (each a list of args) that test it; run in order, -x
 TARGETS = {
-    "aam_func/ops/attention/*.py": [["tests/test_gaps_attention.py", "tests/test_gaps_attention_facts.py",
+    "aam_func/ops/attention/*.py": [["tests/test_gaps2_attention.py", "tests/test_gaps_attention.py", "tests/test_gaps_attention_facts.py",
                                      "tests/test_gaps_attention_flex.py", "tests/test_gaps_attention_mods.py",
                                      "tests/test_attention.py", "tests/test_attention_backends.py",
                                      "tests/test_attention_mods.py", "tests/test_attention_mods_flex.py",
