@@ -297,3 +297,32 @@ def test_contrastive_bad_input(make, err):
     e, y = _r(4, 3), torch.tensor([0, 0, 1, 1])
     with pytest.raises(ValueError, match=err):
         losses.contrastive_loss(*make(e, y))
+
+
+class _LogitsRows(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the row count of every matmul whose output has V columns (a chunk of logits)."""
+
+    def __init__(self, vocab):
+        super().__init__()
+        self.vocab, self.rows = vocab, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default) and out.shape[-1] == self.vocab:
+            self.rows.append(out.shape[0])
+        return out
+
+
+@pytest.mark.parametrize("n, vocab, want", [
+    (1100, 4099, [511, 511, 78]),  # 2^21 // V tokens per chunk: about 8 MiB of float32 logits
+    (6, 7, [6]),  # a batch smaller than a chunk: one chunk
+    (3, 2**21 + 1, [1, 1, 1]),  # a vocabulary over 2^21: one token at a time, never none
+    (2**20 + 8, 1, [2**20 + 8]),  # V = 1: the whole 2^21-logit budget for tokens
+])
+def test_default_chunk_holds_about_two_to_the_21_logits(n, vocab, want):
+    h, w = torch.randn(n, 1), torch.randn(vocab, 1)
+    t = torch.zeros(n, dtype=torch.long)
+    rec = _LogitsRows(vocab)
+    with rec:
+        ce.linear_cross_entropy(h, w, t)
+    assert rec.rows == want
