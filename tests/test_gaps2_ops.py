@@ -326,3 +326,69 @@ def test_default_chunk_holds_about_two_to_the_21_logits(n, vocab, want):
     with rec:
         ce.linear_cross_entropy(h, w, t)
     assert rec.rows == want
+
+
+class _WeightGradRows(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the inner (token) dimension of every matmul whose output is shaped like the weight."""
+
+    def __init__(self, weight_shape):
+        super().__init__()
+        self.shape, self.rows = tuple(weight_shape), []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default) and tuple(out.shape) == self.shape:
+            self.rows.append(args[-2].shape[-1])
+        return out
+
+
+@pytest.mark.parametrize("n, vocab, chunk, want", [
+    (5000, 4096, None, [2048, 2048, 904]),  # 2^23 // V rows per weight-gradient matmul (~16 MiB of bf16)
+    (2048, 4096, 500, [2048]),  # the batch fits the buffer: one matmul, even with a partial last chunk
+    (2300, 4096, 500, [2000, 300]),  # else whole chunks only: 4 chunks of 500, then the rest
+    (2**22 + 8, 1, None, [2**22 + 8]),  # V = 1: the whole 2^23-row budget
+])
+def test_bf16_weight_gradient_takes_one_matmul_per_group_of_two_to_the_23_logits(n, vocab, chunk, want):
+    h = torch.randn(n, 1).bfloat16().requires_grad_()
+    w = torch.randn(vocab, 1).bfloat16().requires_grad_()
+    t = torch.zeros(n, dtype=torch.long)
+    rec = _WeightGradRows(w.shape)
+    with rec:
+        loss = ce.linear_cross_entropy(h, w, t, chunk_size=chunk)
+    assert rec.rows == want
+    (gw,) = torch.autograd.grad(loss, w)
+    assert gw.dtype == torch.bfloat16 and gw.shape == w.shape
+
+
+def test_low_precision_empty_batch_has_exactly_zero_gradients():
+    for dtype in (torch.bfloat16, torch.float16):
+        torch.full((7, 3), float("nan"), dtype=torch.float32)  # leave garbage where the buffers may land
+        h = torch.zeros(0, 3, dtype=dtype, requires_grad=True)
+        w = torch.randn(7, 3).to(dtype).requires_grad_()
+        b = torch.randn(7).to(dtype).requires_grad_()
+        for reduction in ("mean", "sum"):
+            loss = ce.linear_cross_entropy(h, w, torch.zeros(0, dtype=torch.long), bias=b, reduction=reduction)
+            assert loss.item() == 0.0
+            gh, gw, gb = torch.autograd.grad(loss, (h, w, b))
+            assert gh.shape == (0, 3) and torch.equal(gw, torch.zeros_like(w)) and torch.equal(gb, torch.zeros_like(b))
+
+
+def test_a_single_grad_level_takes_the_forwards_gradient():
+    """Under one torch.func.grad the forward's precomputed gradient is used, as in eager autograd:
+    the logits are computed once, and the gradients equal eager's bit for bit."""
+    from torch.func import grad
+
+    h, w = _r(7, 3, dtype=torch.float32), _r(5, 3, seed=1, dtype=torch.float32)
+    t = torch.tensor([0, 1, 4, -100, 2, 3, 3])
+    for eps, zl in ((0.0, 0.0), (0.1, 0.01)):
+        f = lambda h, w: ce.linear_cross_entropy(h, w, t, label_smoothing=eps, z_loss=zl, chunk_size=3)  # noqa: E731
+        rec = _LogitsRows(5)
+        with rec:
+            gh, gw = grad(f, argnums=(0, 1))(h, w)
+        assert rec.rows == [3, 3, 1]
+        hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
+        rec = _LogitsRows(5)
+        with rec:
+            f(hh, ww).backward()
+        assert rec.rows == [3, 3, 1]
+        assert torch.equal(gh, hh.grad) and torch.equal(gw, ww.grad)
