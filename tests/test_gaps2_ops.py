@@ -392,3 +392,19 @@ def test_a_single_grad_level_takes_the_forwards_gradient():
             f(hh, ww).backward()
         assert rec.rows == [3, 3, 1]
         assert torch.equal(gh, hh.grad) and torch.equal(gw, ww.grad)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("trained", [(True, False, False), (False, True, False), (False, False, True), (True, False, True)])
+def test_gradients_when_only_some_inputs_are_trained(trained, reduction):
+    """A frozen LM head (only hidden trains), a frozen trunk (only the head), a frozen bias..."""
+    h, w, b = _r(6, 3), _r(5, 3, seed=1), _r(5, seed=2)
+    t = torch.tensor([0, 4, -100, 2, 1, 1])
+    ins = [x.clone().requires_grad_(r) for x, r in zip((h, w, b), trained)]
+    ref = [x.clone().requires_grad_(r) for x, r in zip((h, w, b), trained)]
+    cot = _r(6, seed=3) if reduction == "none" else torch.tensor(1.7, dtype=torch.float64)
+    got = torch.autograd.grad(ce.linear_cross_entropy(ins[0], ins[1], t, bias=ins[2], reduction=reduction, chunk_size=4),
+                              [x for x in ins if x.requires_grad], cot)
+    want = torch.autograd.grad(F.cross_entropy(F.linear(ref[0], ref[1], ref[2]), t, reduction=reduction),
+                               [x for x in ref if x.requires_grad], cot)
+    torch.testing.assert_close(got, want)
