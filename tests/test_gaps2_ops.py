@@ -408,3 +408,38 @@ def test_gradients_when_only_some_inputs_are_trained(trained, reduction):
     want = torch.autograd.grad(F.cross_entropy(F.linear(ref[0], ref[1], ref[2]), t, reduction=reduction),
                                [x for x in ref if x.requires_grad], cot)
     torch.testing.assert_close(got, want)
+
+
+class _GradMatmuls(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the matmuls whose output has d columns (a gradient of hidden or of the weight)."""
+
+    _MM = (torch.ops.aten.mm.default, torch.ops.aten.mm.out, torch.ops.aten.addmm.default, torch.ops.aten.addmm_.default)
+
+    def __init__(self, d):
+        super().__init__()
+        self.d, self.count = d, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func in self._MM and out.shape[-1] == self.d:
+            self.count += 1
+        return out
+
+
+def test_a_forward_without_gradients_computes_no_gradient():
+    """Evaluation (no input requires grad, or torch.no_grad) pays for the loss only."""
+    h, w, b = _r(6, 3), _r(5, 3, seed=1), _r(5, seed=2)
+    t = torch.tensor([0, 4, -100, 2, 1, 1])
+    for reduction in ("mean", "sum"):
+        rec = _GradMatmuls(3)
+        with rec:
+            ce.linear_cross_entropy(h, w, t, bias=b, reduction=reduction, chunk_size=4)
+            with torch.no_grad():
+                ce.linear_cross_entropy(h.requires_grad_(), w.requires_grad_(), t, bias=b, reduction=reduction)
+        h, w = h.detach(), w.detach()
+        assert rec.count == 0
+        rec = _GradMatmuls(3)
+        with rec:  # a training forward does compute them (the backward then only scales)
+            ce.linear_cross_entropy(h.requires_grad_(), w, t, bias=b, reduction=reduction, chunk_size=4)
+        h = h.detach()
+        assert rec.count > 0
