@@ -1,0 +1,128 @@
+"""Gaps found by mutation testing (scripts/mutation.py) in the privacy accountants, second round:
+the PRV grid against Opacus's construction step by step, PRV's rounding guard, GDP's μ where
+e^{1/σ²} is large, and the boundary of gdp.mu_for."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+import torch
+
+from aam_func.privacy import gdp, prv
+
+_EPS64 = torch.finfo(torch.float64).eps
+
+
+def _opacus_dprv(monkeypatch, history, eps_error, delta_error):
+    """Opacus's PRVAccountant pipeline (safe domain -> truncation -> discretisation -> FFT
+    composition) on ``history``, with its RDP tail bound taken over prv's own orders: Remark 5.6
+    holds for any orders, and these are the ones prv sizes its grid with."""
+    accountants = pytest.importorskip("opacus.accountants", reason="opacus is not installed (the 'opacus' test extra)")
+    from opacus.accountants.analysis.prv import PoissonSubsampledGaussianPRV, compute_safe_domain_size
+
+    monkeypatch.setattr(accountants.RDPAccountant, "DEFAULT_ALPHAS", list(prv._DOMAIN_ORDERS))
+    prvs = [PoissonSubsampledGaussianPRV(q, sigma) for sigma, q, _ in history]
+    half = compute_safe_domain_size(prvs, [steps for *_, steps in history], eps_error, delta_error)
+    acc = accountants.PRVAccountant()
+    acc.history = list(history)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return half, acc._get_dprv(eps_error, delta_error)
+
+
+@pytest.mark.parametrize("history", [
+    [(1.1, 0.02, 20)],
+    [(2.0, 1.0, 10)],
+    [(1.1, 0.02, 20), (0.9, 0.05, 10)],
+])
+def test_prv_grid_is_opacus_grid(monkeypatch, history):
+    """GLW21's construction step by step, against Opacus's implementation of it: the truncation
+    half-width L (the RDP tail bound of Remark 5.6, max'ed with ε_err, plus 3, as the authors'
+    code and Opacus), the aligned grid (same size, same points after the mean shift), the
+    composed pmf, and the three bounds. Measured: L to 1e-13 relative, points to 5e-9, pmf to
+    3e-15, bounds to 5e-9. The existing parity tests compared the final ε to 1% only, so a
+    domain 3 wider (a different truncation) passed them."""
+    eps_error, delta = 0.01, 1e-5
+    delta_error = delta / 1000
+    half_ref, ref = _opacus_dprv(monkeypatch, history, eps_error, delta_error)
+    assert prv._domain_half_width(history, eps_error, delta_error) == pytest.approx(half_ref, rel=1e-10)
+
+    t, pmf = prv._composed(history, eps_error, delta_error)
+    assert len(t) == ref.domain.size
+    assert torch.allclose(t, torch.as_tensor(ref.domain.ts), rtol=0, atol=1e-7)
+    assert torch.allclose(pmf, torch.as_tensor(ref.pmf), rtol=0, atol=1e-13)
+
+    ours = prv.epsilon_bounds(history, delta, eps_error)
+    theirs = ref.compute_epsilon(delta, delta_error, eps_error)
+    assert ours == pytest.approx(tuple(float(x) for x in theirs), rel=0, abs=1e-7)
+
+
+def test_prv_half_width_is_the_tail_bound_plus_three():
+    """L = max(L_RDP, ε_err) + 3 (GLW21 Remark 5.6 as the authors' code): with an ε_err above
+    the tail bound, L is exactly ε_err + 3; below it, L_RDP + 3 with L_RDP the larger of the
+    composed bound at δ_err/4 and one step's at δ_err/(8T) (computed here from renyi)."""
+    from aam_func.privacy.renyi import epsilon_from_rdp, rdp
+
+    history, delta_error = [(4.0, 0.001, 2)], 1e-8
+    orders = prv._DOMAIN_ORDERS
+    composed = epsilon_from_rdp(rdp(0.001, 4.0, 2, orders), orders, delta_error / 4)[0]
+    one = epsilon_from_rdp(rdp(0.001, 4.0, 1, orders), orders, delta_error / 16)[0]
+    tail = max(composed, one)
+    assert 0 < tail < 1.0
+    assert prv._domain_half_width(history, 0.01, delta_error) == tail + 3.0
+    assert prv._domain_half_width(history, 1.5, delta_error) == 1.5 + 3.0
+
+
+def test_prv_refuses_a_delta_whose_lower_end_rounding_swamps():
+    """The upper bound reads ε at δ − δ_err, so the rounding guard (n · float64 eps, the sum of
+    n pmf entries' rounding) compares against δ − δ_err (GLW21's code and Opacus compare
+    against delta - delta_error too): a δ whose δ − δ_err is below the rounding is refused with a
+    clear error, even when δ itself is above it; twice the rounding is accepted."""
+    history, eps_error, delta_error = [(1.0, 1.0, 1)], 0.01, 1e-10
+    n = len(prv._composed(history, eps_error, delta_error)[0])
+    rounding = _EPS64 * n
+    assert delta_error > rounding  # so δ + δ_err would be above the rounding too
+    with pytest.raises(ValueError, match="too small for the PRV grid"):
+        prv.epsilon_bounds(history, delta_error + 0.5 * rounding, eps_error, delta_error)
+    lower, estimate, upper = prv.epsilon_bounds(history, delta_error + 2.0 * rounding, eps_error, delta_error)
+    assert math.isfinite(upper) and lower <= estimate <= upper
+
+
+@pytest.mark.parametrize("sigma", [0.04, 0.05, 0.07, 0.1, 0.3])
+def test_gdp_mu_is_finite_while_e_to_the_one_over_sigma_squared_is_a_float(sigma):
+    """μ = q √(T (e^{1/σ²} − 1)) is a finite float for every σ with 1/σ² well below float64's
+    exp overflow (709.78): 1/σ² = 625 at σ = 0.04. It equals Opacus's compute_mu_poisson (the
+    same formula in numpy) there; mu returns inf only for σ = 0 or an overflowing exponent."""
+    analysis = pytest.importorskip("opacus.accountants.analysis.gdp", reason="opacus is not installed")
+    q, steps = 0.01, 50
+    ours = gdp.mu([(sigma, q, steps)])
+    assert math.isfinite(ours)
+    assert ours == pytest.approx(analysis.compute_mu_poisson(steps=steps, noise_multiplier=sigma, sample_rate=q),
+                                 rel=1e-12)
+    assert ours == pytest.approx(math.exp(math.log(q) + 0.5 * math.log(steps) + 0.5 * math.log(math.expm1(sigma**-2))),
+                                 rel=1e-12)
+
+
+def test_gdp_mu_is_inf_when_the_exponent_overflows():
+    """1/σ² = 1111 (σ = 0.03): e^{1/σ²} overflows float64, so μ is inf (an honest 'no privacy'),
+    not an OverflowError; a zero-step entry is skipped whatever its σ."""
+    assert gdp.mu([(0.03, 0.01, 50)]) == math.inf
+    assert gdp.epsilon([(0.03, 0.01, 50)], 1e-5) == math.inf
+    assert gdp.mu([(0.03, 0.01, 0), (1.0, 0.1, 4)]) == pytest.approx(0.1 * math.sqrt(4 * math.expm1(1.0)))
+
+
+@pytest.mark.parametrize("eps", [0.5, 1.0, 3.0])
+@pytest.mark.parametrize("m", [0.5, 1.0, 2.0, 4.0])
+def test_gdp_mu_for_keeps_a_mu_that_spends_delta_exactly(eps, m):
+    """mu_for returns the largest μ whose ε at δ is *at most* the target: a μ whose δ(ε) is
+    exactly δ qualifies, so given that δ the answer is that μ or more (never just below it), and
+    its δ(ε) is at most δ. μ on the search's own points (powers of two) is where an answer just
+    below would show."""
+    delta = gdp.delta_for(eps, m)
+    assert 0 < delta < 1
+    got = gdp.mu_for(eps, delta)
+    assert got >= m
+    assert gdp.delta_for(eps, got) <= delta
+    assert got <= m * (1 + 1e-12)
