@@ -59,6 +59,21 @@ def test_prv_grid_is_opacus_grid(monkeypatch, history):
     assert ours == pytest.approx(tuple(float(x) for x in theirs), rel=0, abs=1e-7)
 
 
+def test_prv_defaults_are_opacus_defaults(monkeypatch):
+    """ε_err = 0.01 and δ_err = δ/1000 by default, as Opacus's PRVAccountant.get_epsilon: the
+    public epsilon with no error arguments equals Opacus's get_epsilon with none (on the same
+    tail-bound orders), to 1e-7; the existing parity (1% or DEFAULT_EPS_ERROR) could not see a
+    doubled default."""
+    accountants = pytest.importorskip("opacus.accountants", reason="opacus is not installed (the 'opacus' test extra)")
+    monkeypatch.setattr(accountants.RDPAccountant, "DEFAULT_ALPHAS", list(prv._DOMAIN_ORDERS))
+    history, delta = [(1.1, 0.02, 20)], 1e-5
+    theirs = accountants.PRVAccountant()
+    theirs.history = list(history)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        expected = theirs.get_epsilon(delta)
+    assert prv.epsilon(history, delta) == pytest.approx(expected, rel=0, abs=1e-7)
+
 def test_prv_half_width_is_the_tail_bound_plus_three():
     """L = max(L_RDP, ε_err) + 3 (GLW21 Remark 5.6 as the authors' code): with an ε_err above
     the tail bound, L is exactly ε_err + 3; below it, L_RDP + 3 with L_RDP the larger of the
@@ -126,3 +141,43 @@ def test_gdp_mu_for_keeps_a_mu_that_spends_delta_exactly(eps, m):
     assert got >= m
     assert gdp.delta_for(eps, got) <= delta
     assert got <= m * (1 + 1e-12)
+
+
+# the orders prv's RDP tail bound is minimised over (proofs/privacy_accountants.md: "a short fixed
+# list, which gives a valid, slightly wider bound at a fraction of the cost")
+_TAIL_ORDERS = (1.25, 1.5, 1.75, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 8.0, 10.0, 12.0, 16.0, 20.0, 24.0, 32.0, 48.0, 64.0)
+# one history per regime; together each order above is the minimiser of some history's bound
+_TAIL_HISTORIES = [
+    [(0.5, 0.001, 10)], [(0.5, 0.001, 1000)], [(0.7, 0.001, 10)], [(1.5, 0.001, 100)], [(3.0, 0.001, 1)],
+    [(0.5, 0.01, 100)], [(0.5, 0.01, 1000)], [(0.5, 0.1, 1000)], [(0.7, 0.5, 100)], [(1.0, 0.001, 1)],
+    [(1.0, 0.01, 1)], [(1.5, 0.01, 1)], [(2.0, 0.1, 10)],
+]
+
+
+def test_prv_half_width_is_opacus_safe_domain_over_the_documented_orders(monkeypatch):
+    """L is Opacus's compute_safe_domain_size with the RDP accountant's orders set to the
+    documented short list, across regimes from ε ≈ 0.3 to ε ≈ 2500 in which every order of the
+    list is the minimiser somewhere: the grid (its size, hence its time and its rounding) is the
+    documented one. Changing the list is a design change to make here too, with its measured L
+    (each one order dropped widens some L by 3-55% or narrows it)."""
+    accountants = pytest.importorskip("opacus.accountants", reason="opacus is not installed (the 'opacus' test extra)")
+    from opacus.accountants.analysis.prv import PoissonSubsampledGaussianPRV, compute_safe_domain_size
+
+    monkeypatch.setattr(accountants.RDPAccountant, "DEFAULT_ALPHAS", list(_TAIL_ORDERS))
+    delta_error = 1e-8
+    for history in _TAIL_HISTORIES:
+        prvs = [PoissonSubsampledGaussianPRV(q, sigma) for sigma, q, _ in history]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "optimal order is the largest alpha": the list is the point
+            expected = compute_safe_domain_size(prvs, [steps for *_, steps in history], 0.01, delta_error)
+        assert prv._domain_half_width(history, 0.01, delta_error) == pytest.approx(expected, rel=1e-9), history
+
+
+def test_gdp_epsilon_searches_up_to_500_as_opacus():
+    """ε is searched on [0, 500] (the bracket of Opacus's eps_from_mu and the proof note): a
+    μ whose ε at δ lies below 500 gets it (471.0 at σ = 0.39, q = 1), one whose ε lies beyond
+    (760.6 at σ = 0.375) gets inf rather than a number from a wider search."""
+    below, beyond = [(0.39, 1.0, 1)], [(0.375, 1.0, 1)]
+    assert gdp.epsilon(below, 1e-5) == pytest.approx(471.00454, rel=1e-7)
+    assert gdp.delta_for(500.0, gdp.mu(beyond)) > 1e-5 > gdp.delta_for(1000.0, gdp.mu(beyond))
+    assert gdp.epsilon(beyond, 1e-5) == math.inf
