@@ -105,13 +105,14 @@ def test_prv_refuses_a_delta_whose_lower_end_rounding_swamps():
     assert math.isfinite(upper) and lower <= estimate <= upper
 
 
-@pytest.mark.parametrize("sigma", [0.04, 0.05, 0.07, 0.1, 0.3])
-def test_gdp_mu_is_finite_while_e_to_the_one_over_sigma_squared_is_a_float(sigma):
-    """μ = q √(T (e^{1/σ²} − 1)) is a finite float for every σ with 1/σ² well below float64's
-    exp overflow (709.78): 1/σ² = 625 at σ = 0.04. It equals Opacus's compute_mu_poisson (the
-    same formula in numpy) there; mu returns inf only for σ = 0 or an overflowing exponent."""
+@pytest.mark.parametrize("inv_sigma2", [709.7, 705.0, 625.0, 400.0, 100.0, 11.0])
+def test_gdp_mu_is_finite_while_e_to_the_one_over_sigma_squared_is_a_float(inv_sigma2):
+    """μ = q √(T (e^{1/σ²} − 1)) is a finite float for every σ whose e^{1/σ²} is one (1/σ² up to
+    float64's exp limit 709.78), and equals Opacus's compute_mu_poisson (the same formula in
+    numpy) there, to 1e-12. mu used to return inf from 1/σ² > 700 on (a guard below the real
+    overflow), so σ in [0.03754, 0.0378) got inf where Opacus's μ is finite."""
     analysis = pytest.importorskip("opacus.accountants.analysis.gdp", reason="opacus is not installed")
-    q, steps = 0.01, 50
+    q, steps, sigma = 0.01, 50, inv_sigma2**-0.5
     ours = gdp.mu([(sigma, q, steps)])
     assert math.isfinite(ours)
     assert ours == pytest.approx(analysis.compute_mu_poisson(steps=steps, noise_multiplier=sigma, sample_rate=q),
@@ -121,10 +122,13 @@ def test_gdp_mu_is_finite_while_e_to_the_one_over_sigma_squared_is_a_float(sigma
 
 
 def test_gdp_mu_is_inf_when_the_exponent_overflows():
-    """1/σ² = 1111 (σ = 0.03): e^{1/σ²} overflows float64, so μ is inf (an honest 'no privacy'),
-    not an OverflowError; a zero-step entry is skipped whatever its σ."""
-    assert gdp.mu([(0.03, 0.01, 50)]) == math.inf
-    assert gdp.epsilon([(0.03, 0.01, 50)], 1e-5) == math.inf
+    """1/σ² = 711 and 1111 (σ = 0.0375, 0.03): e^{1/σ²} overflows float64, so μ is inf (Opacus's
+    numpy gives inf too), not an OverflowError, whatever the other entries; a zero-step entry is
+    skipped whatever its σ."""
+    for sigma in (711.0**-0.5, 0.03):
+        assert gdp.mu([(sigma, 0.01, 50)]) == math.inf
+        assert gdp.mu([(1.0, 0.1, 4), (sigma, 0.01, 50), (2.0, 0.1, 4)]) == math.inf
+        assert gdp.epsilon([(sigma, 0.01, 50)], 1e-5) == math.inf
     assert gdp.mu([(0.03, 0.01, 0), (1.0, 0.1, 4)]) == pytest.approx(0.1 * math.sqrt(4 * math.expm1(1.0)))
 
 
