@@ -185,3 +185,27 @@ def test_gdp_epsilon_searches_up_to_500_as_opacus():
     assert gdp.epsilon(below, 1e-5) == pytest.approx(471.00454, rel=1e-7)
     assert gdp.delta_for(500.0, gdp.mu(beyond)) > 1e-5 > gdp.delta_for(1000.0, gdp.mu(beyond))
     assert gdp.epsilon(beyond, 1e-5) == math.inf
+
+
+def test_prv_refuses_a_delta_above_what_the_grid_resolves_as_opacus():
+    """δ(ε) on the grid is at most δ(t_0), its value at the grid's left end −L (about 1 − e^{−L});
+    a δ above it has no ε on the grid, and epsilon_bounds raises (Opacus's compute_epsilon
+    raises "Cannot compute epsilon" for the same input) rather than read an ε off the end of the
+    grid. δ = 0.9 is still resolved: ε < 0 there, which epsilon clamps at 0."""
+    history = [(5.0, 0.01, 1)]
+    with pytest.raises(RuntimeError, match="outside what the grid resolves"):
+        prv.epsilon_bounds(history, 0.99)
+    lower, estimate, upper = prv.epsilon_bounds(history, 0.9)
+    assert lower < estimate < upper < 0 and prv.epsilon(history, 0.9) == 0.0
+
+
+def test_gdp_log_phi_is_scipy_log_ndtr_in_both_branches():
+    """log Φ(x), which δ(ε) of μ-GDP is built from, equals scipy.special.log_ndtr to 1e-14
+    (relative, or absolute below 1) from x = −1500 to 8: erfc's log where erfc is a float, and
+    the asymptotic series (four terms) where it underflows (x ≤ −25√2). Measured 1.1e-15; the
+    series' last term alone is 7e-14 of log Φ just past the switch."""
+    special = pytest.importorskip("scipy.special", reason="scipy is not installed (an Opacus dependency)")
+    xs = [-1500.0, -400.0, -100.0, -50.0, -40.0, -37.0, -36.0, -35.5, -35.4, -35.3, -30.0, -10.0, -1.0, 0.0, 2.0, 8.0]
+    for x in xs:
+        ref = float(special.log_ndtr(x))
+        assert abs(gdp._log_phi(x) - ref) <= 1e-14 * max(1.0, abs(ref)), x
