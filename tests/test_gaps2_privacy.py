@@ -209,3 +209,25 @@ def test_gdp_log_phi_is_scipy_log_ndtr_in_both_branches():
     for x in xs:
         ref = float(special.log_ndtr(x))
         assert abs(gdp._log_phi(x) - ref) <= 1e-14 * max(1.0, abs(ref)), x
+
+
+def test_gdp_mu_for_stops_at_a_bracket_exactly_1e13_wide(monkeypatch):
+    """mu_for bisects until hi − lo ≤ 1e-13·hi, that bound included. A bracket can be exactly
+    that wide: from [1, 2], 43 halvings leave 2^-43, which is 1e-13·hi for hi = 5^13·2^-30
+    (1e13·2^-43 is a dyadic number). With the root just inside that bracket the search stops
+    there: 2 evaluations to bracket μ, 43 to narrow it, none more, and it returns the bracket's
+    lower end."""
+    hi = 5**13 * 2.0**-30
+    assert 1e-13 * hi == 2.0**-43
+    delta = gdp.delta_for(1.0, hi - 2.0**-44)
+    calls = []
+    original = gdp.delta_for
+
+    def spy(eps, mu_):
+        calls.append(mu_)
+        return original(eps, mu_)
+
+    monkeypatch.setattr(gdp, "delta_for", spy)
+    got = gdp.mu_for(1.0, delta)
+    assert len(calls) == 2 + 43
+    assert got == hi - 2.0**-43
