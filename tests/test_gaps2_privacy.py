@@ -231,3 +231,17 @@ def test_gdp_mu_for_stops_at_a_bracket_exactly_1e13_wide(monkeypatch):
     got = gdp.mu_for(1.0, delta)
     assert len(calls) == 2 + 43
     assert got == hi - 2.0**-43
+
+
+@pytest.mark.parametrize("name", ["rdp", "gdp", "prv"])
+def test_noise_for_refuses_a_budget_spent_exactly(name):
+    """A history that has spent exactly target_epsilon has nothing left for more steps (every
+    step with finite noise adds to ε): noise_for says the budget is already spent, as for a
+    history past the target, instead of searching σ up to 1e6 for a room of zero."""
+    from aam_func import privacy as P
+
+    acc = P.accountant(name).step(1.0, 0.05, 20)
+    spent = acc.epsilon(1e-5)
+    assert spent > 0
+    with pytest.raises(ValueError, match="privacy budget is already spent"):
+        acc.noise_for(spent, 0.05, 10, 1e-5)
