@@ -255,3 +255,28 @@ def test_rdp_default_orders_are_opacus_default_alphas():
     from aam_func.privacy import renyi
 
     assert list(renyi.DEFAULT_ORDERS) == list(accountants.RDPAccountant.DEFAULT_ALPHAS)
+
+
+def test_smallest_noise_searches_sigma_up_to_1e6_included():
+    """The search grows σ up to 1e6, as its error says, and 1e6 itself is searched: an ε that
+    meets the target only from σ = 1e6 gets an answer in (5e5, 1e6] (from start = 1e6/2^10 the
+    doubling lands on 1e6 exactly); one that meets it only from 1.04e6 (< 2^20, the next doubling
+    from 1) is refused by name."""
+    from aam_func.privacy.search import smallest_noise
+
+    sigma = smallest_noise(lambda s: 0.0 if s >= 1e6 else 1.0, 0.5, 1e-6, "a step at 1e6", start=1e6 / 2**10)
+    assert 1e6 * (1 - 2e-6) <= sigma <= 1e6
+    with pytest.raises(ValueError, match="no noise_multiplier up to 1e6 reaches"):
+        smallest_noise(lambda s: 0.0 if s >= 1.04e6 else 1.0, 0.5, 1e-6, "a step at 1.04e6")
+
+
+@pytest.mark.parametrize("start", [1.0, 1e-6 * 2**10])
+def test_smallest_noise_for_a_target_any_sigma_meets_is_below_1e_minus_6(start):
+    """When every σ meets the target (no noise needed), the search halves σ until it is below
+    1e-6 and returns that, a σ under 1e-6 (from start = 1e-6·2^10 the halving passes through 1e-6
+    exactly, which is not yet below it)."""
+    from aam_func.privacy.search import smallest_noise
+
+    sigma = smallest_noise(lambda s: 0.0, 1.0, 1e-6, "no noise needed", start=start)
+    assert 0 < sigma < 1e-6
+    assert sigma >= 0.25e-6
