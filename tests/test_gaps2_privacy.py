@@ -105,6 +105,18 @@ def test_prv_refuses_a_delta_whose_lower_end_rounding_swamps():
     assert math.isfinite(upper) and lower <= estimate <= upper
 
 
+def test_prv_accepts_a_delta_whose_lower_end_equals_the_rounding_bound():
+    """The guard refuses δ − δ_err *below* n · eps (strictly: 'rounding would dominate'); at
+    equality the bounds are computed (Opacus's guard is the same strict '>'). δ_err = 2^-33 and
+    n · eps are dyadic, so δ = δ_err + n · eps gives δ − δ_err == n · eps exactly."""
+    history, eps_error, delta_error = [(1.0, 1.0, 1)], 0.01, 2.0**-33
+    rounding = _EPS64 * len(prv._composed(history, eps_error, delta_error)[0])
+    delta = delta_error + rounding
+    assert delta - delta_error == rounding
+    lower, estimate, upper = prv.epsilon_bounds(history, delta, eps_error, delta_error)
+    assert math.isfinite(upper) and lower <= estimate <= upper
+
+
 @pytest.mark.parametrize("inv_sigma2", [709.7, 705.0, 625.0, 400.0, 100.0, 11.0])
 def test_gdp_mu_is_finite_while_e_to_the_one_over_sigma_squared_is_a_float(inv_sigma2):
     """μ = q √(T (e^{1/σ²} − 1)) is a finite float for every σ whose e^{1/σ²} is one (1/σ² up to
