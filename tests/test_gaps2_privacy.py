@@ -292,3 +292,24 @@ def test_smallest_noise_for_a_target_any_sigma_meets_is_below_1e_minus_6(start):
     sigma = smallest_noise(lambda s: 0.0, 1.0, 1e-6, "no noise needed", start=start)
     assert 0 < sigma < 1e-6
     assert sigma >= 0.25e-6
+
+
+def test_gdp_epsilon_stops_at_a_bracket_exactly_1e12_wide(monkeypatch):
+    """gdp.epsilon bisects [0, 500] until hi − lo ≤ 1e-12·max(1, hi), that bound included. After
+    40 halvings the bracket is 500·2^-40 wide, exactly 1e-12·hi for hi = 5^15·2^-26 ≈ 454.75;
+    with the root just inside that bracket the search stops there: δ(0) and δ(500) to start,
+    40 halvings, none more, and it returns hi (never below the root)."""
+    hi, width = 5**15 * 2.0**-26, 500 * 2.0**-40
+    assert 1e-12 * hi == width
+    history = [(0.39, 1.0, 1)]
+    delta = gdp.delta_for(hi - width / 2, gdp.mu(history))
+    calls = []
+    original = gdp.delta_for
+
+    def spy(eps, mu_):
+        calls.append(eps)
+        return original(eps, mu_)
+
+    monkeypatch.setattr(gdp, "delta_for", spy)
+    assert gdp.epsilon(history, delta) == hi
+    assert len(calls) == 2 + 40
