@@ -313,3 +313,19 @@ def test_gdp_epsilon_stops_at_a_bracket_exactly_1e12_wide(monkeypatch):
     monkeypatch.setattr(gdp, "delta_for", spy)
     assert gdp.epsilon(history, delta) == hi
     assert len(calls) == 2 + 40
+
+
+def test_smallest_noise_stops_at_a_bracket_exactly_rtol_wide():
+    """smallest_noise bisects until hi − lo ≤ rtol·hi, that bound included: with rtol = 2^-10
+    and the bracket [0.5, 1], nine halvings toward 1 leave [1 − 2^-10, 1], exactly rtol·hi wide,
+    so the search returns hi = 1 after eps(1), eps(0.5) and nine midpoints, none more."""
+    from aam_func.privacy.search import smallest_noise
+
+    calls = []
+
+    def eps(sigma):
+        calls.append(sigma)
+        return 1.0 if sigma < 1 - 2.0**-11 else 0.0
+
+    assert smallest_noise(eps, 0.5, 2.0**-10, "a step just below 1") == 1.0
+    assert len(calls) == 2 + 9
