@@ -199,6 +199,16 @@ def test_gdp_epsilon_searches_up_to_500_as_opacus():
     assert gdp.epsilon(beyond, 1e-5) == math.inf
 
 
+def test_gdp_epsilon_at_the_ends_of_its_bracket():
+    """The bracket [0, 500] is closed at both ends: a δ that μ-GDP reaches exactly at ε = 0
+    gives ε = 0 (not a bisection's 1e-13), and one it reaches exactly at ε = 500 gives 500 (not
+    inf)."""
+    history = [(0.39, 1.0, 1)]
+    m = gdp.mu(history)
+    assert gdp.epsilon(history, gdp.delta_for(0.0, m)) == 0.0
+    assert gdp.epsilon(history, gdp.delta_for(500.0, m)) == 500.0
+
+
 def test_prv_refuses_a_delta_above_what_the_grid_resolves_as_opacus():
     """δ(ε) on the grid is at most δ(t_0), its value at the grid's left end −L (about 1 − e^{−L});
     a δ above it has no ε on the grid, and epsilon_bounds raises (Opacus's compute_epsilon

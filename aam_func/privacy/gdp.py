@@ -55,8 +55,7 @@ def delta_for(eps: float, mu_: float) -> float:
 
 
 def epsilon(history: Sequence[tuple], delta: float) -> float:
-    """ε at ``delta`` of the history's μ-GDP (0 when δ(0) ≤ δ already; inf when μ is, or when ε
-    would exceed 500, the end of the search bracket, Opacus's too)."""
+    """ε at ``delta`` of the history's μ-GDP (0 when δ(0) ≤ δ; inf when μ is, or ε > 500: Opacus's bracket)."""
     m = mu(history)
     if math.isinf(m):
         return math.inf
