@@ -34,14 +34,14 @@ def _log_phi(x: float) -> float:
 
 def mu(history: Sequence[tuple]) -> float:
     """μ of the history [(σ, q, steps), ...] by the Poisson-subsampling CLT (inf when some σ = 0
-    takes a step)."""
+    takes a step, or e^{1/σ²} overflows float64, σ < 0.0375: as Opacus's compute_mu_poisson)."""
     total = 0.0
     for sigma, q, steps in history:
         if steps == 0:
             continue
-        if sigma == 0 or 1.0 / sigma**2 > 700:
+        if sigma == 0:
             return math.inf
-        total += q * q * steps * math.expm1(1.0 / sigma**2)
+        total += q * q * steps * _expm1_or_inf(1.0 / sigma**2)
     return math.sqrt(total)
 
 
@@ -55,7 +55,7 @@ def delta_for(eps: float, mu_: float) -> float:
 
 
 def epsilon(history: Sequence[tuple], delta: float) -> float:
-    """ε at ``delta`` of the history's μ-GDP (0 when δ(0) ≤ δ already; inf when μ is)."""
+    """ε at ``delta`` of the history's μ-GDP (0 when δ(0) ≤ δ; inf when μ is, or ε > 500: Opacus's bracket)."""
     m = mu(history)
     if math.isinf(m):
         return math.inf
@@ -94,3 +94,11 @@ def noise_for_mu(target_mu: float, sample_rate: float, steps: int, spent_mu: flo
     if room <= 0:
         raise ValueError(f"the budget is already spent (mu {spent_mu:.4g} of {target_mu:.4g})")
     return 1.0 / math.sqrt(math.log1p(room / (sample_rate**2 * steps)))
+
+
+def _expm1_or_inf(x: float) -> float:
+    """e^x − 1, inf where it overflows float64 (math.expm1 raises there)."""
+    try:
+        return math.expm1(x)
+    except OverflowError:
+        return math.inf
