@@ -1,0 +1,196 @@
+"""per_sample behaviours the suite did not check (found by mutation testing, second round): the
+ghost route's default chunk rule, empty batches of ``norms`` / ``losses``, a tied weight whose
+linear use comes before its lookup, a weight that is both a factor weight and a norm's affine
+weight on the batched route, the group-norm bias formula and the bias shape of each use."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from aam_func import per_sample
+from aam_func.per_sample import ghost
+from aam_func.intercept import Use
+from aam_func.per_sample.factors import bias_grad, feature_shape
+from aam_func.per_sample.ghost import Discovery, GhostUse
+
+
+def _discovery(*elements_per_use):
+    uses = tuple(GhostUse(f"w{i}", "linear", (1, n), torch.float32) for i, n in enumerate(elements_per_use))
+    names = frozenset(u.name for u in uses)
+    return Discovery(uses, frozenset(), names, uses)
+
+
+def _params(n):
+    return {"w": torch.empty(n, device="meta")}  # only its size is read
+
+
+@pytest.mark.parametrize(
+    "outputs, n_params, B, want",
+    [
+        # the whole batch's work (4 x outputs per example) fits in GHOST_CHUNK_ELEMENTS: one chunk
+        ((10,), 100, 1000, 1000),
+        ((8, 2), 100, 1000, 1000),
+        # 4 * 2^16 elements per example: 2^24 // 2^18 = 64 examples per chunk (the fraction
+        # 0.15 * 1000 * 1000 / 2^18 rounds to 0, under it)
+        ((1 << 16,), 1000, 1000, 64),
+        ((1 << 15, 1 << 15), 1000, 1000, 64),
+        # the result is as large as the work: 0.15 of the batch, 150 > 64
+        ((1 << 16,), 1 << 18, 1000, 150),
+        # 4 * 2^22 elements per example: at least GHOST_MIN_CHUNK = 2 examples
+        ((1 << 22,), 100, 1000, 2),
+        # never more than the batch
+        ((1 << 22,), 100, 1, 1),
+        ((10,), 100, 7, 7),
+    ],
+)
+def test_the_ghost_routes_default_chunk_rule(outputs, n_params, B, want):
+    """``chunk_size=None`` on the ghost route: per-example work estimated as four times the
+    recorded uses' outputs; a chunk of GHOST_CHUNK_FRACTION (0.15) of the batch times the
+    result-to-work ratio, at least GHOST_MIN_CHUNK (2) examples, and no split of a batch whose
+    work fits in GHOST_CHUNK_ELEMENTS (2^24 elements, 64 MiB of float32), capped at B."""
+    assert (ghost.GHOST_CHUNK_FRACTION, ghost.GHOST_MIN_CHUNK, ghost.GHOST_CHUNK_ELEMENTS) == (0.15, 2, 1 << 24)
+    per = 4 * sum(outputs)
+    rule = max(1, min(B, max(2, int(0.15 * B * n_params / per), (1 << 24) // per)))
+    assert rule == want
+    assert ghost._ghost_chunk(_discovery(*outputs), _params(n_params), B) == want
+
+
+def test_a_small_models_batch_runs_as_one_ghost_pass():
+    """A batch whose work fits in GHOST_CHUNK_ELEMENTS is not split: the loss runs twice (the
+    discovery on the first example, then one vmapped pass over all B), and the gradients are
+    the exact route's."""
+    calls = []
+
+    def loss(p, x):
+        calls.append(x.shape)
+        return F.linear(torch.tanh(F.linear(x, p["w1"], p["b1"])), p["w2"]).pow(2).sum()
+
+    g = torch.Generator().manual_seed(0)
+    params = {"w1": torch.randn(5, 3, generator=g, dtype=torch.float64),
+              "b1": torch.randn(5, generator=g, dtype=torch.float64),
+              "w2": torch.randn(2, 5, generator=g, dtype=torch.float64)}
+    x = torch.randn(9, 4, 3, generator=g, dtype=torch.float64)
+    got = per_sample.grads(loss, params, x, method="ghost")
+    assert len(calls) == 2
+    want = per_sample.grads(loss, params, x, method="vmap")
+    for k in params:
+        torch.testing.assert_close(got[k], want[k])
+
+
+def test_norms_and_losses_of_an_empty_batch_are_empty():
+    """A Poisson-sampled batch may be empty: its per-example norms and losses are (0,) vectors,
+    on every route, as clipped_sum's."""
+    params = {"w": torch.ones(2, 3)}
+
+    def loss(p, x):
+        return F.linear(x, p["w"]).sum()
+
+    empty = torch.zeros(0, 3)
+    for method in per_sample.METHODS:
+        n = per_sample.norms(loss, params, empty, method=method)
+        assert n.shape == (0,)
+    assert per_sample.losses(loss, params, empty).shape == (0,)
+    assert per_sample.clipped_sum(loss, params, empty, 1.0).norms.shape == (0,)
+
+
+def test_a_tied_weight_used_as_a_head_before_its_lookup():
+    """Ghost norms and clipped sums of a weight read first by ``F.linear`` and then by
+    ``F.embedding`` (the cross term of a dense use with a lookup, in that order) equal the
+    exact route's."""
+    g = torch.Generator().manual_seed(0)
+    B, V, d, T = 3, 6, 4, 5
+    params = {"E": torch.randn(V, d, generator=g, dtype=torch.float64)}
+    batch = {"h": torch.randn(B, T, d, generator=g, dtype=torch.float64), "ids": torch.randint(0, V, (B, T), generator=g)}
+
+    def loss(p, b):
+        logits = F.linear(b["h"], p["E"])  # the head first ...
+        e = F.embedding(b["ids"], p["E"])  # ... then the lookup of the same table
+        return logits.logsumexp(-1).sum() + (e * b["h"]).sum().pow(2)
+
+    want = per_sample.clipped_sum(loss, params, batch, 5.0, method="vmap")
+    got = per_sample.clipped_sum(loss, params, batch, 5.0, method="ghost")
+    torch.testing.assert_close(got.norms, want.norms)
+    torch.testing.assert_close(got.sum["E"], want.sum["E"], rtol=1e-5, atol=1e-6)  # float32 norms in the factors
+    assert bool((want.norms > 5.0).any() and (want.norms < 100.0).all())  # some clipped, cross terms matter
+    torch.testing.assert_close(per_sample.norms(loss, params, batch, method="ghost"), want.norms)
+
+
+def test_batched_route_with_a_weight_that_is_also_a_norms_affine_weight():
+    """On the batched route a weight with factor uses (``F.linear``) and a norm use (the affine
+    weight of ``F.layer_norm``) gets its per-example gradient formed once per chunk and added to
+    the norm's part; norms and clipped sums equal the exact route's, chunk by chunk."""
+    g = torch.Generator().manual_seed(0)
+    params = {"W": torch.randn(4, 4, generator=g, dtype=torch.float64),
+              "b": torch.randn(4, generator=g, dtype=torch.float64)}
+    x = torch.randn(5, 4, 4, generator=g, dtype=torch.float64)
+
+    def loss(p, x):
+        h = F.linear(x, p["W"], p["b"])
+        return F.layer_norm(torch.tanh(h), (4, 4), weight=p["W"]).pow(3).sum((1, 2))
+
+    want = per_sample.clipped_sum(loss, params, x, 30.0, method="vmap")
+    for chunk in (2, 5):
+        got = per_sample.clipped_sum(loss, params, x, 30.0, method="batched", chunk_size=chunk)
+        torch.testing.assert_close(got.norms, want.norms)
+        for k in params:
+            torch.testing.assert_close(got.sum[k], want.sum[k])
+    assert bool((want.norms > 30.0).any() and (want.norms < 30.0).any())
+
+
+def test_group_norm_bias_grad_is_the_output_gradient_summed_per_channel():
+    """``bias_grad("group_norm", ...)`` on the (B, 1, C, *spatial) layout: example i's gradient of
+    ``F.group_norm``'s bias, by autograd on that example alone."""
+    g = torch.Generator().manual_seed(0)
+    B, C, G, H, W = 3, 4, 2, 2, 3
+    x = torch.randn(B, C, H, W, generator=g, dtype=torch.float64)
+    up = torch.randn(B, 1, C, H, W, generator=g, dtype=torch.float64)
+    got = bias_grad("group_norm", None, up, {"num_groups": G, "eps": 1e-5})
+    assert got.shape == (B, C)
+    for i in range(B):
+        b = torch.zeros(C, dtype=torch.float64, requires_grad=True)
+        out = F.group_norm(x[i:i + 1], G, torch.ones(C, dtype=torch.float64), b)
+        (want,) = torch.autograd.grad((out * up[i]).sum(), b)
+        torch.testing.assert_close(got[i], want)
+    assert math.prod(got.shape) == B * C
+
+
+def test_feature_shape_is_the_shape_of_the_bias_each_use_adds():
+    """``feature_shape(use, out)``: the shape of the bias the recognised op adds to ``out``, the
+    op's own bias argument: a linear's / addmm's output features, a conv's output channels (dim
+    -(nd+1)), a group norm's channels (dim 1), a layer norm's normalized_shape."""
+    z = torch.zeros
+    cases = [  # (use, the op's output with its bias, that bias)
+        (Use("linear", "w", z(5, 3), z(2, 7, 3)), F.linear(z(2, 7, 3), z(5, 3), z(5)), z(5)),
+        (Use("addmm", "w", z(3, 5), z(14, 3)), torch.addmm(z(5), z(14, 3), z(3, 5)), z(5)),
+        (Use("conv", "w", z(6, 2, 3), z(2, 2, 8)), F.conv1d(z(2, 2, 8), z(6, 2, 3), z(6)), z(6)),
+        (Use("conv", "w", z(6, 2, 3, 3), z(2, 2, 7, 6)), F.conv2d(z(2, 2, 7, 6), z(6, 2, 3, 3), z(6)), z(6)),
+        (Use("group_norm", "w", z(6), z(2, 6, 5), options={"num_groups": 3, "eps": 1e-5}),
+         F.group_norm(z(2, 6, 5), 3, None, z(6)), z(6)),
+        (Use("layer_norm", "w", z(4, 5), z(3, 4, 5), options={"normalized_shape": (4, 5), "eps": 1e-5}),
+         F.layer_norm(z(3, 4, 5), (4, 5), None, z(4, 5)), z(4, 5)),
+        (Use("layer_norm", "w", z(5), z(3, 4, 5), options={"normalized_shape": 5, "eps": 1e-5}),
+         F.layer_norm(z(3, 4, 5), (5,), None, z(5)), z(5)),
+    ]
+    for use, out, bias in cases:
+        assert feature_shape(use, out) == tuple(bias.shape), use.kind
+
+
+def test_batched_grads_in_every_chunking_equal_the_exact_ones():
+    """``grads(method="batched", chunk_size=c)`` writes each chunk's rows of the result (only a
+    single chunk covering the whole batch skips the slicing), for every c."""
+    g = torch.Generator().manual_seed(1)
+    params = {"w": torch.randn(3, 4, generator=g, dtype=torch.float64), "b": torch.randn(3, generator=g, dtype=torch.float64)}
+    x = torch.randn(6, 2, 4, generator=g, dtype=torch.float64)
+
+    def loss(p, x):
+        return torch.tanh(F.linear(x, p["w"], p["b"])).pow(2).sum((1, 2))
+
+    want = per_sample.grads(loss, params, x, method="vmap")
+    for chunk in (1, 2, 3, 4, 6, 7):
+        got = per_sample.grads(loss, params, x, method="batched", chunk_size=chunk)
+        for k in params:
+            torch.testing.assert_close(got[k], want[k], msg=lambda m: f"chunk_size={chunk}, {k}: {m}")
