@@ -84,3 +84,26 @@ def test_fused_adam_direction_agrees_with_the_foreach_one():
     u1, _ = fused.update({"w": torch.full((4, 3), 2.0), "b": torch.full((3,), -3.0)}, fused.init(params), params)
     torch.testing.assert_close(u1["w"], torch.ones(4, 3))
     torch.testing.assert_close(u1["b"], -torch.ones(3))
+
+
+def test_adam_refuses_a_malformed_state():
+    """The step count of an Adam state must be a 0-d integer tensor (a Python int, a float tensor
+    or a shaped one is refused), and each moment leaf must have its gradient's shape and dtype:
+    refused by name before any kernel runs (fused or not)."""
+    import pytest
+
+    params = {"w": torch.zeros(3)}
+    grads = {"w": torch.ones(3)}
+    for fused in (False, True):
+        t = optim.scale_by_adam(fused=fused)
+        state = t.init(params)
+        for bad in (3, torch.tensor(3.0), torch.tensor([3]), torch.zeros(1, 1, dtype=torch.int64)):
+            with pytest.raises(ValueError, match="adam state 'count' must be a 0-d integer tensor"):
+                t.update(grads, dict(state, count=bad), params)
+        for key in ("mu", "nu"):  # a moment of another dtype or shape than its gradient, named
+            with pytest.raises(ValueError, match=f"adam state '{key}' leaf 'w' has dtype torch.float64"):
+                t.update(grads, dict(state, **{key: {"w": torch.zeros(3, dtype=torch.float64)}}), params)
+            with pytest.raises(ValueError, match=f"adam state '{key}' leaf 'w' has shape"):
+                t.update(grads, dict(state, **{key: {"w": torch.zeros(4)}}), params)
+        u, s = t.update(grads, dict(state, count=torch.tensor(4)), params)  # an int64 0-d count is fine
+        assert int(s["count"]) == 5

@@ -196,3 +196,58 @@ def test_batched_grads_in_every_chunking_equal_the_exact_ones():
         got = per_sample.grads(loss, params, x, method="batched", chunk_size=chunk)
         for k in params:
             torch.testing.assert_close(got[k], want[k], msg=lambda m: f"chunk_size={chunk}, {k}: {m}")
+
+
+def test_batched_route_when_the_losses_do_not_depend_differentiably_on_the_params():
+    """A loss that reads the params only through a detached output has zero per-example
+    gradients and norms on the batched route, as on the exact one (no backward is attempted
+    through losses that do not require grad)."""
+    g = torch.Generator().manual_seed(2)
+    params = {"w": torch.randn(3, 4, generator=g), "b": torch.randn(3, generator=g)}
+    x = torch.randn(5, 4, generator=g)
+
+    def loss(p, x):
+        return F.linear(x, p["w"], p["b"]).detach().pow(2).sum(1) + x.sum(1)
+
+    for method in ("batched", "vmap"):
+        got = per_sample.grads(loss, params, x, method=method)
+        assert all(torch.equal(got[k], torch.zeros((5,) + params[k].shape)) for k in params)
+    c = per_sample.clipped_sum(loss, params, x, 1.0, method="batched")
+    assert torch.equal(c.norms, torch.zeros(5))
+    torch.testing.assert_close(c.losses, loss(params, x))
+
+
+def test_adaptive_clipping_default_count_noise_is_a_twentieth_of_the_batch():
+    """Andrew et al.'s default σ_b = expected_batch_size / 20: the gradient keeps the multiplier
+    σ_Δ = (σ⁻² − (2σ_b)⁻²)^(−½) of it, and an explicit count_noise of that value is the same."""
+    from aam_func.per_sample import clipping
+
+    t = clipping.adaptive(1.0, expected_batch_size=200)
+    assert t.gradient_noise(1.0) == pytest.approx((1.0 - 20.0**-2) ** -0.5, rel=1e-12)
+    assert t.gradient_noise(1.0) == clipping.adaptive(1.0, expected_batch_size=200, count_noise=10.0).gradient_noise(1.0)
+    assert clipping.DEFAULT_CLIP_LEARNING_RATE == 0.2
+
+
+def test_dp_aggregate_draws_fresh_noise_at_every_step():
+    """The noise generator is seeded by (seed, step count): every step's noise is a new draw (no
+    two of 32 steps alike), and the same state gives the same noise again."""
+    t = per_sample.dp_aggregate(1.0, 1.0, seed=3)
+    grads = {"w": torch.zeros(2, 4)}
+    state = t.init({"w": torch.zeros(4)})
+    seen = []
+    for _ in range(32):
+        again, _ = t.update(grads, state)
+        out, state = t.update(grads, state)
+        assert torch.equal(again["w"], out["w"])
+        seen.append(tuple(out["w"].tolist()))
+    assert len(set(seen)) == 32
+
+
+def test_poisson_sample_takes_u_below_the_rate():
+    """Example i joins when its uniform draw u_i < q (so P = q exactly for u on [0, 1)): a draw
+    equal to q stays out."""
+    u = torch.rand(10, generator=torch.Generator().manual_seed(4))
+    q = float(u[3])
+    got = per_sample.poisson_sample(10, q, generator=torch.Generator().manual_seed(4))
+    assert got.tolist() == [i for i in range(10) if float(u[i]) < q]
+    assert 3 not in got.tolist()
