@@ -107,3 +107,15 @@ def test_adam_refuses_a_malformed_state():
                 t.update(grads, dict(state, **{key: {"w": torch.zeros(4)}}), params)
         u, s = t.update(grads, dict(state, count=torch.tensor(4)), params)  # an int64 0-d count is fine
         assert int(s["count"]) == 5
+
+
+def test_scale_refuses_a_schedule():
+    """``scale`` takes a number or a 0-d tensor; a schedule (a callable) is refused, pointing at
+    ``scale_by_schedule``; a 0-d tensor (not a schedule, though torch could call it) is taken."""
+    import pytest
+
+    with pytest.raises(TypeError, match="use scale_by_schedule for schedules"):
+        optim.scale(sched)
+    t = optim.scale(torch.tensor(0.5, dtype=torch.float64))
+    u, _ = t.update({"w": torch.ones(2, dtype=torch.float64)}, t.init({}))
+    torch.testing.assert_close(u["w"], torch.full((2,), 0.5, dtype=torch.float64))

@@ -251,3 +251,97 @@ def test_poisson_sample_takes_u_below_the_rate():
     got = per_sample.poisson_sample(10, q, generator=torch.Generator().manual_seed(4))
     assert got.tolist() == [i for i in range(10) if float(u[i]) < q]
     assert 3 not in got.tolist()
+
+
+def test_adaptive_gradient_noise_needs_count_noise_above_half_sigma():
+    """σ_b must exceed σ/2 strictly: at σ_b = σ/2 the count takes the whole budget (σ_Δ would be
+    infinite), refused with the bound named; just above, σ_Δ is finite and large."""
+    from aam_func.per_sample.clipping import adaptive_gradient_noise
+
+    for sigma in (1.0, 3.0):
+        with pytest.raises(ValueError, match="count_noise must exceed noise_multiplier / 2"):
+            adaptive_gradient_noise(sigma, sigma / 2)
+        assert adaptive_gradient_noise(sigma, sigma / 2 * (1 + 1e-6)) > 100 * sigma
+    assert adaptive_gradient_noise(0.0, 0.1) == 0.0
+
+
+def test_batched_norms_in_chunks_of_a_model_with_factor_weights_only():
+    """With no bias or norm weight (no materialised per-example gradient at all) the batched
+    route's chunks still give one norm per example of the chunk, equal to the exact route's."""
+    g = torch.Generator().manual_seed(5)
+    params = {"w1": torch.randn(4, 3, generator=g, dtype=torch.float64), "w2": torch.randn(2, 4, generator=g, dtype=torch.float64)}
+    x = torch.randn(5, 3, generator=g, dtype=torch.float64)
+
+    def loss(p, x):
+        return F.linear(torch.tanh(F.linear(x, p["w1"])), p["w2"]).pow(2).sum(1)
+
+    want = per_sample.clipped_sum(loss, params, x, 1.0, method="vmap")
+    for chunk in (2, 3):
+        got = per_sample.clipped_sum(loss, params, x, 1.0, method="batched", chunk_size=chunk)
+        torch.testing.assert_close(got.norms, want.norms)
+        for k in params:
+            torch.testing.assert_close(got.sum[k], want.sum[k])
+
+
+def test_quantile_step_is_the_geometric_update_with_the_generators_draw():
+    """C·exp(−η(b̃ − γ)), b̃ = (below + σ_b z)/n + ½ with z the generator's first standard normal
+    draw (float64); with σ_b = 0 (a run without privacy for the count) b̃ = below/n + ½, no draw."""
+    from aam_func.per_sample.clipping import quantile_step
+
+    C, below, gamma, eta, n = 2.0, 3.0, 0.7, 0.2, 10.0
+    g = torch.Generator().manual_seed(6)
+    got = quantile_step(C, below, gamma, eta, 0.0, n, g)
+    assert got == pytest.approx(C * math.exp(-eta * (below / n + 0.5 - gamma)), rel=1e-12)
+    assert torch.equal(g.get_state(), torch.Generator().manual_seed(6).get_state())  # nothing drawn
+    z = float(torch.randn((), generator=torch.Generator().manual_seed(6), dtype=torch.float64))
+    got = quantile_step(C, below, gamma, eta, 4.0, n, torch.Generator().manual_seed(6))
+    assert got == pytest.approx(C * math.exp(-eta * ((below + 4.0 * z) / n + 0.5 - gamma)), rel=1e-12)
+
+
+def test_adaptive_clipping_draws_fresh_count_noise_at_every_step():
+    """The count's noise generator is seeded by (seed, step count): from one clip norm and the
+    same gradients, 32 different step counts give 32 different next norms; the same state gives
+    the same one again."""
+    from aam_func.per_sample import clipping
+
+    t = clipping.adaptive(1.0, expected_batch_size=4, seed=7)
+    per_ex = {"w": torch.arange(12.0).reshape(4, 3) / 10}
+    nxt = set()
+    for count in range(32):
+        state = {"max_norm": torch.tensor(1.0, dtype=torch.float64), "count": torch.tensor(count)}
+        _, s1 = t.update(per_ex, state)
+        _, s2 = t.update(per_ex, state)
+        assert float(s1["max_norm"]) == float(s2["max_norm"]) and int(s1["count"]) == count + 1
+        nxt.add(float(s1["max_norm"]))
+    assert len(nxt) == 32
+
+
+def test_auto_route_choice(monkeypatch):
+    """``method="auto"``: the ghost route when some weight is used only by a recognised op, else
+    the vmap route; ``method="ghost"`` is honoured even with no such weight. Same gradients."""
+    from aam_func.per_sample import route
+
+    ran = []
+    for name in ("ghost_grads", "vmap_grads"):
+        real = getattr(route, name)
+        monkeypatch.setattr(route, name, lambda *a, _real=real, _name=name, **k: (ran.append(_name), _real(*a, **k))[1])
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(3, 4, generator=g, dtype=torch.float64)
+    lin = {"w": torch.randn(2, 4, generator=g, dtype=torch.float64)}
+    elementwise = {"s": torch.randn(4, generator=g, dtype=torch.float64)}
+
+    def linear_loss(p, x):
+        return torch.tanh(F.linear(x, p["w"])).sum()
+
+    def scale_loss(p, x):
+        return torch.tanh(x * p["s"]).pow(2).sum()
+
+    cases = [(linear_loss, lin, "auto", "ghost_grads"), (scale_loss, elementwise, "auto", "vmap_grads"),
+             (scale_loss, elementwise, "ghost", "ghost_grads")]
+    for loss, params, method, want in cases:
+        ran.clear()
+        got = per_sample.grads(loss, params, x, method=method)
+        assert ran == [want], (method, ran)
+        exact = per_sample.grads(loss, params, x, method="vmap")
+        for k in params:
+            torch.testing.assert_close(got[k], exact[k])
