@@ -119,3 +119,17 @@ def test_scale_refuses_a_schedule():
     t = optim.scale(torch.tensor(0.5, dtype=torch.float64))
     u, _ = t.update({"w": torch.ones(2, dtype=torch.float64)}, t.init({}))
     torch.testing.assert_close(u["w"], torch.full((2,), 0.5, dtype=torch.float64))
+
+
+def test_clip_by_global_norm_checks_a_number_bound_and_takes_a_tensor_one():
+    """``max_norm`` a number must be finite and > 0 (0 would zero every update), refused by name;
+    a 0-d tensor bound (a traced or scheduled value) is taken as it is."""
+    import pytest
+
+    for bad in (0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="max_norm must be a finite number > 0"):
+            optim.clip_by_global_norm(bad)
+    t = optim.clip_by_global_norm(torch.tensor(1.0))
+    u, s = t.update({"w": torch.tensor([3.0, 4.0])}, t.init({}))
+    torch.testing.assert_close(u["w"], torch.tensor([3.0, 4.0]) / (5.0 + 1e-6))
+    assert float(s["global_norm"]) == 5.0
