@@ -294,8 +294,9 @@ def test_quantile_step_is_the_geometric_update_with_the_generators_draw():
     assert got == pytest.approx(C * math.exp(-eta * (below / n + 0.5 - gamma)), rel=1e-12)
     assert torch.equal(g.get_state(), torch.Generator().manual_seed(6).get_state())  # nothing drawn
     z = float(torch.randn((), generator=torch.Generator().manual_seed(6), dtype=torch.float64))
-    got = quantile_step(C, below, gamma, eta, 4.0, n, torch.Generator().manual_seed(6))
-    assert got == pytest.approx(C * math.exp(-eta * ((below + 4.0 * z) / n + 0.5 - gamma)), rel=1e-12)
+    for sb in (4.0, 0.5):  # any σ_b > 0 draws, a small one too
+        got = quantile_step(C, below, gamma, eta, sb, n, torch.Generator().manual_seed(6))
+        assert got == pytest.approx(C * math.exp(-eta * ((below + sb * z) / n + 0.5 - gamma)), rel=1e-12)
 
 
 def test_adaptive_clipping_draws_fresh_count_noise_at_every_step():
@@ -345,3 +346,45 @@ def test_auto_route_choice(monkeypatch):
         exact = per_sample.grads(loss, params, x, method="vmap")
         for k in params:
             torch.testing.assert_close(got[k], exact[k])
+
+
+def test_batched_route_refuses_lookups_and_convolutions_it_has_no_formula_for():
+    """An embedding with scale_grad_by_freq (or max_norm) and a grouped convolution are refused
+    by name on the batched route, each with its own reason."""
+    g = torch.Generator().manual_seed(9)
+    ids = torch.randint(0, 5, (3, 4), generator=g)
+    table = {"E": torch.randn(5, 2, generator=g)}
+    with pytest.raises(per_sample.BatchedUnsupported, match=r"'E'.*an embedding with max_norm / scale_grad_by_freq"):
+        per_sample.grads(lambda p, i: F.embedding(i, p["E"], scale_grad_by_freq=True).sum((1, 2)), table, ids,
+                         method="batched")
+    conv = {"K": torch.randn(4, 1, 3, generator=g)}
+    x = torch.randn(3, 2, 6, generator=g)
+    with pytest.raises(per_sample.BatchedUnsupported, match=r"'K'.*a grouped convolution"):
+        per_sample.grads(lambda p, x: F.conv1d(x, p["K"], groups=2).sum((1, 2)), conv, x, method="batched")
+
+
+def test_batch_norm_with_running_statistics_is_allowed_when_training_is_not_passed():
+    """``F.batch_norm``'s ``training`` defaults to False (running statistics: a per-channel affine
+    map, no mixing of examples): a call that leaves it out is allowed on every route, and a
+    training-mode call is refused naming the layer."""
+    g = torch.Generator().manual_seed(10)
+    params = {"bn": {"weight": torch.randn(3, generator=g), "bias": torch.randn(3, generator=g)},
+              "w": torch.randn(3, 3, generator=g)}
+    mean, var = torch.randn(3, generator=g), torch.rand(3, generator=g) + 0.5
+    x = torch.randn(4, 3, generator=g)
+
+    def loss(p, x, training=None):
+        h = F.linear(x, p["w"])
+        if training is None:
+            h = F.batch_norm(h, mean, var, p["bn"]["weight"], p["bn"]["bias"])
+        else:
+            h = F.batch_norm(h, mean, var, p["bn"]["weight"], p["bn"]["bias"], training)
+        return torch.tanh(h).pow(2).sum()
+
+    want = per_sample.grads(lambda p, x: loss(p, x, False), params, x, method="vmap")
+    for method in ("vmap", "ghost"):
+        got = per_sample.grads(loss, params, x, method=method)
+        torch.testing.assert_close(got["bn"]["weight"], want["bn"]["weight"])
+        torch.testing.assert_close(got["w"], want["w"])
+    with pytest.raises(ValueError, match="BatchNorm layer 'bn'"):
+        per_sample.grads(lambda p, x: loss(p, x, True), params, x, method="vmap")
