@@ -388,3 +388,17 @@ def test_batch_norm_with_running_statistics_is_allowed_when_training_is_not_pass
         torch.testing.assert_close(got["w"], want["w"])
     with pytest.raises(ValueError, match="BatchNorm layer 'bn'"):
         per_sample.grads(lambda p, x: loss(p, x, True), params, x, method="vmap")
+
+
+def test_bias_grad_sums_over_every_position_the_bias_is_broadcast_to():
+    """``bias_grad`` of a conv (``nd`` spatial dims) and of a linear use: example i's output
+    gradient summed over all but the feature (channel) dim, whatever the positions in front of
+    the features (a (B, n, out, *spatial) gradient sums over n too)."""
+    g = torch.Generator().manual_seed(11)
+    B, n, out, H, W = 2, 3, 4, 2, 5
+    g2 = torch.randn(B, n, out, H, W, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(bias_grad("conv", None, g2, {}, 2), g2.sum((1, 3, 4)))
+    g1 = torch.randn(B, out, W, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(bias_grad("conv", None, g1, {}, 1), g1.sum(2))
+    gl = torch.randn(B, n, H, out, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(bias_grad("linear", None, gl, {}), gl.sum((1, 2)))
