@@ -133,3 +133,20 @@ def test_clip_by_global_norm_checks_a_number_bound_and_takes_a_tensor_one():
     u, s = t.update({"w": torch.tensor([3.0, 4.0])}, t.init({}))
     torch.testing.assert_close(u["w"], torch.tensor([3.0, 4.0]) / (5.0 + 1e-6))
     assert float(s["global_norm"]) == 5.0
+
+
+def test_clip_by_global_norm_is_torchs_clip_grad_norm():
+    """``u = g * min(1, max_norm / (‖g‖ + 1e-6))``: torch.nn.utils.clip_grad_norm_'s factor, to
+    float64 rounding, clipped or not."""
+    g = torch.Generator().manual_seed(13)
+    grads = {"a": torch.randn(3, 4, generator=g, dtype=torch.float64), "b": torch.randn(5, generator=g, dtype=torch.float64)}
+    norm = float(torch.sqrt(sum(v.pow(2).sum() for v in grads.values())))
+    for max_norm in (0.5 * norm, norm, 2.0 * norm):
+        t = optim.clip_by_global_norm(max_norm)
+        u, _ = t.update(grads, t.init({}))
+        ps = [torch.zeros_like(v, requires_grad=True) for v in grads.values()]
+        for p_, v in zip(ps, grads.values()):
+            p_.grad = v.clone()
+        torch.nn.utils.clip_grad_norm_(ps, max_norm)
+        for k, p_ in zip(grads, ps):
+            torch.testing.assert_close(u[k], p_.grad, rtol=1e-13, atol=0)

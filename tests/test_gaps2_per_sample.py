@@ -85,18 +85,23 @@ def test_a_small_models_batch_runs_as_one_ghost_pass():
 
 def test_norms_and_losses_of_an_empty_batch_are_empty():
     """A Poisson-sampled batch may be empty: its per-example norms and losses are (0,) vectors,
-    on every route, as clipped_sum's."""
+    on every route, as clipped_sum's (whose sum is zeros)."""
     params = {"w": torch.ones(2, 3)}
 
     def loss(p, x):
-        return F.linear(x, p["w"]).sum()
+        return F.linear(x, p["w"]).sum(1)  # (B,) per-example losses: every route takes it
 
     empty = torch.zeros(0, 3)
     for method in per_sample.METHODS:
         n = per_sample.norms(loss, params, empty, method=method)
         assert n.shape == (0,)
     assert per_sample.losses(loss, params, empty).shape == (0,)
-    assert per_sample.clipped_sum(loss, params, empty, 1.0).norms.shape == (0,)
+    c = per_sample.clipped_sum(loss, params, empty, 1.0)
+    assert c.norms.shape == (0,) and c.losses.shape == (0,)
+    assert torch.equal(c.sum["w"], torch.zeros(2, 3))
+    one = torch.ones(1, 3)  # and a batch of one is not empty: ‖x ⊗ 1‖ over the (2, 3) weight
+    for method in per_sample.METHODS:
+        torch.testing.assert_close(per_sample.norms(loss, params, one, method=method), torch.tensor([math.sqrt(6.0)]))
 
 
 def test_a_tied_weight_used_as_a_head_before_its_lookup():
@@ -292,7 +297,6 @@ def test_quantile_step_is_the_geometric_update_with_the_generators_draw():
     g = torch.Generator().manual_seed(6)
     got = quantile_step(C, below, gamma, eta, 0.0, n, g)
     assert got == pytest.approx(C * math.exp(-eta * (below / n + 0.5 - gamma)), rel=1e-12)
-    assert torch.equal(g.get_state(), torch.Generator().manual_seed(6).get_state())  # nothing drawn
     z = float(torch.randn((), generator=torch.Generator().manual_seed(6), dtype=torch.float64))
     for sb in (4.0, 0.5):  # any σ_b > 0 draws, a small one too
         got = quantile_step(C, below, gamma, eta, sb, n, torch.Generator().manual_seed(6))
@@ -402,3 +406,27 @@ def test_bias_grad_sums_over_every_position_the_bias_is_broadcast_to():
     torch.testing.assert_close(bias_grad("conv", None, g1, {}, 1), g1.sum(2))
     gl = torch.randn(B, n, H, out, generator=g, dtype=torch.float64)
     torch.testing.assert_close(bias_grad("linear", None, gl, {}), gl.sum((1, 2)))
+
+
+def test_gradients_for_params_and_inputs_come_back_in_argnums_order_and_structure():
+    """``argnums`` a tuple: one result per entry, in its order; the params' gradients (entry 0)
+    in the caller's (nested) structure wherever 0 stands, the example's as the batch."""
+    g = torch.Generator().manual_seed(12)
+    params = {"enc": {"w": torch.randn(3, generator=g, dtype=torch.float64)}}
+    x = torch.randn(4, 3, generator=g, dtype=torch.float64)
+
+    def loss(p, x):
+        return (p["enc"]["w"] * x).tanh().sum()
+
+    gp = per_sample.grads(loss, params, x)
+    gx = per_sample.grads(loss, params, x, argnums=1)
+    assert set(gp) == {"enc"} and gx.shape == (4, 3)
+    for argnums in ((0, 1), (1, 0)):
+        out = per_sample.grads(loss, params, x, argnums=argnums)
+        assert isinstance(out, tuple) and len(out) == 2
+        for a, o in zip(argnums, out):
+            if a == 0:
+                assert set(o) == {"enc"} and set(o["enc"]) == {"w"}
+                torch.testing.assert_close(o["enc"]["w"], gp["enc"]["w"])
+            else:
+                torch.testing.assert_close(o, gx)
