@@ -150,3 +150,16 @@ def test_clip_by_global_norm_is_torchs_clip_grad_norm():
         torch.nn.utils.clip_grad_norm_(ps, max_norm)
         for k, p_ in zip(grads, ps):
             torch.testing.assert_close(u[k], p_.grad, rtol=1e-13, atol=0)
+
+
+def test_one_buffer_transformations_refuse_a_buffer_of_another_dtype():
+    """trace's and lion's buffers must match their gradients' dtype and shape (checked before any
+    kernel runs, the state named)."""
+    import pytest
+
+    grads = {"w": torch.ones(3)}
+    for t, key, what in ((optim.trace(0.9), "trace", "trace state"), (optim.scale_by_lion(), "mu", "lion state 'mu'")):
+        with pytest.raises(ValueError, match=f"{what} leaf 'w' has dtype torch.float64"):
+            t.update(grads, {key: {"w": torch.zeros(3, dtype=torch.float64)}})
+        with pytest.raises(ValueError, match=f"{what} leaf 'w' has shape"):
+            t.update(grads, {key: {"w": torch.zeros(2)}})

@@ -430,3 +430,56 @@ def test_gradients_for_params_and_inputs_come_back_in_argnums_order_and_structur
                 torch.testing.assert_close(o["enc"]["w"], gp["enc"]["w"])
             else:
                 torch.testing.assert_close(o, gx)
+
+
+def test_dp_aggregate_of_an_empty_batch_is_the_noise_over_the_expected_size():
+    """A Poisson-sampled batch may be empty: the clipped sum is zeros of each param's shape, so
+    the update is the noise alone divided by the expected batch size (σ = 0: exact zeros)."""
+    grads = {"w": torch.zeros(0, 2, 3), "b": torch.zeros(0, 2)}
+    t = per_sample.dp_aggregate(1.0, 0.0, expected_batch_size=8.0)
+    out, _ = t.update(grads, t.init({"w": torch.zeros(2, 3), "b": torch.zeros(2)}))
+    assert torch.equal(out["w"], torch.zeros(2, 3)) and torch.equal(out["b"], torch.zeros(2))
+    t = per_sample.dp_aggregate(2.0, 1.0, expected_batch_size=8.0)
+    out, _ = t.update(grads, t.init({}))
+    assert out["w"].shape == (2, 3) and out["b"].shape == (2,) and bool((out["w"] != 0).all())
+
+
+def test_dp_sgd_needs_a_generator_for_any_positive_noise():
+    """Any σ > 0 (a small one too) needs an explicit generator; σ = 0 runs without one."""
+    from aam_func import optim
+
+    params = {"w": torch.zeros(3)}
+    x = torch.ones(2, 3)
+
+    def loss(p, x):
+        return F.linear(x, p["w"][None]).pow(2).sum() + (p["w"] * x).sum()
+
+    opt = optim.sgd(learning_rate=0.1)
+    for sigma in (0.5, 2.0):
+        step = per_sample.dp_sgd(loss, opt, max_norm=1.0, noise_multiplier=sigma)
+        with pytest.raises(ValueError, match="needs an explicit torch.Generator"):
+            step(params, opt.init(params), x)
+    step = per_sample.dp_sgd(loss, opt, max_norm=1.0, noise_multiplier=0.0)
+    new, _, info = step(params, opt.init(params), x)
+    assert info.batch_size == 2 and new["w"].shape == (3,)
+
+
+def test_count_below_counts_a_norm_equal_to_the_bound_as_unclipped():
+    """Σ_i (1[‖g_i‖ ≤ C] − ½): an example exactly at C is not clipped (w_i = 1 up to the 1e-6)."""
+    from aam_func.per_sample.clipping import count_below
+
+    assert count_below(torch.tensor([1.0, 2.0, 3.0]), 2.0) == 2 - 1.5
+    assert count_below(torch.tensor([2.0]), 2.0) == 0.5
+    assert count_below(torch.tensor([2.5]), 2.0) == -0.5
+
+
+def test_batched_route_refuses_a_use_with_no_batch_dimension():
+    """A recognised use whose output is 0-d (a 1-D weight dotted with a flattened input) has no
+    example index: refused by name even when B = 1."""
+    params = {"v": torch.ones(3)}
+
+    def loss(p, x):
+        return F.linear(x.reshape(-1), p["v"]).reshape(1)
+
+    with pytest.raises(per_sample.BatchedUnsupported, match=r"linear\('v'\) gives an output of shape \(\)"):
+        per_sample.grads(loss, params, torch.ones(1, 3), method="batched")
