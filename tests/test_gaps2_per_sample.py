@@ -45,6 +45,8 @@ def _params(n):
         # never more than the batch
         ((1 << 22,), 100, 1, 1),
         ((10,), 100, 7, 7),
+        # 2^24 / (4 * 3 * 2^14) = 85.3: whole examples, 85
+        ((3 << 14,), 1000, 1000, 85),
         # no recorded use: the work counts as one element per example (no division by zero)
         ((), 1, 1 << 24, 1 << 24),
     ],
@@ -58,7 +60,8 @@ def test_the_ghost_routes_default_chunk_rule(outputs, n_params, B, want):
     per = max(1, 4 * sum(outputs))
     rule = max(1, min(B, max(2, int(0.15 * B * n_params / per), (1 << 24) // per)))
     assert rule == want
-    assert ghost._ghost_chunk(_discovery(*outputs), _params(n_params), B) == want
+    got = ghost._ghost_chunk(_discovery(*outputs), _params(n_params), B)
+    assert got == want and isinstance(got, int)
 
 
 def test_a_small_models_batch_runs_as_one_ghost_pass():
@@ -102,6 +105,7 @@ def test_norms_and_losses_of_an_empty_batch_are_empty():
     one = torch.ones(1, 3)  # and a batch of one is not empty: ‖x ⊗ 1‖ over the (2, 3) weight
     for method in per_sample.METHODS:
         torch.testing.assert_close(per_sample.norms(loss, params, one, method=method), torch.tensor([math.sqrt(6.0)]))
+    torch.testing.assert_close(per_sample.losses(loss, params, one), torch.tensor([6.0]))
 
 
 def test_a_tied_weight_used_as_a_head_before_its_lookup():
@@ -483,3 +487,20 @@ def test_batched_route_refuses_a_use_with_no_batch_dimension():
 
     with pytest.raises(per_sample.BatchedUnsupported, match=r"linear\('v'\) gives an output of shape \(\)"):
         per_sample.grads(loss, params, torch.ones(1, 3), method="batched")
+
+
+def test_batched_route_adds_the_contributions_of_a_bias_shared_by_two_layers():
+    """A bias used by two linear uses gets the sum of both uses' per-example gradients."""
+    g = torch.Generator().manual_seed(14)
+    params = {"w1": torch.randn(3, 3, generator=g, dtype=torch.float64), "w2": torch.randn(3, 3, generator=g, dtype=torch.float64),
+              "b": torch.randn(3, generator=g, dtype=torch.float64)}
+    x = torch.randn(4, 3, generator=g, dtype=torch.float64)
+
+    def loss(p, x):
+        h = torch.tanh(F.linear(x, p["w1"], p["b"]))
+        return F.linear(h, p["w2"], p["b"]).pow(2).sum(1)
+
+    want = per_sample.grads(loss, params, x, method="vmap")
+    got = per_sample.grads(loss, params, x, method="batched")
+    for k in params:
+        torch.testing.assert_close(got[k], want[k])
