@@ -504,3 +504,30 @@ def test_batched_route_adds_the_contributions_of_a_bias_shared_by_two_layers():
     got = per_sample.grads(loss, params, x, method="batched")
     for k in params:
         torch.testing.assert_close(got[k], want[k])
+
+
+def test_discovery_is_an_immutable_record():
+    """What discovery found is a frozen value: it cannot be changed after the fact (the ghost pass
+    and its chunks all read the same one), and equal findings compare equal."""
+    import dataclasses
+
+    params = {"w": torch.ones(2, 3)}
+
+    def loss(p, x):
+        return F.linear(x, p["w"]).sum()
+
+    d = ghost.discover(loss, params, torch.ones(4, 3))
+    assert d.ghost == frozenset({"w"}) and [u.name for u in d.ghost_uses] == ["w"]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        d.ghost = frozenset()
+    assert d == ghost.discover(loss, params, torch.ones(4, 3))
+
+
+def test_clip_factor_is_opacus_min_one_c_over_norm_plus_1e_6():
+    """w_i = min(1, C / (‖g_i‖ + 1e-6)) (Opacus's constant): an example exactly at C is scaled
+    by C/(C + 1e-6), just under 1, so ‖w_i g_i‖ < C; a small one is kept whole."""
+    assert per_sample.CLIP_EPS == 1e-6
+    norms = torch.tensor([2.0, 0.5, 4.0], dtype=torch.float64)
+    w = per_sample.clip_factors(norms, 2.0)
+    torch.testing.assert_close(w, torch.tensor([2.0 / (2.0 + 1e-6), 1.0, 2.0 / (4.0 + 1e-6)], dtype=torch.float64),
+                               rtol=1e-15, atol=0)
