@@ -52,10 +52,10 @@ TARGETS = {
     "aam_func/privacy/*.py": [["tests/test_gaps_privacy.py", "tests/test_gaps_misc.py", "tests/test_privacy.py",
                                "tests/test_privacy_accountants.py",
                                "tests/test_privacy_clipping.py"]],
-    "aam_func/per_sample/*.py": [["tests/test_gaps_per_sample.py", "tests/test_gaps_misc.py", "tests/test_per_sample.py",
+    "aam_func/per_sample/*.py": [["tests/test_gaps2_per_sample.py", "tests/test_gaps_per_sample.py", "tests/test_gaps_misc.py", "tests/test_per_sample.py",
                                   "tests/test_per_sample_batched.py",
                                   "tests/test_ghost_modules.py", "tests/test_ghost_lookups.py", "tests/test_privacy_clipping.py"]],
-    "aam_func/optim/transforms.py": [["tests/test_gaps_optim.py", "tests/test_optim.py"]],
+    "aam_func/optim/transforms.py": [["tests/test_gaps2_optim.py", "tests/test_gaps_optim.py", "tests/test_optim.py"]],
 }
 
 # mutant id -> why no test can tell it from the original

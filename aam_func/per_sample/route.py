@@ -93,7 +93,7 @@ def grads(
     out = vmap_grads(loss_fn, params, batch, chunk_size, argnums)
     if argnums == 0:
         return restore(out)
-    return (restore(out[0]), *out[1:]) if isinstance(argnums, tuple) and argnums[0] == 0 else out
+    return tuple(restore(o) if a == 0 else o for a, o in zip(argnums, out)) if isinstance(argnums, tuple) else out
 
 
 def losses(loss_fn: Callable, params, batch, *, chunk_size: Optional[int] = None) -> Tensor:
