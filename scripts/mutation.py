@@ -49,7 +49,7 @@ TARGETS = {
     "aam_func/ops/remat.py": [["tests/test_gaps2_ops.py", "tests/test_remat.py"], ["tests/test_gaps_misc.py", "-k", "remat"],
                               ["tests/test_ops_registry.py", "-k", "remat"]],
     "aam_func/losses.py": [["tests/test_gaps2_ops.py", "tests/test_gaps_misc.py", "tests/test_losses.py"]],
-    "aam_func/privacy/*.py": [["tests/test_gaps_privacy.py", "tests/test_gaps_misc.py", "tests/test_privacy.py",
+    "aam_func/privacy/*.py": [["tests/test_gaps2_privacy.py", "tests/test_gaps_privacy.py", "tests/test_gaps_misc.py", "tests/test_privacy.py",
                                "tests/test_privacy_accountants.py",
                                "tests/test_privacy_clipping.py"]],
     "aam_func/per_sample/*.py": [["tests/test_gaps2_per_sample.py", "tests/test_gaps_per_sample.py", "tests/test_gaps_misc.py", "tests/test_per_sample.py",
