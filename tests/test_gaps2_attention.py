@@ -564,3 +564,14 @@ def test_t5_buckets_with_few_buckets_follow_t5s_rule():
                 want = base + torch.where(r < exact, r, large.clamp(max=n - 1))
                 got = t5_bucket(rel, bidirectional=bidirectional, num_buckets=nb, max_distance=md)
                 assert torch.equal(got, want), (bidirectional, nb, md)
+
+
+@pytest.mark.parametrize("bidirectional, nb", [(True, 3), (True, 2), (False, 1)])
+def test_t5_bias_with_too_few_buckets_is_refused_by_name(bidirectional, nb):
+    """T5's rule needs at least one exact bucket (max_exact = n // 2 >= 1, n = num_buckets, halved
+    when bidirectional); fewer used to fail deep inside with a bare ZeroDivisionError."""
+    from aam_func.ops.attention import RelativeBias
+
+    with pytest.raises(ValueError, match="num_buckets"):
+        RelativeBias("t5", torch.zeros(2, nb), num_buckets=nb, bidirectional=bidirectional)
+    RelativeBias("shaw", torch.zeros(5, 3), num_buckets=nb)  # the bucket count is T5's alone

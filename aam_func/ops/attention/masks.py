@@ -91,6 +91,8 @@ class RelativeBias:
         if not isinstance(self.table, Tensor):
             raise TypeError(f"relative_bias table must be a Tensor, got {type(self.table).__name__}")
         check_int("relative_bias max_distance", self.max_distance, min=1)
+        if self.kind == "t5":  # T5's exact range (half the buckets, per sign if bidirectional) must hold a bucket
+            check_int("relative_bias num_buckets", self.num_buckets, min=4 if self.bidirectional else 2)
 
 
 def check_relative_bias(rel: Optional[RelativeBias], q: Tensor) -> None:
