@@ -5,8 +5,8 @@
 Two things make a mutant cost about a second instead of half a minute:
 
 1. **Coverage-selected tests.** One coverage run of the ``TARGETS`` tests records, per line of each
-   mutated module, which test functions execute it (a coverage context per test, switched by a
-   pytest hook). A mutant then runs only the test functions that execute one of its lines
+   mutated module, which test cases execute it (a coverage context per test node id, switched by
+   a pytest hook). A mutant then runs only the test cases that execute one of its lines
    (``mutation.py`` gives each mutant its lines: the mutated expression and its statement's first
    line). A test that never runs a line cannot see it changed, so this selection loses no kill that
    happens in this process. Lines run only at import time, and lines no test executes in-process
@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -40,25 +39,18 @@ _PYTEST = ["-q", "-x", "-p", "no:cacheprovider", "-m", "not slow and not cuda"]
 
 
 class _ContextPlugin:
-    """Switches the coverage context to the running test function (parameters dropped) and
-    sums each test function's time."""
+    """Switches the coverage context to the running test (its node id, parameters included: the
+    registry's certification of one op is one test case, not the certification of all) and sums
+    each test's time."""
 
     def __init__(self, cov):
         self.cov, self.durations = cov, {}
 
     def pytest_runtest_setup(self, item):
-        self.cov.switch_context(_function_id(item.nodeid))
+        self.cov.switch_context(item.nodeid)
 
     def pytest_runtest_logreport(self, report):
-        key = _function_id(report.nodeid)
-        self.durations[key] = self.durations.get(key, 0.0) + report.duration
-
-    def pytest_runtest_teardown(self, item, nextitem):
-        pass
-
-
-def _function_id(nodeid: str) -> str:
-    return re.sub(r"\[.*\]$", "", nodeid)
+        self.durations[report.nodeid] = self.durations.get(report.nodeid, 0.0) + report.duration
 
 
 def _measure(args, data_file, durations_file):

@@ -66,8 +66,3 @@ def test_fast_route_selection(module):
     assert mutation_fast.select(cov_map, other) == (None, "not executed in-process")
     assert mutation_fast.limit_for(cov_map, ["t.py::quick", "t.py::slow"], None) == pytest.approx(30 + 4 * 5.5)
     assert mutation_fast.limit_for(cov_map, ["t.py::quick"], 99.0) == 99.0
-
-
-def test_function_ids_drop_parameters():
-    assert mutation_fast._function_id("tests/t.py::C::test_x[a-1]") == "tests/t.py::C::test_x"
-    assert mutation_fast._function_id("tests/t.py::test_y") == "tests/t.py::test_y"
