@@ -50,9 +50,9 @@ def test_spots_lines_and_import_time(module):
 
 
 def test_real_module_mutants_are_distinct_and_in_bounds():
-    ms = mutation.mutants("aam_func/losses.py")
-    n = len(open(os.path.join(ROOT, "aam_func/losses.py")).read().splitlines())
-    assert len({m["id"] for m in ms}) == len(ms) > 50
+    ms = mutation.mutants("aam_func/ops/remat.py")
+    n = len(open(os.path.join(ROOT, "aam_func/ops/remat.py")).read().splitlines())
+    assert len({m["id"] for m in ms}) == len(ms) > 10
     assert all(1 <= min(m["lines"]) and max(m["lines"]) <= n for m in ms)
 
 
