@@ -58,38 +58,7 @@ TARGETS = {
     "aam_func/optim/transforms.py": [["tests/test_gaps2_optim.py", "tests/test_gaps_optim.py", "tests/test_optim.py"]],
 }
 
-# mutant id -> why no test can tell it from the original
-EQUIVALENT: dict[str, str] = {
-    "aam_func/ops/attention/backends.py:118:23:And->Or":
-        "flex_available is read only by _route_mods, which runs only for calls with mods and itself "
-        "requires device == 'cuda'; so 'mods or ...' and 'mods and ...' route every call alike",
-    "aam_func/privacy/renyi.py:151:30:Gt->GtE":
-        "the line above breaks out when factor == 0, so factor is never 0 here and > and >= agree",
-    "aam_func/ops/cross_entropy.py:62:21:23->24":
-        "_GROUP_ELEMENTS only sizes the groups of rows per weight-gradient matmul (memory); "
-        "the sums are the same",
-    "aam_func/ops/cross_entropy.py:154:61:0->1":
-        "with no chunk (0 tokens) valid has shape (0,), and torch.where broadcasts a (1,) "
-        "per_token to (0,): the same empty result",
-    "aam_func/ops/attention/masks.py:224:37:drop USub":
-        "qe.shape[:-2] -> qe.shape[:2]: the one caller (dense.reference) passes 4-d q (B, H, Tq, d), "
-        "so both are (B, H)",
-    "aam_func/privacy/renyi.py:132:26:1.0->2.0":
-        "the series' sign variable is only compared with 0 and multiplied by +-1, so 2.0 and 1.0 "
-        "have the same sign at every step",
-    "aam_func/per_sample/dp.py:46:11:Gt->GtE":
-        "with std == 0 the mutant adds 0 * noise: the same values; only the RNG stream moves, "
-        "which no contract of dp_aggregate fixes",
-    "aam_func/per_sample/factors.py:180:26:1->2":
-        "n1 only feeds the cost test that picks between two equal formulas for the squared norm "
-        "(the per-example gradient formed once, or the Gram form)",
-    "aam_func/per_sample/vmap.py:29:7:GtE->Gt":
-        "at chunk == B the chunked loop runs a single chunk of all B examples: the same values",
-    "aam_func/ops/attention/kernel.py:267:34:False->True":
-        "set_materialize_grads(True) hands the backward zeros instead of None for an output with no "
-        "gradient; _blockwise_backward reads None as zeros (dO = zeros_like, D - 0 = D exactly), so every "
-        "gradient, also under vmap and double backward, has the same values; only a zeros tensor is allocated",
-}
+from mutation_equivalent import EQUIVALENT  # noqa: E402  (mutant id -> why no test can tell it apart)
 
 _BIN = {ast.Add: ast.Sub, ast.Sub: ast.Add, ast.Mult: ast.Div, ast.Div: ast.Mult, ast.Pow: ast.Mult, ast.FloorDiv: ast.Div}
 _CMP = {ast.Lt: ast.LtE, ast.LtE: ast.Lt, ast.Gt: ast.GtE, ast.GtE: ast.Gt, ast.Eq: ast.NotEq, ast.NotEq: ast.Eq}

@@ -102,7 +102,7 @@ def build_map(targets, path):
             data, dur = os.path.join(tmp, f"cov{i}"), os.path.join(tmp, f"dur{i}.json")
             start = time.time()
             r = subprocess.run([sys.executable, os.path.abspath(__file__), "--measure", data, dur, *args],
-                               cwd=ROOT, env=dict(os.environ, HYPOTHESIS_PROFILE="ci"))
+                               cwd=ROOT, env=dict(os.environ, HYPOTHESIS_PROFILE="ci", PYTHONPATH=ROOT))
             if r.returncode != 0:
                 raise RuntimeError(f"the unmutated tests fail under coverage: {args}")
             print(f"coverage  {time.time() - start:6.1f}s {args}", flush=True)

@@ -29,11 +29,18 @@ def lower_bound(killed: int, n: int, confidence: float = 0.95) -> float:
     return 0.0 if killed == 0 else float(beta.ppf(1 - confidence, killed, n - killed + 1))
 
 
+def _key(file, line_text, mid, what):
+    """A mutant by its content (file, the line's text, column, change, #n): stable when lines move."""
+    _, _, col, rest = mid.rsplit(":", 3) if mid.count(":") >= 3 else ("", "", "", mid)
+    return file, line_text, col, what, rest.partition("#")[2]
+
+
 def score(paths):
-    population = {}
+    population, by_key = {}, {}
     for rel, _ in mutation._files(set()):
         for m in mutation.mutants(rel):
             population[m["id"]] = rel
+            by_key.setdefault(_key(rel, m["original_line"], m["id"], m["what"]), []).append(m["id"])
     last = {}
     for path in paths:
         with open(path, encoding="utf-8") as f:
@@ -41,7 +48,11 @@ def score(paths):
         count = {}
         for r in results:  # runs made before ids were made unique: the n-th result of an id is its #n
             count[r["id"]] = count.get(r["id"], 0) + 1
-            last[r["id"] if count[r["id"]] == 1 or "#" in r["id"] else f"{r['id']}#{count[r['id']]}"] = r
+            mid = r["id"] if count[r["id"]] == 1 or "#" in r["id"] else f"{r['id']}#{count[r['id']]}"
+            same = by_key.get(_key(r["file"], r["original_line"], mid, r["what"]), [])
+            if len(same) == 1:  # the same change of the same line text, wherever the line is now
+                mid = same[0]
+            last[mid] = r
     rows = {rel: dict(mutants=0, run=0, killed=0, timeout=0, survived=0, equivalent=0) for rel in
             dict.fromkeys(population.values())}
     for mid, rel in population.items():

@@ -531,3 +531,21 @@ def test_clip_factor_is_opacus_min_one_c_over_norm_plus_1e_6():
     w = per_sample.clip_factors(norms, 2.0)
     torch.testing.assert_close(w, torch.tensor([2.0 / (2.0 + 1e-6), 1.0, 2.0 / (4.0 + 1e-6)], dtype=torch.float64),
                                rtol=1e-15, atol=0)
+
+
+def test_a_loss_that_is_not_one_number_per_example_is_refused_by_name():
+    """per_sample.losses promises (B,) losses; a loss_fn returning a vector per example is refused
+    by name on every route instead of coming back as (B, k) or failing inside a reshape."""
+    from aam_func import per_sample
+
+    params = {"w": torch.randn(3, 2, dtype=torch.float64)}
+    batch = torch.randn(4, 3, dtype=torch.float64)
+    vector = lambda p, x: (x @ p["w"]).pow(2).sum(0)  # noqa: E731 - shape (2,) per example
+    for call in (lambda: per_sample.losses(vector, params, batch),
+                 lambda: per_sample.grads(vector, params, batch, method="vmap")):
+        with pytest.raises(ValueError, match=r"loss_fn must return one loss per example.*\(2,\)"):
+            call()
+    scalar = lambda p, x: (x @ p["w"]).pow(2).sum()  # noqa: E731
+    one = lambda p, x: (x @ p["w"]).pow(2).sum(-1)  # noqa: E731 - shape (1,) on one example
+    torch.testing.assert_close(per_sample.losses(scalar, params, batch), per_sample.losses(one, params, batch))
+    assert per_sample.losses(one, params, batch).shape == (4,)

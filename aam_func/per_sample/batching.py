@@ -60,11 +60,17 @@ def in_dims(batch):
 def per_example(loss_fn: Callable) -> Callable:
     """``loss_fn`` on one example (vmap strips the batch dim; we put a batch of one back). A
     loss that returns per-example losses (shape (1,) on a batch of one, as ``method="batched"``
-    wants) gives its one value as a scalar, so one ``loss_fn`` serves every route."""
+    wants) gives its one value as a scalar, so one ``loss_fn`` serves every route. Any other shape
+    is refused by name: a per-example loss is one number."""
 
     def one(params, example):
         loss = loss_fn(params, map_batch(lambda x: x.unsqueeze(0), example))
-        return loss.reshape(()) if isinstance(loss, Tensor) and tuple(loss.shape) == (1,) else loss
+        if not isinstance(loss, Tensor) or loss.dim() == 0:
+            return loss
+        if tuple(loss.shape) != (1,):
+            raise ValueError(f"loss_fn must return one loss per example: a scalar, or shape (1,) on a batch of "
+                             f"one example; got shape {tuple(loss.shape)}")
+        return loss.reshape(())
 
     return one
 
