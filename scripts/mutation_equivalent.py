@@ -10,7 +10,7 @@ EQUIVALENT: dict[str, str] = {
     "aam_func/ops/cross_entropy.py:154:61:0->1":
         "with no chunk (0 tokens) valid has shape (0,), and torch.where broadcasts a (1,) "
         "per_token to (0,): the same empty result",
-    "aam_func/ops/attention/masks.py:224:37:drop USub":
+    "aam_func/ops/attention/masks.py:226:37:drop USub":
         "qe.shape[:-2] -> qe.shape[:2]: the one caller (dense.reference) passes 4-d q (B, H, Tq, d), "
         "so both are (B, H)",
     "aam_func/privacy/renyi.py:132:26:1.0->2.0":
@@ -122,4 +122,20 @@ EQUIVALENT: dict[str, str] = {
         "as dp.py:89:93",
     "aam_func/per_sample/clipping.py:138:94:Gt->GtE":
         "at count_noise = 0 the mutant adds randn * 0, the same values; only the generator advances (as dp.py:46)",
+    "aam_func/ops/cross_entropy.py:327:50:0->1":
+        "hidden, weight and bias share one dtype (_check), so dtypes[0] and dtypes[1] name the same dtype; without a bias .to(None) keeps the dtype, and autograd casts every gradient to its input's dtype",
+    "aam_func/ops/cross_entropy.py:328:50:1->2":
+        "as cross_entropy.py:327:50",
+    "aam_func/ops/cross_entropy.py:333:26:0->1":
+        "as cross_entropy.py:327:50, on the double-backward path",
+    "aam_func/ops/cross_entropy.py:334:26:1->2":
+        "as cross_entropy.py:327:50, on the double-backward path",
+    "aam_func/ops/remat.py:252:77:3->4":
+        "the registry sample's dict entry 'n' is never read (only 'y' is)",
+    "aam_func/ops/remat.py:252:67:drop USub":
+        "the registry sample's x is 2-d, so sum(-1) and sum(1) agree",
+    "aam_func/ops/remat.py:256:32:drop USub":
+        "as remat.py:252:67, in the sample's reference",
+    "aam_func/losses.py:245:75:1->2":
+        "every positive pair lies in one class and all anchors of a class have the same number of positives, so summing the masked log-probabilities by column only reorders the terms of the final scalar: equal up to floating-point summation order, which no contract fixes",
 }
