@@ -138,4 +138,30 @@ EQUIVALENT: dict[str, str] = {
         "as remat.py:252:67, in the sample's reference",
     "aam_func/losses.py:245:75:1->2":
         "every positive pair lies in one class and all anchors of a class have the same number of positives, so summing the masked log-probabilities by column only reorders the terms of the final scalar: equal up to floating-point summation order, which no contract fixes",
+    "aam_func/ops/cross_entropy.py:113:16:drop USub":
+        "the tensor is always 2-d (n, V), also under vmap (which hides the batch dim), so -1 and 1 name the same dimension",
+    "aam_func/ops/cross_entropy.py:126:37:drop USub":
+        "the tensor is always 2-d (n, V), also under vmap (which hides the batch dim), so -1 and 1 name the same dimension",
+    "aam_func/ops/cross_entropy.py:126:50:drop USub":
+        "the tensor is always 2-d (n, V), also under vmap (which hides the batch dim), so -1 and 1 name the same dimension",
+    "aam_func/ops/cross_entropy.py:210:16:drop USub":
+        "the tensor is always 2-d (n, V), also under vmap (which hides the batch dim), so -1 and 1 name the same dimension",
+    "aam_func/ops/cross_entropy.py:213:44:drop USub":
+        "the tensor is always 2-d (n, V), also under vmap (which hides the batch dim), so -1 and 1 name the same dimension",
+    "aam_func/ops/cross_entropy.py:215:15:drop USub":
+        "the tensor is always 2-d (n, V), also under vmap (which hides the batch dim), so -1 and 1 name the same dimension",
+    "aam_func/ops/cross_entropy.py:217:18:drop USub":
+        "the tensor is always 2-d (n, V), also under vmap (which hides the batch dim), so -1 and 1 name the same dimension",
+    "aam_func/ops/cross_entropy.py:356:39:drop USub":
+        "the tensor is always 2-d (n, V), also under vmap (which hides the batch dim), so -1 and 1 name the same dimension",
+    "aam_func/ops/cross_entropy.py:471:60:drop USub":
+        "the tensor is always 2-d (n, V), also under vmap (which hides the batch dim), so -1 and 1 name the same dimension",
+    "aam_func/losses.py:244:20:drop USub":
+        "pos is the (n, n) positives mask, so sum(-1) and sum(1) are the same reduction",
+    "aam_func/losses.py:245:74:drop USub":
+        "as losses.py:244:20: the masked log-probabilities are (n, n)",
+    "aam_func/per_sample/batched.py:168:44:drop USub":
+        "torch.addmm's mat1 is 2-d, so shape[1] == shape[-1]",
+    "aam_func/per_sample/batched.py:168:75:drop USub":
+        "as batched.py:168:44, for addmm's 2-d output",
 }
