@@ -89,7 +89,8 @@ def main(argv=None):
     if tot["run"]:
         print(f"| **all** | {tot['mutants']} | {tot['equivalent']} | {tot['run']} | {dead} | {tot['timeout']} | "
               f"{tot['survived']} | **{100 * dead / tot['run']:.1f}%** |")
-        print(f"\nlower bound (one-sided 95%, Clopper-Pearson) of the population's score: "
+        print(f"\nif the mutants run are a uniform random sample of the population: lower bound (one-sided 95%, "
+              f"Clopper-Pearson) of its score "
               f"{100 * lower_bound(dead, tot['run']):.1f}%; without the timeouts: "
               f"{100 * tot['killed'] / max(1, tot['run'] - tot['timeout']):.1f}%")
     for mid in survivors:
